@@ -1,0 +1,236 @@
+"""`Child`: a pykka actor that tells its supervisor how it died.
+
+pykka has no links or monitors, so supervised actors subclass `Child`, which reports its exit
+to its parent for every way a pykka actor can die:
+
+- an exception while handling a `tell` (pykka calls `on_failure` and stops the actor),
+- an exception in `on_start` (pykka stops the actor without calling `on_failure`),
+- an exception in `on_stop`,
+- a stop from outside (`ref.stop()`), reported as a normal exit.
+
+An exception raised while answering an `ask` goes back to the asker and the actor keeps
+running (pykka's behaviour, kept on purpose): an ask is a question whose failure the asker
+handles, like an error reply from a gen_server call, so it is not a crash and does not count
+toward restart intensity. Handlers must therefore validate before they mutate state.
+
+The message path is untouched: a `Child` handles a tell exactly as fast as a plain
+`pykka.ThreadingActor`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import pykka
+import structlog
+
+from supervisors.events import EventBus
+from supervisors.scheduler import Scheduler, Timer
+
+
+@dataclass
+class Runtime:
+    """The services one actor system shares: its timer thread, its event bus, its clock.
+
+    One per system, passed down the tree, never global: two systems can live in one process.
+    """
+
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    events: EventBus = field(default_factory=EventBus)
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How an actor incarnation ended: `error` is None for a normal stop."""
+
+    child_id: str
+    incarnation: int
+    error: BaseException | None
+    uptime: float
+
+    @property
+    def normal(self) -> bool:
+        return self.error is None
+
+    @property
+    def reason(self) -> str:
+        if self.error is None:
+            return "normal"
+        text = str(self.error).splitlines()[0] if str(self.error) else ""
+        return f"{type(self.error).__name__}: {text}" if text else type(self.error).__name__
+
+
+@dataclass(frozen=True)
+class Link:
+    """Where a child reports its exit: its parent supervisor, or a callback at the root."""
+
+    child_id: str
+    incarnation: int
+    path: str
+    runtime: Runtime
+    parent: pykka.ActorRef[Any] | None = None
+    on_exit: Callable[[Exit], None] | None = None
+
+    def notify(self, exit_: Exit) -> None:
+        if self.parent is not None:
+            try:
+                self.parent.tell(exit_)
+            except pykka.ActorDeadError:
+                pass  # parent already gone: it is stopping the whole subtree anyway
+        if self.on_exit is not None:
+            self.on_exit(exit_)
+
+
+class Child(pykka.ThreadingActor):
+    """Base class of every supervised actor.
+
+    Start it through a supervisor (or `start_linked`), never with pykka's `start()`: the
+    link must exist before the actor's thread runs. `self.path`, `self.runtime` and `self.log`
+    (a structlog logger bound with the actor's path) are available from `__init__` on.
+    """
+
+    use_daemon_thread = True  # a child stuck past its shutdown timeout must not keep the process alive
+
+    _link: Link
+    _thread: threading.Thread
+    _ready: threading.Event
+    _exit_error: BaseException | None
+    _timers: weakref.WeakSet[Timer]
+    _started_at: float
+    log: Any
+
+    @classmethod
+    def start_linked(cls, link: Link, *args: Any, **kwargs: Any) -> tuple[pykka.ActorRef[Self], Child]:
+        """Create and start an incarnation bound to `link`; returns its ref and the actor.
+
+        The actor object is returned so the supervisor can wait for `on_start` and join the
+        thread on stop; nobody else should touch it.
+        """
+        obj = cls.__new__(cls)
+        obj._link = link
+        obj._ready = threading.Event()
+        obj._exit_error = None
+        obj._timers = weakref.WeakSet()
+        obj._started_at = link.runtime.clock()
+        obj.log = structlog.get_logger("candlekeeper").bind(actor=link.path)
+        obj.__init__(*args, **kwargs)  # type: ignore[misc]
+        pykka.ActorRegistry.register(obj.actor_ref)
+        obj._start_actor_loop()
+        return obj.actor_ref, obj
+
+    # -- services for subclasses ---------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._link.path
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._link.runtime
+
+    def schedule(self, delay: float, message: Any) -> Timer:
+        """Tell `message` to this incarnation after `delay` seconds; cancelled if it dies."""
+        timer = self._link.runtime.scheduler.send_later(delay, self.actor_ref, message)
+        self._timers.add(timer)
+        return timer
+
+    # -- pykka integration ---------------------------------------------------------------
+
+    def _start_actor_loop(self) -> None:
+        self._thread = threading.Thread(target=self._actor_loop, name=self._link.path, daemon=True)
+        self._thread.start()
+
+    def _actor_loop(self) -> None:
+        try:
+            self._actor_loop_setup()
+            self._ready.set()
+            self._actor_loop_running()
+            self._actor_loop_teardown()
+        finally:
+            self._ready.set()
+            for timer in list(self._timers):
+                timer.cancel()
+            self._link.notify(
+                Exit(
+                    child_id=self._link.child_id,
+                    incarnation=self._link.incarnation,
+                    error=self._exit_error,
+                    uptime=self._link.runtime.clock() - self._started_at,
+                )
+            )
+
+    def _handle_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Record why we die and log it with structlog (pykka would use stdlib logging)."""
+        if self._exit_error is None:
+            self._exit_error = exception_value or (exception_type() if exception_type else RuntimeError("unknown"))
+        self.log.error(
+            "actor_crashed",
+            error=repr(exception_value),
+            exc_info=(exception_type, exception_value, traceback),
+        )
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+
+
+class Address:
+    """A stable name for a child across restarts, like an Erlang registered name.
+
+    The supervisor swaps the ref on each restart; between incarnations `tell` drops the
+    message and returns False, `ask` raises `pykka.ActorDeadError`.
+    """
+
+    __slots__ = ("name", "ref")
+
+    def __init__(self, name: str, ref: pykka.ActorRef[Any] | None = None) -> None:
+        self.name = name
+        self.ref = ref
+
+    def tell(self, message: Any) -> bool:
+        ref = self.ref
+        if ref is None:
+            return False
+        try:
+            ref.tell(message)
+        except pykka.ActorDeadError:
+            return False
+        return True
+
+    def ask(self, message: Any, *, timeout: float | None = None) -> Any:
+        ref = self.ref
+        if ref is None:
+            raise pykka.ActorDeadError(f"{self.name} is not running")
+        return ref.ask(message, timeout=timeout)
+
+    def proxy(self) -> Any:
+        ref = self.ref
+        if ref is None:
+            raise pykka.ActorDeadError(f"{self.name} is not running")
+        return ref.proxy()
+
+    @property
+    def alive(self) -> bool:
+        ref = self.ref
+        return ref is not None and ref.is_alive()
+
+    def __repr__(self) -> str:
+        return f"Address({self.name!r})"

@@ -1,0 +1,72 @@
+"""Shared fixtures: a runtime per test, and a check that nothing is left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pykka
+import pytest
+
+from supervisors.child import Runtime
+from supervisors.events import LifecycleEvent
+
+
+class EventRecorder:
+    """Collects lifecycle events; tests wait on a condition instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.events: list[LifecycleEvent] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: LifecycleEvent) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[LifecycleEvent]], bool], timeout: float = 10.0) -> list[LifecycleEvent]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.events), timeout):
+                raise AssertionError(f"timed out; events so far: {[(e.kind, e.path) for e in self.events]}")
+            return list(self.events)
+
+    def kinds(self, path: str | None = None) -> list[str]:
+        with self._cond:
+            return [e.kind for e in self.events if path is None or e.path == path]
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    rt = Runtime()
+    rt.start()
+    yield rt
+    rt.stop()
+
+
+@pytest.fixture
+def recorder(runtime: Runtime) -> EventRecorder:
+    rec = EventRecorder()
+    runtime.events.subscribe(rec)
+    return rec
+
+
+def wait_threads_gone(before: set[threading.Thread], timeout: float = 5.0) -> list[threading.Thread]:
+    """Threads started since `before` that are still alive after `timeout` (joined, not polled)."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t not in before and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Every test must leave no actor thread and no registered actor behind."""
+    before = set(threading.enumerate())
+    yield
+    left = wait_threads_gone(before)
+    actors = pykka.ActorRegistry.get_all()
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    assert not actors, f"actors left registered: {actors}"
+    assert not left, f"threads left running: {[t.name for t in left]}"
