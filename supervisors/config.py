@@ -1,0 +1,549 @@
+"""TOML configuration: the user's contract with the daemon.
+
+Every key is declared once in a table below (name, parser, default), so adding
+a key is one line and unknown keys can be rejected by name: a typo like
+``lookbak`` must fail loudly, not silently fall back to a default. Errors are
+``ConfigError`` with a single line naming the file, section and key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from actors.candles import TIMEFRAME_MS
+
+__all__ = [
+    "ConfigError",
+    "StorageConfig",
+    "ControlConfig",
+    "IngestConfig",
+    "ResilienceConfig",
+    "ExchangeConfig",
+    "MetricsConfig",
+    "AlertsConfig",
+    "Config",
+    "load",
+    "from_dict",
+    "default",
+    "parse_duration",
+    "to_dict",
+]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message is one line saying where and why."""
+
+
+# -- dataclasses -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "candlekeeper.db"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = "candlekeeper.sock"
+    tcp: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """``since_ms`` (absolute start) wins over ``lookback`` (seconds back from now) when set."""
+
+    lookback: float = 86400.0
+    since_ms: int | None = None
+    poll_interval: float = 10.0
+    timeframes: tuple[str, ...] = ("1m",)
+
+
+@dataclass(frozen=True)
+class ResilienceConfig:
+    retry_attempts: int = 3
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 60.0
+    breaker_threshold: int = 5
+    breaker_recovery: float = 60.0
+    breaker_half_open_calls: int = 1
+    quarantine_after: int = 10
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """One ``[exchanges.NAME]`` section with [ingest]/[resilience] overrides already merged."""
+
+    name: str
+    exchange: str
+    symbols: tuple[str, ...]
+    api_base: str | None = None
+    rate_limit: float = 10.0
+    timeout: float = 10.0
+    ingest: IngestConfig = IngestConfig()
+    resilience: ResilienceConfig = ResilienceConfig()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    slack_webhook: str | None = field(default=None, repr=False)
+    pagerduty_routing_key: str | None = field(default=None, repr=False)
+    pagerduty_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfig
+    control: ControlConfig
+    ingest: IngestConfig
+    resilience: ResilienceConfig
+    exchanges: tuple[ExchangeConfig, ...]
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    source: str = "<dict>"
+
+
+# -- value parsers -----------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A value is wrong: args[0] says what was expected, the caller adds where.
+
+    ``whole=False`` means the message already names the culprit (an item of a
+    list), so the caller does not append the whole value.
+    """
+
+    def __init__(self, message: str, whole: bool = True) -> None:
+        super().__init__(message)
+        self.whole = whole
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_HINT = "a duration (seconds, or a string like 500ms, 1.5s, 30s, 5m, 10h, 7d)"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a ``500ms``/``30s``/``5m``/``10h``/``7d`` string.
+
+    ValueError otherwise (negative, NaN, bool, other units, spaces).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}: expected {_DURATION_HINT}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}: expected {_DURATION_HINT}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must be a finite number >= 0")
+    return seconds
+
+
+def _duration(minimum: float = 0.0, strict: bool = True) -> Callable[[Any], float]:
+    bound = f"> {minimum:g}s" if strict else f">= {minimum:g}s"
+
+    def parse(value: Any) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise _Invalid(f"expected {_DURATION_HINT}") from None
+        if seconds < minimum or (strict and seconds == minimum):
+            raise _Invalid(f"expected a duration {bound}")
+        return seconds
+
+    return parse
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if type(value) is bool or not isinstance(value, int) or value < minimum:
+            raise _Invalid(f"expected an integer >= {minimum}")
+        return int(value)
+
+    return parse
+
+
+def _positive_float(value: Any) -> float:
+    if type(value) is bool or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise _Invalid("expected a number > 0")
+    return float(value)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("expected a non-empty string")
+    return value
+
+
+def _host_port(value: Any) -> str:
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if sep and bare and " " not in host and port.isdigit() and int(port) <= 65535:
+            return value
+    raise _Invalid('expected "host:port"')
+
+
+def _url(value: Any, *, bare: bool = False) -> str:
+    expected = '"scheme://host[:port]"' if bare else "an http(s) URL"
+    if not isinstance(value, str):
+        raise _Invalid(f"expected {expected}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise _Invalid(f"expected {expected}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid(f"expected {expected}")
+    if bare and (parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
+        raise _Invalid(f"expected {expected} without path, query or credentials")
+    return value.rstrip("/") if bare else value
+
+
+def _api_base(value: Any) -> str:
+    return _url(value, bare=True)
+
+
+_SYMBOL_RE = re.compile(r"[^\s/:]+/[^\s/:]+(?::[^\s/:]+)?")
+
+
+def _symbols(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid('expected a non-empty list of "BASE/QUOTE" strings')
+    seen: set[str] = set()
+    for s in value:
+        if not isinstance(s, str) or not _SYMBOL_RE.fullmatch(s):
+            raise _Invalid(f'{_show(s)} is not a "BASE/QUOTE" symbol', whole=False)
+        if s in seen:
+            raise _Invalid(f"{_show(s)} is listed twice", whole=False)
+        seen.add(s)
+    return tuple(value)
+
+
+def _timeframes(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid("expected a non-empty list of timeframes")
+    for tf in value:
+        if not isinstance(tf, str) or tf not in TIMEFRAME_MS:
+            raise _Invalid(
+                f"unknown timeframe {_show(tf)} (supported: {' '.join(TIMEFRAME_MS)})",
+                whole=False,
+            )
+        if value.count(tf) > 1:
+            raise _Invalid(f"{_show(tf)} is listed twice", whole=False)
+    return tuple(value)
+
+
+def _since(value: Any) -> int:
+    """Epoch ms from an ISO 8601 date/datetime (string or TOML value); naive means UTC."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise _Invalid("expected an ISO 8601 date or datetime") from None
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    elif isinstance(value, dt.date):
+        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+    else:
+        raise _Invalid("expected an ISO 8601 date or datetime")
+    ms = (moment - _EPOCH) // dt.timedelta(milliseconds=1)
+    if ms < 0:
+        raise _Invalid("expected a date after 1970-01-01")
+    if moment > dt.datetime.now(dt.timezone.utc):
+        raise _Invalid("expected a date in the past")
+    return ms
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _ccxt_id(value: Any) -> str:
+    import ccxt  # deferred: importing ccxt costs ~0.5 s and only this key needs it
+
+    if not isinstance(value, str) or value not in ccxt.exchanges:
+        raise _Invalid("expected a ccxt exchange id (see ccxt.exchanges)")
+    return value
+
+
+# -- key tables ---------------------------------------------------------------
+
+_Spec = dict[str, Callable[[Any], Any]]
+
+_STORAGE: _Spec = {"path": _string}
+_CONTROL: _Spec = {"socket": _string, "tcp": _host_port, "token": _string}
+_INGEST: _Spec = {
+    "lookback": _duration(),
+    "since": _since,
+    "poll_interval": _duration(),
+    "timeframes": _timeframes,
+}
+_RESILIENCE: _Spec = {
+    "retry_attempts": _int(1),
+    "retry_base_delay": _duration(strict=False),
+    "retry_max_delay": _duration(strict=False),
+    "breaker_threshold": _int(1),
+    "breaker_recovery": _duration(),
+    "breaker_half_open_calls": _int(1),
+    "quarantine_after": _int(1),
+}
+_EXCHANGE_OWN: _Spec = {
+    "symbols": _symbols,
+    "exchange": _ccxt_id,
+    "api_base": _api_base,
+    "rate_limit": _positive_float,
+    "timeout": _duration(),
+}
+_EXCHANGE: _Spec = {**_EXCHANGE_OWN, **_INGEST, **_RESILIENCE}
+_METRICS: _Spec = {"listen": _host_port}
+_ALERTS: _Spec = {
+    "slack_webhook": _url,
+    "pagerduty_routing_key": _string,
+    "pagerduty_url": _url,
+}
+_SECTIONS: dict[str, _Spec] = {
+    "storage": _STORAGE,
+    "control": _CONTROL,
+    "ingest": _INGEST,
+    "resilience": _RESILIENCE,
+    "metrics": _METRICS,
+    "alerts": _ALERTS,
+}
+# Sections whose keys map 1:1 onto their dataclass (no merging, no cross-checks).
+_PLAIN_SECTIONS: dict[str, type] = {
+    "storage": StorageConfig,
+    "control": ControlConfig,
+    "metrics": MetricsConfig,
+    "alerts": AlertsConfig,
+}
+_SECRETS = {("control", "token"), ("alerts", "slack_webhook"), ("alerts", "pagerduty_routing_key")}
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, on one short line."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, Mapping):
+        return "a table"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Loader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where} {message}" if where else f"{self.source}: {message}")
+
+    def table(self, data: Any, where: str) -> Mapping[str, Any]:
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            raise self.fail("", f"{where} must be a table, got {_show(data)}")
+        return data
+
+    def section(self, data: Any, where: str, spec: _Spec) -> dict[str, Any]:
+        """Parse the keys present in a section (None counts as absent); defaults come later."""
+        data = self.table(data, where)
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            parse = spec.get(key)
+            if parse is None:
+                raise self.fail(where, f"unknown key {_show(key)}")
+            if value is None:
+                continue
+            try:
+                out[key] = parse(value)
+            except _Invalid as exc:
+                got = f", got {_show(value)}" if exc.whole else ""
+                raise self.fail(where, f"{key}: {exc.args[0]}{got}") from None
+        return out
+
+    def ingest(self, values: dict[str, Any], where: str, base: IngestConfig) -> IngestConfig:
+        if "since" in values and "lookback" in values:
+            raise self.fail(where, "since and lookback are both given; use one")
+        merged = {k: v for k, v in values.items() if k in _INGEST and k != "since"}
+        if "since" in values:
+            merged["since_ms"] = values["since"]
+        elif "lookback" in values:
+            merged["since_ms"] = None
+        return replace(base, **merged)
+
+    def resilience(
+        self, values: dict[str, Any], where: str, base: ResilienceConfig
+    ) -> ResilienceConfig:
+        merged = replace(base, **{k: v for k, v in values.items() if k in _RESILIENCE})
+        if merged.retry_max_delay < merged.retry_base_delay:
+            raise self.fail(
+                where,
+                f"retry_max_delay: must be >= retry_base_delay ({merged.retry_base_delay:g}s),"
+                f" got {merged.retry_max_delay:g}s",
+            )
+        return merged
+
+    def config(self, data: Any) -> Config:
+        data = self.table(data, "the configuration")
+        for name in data:
+            if name not in _SECTIONS and name != "exchanges":
+                raise self.fail("", f"unknown section [{name}]")
+        sec = {name: self.section(data.get(name), f"[{name}]", spec)
+               for name, spec in _SECTIONS.items()}
+        ingest = self.ingest(sec["ingest"], "[ingest]", IngestConfig())
+        resilience = self.resilience(sec["resilience"], "[resilience]", ResilienceConfig())
+        exchanges = self.table(data.get("exchanges"), "[exchanges]")
+        if not exchanges:
+            raise self.fail("", "no exchanges configured; add an [exchanges.NAME] section with symbols")
+        return Config(
+            **{name: cls(**sec[name]) for name, cls in _PLAIN_SECTIONS.items()},
+            ingest=ingest,
+            resilience=resilience,
+            exchanges=tuple(
+                self.exchange(name, body, ingest, resilience) for name, body in exchanges.items()
+            ),
+            source=self.source,
+        )
+
+    def exchange(
+        self, name: Any, body: Any, ingest: IngestConfig, resilience: ResilienceConfig
+    ) -> ExchangeConfig:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise self.fail("[exchanges]", f"name {_show(name)}: expected letters, digits, - or _")
+        where = f"[exchanges.{name}]"
+        values = self.section(body, where, _EXCHANGE)
+        if "symbols" not in values:
+            raise self.fail(where, 'symbols: required, e.g. symbols = ["BTC/USDT"]')
+        if "exchange" not in values:
+            try:
+                values["exchange"] = _ccxt_id(name)
+            except _Invalid:
+                raise self.fail(
+                    where, f'"{name}" is not a ccxt exchange id; set exchange = "<ccxt id>"'
+                ) from None
+        own = {k: v for k, v in values.items() if k in _EXCHANGE_OWN}
+        return ExchangeConfig(
+            name=name,
+            ingest=self.ingest(values, where, ingest),
+            resilience=self.resilience(values, where, resilience),
+            **own,
+        )
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validate a dict shaped like the TOML file (for apps embedding the daemon)."""
+    return _Loader(source).config(data)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file; every failure is a one-line ConfigError."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {str(exc).splitlines()[0]}") from None
+    return from_dict(data, source=source)
+
+
+def default() -> Config:
+    """Built-in configuration: binance BTC/USDT and ETH/USDT, 1m candles, local files."""
+    return from_dict(
+        {"exchanges": {"binance": {"symbols": ["BTC/USDT", "ETH/USDT"]}}}, source="<default>"
+    )
+
+
+# -- dumping -----------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _ingest_dict(ic: IngestConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "poll_interval": ic.poll_interval,
+        "timeframes": list(ic.timeframes),
+    }
+    if ic.since_ms is None:
+        out["lookback"] = ic.lookback
+    else:
+        out["since"] = _iso(ic.since_ms)
+    return out
+
+
+def _iso(ms: int) -> str:
+    return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat()
+
+
+def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
+    """A dict that ``from_dict`` turns back into an equal Config.
+
+    Secrets (control token, Slack webhook, PagerDuty routing key) are left
+    out unless ``secrets=True``, so the result can be logged or shown.
+    Per-exchange sections list only what differs from the global sections.
+    """
+    out: dict[str, Any] = {}
+    for name in _PLAIN_SECTIONS:
+        section = {
+            f.name: _plain(getattr(getattr(config, name), f.name))
+            for f in fields(getattr(config, name))
+            if secrets or (name, f.name) not in _SECRETS
+        }
+        section = {k: v for k, v in section.items() if v is not None}
+        if section:
+            out[name] = section
+    out["ingest"] = _ingest_dict(config.ingest)
+    out["resilience"] = {f.name: getattr(config.resilience, f.name) for f in fields(ResilienceConfig)}
+    exchanges: dict[str, Any] = {}
+    g_ingest = out["ingest"]
+    for ex in config.exchanges:
+        body: dict[str, Any] = {"exchange": ex.exchange, "symbols": list(ex.symbols)}
+        if ex.api_base is not None:
+            body["api_base"] = ex.api_base
+        body["rate_limit"] = ex.rate_limit
+        body["timeout"] = ex.timeout
+        e_ingest = _ingest_dict(ex.ingest)
+        body.update({k: v for k, v in e_ingest.items() if g_ingest.get(k) != v})
+        body.update(
+            {
+                f.name: getattr(ex.resilience, f.name)
+                for f in fields(ResilienceConfig)
+                if getattr(ex.resilience, f.name) != getattr(config.resilience, f.name)
+            }
+        )
+        exchanges[ex.name] = body
+    out["exchanges"] = exchanges
+    return out
