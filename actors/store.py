@@ -1,0 +1,571 @@
+"""SQLite candle store: the plain class the storage actor owns.
+
+One writer (the storage actor's thread) holds a read-write ``Store``; any other
+thread that wants to read (health checks, ``latest``) opens its own
+``Store(path, readonly=True)``. WAL mode lets those readers run while the
+writer commits.
+
+The store never logs and never retries by itself: it raises ``StoreGone``
+(the file was deleted or replaced under us) or its subclass ``StoreCorrupt``
+(the file is not a usable database), and the actor decides to call
+``reopen()``, which starts a fresh file so ingestion can refill it::
+
+    try:
+        store.upsert(rows)
+    except StoreGone as exc:          # also StoreCorrupt, from open() too
+        moved = store.reopen()        # path of the corrupt file moved aside, or None
+        log.error("store_reopened", reason=str(exc), moved_to=moved)
+        store.upsert(rows)
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+__all__ = ["Store", "StoreError", "StoreGone", "StoreCorrupt", "Row", "Candle"]
+
+#: (exchange, symbol, timeframe, ts, open, high, low, close, volume)
+Row = tuple[str, str, str, int, float, float, float, float, float]
+#: (ts, open, high, low, close, volume), the shape reads return.
+Candle = tuple[int, float, float, float, float, float]
+
+# WITHOUT ROWID: the primary key *is* the table, so inserts touch one b-tree
+# instead of two, range scans by (series, ts) are clustered and the file is
+# about a third smaller. Columns and key are exactly the contract.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS candles (
+    exchange TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    timeframe TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    open REAL NOT NULL,
+    high REAL NOT NULL,
+    low REAL NOT NULL,
+    close REAL NOT NULL,
+    volume REAL NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gaps (
+    exchange TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    timeframe TEXT NOT NULL,
+    ts_from INTEGER NOT NULL,
+    ts_to INTEGER NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe, ts_from)
+);
+CREATE TABLE IF NOT EXISTS series (
+    exchange TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    timeframe TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (exchange, symbol, timeframe)
+);
+"""
+
+# Rewrite a row only when a value changed: re-fetched closed candles (the
+# common case) then cost a key lookup, not a page write, and the rowcount
+# tells how many rows really changed.
+_UPSERT = (
+    "INSERT INTO candles (exchange, symbol, timeframe, ts, open, high, low, close, volume)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (exchange, symbol, timeframe, ts) DO UPDATE SET"
+    " open = excluded.open, high = excluded.high, low = excluded.low,"
+    " close = excluded.close, volume = excluded.volume"
+    " WHERE open IS NOT excluded.open OR high IS NOT excluded.high"
+    " OR low IS NOT excluded.low OR close IS NOT excluded.close"
+    " OR volume IS NOT excluded.volume"
+)
+
+_SERIES = "exchange = ? AND symbol = ? AND timeframe = ?"
+
+# SQLite primary result codes (extended codes carry them in the low byte).
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SQLITE_READONLY_DBMOVED = 1032
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (not open, read-only, cannot open the file)."""
+
+
+class StoreGone(StoreError):
+    """The database file was deleted or replaced while open: call ``reopen()``."""
+
+
+class StoreCorrupt(StoreGone):
+    """The file is not a usable SQLite database: ``reopen()`` moves it aside."""
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
+
+
+def _is_moved(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code == _SQLITE_READONLY_DBMOVED or code & 0xFF == _SQLITE_IOERR
+    return "disk I/O error" in str(exc)
+
+
+class Store:
+    """Candles, genuine exchange gaps and run-time series in one SQLite file.
+
+    Not thread-safe: use one ``Store`` per thread. ``path`` may be
+    ``":memory:"`` for tests. ``readonly=True`` opens with ``mode=ro`` and
+    never creates or changes anything.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._corrupt = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def memory(self) -> bool:
+        return self.path == ":memory:" or self.path == ""
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    def open(self) -> Store:
+        """Connect and create the schema idempotently.
+
+        Raises StoreCorrupt if the file is not a database (``reopen()`` then
+        moves it aside), StoreError if it cannot be opened at all.
+        """
+        if self._conn is not None:
+            return self
+        self._corrupt = False
+        try:
+            if self.readonly:
+                uri = "file:" + quote(str(Path(self.path).absolute())) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                       check_same_thread=False, timeout=5.0)
+            else:
+                if not self.memory:
+                    parent = os.path.dirname(os.path.abspath(self.path))
+                    os.makedirs(parent, exist_ok=True)
+                conn = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=5.0)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        try:
+            if self.readonly:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            else:
+                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+            self._identity = self._stat()
+        except (sqlite3.Error, OSError) as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error) and _is_corrupt(exc):
+                self._corrupt = True
+                raise StoreCorrupt(f"{self.path} is not a usable database: {exc}") from exc
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        self._conn = conn
+        return self
+
+    def close(self) -> None:
+        """Close the connection; errors are swallowed since the file may be gone."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn else "closed"
+        mode = "ro" if self.readonly else "rw"
+        return f"<Store {self.path!r} {mode} {state}>"
+
+    # -- resilience --------------------------------------------------------
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.memory:
+            return None
+        st = os.stat(self.path)
+        return (st.st_dev, st.st_ino)
+
+    def check(self) -> bool:
+        """True if the file at ``path`` is still the one we have open (one ``stat``)."""
+        if self._conn is None:
+            return False
+        if self.memory:
+            return True
+        try:
+            return self._stat() == self._identity
+        except OSError:
+            return False
+
+    def reopen(self) -> str | None:
+        """Close and open again, starting a fresh file if the old one is gone or corrupt.
+
+        Returns the path the corrupt file was moved aside to, or None. If the
+        file was deleted or replaced, the old database's ``-wal``/``-shm`` are
+        removed first: SQLite would otherwise replay our stale WAL into the
+        new file. A replacement must therefore be a cleanly closed database.
+        """
+        old = self._identity
+        self.close()
+        moved = None
+        if self.memory:
+            self.open()
+            return None
+        if self._corrupt:
+            moved = self._move_aside()
+        else:
+            try:
+                replaced = old is not None and self._stat() != old
+            except FileNotFoundError:
+                replaced = True
+            if replaced:
+                self._remove_side_files()
+        try:
+            self.open()
+        except StoreCorrupt:
+            if self.readonly:
+                raise
+            moved = self._move_aside()
+            self.open()
+        return moved
+
+    def _remove_side_files(self) -> None:
+        if self.readonly:
+            return
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.remove(self.path + suffix)
+            except FileNotFoundError:
+                pass
+
+    def _move_aside(self) -> str | None:
+        if self.readonly:
+            raise StoreCorrupt(f"{self.path} is corrupt and this store is read-only")
+        base = f"{self.path}.corrupt-{int(time.time())}"
+        target, n = base, 1
+        while os.path.exists(target):
+            target, n = f"{base}.{n}", n + 1
+        moved = None
+        if os.path.exists(self.path):
+            os.replace(self.path, target)
+            moved = target
+        for suffix in ("-wal", "-journal"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, target + suffix)
+        try:
+            os.remove(self.path + "-shm")
+        except FileNotFoundError:
+            pass
+        self._corrupt = False
+        return moved
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection, after a cheap identity check; translates SQLite errors."""
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"store {self.path} is not open")
+        if not self.memory and not self.check():
+            raise StoreGone(f"{self.path} was deleted or replaced while open")
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            if _is_corrupt(exc):
+                self._corrupt = True
+                raise StoreCorrupt(f"{self.path} is corrupt: {exc}") from exc
+            if _is_moved(exc):
+                raise StoreGone(f"{self.path} is gone: {exc}") from exc
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_READONLY:
+                raise StoreError(f"{self.path} is read-only: {exc}") from exc
+            raise
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        with self._db() as conn:
+            return conn.execute(sql, params)
+
+    # -- candles -----------------------------------------------------------
+
+    def upsert(self, rows: Sequence[Row]) -> int:
+        """Insert or correct candles in one transaction; returns rows inserted or changed.
+
+        Idempotent: writing the same rows again changes nothing and returns 0.
+        StoreGone means the rows may not be stored: reopen() and write them again.
+        """
+        if not rows:
+            return 0
+        with self._db() as conn:
+            conn.execute("BEGIN")
+            try:
+                cur = conn.executemany(_UPSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        # SQLite writes on into a deleted file's WAL without complaint, so look
+        # again: if the file went away during the batch, the batch is lost.
+        if not self.memory and not self.check():
+            raise StoreGone(
+                f"{self.path} was deleted or replaced during the write;"
+                " write again after reopen()"
+            )
+        return cur.rowcount
+
+    def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
+        """Open time of the newest stored candle, or None."""
+        with self._db() as conn:
+            return conn.execute(
+                f"SELECT max(ts) FROM candles WHERE {_SERIES}", (exchange, symbol, timeframe)
+            ).fetchone()[0]
+
+    def first_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
+        """Open time of the oldest stored candle, or None."""
+        with self._db() as conn:
+            return conn.execute(
+                f"SELECT min(ts) FROM candles WHERE {_SERIES}", (exchange, symbol, timeframe)
+            ).fetchone()[0]
+
+    def count(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> int:
+        """Number of stored candles of a series, optionally with open time in [start_ms, end_ms)."""
+        lo = start_ms if start_ms is not None else -(2**63)
+        hi = end_ms if end_ms is not None else 2**63 - 1
+        with self._db() as conn:
+            return conn.execute(
+                f"SELECT count(*) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?",
+                (exchange, symbol, timeframe, lo, hi),
+            ).fetchone()[0]
+
+    def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[Candle]:
+        """The ``n`` newest candles as (ts, open, high, low, close, volume), newest first."""
+        with self._db() as conn:
+            return conn.execute(
+                "SELECT ts, open, high, low, close, volume FROM candles"
+                f" WHERE {_SERIES} ORDER BY ts DESC LIMIT ?",
+                (exchange, symbol, timeframe, n),
+            ).fetchall()
+
+    def candles(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> list[Candle]:
+        """Candles with open time in [start_ms, end_ms), oldest first."""
+        lo = start_ms if start_ms is not None else -(2**63)
+        hi = end_ms if end_ms is not None else 2**63 - 1
+        with self._db() as conn:
+            return conn.execute(
+                "SELECT ts, open, high, low, close, volume FROM candles"
+                f" WHERE {_SERIES} AND ts >= ? AND ts < ? ORDER BY ts",
+                (exchange, symbol, timeframe, lo, hi),
+            ).fetchall()
+
+    def missing_ranges(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        timeframe_ms: int,
+        start_ms: int,
+        end_ms: int,
+    ) -> list[tuple[int, int]]:
+        """Half-open [from, to) ranges of open times in [start_ms, end_ms) with no candle.
+
+        Recorded genuine gaps are subtracted. Bounds are either the caller's
+        or neighbouring candle times, so pass ``end_ms`` = open time of the
+        still-open candle to leave it out.
+
+        Cost: one min/max/count over the key range settles the common no-gap
+        case (~0.05 s per million rows); holes are then found by bisecting
+        with counts and scanning only small stretches that have holes.
+        """
+        if end_ms <= start_ms:
+            return []
+        key = (exchange, symbol, timeframe)
+        with self._db() as conn:
+            first, last, n = conn.execute(
+                f"SELECT (SELECT min(ts) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?),"
+                f" (SELECT max(ts) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?),"
+                f" (SELECT count(*) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?)",
+                (*key, start_ms, end_ms) * 3,
+            ).fetchone()
+            if first is None:
+                missing = [(start_ms, end_ms)]
+            else:
+                missing = []
+                if first - start_ms >= timeframe_ms:
+                    missing.append((start_ms, first))
+                _holes(conn, key, timeframe_ms, first, last + timeframe_ms, n, missing)
+                if last + timeframe_ms < end_ms:
+                    missing.append((last + timeframe_ms, end_ms))
+            if not missing:
+                return []
+            known = conn.execute(
+                f"SELECT ts_from, ts_to FROM gaps WHERE {_SERIES} AND ts_to > ? AND ts_from < ?"
+                " ORDER BY ts_from",
+                (*key, start_ms, end_ms),
+            ).fetchall()
+        return _subtract(missing, known) if known else missing
+
+    # -- genuine gaps ------------------------------------------------------
+
+    def record_gap(
+        self, exchange: str, symbol: str, timeframe: str, ts_from: int, ts_to: int
+    ) -> None:
+        """Remember that the exchange has no candles in [ts_from, ts_to), so it is not refetched."""
+        if ts_to <= ts_from:
+            raise ValueError(f"empty gap [{ts_from}, {ts_to})")
+        self._write(
+            "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
+            " DO UPDATE SET ts_to = max(ts_to, excluded.ts_to)",
+            (exchange, symbol, timeframe, ts_from, ts_to),
+        )
+
+    def gaps(self, exchange: str, symbol: str, timeframe: str) -> list[tuple[int, int]]:
+        """Recorded genuine gaps of a series as [from, to) ranges, oldest first."""
+        with self._db() as conn:
+            return conn.execute(
+                f"SELECT ts_from, ts_to FROM gaps WHERE {_SERIES} ORDER BY ts_from",
+                (exchange, symbol, timeframe),
+            ).fetchall()
+
+    # -- run-time series ---------------------------------------------------
+
+    def add_series(
+        self, exchange: str, symbol: str, timeframe: str, added_at_ms: int | None = None
+    ) -> bool:
+        """Persist a series added at run time; False if it was already there."""
+        at = int(time.time() * 1000) if added_at_ms is None else added_at_ms
+        cur = self._write(
+            "INSERT INTO series (exchange, symbol, timeframe, added_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (exchange, symbol, timeframe, at),
+        )
+        return cur.rowcount > 0
+
+    def remove_series(self, exchange: str, symbol: str, timeframe: str) -> bool:
+        """Forget a run-time series (its candles stay); False if it was not there."""
+        cur = self._write(f"DELETE FROM series WHERE {_SERIES}", (exchange, symbol, timeframe))
+        return cur.rowcount > 0
+
+    def list_series(self) -> list[tuple[str, str, str, int]]:
+        """Run-time series as (exchange, symbol, timeframe, added_at_ms), oldest first."""
+        with self._db() as conn:
+            return conn.execute(
+                "SELECT exchange, symbol, timeframe, added_at FROM series"
+                " ORDER BY added_at, exchange, symbol, timeframe"
+            ).fetchall()
+
+
+_LEAF = 2048  # expected candles below which a stretch is scanned, not bisected
+
+
+def _holes(
+    conn: sqlite3.Connection,
+    key: tuple[str, str, str],
+    tf: int,
+    lo: int,
+    hi: int,
+    n: int,
+    out: list[tuple[int, int]],
+) -> None:
+    """Append the holes in [lo, hi) (``lo`` a candle time, ``n`` candles in it) to ``out``.
+
+    A stretch whose count matches its length has no holes, so bisecting on
+    counts skips the (usually huge) complete stretches; small stretches are
+    scanned. Faster than a LAG() window over all rows, which SQLite runs at
+    ~0.7 us/row against ~0.05 us/row for count(*).
+    """
+    expected = (hi - lo) // tf
+    if n == expected:
+        return
+    if n == 0:
+        _append(out, lo, hi)
+        return
+    if expected <= _LEAF:
+        prev = lo - tf
+        for (ts,) in conn.execute(
+            f"SELECT ts FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ? ORDER BY ts",
+            (*key, lo, hi),
+        ):
+            if ts - prev > tf:
+                _append(out, prev + tf, ts)
+            prev = ts
+        if hi - prev > tf:
+            _append(out, prev + tf, hi)
+        return
+    mid = lo + (expected // 2) * tf
+    left = conn.execute(
+        f"SELECT count(*) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?", (*key, lo, mid)
+    ).fetchone()[0]
+    _holes(conn, key, tf, lo, mid, left, out)
+    _holes(conn, key, tf, mid, hi, n - left, out)
+
+
+def _append(out: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Append [lo, hi), merging with the previous range where a bisection split a hole."""
+    if out and out[-1][1] == lo:
+        out[-1] = (out[-1][0], hi)
+    else:
+        out.append((lo, hi))
+
+
+def _subtract(
+    ranges: list[tuple[int, int]], holes: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``ranges`` minus ``holes`` (both lists of half-open ranges, holes sorted)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        for h_lo, h_hi in holes:
+            if h_hi <= lo or h_lo >= hi:
+                continue
+            if h_lo > lo:
+                out.append((lo, h_lo))
+            lo = max(lo, h_hi)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
+    return out
