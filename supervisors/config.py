@@ -359,7 +359,7 @@ class _Loader:
         self.source = source
 
     def fail(self, where: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {where} {message}" if where else f"{self.source}: {message}")
+        return ConfigError(f"{self.source}: {f'{where} ' if where else ''}{message}")
 
     def table(self, data: Any, where: str) -> Mapping[str, Any]:
         if data is None:
@@ -418,7 +418,9 @@ class _Loader:
         resilience = self.resilience(sec["resilience"], "[resilience]", ResilienceConfig())
         exchanges = self.table(data.get("exchanges"), "[exchanges]")
         if not exchanges:
-            raise self.fail("", "no exchanges configured; add an [exchanges.NAME] section with symbols")
+            raise self.fail(
+                "", "no exchanges configured; add an [exchanges.NAME] section with symbols"
+            )
         return Config(
             **{name: cls(**sec[name]) for name, cls in _PLAIN_SECTIONS.items()},
             ingest=ingest,
@@ -526,7 +528,9 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
         if section:
             out[name] = section
     out["ingest"] = _ingest_dict(config.ingest)
-    out["resilience"] = {f.name: getattr(config.resilience, f.name) for f in fields(ResilienceConfig)}
+    out["resilience"] = {
+        f.name: getattr(config.resilience, f.name) for f in fields(ResilienceConfig)
+    }
     exchanges: dict[str, Any] = {}
     g_ingest = out["ingest"]
     for ex in config.exchanges:
