@@ -1,0 +1,321 @@
+"""Deterministic candle history: any candle is an O(1) function of (seed, symbol, interval, open time).
+
+Prices follow a smooth multi-scale path ``P(t)`` (a sum of sinusoids whose amplitudes grow
+with the square root of their period, so it looks like a random walk) plus per-timestamp hash
+noise. A candle's open is ``P(open)`` and its close is ``P(next open)``, so consecutive candles
+join up and every interval agrees on opens/closes. Wicks and volume are hash-seeded per candle.
+Nothing iterates history, so a server with 1000 symbols answers any window in O(limit).
+
+The candle whose open <= now < close is *in progress*: its close is ``P(now)``, its wicks and
+volume grow with the elapsed fraction, so it differs from (and converges to) the final candle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+_MASK = (1 << 64) - 1
+_DAY_MS = 86_400_000
+#: Binance aligns weekly candles to Monday 00:00 UTC; the epoch was a Thursday.
+_WEEK_OFFSET_MS = 4 * _DAY_MS
+
+#: interval name -> (duration ms, alignment offset ms). 3d and 1M are left out: Binance aligns
+#: them to a calendar we do not model.
+INTERVALS: dict[str, tuple[int, int]] = {
+    "1s": (1_000, 0),
+    "1m": (60_000, 0),
+    "3m": (180_000, 0),
+    "5m": (300_000, 0),
+    "15m": (900_000, 0),
+    "30m": (1_800_000, 0),
+    "1h": (3_600_000, 0),
+    "2h": (7_200_000, 0),
+    "4h": (14_400_000, 0),
+    "6h": (21_600_000, 0),
+    "8h": (28_800_000, 0),
+    "12h": (43_200_000, 0),
+    "1d": (_DAY_MS, 0),
+    "1w": (7 * _DAY_MS, _WEEK_OFFSET_MS),
+}
+
+# Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk.
+_PERIODS_MIN = (7.0, 37.0, 181.0, 1009.0, 6121.0, 33_301.0, 140_009.0, 525_949.0)
+_VOL_PER_SQRT_MIN = 0.0009
+_NOISE = 0.0004
+_WICK_PER_SQRT_MIN = 0.0006
+_TAU = 2.0 * math.pi
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-spread 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _unit(seed: int, t: int, salt: int) -> float:
+    """Deterministic uniform in [0, 1) for (seed, t, salt)."""
+    return _mix(seed ^ _mix((t * 0x100000001B3 + salt) & _MASK)) / 18446744073709551616.0
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def symbol_id(symbol: str) -> str:
+    """Binance market id of a unified symbol ("BTC/USDT" -> "BTCUSDT"); ids pass through."""
+    return symbol.replace("/", "").upper()
+
+
+def align_down(t_ms: int, interval: str) -> int:
+    """Open time of the candle of `interval` that contains `t_ms`."""
+    ms, off = INTERVALS[interval]
+    return (t_ms - off) // ms * ms + off
+
+
+def align_up(t_ms: int, interval: str) -> int:
+    """First candle open time >= `t_ms`."""
+    ms, off = INTERVALS[interval]
+    return -((off - t_ms) // ms) * ms + off
+
+
+class Candle(NamedTuple):
+    """One kline in Binance's wire form (prices/volumes as strings with 8 decimals)."""
+
+    open_time: int
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    close_time: int
+    quote_volume: str
+    trades: int
+    taker_base: str
+    taker_quote: str
+
+    def row(self) -> list:
+        """The 12-element array Binance returns for /api/v3/klines."""
+        return [self.open_time, self.open, self.high, self.low, self.close, self.volume,
+                self.close_time, self.quote_volume, self.trades, self.taker_base,
+                self.taker_quote, "0"]
+
+    def ohlcv(self) -> tuple[int, float, float, float, float, float]:
+        """(ts, o, h, l, c, v) exactly as ccxt's parse_ohlcv returns it."""
+        return (self.open_time, float(self.open), float(self.high), float(self.low),
+                float(self.close), float(self.volume))
+
+
+@dataclass(frozen=True)
+class Market:
+    """A spot market the simulator lists."""
+
+    symbol: str  # unified, "BTC/USDT"
+    id: str  # exchange id, "BTCUSDT"
+    base: str
+    quote: str
+    seed: int
+    base_price: float
+    price_decimals: int
+    base_volume: float  # mean volume of a 1-minute candle
+    waves: tuple[tuple[float, float, float], ...]  # (angular freq per minute, phase, amplitude)
+
+    @property
+    def tick_size(self) -> str:
+        return f"{10.0 ** -self.price_decimals:.8f}"
+
+
+def _make_market(symbol: str, seed: int) -> Market:
+    if symbol.count("/") != 1:
+        raise ValueError(f"symbol must look like BASE/QUOTE, got {symbol!r}")
+    base, quote = (s.upper() for s in symbol.split("/"))
+    if not base or not quote:
+        raise ValueError(f"symbol must look like BASE/QUOTE, got {symbol!r}")
+    h = _mix(_stable_hash(f"{base}/{quote}") ^ _mix(seed & _MASK))
+    # log-uniform base price in [0.01, 50_000]
+    price = 10.0 ** (-2 + 6.7 * ((h & 0xFFFFFFFF) / 4294967296.0))
+    decimals = max(0, min(8, 5 - math.floor(math.log10(price))))
+    volume = 50_000.0 / price * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)
+    waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED), _VOL_PER_SQRT_MIN * math.sqrt(period))
+                  for i, period in enumerate(_PERIODS_MIN))
+    return Market(symbol=f"{base}/{quote}", id=base + quote, base=base, quote=quote, seed=h,
+                  base_price=price, price_decimals=decimals, base_volume=volume, waves=waves)
+
+
+def _fmt(x: float, decimals: int) -> str:
+    return f"{round(x, decimals):.8f}"
+
+
+class CandleHistory:
+    """The deterministic candle source behind one simulated exchange.
+
+    `history_start_ms`: the first candle of every interval is the one containing this instant;
+    nothing exists before it. `gaps`: per symbol (unified or id), open times the exchange
+    genuinely has no candle for (any interval whose candle opens there omits it).
+    """
+
+    def __init__(self, symbols: Iterable[str], history_start_ms: int, *, seed: int = 0,
+                 gaps: Mapping[str, Iterable[int]] | None = None) -> None:
+        self.history_start_ms = int(history_start_ms)
+        self.seed = seed
+        self._markets: dict[str, Market] = {}
+        for s in symbols:
+            m = _make_market(s, seed)
+            if m.id in self._markets:
+                raise ValueError(f"duplicate market id {m.id} (from {s!r})")
+            self._markets[m.id] = m
+        self._gaps: dict[str, frozenset[int]] = {}
+        for key, times in (gaps or {}).items():
+            mid = symbol_id(key)
+            if mid not in self._markets:
+                raise ValueError(f"gap for unknown symbol {key!r}")
+            self._gaps[mid] = frozenset(int(t) for t in times)
+
+    # ----------------------------------------------------------------- markets
+    @property
+    def markets(self) -> list[Market]:
+        """Listed markets in configuration order."""
+        return list(self._markets.values())
+
+    def market(self, symbol: str) -> Market | None:
+        """Market by unified symbol or exchange id, or None."""
+        return self._markets.get(symbol_id(symbol))
+
+    # ------------------------------------------------------------------ prices
+    def _log_price(self, m: Market, t: int) -> float:
+        minutes = t / 60_000.0
+        s = 0.0
+        for freq, phase, amp in m.waves:
+            s += amp * math.sin(freq * minutes + phase)
+        return s + _NOISE * (2.0 * _unit(m.seed, t, 1) - 1.0)
+
+    def price(self, symbol: str, t_ms: int) -> float:
+        """The (unrounded) price path at `t_ms`."""
+        m = self._require(symbol)
+        return m.base_price * math.exp(self._log_price(m, t_ms))
+
+    def _require(self, symbol: str) -> Market:
+        m = self.market(symbol)
+        if m is None:
+            raise KeyError(symbol)
+        return m
+
+    # ----------------------------------------------------------------- candles
+    def first_open(self, interval: str) -> int:
+        """Open time of the oldest candle of `interval`."""
+        return align_down(self.history_start_ms, interval)
+
+    def exists(self, symbol: str, interval: str, open_ms: int) -> bool:
+        """True if the exchange has a candle opening at `open_ms` (ignores 'now')."""
+        m = self._require(symbol)
+        return (open_ms >= self.first_open(interval) and align_down(open_ms, interval) == open_ms
+                and open_ms not in self._gaps.get(m.id, ()))
+
+    def candle(self, symbol: str, interval: str, open_ms: int, now_ms: int) -> Candle:
+        """The candle opening at `open_ms` as seen at `now_ms` (in progress if not yet closed).
+
+        Does not check existence; callers use `exists`/`klines`. Raises ValueError for a
+        candle that has not opened yet.
+        """
+        if now_ms < open_ms:
+            raise ValueError("candle has not opened yet")
+        return self._candle(self._require(symbol), INTERVALS[interval][0], open_ms, now_ms, {})
+
+    def _candle(self, m: Market, ms: int, open_ms: int, now_ms: int,
+                prices: dict[int, float]) -> Candle:
+        """`prices` memoises P(t) within one page: a candle's close is the next one's open."""
+        end = open_ms + ms
+        closed = now_ms >= end
+        frac = 1.0 if closed else (now_ms - open_ms) / ms
+        o = prices.get(open_ms)
+        if o is None:
+            o = prices[open_ms] = m.base_price * math.exp(self._log_price(m, open_ms))
+        c_t = end if closed else now_ms
+        c = prices.get(c_t)
+        if c is None:
+            c = prices[c_t] = m.base_price * math.exp(self._log_price(m, c_t))
+        minutes = ms / 60_000.0
+        wick = _WICK_PER_SQRT_MIN * math.sqrt(minutes) * frac
+        bits = _mix(m.seed ^ _mix((open_ms * 0x100000001B3 + ms) & _MASK))  # interval-specific
+        u_hi = (bits & 0xFFFF) / 65536.0
+        u_lo = ((bits >> 16) & 0xFFFF) / 65536.0
+        u_vol = ((bits >> 32) & 0xFFFF) / 65536.0
+        u_tak = (bits >> 48) / 65536.0
+        d = m.price_decimals
+        o_r, c_r = round(o, d), round(c, d)
+        h_r = max(round(max(o, c) * (1.0 + wick * u_hi), d), o_r, c_r)
+        l_r = min(round(min(o, c) * (1.0 - wick * u_lo), d), o_r, c_r)
+        full_vol = round(m.base_volume * minutes * (0.25 + 1.5 * u_vol), 4)
+        if closed:
+            vol = full_vol
+        else:
+            # strictly below the final volume so a stored in-progress candle is always wrong
+            vol = max(0.0, min(round(full_vol * frac, 4), round(full_vol - 0.0001, 4)))
+        avg = (o_r + h_r + l_r + c_r) / 4.0
+        taker = 0.3 + 0.4 * u_tak
+        trades = int(vol / m.base_volume * 40.0 * (0.5 + u_tak)) + (1 if vol > 0 else 0)
+        return Candle(
+            open_time=open_ms,
+            open=f"{o_r:.8f}", high=f"{h_r:.8f}", low=f"{l_r:.8f}", close=f"{c_r:.8f}",
+            volume=f"{vol:.8f}",
+            close_time=end - 1,
+            quote_volume=_fmt(vol * avg, 8),
+            trades=trades,
+            taker_base=_fmt(vol * taker, 8),
+            taker_quote=_fmt(vol * taker * avg, 8),
+        )
+
+    def klines(self, symbol: str, interval: str, now_ms: int, *, start_ms: int | None = None,
+               end_ms: int | None = None, limit: int = 500) -> list[Candle]:
+        """Candles as Binance's /api/v3/klines selects them.
+
+        With `start_ms`: the first `limit` candles with open >= start (and <= end), ascending.
+        Without: the last `limit` candles with open <= end (default now), i.e. ending with
+        the in-progress candle. Gaps are skipped without shortening the page.
+        """
+        m = self._require(symbol)
+        ms, _ = INTERVALS[interval]
+        gaps = self._gaps.get(m.id, frozenset())
+        first = self.first_open(interval)
+        last = align_down(now_ms, interval)
+        if end_ms is not None:
+            last = min(last, align_down(end_ms, interval))
+        out: list[Candle] = []
+        prices: dict[int, float] = {}
+        if limit <= 0 or last < first:
+            return out
+        if start_ms is not None:
+            t = max(first, align_up(start_ms, interval))
+            while t <= last and len(out) < limit:
+                if t not in gaps:
+                    out.append(self._candle(m, ms, t, now_ms, prices))
+                t += ms
+            return out
+        t = last
+        while t >= first and len(out) < limit:
+            if t not in gaps:
+                out.append(self._candle(m, ms, t, now_ms, prices))
+            t -= ms
+        out.reverse()
+        return out
+
+    def expected_candles(self, symbol: str, interval: str, start_ms: int, end_ms: int,
+                         now_ms: int) -> list[tuple[int, float, float, float, float, float]]:
+        """Every *closed* candle (at `now_ms`) with open time in [start_ms, end_ms), as ccxt
+        parses it: (ts, open, high, low, close, volume). What a correct store must hold."""
+        m = self._require(symbol)
+        ms, _ = INTERVALS[interval]
+        gaps = self._gaps.get(m.id, frozenset())
+        t = max(self.first_open(interval), align_up(start_ms, interval))
+        out = []
+        prices: dict[int, float] = {}
+        while t < end_ms and t + ms <= now_ms:
+            if t not in gaps:
+                out.append(self._candle(m, ms, t, now_ms, prices).ohlcv())
+            t += ms
+        return out
