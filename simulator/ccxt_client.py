@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import ccxt
 
 from actors.ccxt_urls import rebase_urls
+from actors.client import EXCHANGE_OPTIONS
 
 
 def binance_options() -> dict[str, Any]:
@@ -18,12 +21,7 @@ def binance_options() -> dict[str, Any]:
     - fetchMargins=False: with keys, spot market loading also calls sapi margin pair lists.
     - adjustForTimeDifference=False: would call /api/v3/time on every load_markets.
     """
-    return {
-        "fetchMarkets": {"types": ["spot"]},
-        "fetchCurrencies": False,
-        "fetchMargins": False,
-        "adjustForTimeDifference": False,
-    }
+    return copy.deepcopy(EXCHANGE_OPTIONS["binance"])
 
 
 def make_binance(api_base: str | None = None, *, timeout_ms: int = 10_000,

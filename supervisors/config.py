@@ -89,6 +89,7 @@ class ExchangeConfig:
     api_base: str | None = None
     rate_limit: float = 10.0
     timeout: float = 10.0
+    page_limit: int = 1000
     ingest: IngestConfig = IngestConfig()
     resilience: ResilienceConfig = ResilienceConfig()
 
@@ -309,6 +310,7 @@ _EXCHANGE_OWN: _Spec = {
     "api_base": _api_base,
     "rate_limit": _positive_float,
     "timeout": _duration(),
+    "page_limit": _int(1),
 }
 _EXCHANGE: _Spec = {**_EXCHANGE_OWN, **_INGEST, **_RESILIENCE}
 _METRICS: _Spec = {"listen": _host_port}
@@ -539,6 +541,7 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
             body["api_base"] = ex.api_base
         body["rate_limit"] = ex.rate_limit
         body["timeout"] = ex.timeout
+        body["page_limit"] = ex.page_limit
         e_ingest = _ingest_dict(ex.ingest)
         body.update({k: v for k, v in e_ingest.items() if g_ingest.get(k) != v})
         body.update(

@@ -1,0 +1,399 @@
+"""The exchange actor: owns the ccxt client, the rate-limit bucket and the circuit breaker.
+
+Every request to an exchange goes through `ExchangeActor`, which admits it only when the
+breaker allows (none while open, `breaker_half_open_calls` probes while half-open) and the
+bucket has a token, then runs it on a small thread pool it owns. Its own mailbox never blocks
+on the network, so `reset`, `stop` and status questions are answered at once, even while every
+worker is stuck in a request timing out.
+
+Series keep at most one request here; a resend from the same series replaces the queued one.
+While the breaker is open, requests wait in that queue instead of failing, so the series do not
+spin, and the moment a probe succeeds (or an operator resets the breaker) the queue drains at
+the rate limit.
+
+The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
+restart (of this actor or of a series) must not reset an open breaker, or restarts would bypass
+it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import ccxt
+import pykka
+import structlog
+
+from actors.breaker import CircuitBreaker
+from actors.bucket import TokenBucket
+from actors.candles import closed, timeframe_ms, validate
+from actors.client import make_client
+from actors.errors import BadResponse
+from actors.messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
+from actors.retry import RetryPolicy, parse_retry_after
+from supervisors.child import Address, Child
+from supervisors.config import ExchangeConfig
+
+log = structlog.get_logger("candlekeeper.exchange")
+
+# 429 and 418 answers (in ccxt 4.5 RateLimitExceeded is not a DDoSProtection subclass)
+RATE_LIMITED = ccxt.DDoSProtection | ccxt.RateLimitExceeded
+
+# How far ahead of our clock a candle may be stamped before it counts as "in the future".
+FUTURE_TOLERANCE_MS = 60_000
+
+
+def counts_against_exchange(exc: BaseException) -> bool:
+    """Which failures open the exchange breaker: the exchange being unreachable or failing.
+
+    Rate-limit answers (429/418) prove it is up and are handled by the bucket's penalty; errors
+    about one symbol (BadSymbol, a bad request) and garbage candles for one market are that
+    series' problem (its retry and quarantine), never the whole exchange's.
+    """
+    if isinstance(exc, RATE_LIMITED | ccxt.BadResponse):
+        return False
+    # OperationFailed: ccxt's transient family (network errors, timeouts, and 5xx answers such
+    # as Binance's 500/503 with a JSON error code, which are not NetworkErrors)
+    return isinstance(exc, ccxt.OperationFailed | ConnectionError | TimeoutError)
+
+
+@dataclass(frozen=True)
+class _Done:
+    request: FetchRequest
+    result: FetchResult
+    duration: float
+    probe: bool
+
+
+@dataclass(frozen=True)
+class _MarketsDone:
+    markets: dict[str, Any] | None
+    error: BaseException | None
+    duration: float
+    probe: bool
+
+
+class _Pump:
+    pass
+
+
+class _LoadMarkets:
+    pass
+
+
+_PUMP = _Pump()
+_LOAD = _LoadMarkets()
+
+
+class ExchangeActor(Child):
+    def __init__(self, config: ExchangeConfig, breaker: CircuitBreaker, health: Address | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.breaker = breaker
+        self.health = health
+        # burst 1: requests are paced evenly, so no 1-second window ever holds more than rate + 1
+        self.bucket = TokenBucket(rate=config.rate_limit, burst=1.0, clock=self.runtime.clock)
+        self.concurrency = max(1, min(8, int(config.rate_limit * config.timeout)))
+        self._queue: OrderedDict[SeriesKey, FetchRequest] = OrderedDict()
+        self._in_flight = 0
+        self._pump_timer: Any = None
+        self._markets_retry_at = 0.0  # monotonic time before which markets are not reloaded
+        self._markets: dict[str, Any] | None = None
+        self._markets_version = 0
+        self._loading = False
+        self._load_attempt = 0
+        self._load_retry = RetryPolicy(attempts=10**9, base_delay=1.0, max_delay=60.0, rng=self.runtime.rng)
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+        self._last_report: tuple[str, str] | None = None
+        self.requests_sent = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"{self.path}/io")
+        self.actor_ref.tell(_LOAD)
+        self._report(force=True)
+
+    def on_stop(self) -> None:
+        self._shutdown_pool()
+
+    def on_failure(self, *_: Any) -> None:
+        self._shutdown_pool()
+
+    def _shutdown_pool(self) -> None:
+        if self._pool is not None:
+            # workers stuck in a request finish within the client timeout; we do not wait for them
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FetchRequest):
+            self._enqueue(message)
+        elif message is _PUMP:
+            self._pump_timer = None
+            self._pump()
+        elif isinstance(message, _Done):
+            self._on_done(message)
+        elif message is _LOAD:
+            self._load_markets()
+        elif isinstance(message, _MarketsDone):
+            self._on_markets(message)
+        elif isinstance(message, Reset):
+            self.reset()
+        else:
+            return super().on_receive(message)
+        return None
+
+    # -- public API (asked through the proxy) --------------------------------------------
+
+    def reset(self) -> dict[str, Any]:
+        """Operator reset: close the breaker and lift any rate-limit penalty, then drain the queue."""
+        self.breaker.reset()
+        self.bucket = TokenBucket(rate=self.config.rate_limit, burst=1.0, clock=self.runtime.clock)
+        self._markets_retry_at = 0.0
+        self._load_attempt = 0
+        if self._pump_timer is not None:
+            self._pump_timer.cancel()
+            self._pump_timer = None
+        self.log.info("exchange_reset")
+        self._pump()
+        self._report(force=True)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "breaker": self.breaker.state,
+            "status": self._status_word(),
+            "markets_loaded": self._markets is not None,
+            "queued": len(self._queue),
+            "in_flight": self._in_flight,
+            "requests_sent": self.requests_sent,
+            "breaker_detail": self.breaker.snapshot(),
+        }
+
+    # -- admission -----------------------------------------------------------------------
+
+    def _enqueue(self, req: FetchRequest) -> None:
+        if self._markets is not None and req.key.symbol not in self._markets:
+            req.reply_to.tell(
+                FetchResult(req.req_id, error=ccxt.BadSymbol(f"{self.config.name} does not list {req.key.symbol}"))
+            )
+            return
+        self._queue[req.key] = req
+        if req.priority:
+            self._queue.move_to_end(req.key, last=False)
+        self._pump()
+
+    def _admit(self) -> bool:
+        """Take a bucket token and a breaker admission, or schedule the next try."""
+        wait = self.bucket.time_until(1.0)
+        if wait > 0:
+            self._pump_later(wait)
+            return False
+        if not self.breaker.allow():
+            probe_in = self.breaker.time_until_probe()
+            if probe_in is not None:
+                self._pump_later(probe_in)
+            self._report()
+            return False
+        granted = self.bucket.try_acquire(1.0)
+        assert granted == 0.0, "bucket refused right after time_until said yes"
+        self.requests_sent += 1
+        return True
+
+    def _pump(self) -> None:
+        if self._pool is None:
+            return
+        if self._markets is None:
+            wait = self._markets_retry_at - self.runtime.clock()
+            if wait > 0:
+                self._pump_later(wait)
+            elif not self._loading:
+                self._load_markets()
+            return
+        while self._queue and self._in_flight < self.concurrency:
+            probe = self.breaker.state == "half_open"
+            if not self._admit():
+                break
+            _, req = self._queue.popitem(last=False)
+            self._in_flight += 1
+            self._pool.submit(self._fetch, req, probe)
+        self._report()
+
+    def _pump_later(self, delay: float) -> None:
+        """One pump timer at a time: the soonest wanted wins."""
+        due = self.runtime.clock() + delay
+        if self._pump_timer is not None:
+            if self._pump_timer.when <= due:
+                return
+            self._pump_timer.cancel()
+        self._pump_timer = self.schedule(delay, _PUMP)
+
+    # -- markets -------------------------------------------------------------------------
+
+    def _load_markets(self) -> None:
+        if self._loading or self._pool is None or self._in_flight >= self.concurrency:
+            return
+        probe = self.breaker.state == "half_open"
+        if not self._admit():
+            return
+        self._loading = True
+        self._in_flight += 1
+        self._pool.submit(self._fetch_markets, probe)
+
+    def _on_markets(self, done: _MarketsDone) -> None:
+        self._loading = False
+        self._in_flight -= 1
+        if done.error is None and done.markets is not None:
+            self.breaker.record_success(done.duration)
+            self._markets = done.markets
+            self._markets_version += 1
+            self._load_attempt = 0
+            self.log.info("markets_loaded", markets=len(done.markets))
+            # requests for symbols the exchange does not list are answered now
+            for key in [k for k in self._queue if k.symbol not in done.markets]:
+                self._enqueue(self._queue.pop(key))
+            self._pump()
+        else:
+            assert done.error is not None
+            self._record_outcome(done.error, done.duration)
+            self._load_attempt += 1
+            decision = self._load_retry.decide(self._load_attempt, done.error)
+            delay = getattr(decision, "delay", 60.0)
+            self.log.warning("markets_failed", error=repr(done.error), retry_in=round(delay, 2))
+            self._markets_retry_at = self.runtime.clock() + delay
+            self._pump_later(delay)
+        self._report()
+
+    # -- results -------------------------------------------------------------------------
+
+    def _on_done(self, done: _Done) -> None:
+        self._in_flight -= 1
+        error = done.result.error
+        if error is None:
+            self.breaker.record_success(done.duration)
+        else:
+            self._record_outcome(error, done.duration, done.result.retry_after)
+        try:
+            done.request.reply_to.tell(done.result)
+        except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
+            self.log.debug("reply_dropped", series=str(done.request.key))
+        self._pump()
+
+    def _record_outcome(self, error: BaseException, duration: float, retry_after: float | None = None) -> None:
+        if isinstance(error, RATE_LIMITED):
+            penalty = retry_after if retry_after is not None else 1.0
+            self.bucket.penalize(penalty)
+            self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
+        if counts_against_exchange(error):
+            self.breaker.record_failure(duration)
+        else:
+            self.breaker.record_success(duration)
+
+    # -- worker side (runs on the pool's threads, never touches actor state) -------------
+
+    def _client(self) -> ccxt.Exchange:
+        local = self._local
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = make_client(
+                self.config.exchange, api_base=self.config.api_base, timeout=self.config.timeout
+            )
+            local.version = -1
+        if self._markets is not None and local.version != self._markets_version:
+            client.set_markets(self._markets)
+            local.version = self._markets_version
+        return client
+
+    def _fetch_markets(self, probe: bool) -> None:
+        t0 = time.monotonic()
+        try:
+            client = self._client()
+            markets = client.load_markets(reload=True)
+            if not markets:  # ccxt parses a truncated exchangeInfo into {} without raising
+                raise BadResponse("exchange listed no markets: truncated or garbled response")
+            result = _MarketsDone(dict(markets), None, time.monotonic() - t0, probe)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
+            result = _MarketsDone(None, exc, time.monotonic() - t0, probe)
+        try:
+            self.actor_ref.tell(result)
+        except pykka.ActorDeadError:
+            log.debug("markets_dropped_actor_stopped")
+
+    def _fetch(self, req: FetchRequest, probe: bool) -> None:
+        t0 = time.monotonic()
+        client = None
+        try:
+            client = self._client()
+            tf_ms = timeframe_ms(req.key.timeframe)
+            raw = client.fetch_ohlcv(req.key.symbol, req.key.timeframe, since=req.since, limit=req.limit)
+            local_ms = int(time.time() * 1000)
+            if not raw and req.since + tf_ms <= local_ms - FUTURE_TOLERANCE_MS:
+                # An exchange answers `since` in the past with at least its in-progress candle;
+                # ccxt turns a truncated JSON body into [] without raising, so [] is not "no news".
+                raise BadResponse(f"empty page for since={req.since}: truncated or garbled response")
+            candles = validate(raw, tf_ms, local_ms + FUTURE_TOLERANCE_MS)
+            now_ms = _closed_clock_ms(client, local_ms)
+            done = closed(candles, tf_ms, now_ms)
+            horizon = (now_ms // tf_ms) * tf_ms  # open time of the first candle not surely closed
+            result = FetchResult(req.req_id, candles=tuple(done), horizon_ms=horizon, was_probe=probe)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
+            retry_after = _retry_after(client) if isinstance(exc, ccxt.OperationFailed) else None
+            result = FetchResult(req.req_id, error=exc, retry_after=retry_after, was_probe=probe)
+        try:
+            self.actor_ref.tell(_Done(req, result, time.monotonic() - t0, probe))
+        except pykka.ActorDeadError:
+            log.debug("result_dropped_actor_stopped", series=str(req.key))
+
+    # -- status --------------------------------------------------------------------------
+
+    def _status_word(self) -> str:
+        state = self.breaker.state
+        if state == "open":
+            return "down"
+        if state == "half_open":
+            return "recovering"
+        if self._markets is None:
+            return "starting"
+        return "ok"
+
+    def _report(self, *, force: bool = False) -> None:
+        now = (self.breaker.state, self._status_word())
+        if (now != self._last_report or force) and self.health is not None:
+            if self._last_report is not None and now[0] != self._last_report[0]:
+                self.log.warning("breaker_" + now[0], previous=self._last_report[0])
+            self._last_report = now
+            self.health.tell(
+                ExchangeStatus(name=self.config.name, breaker=now[0], status=now[1], detail=self.breaker.snapshot())
+            )
+
+
+def _closed_clock_ms(client: ccxt.Exchange, local_ms: int) -> int:
+    """The clock that decides whether a candle has closed: ours, but never ahead of the server's.
+
+    The response's `Date` header is the server's time truncated to the second, so every candle
+    whose close is at or before it is closed by the server's own clock, whatever our skew.
+    """
+    headers = getattr(client, "last_response_headers", None) or {}
+    date = headers.get("Date") or headers.get("date")
+    if date:
+        try:
+            server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
+            return min(local_ms, server_ms)
+        except (TypeError, ValueError):
+            pass
+    return local_ms - 2000  # no server time: a documented 2 s skew margin
+
+
+def _retry_after(client: ccxt.Exchange | None) -> float | None:
+    headers = getattr(client, "last_response_headers", None) or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    return parse_retry_after(value, time.time()) if value else None

@@ -1,0 +1,104 @@
+"""The health actor: the latest state of the whole tree, and its roll-up.
+
+Every exchange and series actor tells it status changes; supervisors' lifecycle events tell it
+about restarts and stops. It never asks anyone, so answering `health` costs one mailbox turn
+whatever the rest of the system is doing.
+
+Roll-up: `down` when storage is failing or no exchange is reachable (every breaker open);
+`degraded` when any breaker is not closed or any series is retrying, quarantined, invalid or
+stopped; `ok` otherwise. Paused series are an operator's choice and do not degrade it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
+from supervisors.child import Child
+from supervisors.events import LifecycleEvent
+
+DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
+
+
+class HealthActor(Child):
+    def __init__(self, exchanges: list[str]) -> None:
+        super().__init__()
+        self.exchanges: dict[str, dict[str, Any]] = {
+            name: {"name": name, "breaker": "closed", "status": "starting"} for name in exchanges
+        }
+        self.series: dict[str, dict[str, Any]] = {}
+        self.restarts: dict[str, int] = {}
+        self.restarts_by_kind: dict[str, int] = {}
+        self.storage: dict[str, Any] = {"ok": True, "detail": None}
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, SeriesStatus):
+            k = message.key
+            self.series[message.path] = {
+                "exchange": k.exchange,
+                "symbol": k.symbol,
+                "timeframe": k.timeframe,
+                "status": message.status,
+                "last_ts": message.last_ts,
+                "restarts": self.restarts.get(message.path, 0),
+                "failures": message.failures,
+                "detail": message.detail,
+            }
+        elif isinstance(message, ExchangeStatus):
+            row = self.exchanges.setdefault(message.name, {"name": message.name})
+            row.update(breaker=message.breaker, status=message.status)
+            row["next_probe_in"] = message.detail.get("next_probe_in")
+        elif isinstance(message, StorageStatus):
+            self.storage = {"ok": message.ok, "detail": message.detail}
+        elif isinstance(message, LifecycleEvent):
+            self._on_event(message)
+        else:
+            return super().on_receive(message)
+        return None
+
+    def _on_event(self, ev: LifecycleEvent) -> None:
+        if ev.kind == "restarted":
+            self.restarts[ev.path] = ev.restarts
+            self.restarts_by_kind[ev.kind_of_actor] = self.restarts_by_kind.get(ev.kind_of_actor, 0) + 1
+            if ev.path in self.series:
+                self.series[ev.path]["restarts"] = ev.restarts
+        elif ev.kind == "stopped" and ev.path in self.series:
+            if ev.reason == "deleted":
+                del self.series[ev.path]
+            else:
+                self.series[ev.path]["status"] = "stopped"
+        elif ev.kind == "crashed" and ev.path in self.series:
+            self.series[ev.path]["status"] = "stopped"
+            self.series[ev.path]["detail"] = ev.reason
+
+    def forget_series(self, path: str) -> None:
+        self.series.pop(path, None)
+
+    def health(self) -> dict[str, Any]:
+        """The health report: the public JSON contract of `ctl health --json`."""
+        exchanges = [dict(e) for e in self.exchanges.values()]
+        series = [dict(s) for _, s in sorted(self.series.items())]
+        for s in series:
+            if s.get("detail") is None:
+                s.pop("detail", None)
+            ex = self.exchanges.get(s["exchange"])
+            if ex is not None and ex.get("breaker") == "open" and s["status"] not in ("paused", "invalid"):
+                s["degraded"] = "exchange down"
+        return {
+            "status": self._rollup(exchanges, series),
+            "exchanges": exchanges,
+            "series": series,
+            "storage": dict(self.storage),
+            "restarts_by_kind": dict(self.restarts_by_kind),
+        }
+
+    def _rollup(self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]]) -> str:
+        if not self.storage["ok"]:
+            return "down"
+        if exchanges and all(e.get("breaker") == "open" for e in exchanges):
+            return "down"
+        if any(e.get("breaker") != "closed" for e in exchanges):
+            return "degraded"
+        if any(s["status"] in DEGRADING for s in series):
+            return "degraded"
+        return "ok"

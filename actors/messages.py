@@ -1,0 +1,117 @@
+"""Messages between the ingestion actors. Immutable, so they are safe to share across threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+Row = tuple[str, str, str, int, float, float, float, float, float]
+Candle = tuple[int, float, float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SeriesKey:
+    exchange: str
+    symbol: str
+    timeframe: str
+
+    def __str__(self) -> str:
+        return f"{self.exchange}:{self.symbol}@{self.timeframe}"
+
+
+# -- series <-> exchange ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Fetch up to `limit` candles from `since`; one outstanding per series (a resend replaces it)."""
+
+    key: SeriesKey
+    since: int
+    limit: int
+    req_id: int
+    reply_to: pykka.ActorRef[Any]
+    priority: bool = False
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Answer to a `FetchRequest`: closed, validated candles, or the error and what the server said."""
+
+    req_id: int
+    candles: tuple[Candle, ...] = ()
+    error: BaseException | None = None
+    retry_after: float | None = None
+    horizon_ms: int = 0  # open time of the first candle that is not closed yet
+    was_probe: bool = False
+
+
+@dataclass(frozen=True)
+class MarketsLoaded:
+    symbols: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Operator reset: breaker and bucket penalty (exchange), retry state and quarantine (series)."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    paused: bool
+
+
+# -- series <-> storage ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Write:
+    rows: tuple[Row, ...]
+    gaps: tuple[tuple[str, str, str, int, int], ...]
+    token: int
+    reply_to: pykka.ActorRef[Any] | None
+
+
+@dataclass(frozen=True)
+class Written:
+    token: int
+    generation: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a series needs from the store to resume: last stored candle and holes to refetch."""
+
+    last_ts: int | None
+    missing: tuple[tuple[int, int], ...]
+    generation: int
+
+
+# -- status to the health actor --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesStatus:
+    path: str
+    key: SeriesKey
+    status: str
+    last_ts: int | None
+    failures: int
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class ExchangeStatus:
+    name: str
+    breaker: str
+    status: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StorageStatus:
+    ok: bool
+    detail: str | None = None

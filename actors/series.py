@@ -1,0 +1,415 @@
+"""The series actor: one (exchange, symbol, timeframe), from its configured start to now, forever.
+
+It owns its cursor, its retry state and its quarantine, and holds nothing the store does not:
+on start it asks the storage actor where to resume (after the last stored candle, plus the
+holes inside the stored range), so a crash, a restart or `kill -9` loses and duplicates nothing.
+
+The loop: ask the exchange actor for the next page -> validate (done by the exchange's worker)
+-> write to storage -> on the storage's ack, move the cursor -> next page at once while
+backfilling, or a little after the next candle closes once caught up. Every wait is a
+scheduled message, so the mailbox always answers `reset`, `pause` and `stop` at once.
+
+Failures: retryable errors are retried with full-jitter backoff (`RetryPolicy`), honouring a
+server's Retry-After; when a round of attempts is exhausted the failure counts toward the
+series' quarantine, which after `quarantine_after` failed rounds probes only on a slow schedule
+until one success releases it. A symbol the exchange does not list makes the series `invalid`
+(re-checked hourly); none of this touches other series or the exchange's breaker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ccxt
+
+from actors.candles import timeframe_ms
+from actors.messages import (
+    Candle,
+    FetchRequest,
+    FetchResult,
+    Pause,
+    Reset,
+    ResumePoint,
+    SeriesKey,
+    SeriesStatus,
+    Write,
+    Written,
+)
+from actors.quarantine import Quarantine
+from actors.retry import GiveUp, RetryPolicy
+from actors.storage import ResumeQuery
+from supervisors.child import Address, Child
+from supervisors.config import IngestConfig, ResilienceConfig
+
+INVALID_RECHECK_S = 3600.0
+STORE_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """Time to make the next request (a retry, a poll, a probe)."""
+
+
+@dataclass(frozen=True)
+class _Watchdog:
+    """No answer in time from the exchange or the store: ask again (both are idempotent)."""
+
+    token: int
+
+
+_TICK = _Tick()
+
+
+class SeriesActor(Child):
+    def __init__(
+        self,
+        key: SeriesKey,
+        ingest: IngestConfig,
+        resilience: ResilienceConfig,
+        *,
+        exchange: Address,
+        storage: Address,
+        health: Address | None = None,
+        request_timeout: float = 10.0,
+        page_limit: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.key = key
+        self.tf_ms = timeframe_ms(key.timeframe)
+        self.ingest = ingest
+        self.exchange = exchange
+        self.storage = storage
+        self.health = health
+        self.page_limit = page_limit
+        self.watchdog_s = 3 * request_timeout + 5.0
+        rng = self.runtime.rng
+        self.retry = RetryPolicy(
+            resilience.retry_attempts, resilience.retry_base_delay, resilience.retry_max_delay, rng=rng
+        )
+        self.quarantine = Quarantine(
+            threshold=resilience.quarantine_after,
+            probe_interval=max(60.0, resilience.breaker_recovery),
+            clock=self.runtime.clock,
+        )
+        self.start_ms = self._start_ms()
+        self.cursor = self.start_ms
+        self.last_ts: int | None = None
+        self.gaps_todo: list[tuple[int, int]] = []
+        self.generation: str | None = None
+        self.attempt = 0
+        self.failures = 0
+        self.paused = False
+        self.status = "starting"
+        self.detail: str | None = None
+        self._tokens = itertools.count(1)
+        self._waiting_for: int | None = None  # token of the outstanding request/write/query
+        self._outstanding: Any = None  # the message to resend if the watchdog fires
+        self._pending: tuple[tuple[Candle, ...], int, bool, int] | None = None  # rows, next cursor, more?, horizon
+        self._timer: Any = None
+        self._watchdog: Any = None
+        self._reported: tuple[Any, ...] | None = None
+
+    def _start_ms(self) -> int:
+        if self.ingest.since_ms is not None:
+            start = self.ingest.since_ms
+        else:
+            start = int(time.time() * 1000 - self.ingest.lookback * 1000)
+        return -(-start // self.tf_ms) * self.tf_ms  # the first open time at or after it
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._set_status("backfilling")
+        self._resume()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, FetchResult):
+            self._on_result(message)
+        elif isinstance(message, Written):
+            self._on_written(message)
+        elif isinstance(message, ResumePoint):
+            self._on_resume_point(message)
+        elif message is _TICK or isinstance(message, _Tick):
+            self._timer = None
+            self._next()
+        elif isinstance(message, _Watchdog):
+            self._on_watchdog(message)
+        elif isinstance(message, Reset):
+            self.reset()
+        elif isinstance(message, Pause):
+            self.pause() if message.paused else self.resume()
+        else:
+            return super().on_receive(message)
+        return None
+
+    # -- public API (told or asked through the proxy) ------------------------------------
+
+    def reset(self) -> dict[str, Any]:
+        """Operator reset: forget retry state and quarantine, and try again now."""
+        self.attempt = 0
+        self.failures = 0
+        self.quarantine.reset()
+        if self.status in ("quarantined", "retrying", "invalid"):
+            self._set_status("backfilling")
+        if self._waiting_for is None:
+            self._cancel_timer()
+            self._next()
+        self._report()
+        return self.snapshot()
+
+    def pause(self) -> dict[str, Any]:
+        self.paused = True
+        self._cancel_timer()
+        self._set_status("paused")
+        return self.snapshot()
+
+    def resume(self) -> dict[str, Any]:
+        if self.paused:
+            self.paused = False
+            self._set_status("backfilling")
+            if self._waiting_for is None:
+                self._next()
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "exchange": self.key.exchange,
+            "symbol": self.key.symbol,
+            "timeframe": self.key.timeframe,
+            "status": self.status,
+            "last_ts": self.last_ts,
+            "failures": self.failures,
+            "cursor": self.cursor,
+            "detail": self.detail,
+            "quarantine": self.quarantine.snapshot(),
+        }
+
+    # -- resume --------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        token = next(self._tokens)
+        self._await(token, ResumeQuery(self.key, self.tf_ms, self.start_ms, self.actor_ref), self.storage)
+
+    def _on_resume_point(self, rp: ResumePoint) -> None:
+        if self._outstanding is None or not isinstance(self._outstanding[0], ResumeQuery):
+            return
+        self._clear_wait()
+        self.generation = rp.generation
+        self.last_ts = rp.last_ts
+        self.cursor = self.start_ms if rp.last_ts is None else max(self.start_ms, rp.last_ts + self.tf_ms)
+        self.gaps_todo = [g for g in rp.missing if g[1] > self.start_ms]
+        if self.gaps_todo:
+            self.log.info("refetching_holes", holes=len(self.gaps_todo))
+        self._report()
+        self._next()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if self.paused or self._waiting_for is not None:
+            return
+        since = self.gaps_todo[0][0] if self.gaps_todo else self.cursor
+        token = next(self._tokens)
+        req = FetchRequest(self.key, since, self.page_limit, token, self.actor_ref)
+        self._await(token, req, self.exchange)
+
+    def _on_result(self, res: FetchResult) -> None:
+        if res.req_id != self._waiting_for:
+            return  # an answer to a request we already gave up on
+        self._clear_wait()
+        if res.error is not None:
+            self._on_failure(res.error, res.retry_after)
+            return
+        self._on_success(res)
+
+    def _on_success(self, res: FetchResult) -> None:
+        tf = self.tf_ms
+        if self.gaps_todo:
+            lo, hi = self.gaps_todo[0]
+            rows = [c for c in res.candles if lo <= c[0] < hi]
+            page_full = len(res.candles) >= self.page_limit
+            reached = page_full and rows and rows[-1][0] + tf < hi
+            end = rows[-1][0] + tf if reached else min(hi, res.horizon_ms)
+            gaps = _holes(rows, lo, end, tf)
+            more_in_hole = bool(reached)
+            next_cursor = end
+        else:
+            lo = self.cursor
+            rows = [c for c in res.candles if c[0] >= lo]
+            if not rows:
+                self._caught_up(res.horizon_ms)
+                return
+            end = rows[-1][0] + tf
+            gaps = _holes(rows, lo, end, tf)
+            more_in_hole = False
+            next_cursor = end
+        if rows or gaps:
+            self._write(rows, gaps, next_cursor, more_in_hole, res.horizon_ms)
+        else:
+            self._advance(next_cursor, more_in_hole, res.horizon_ms)
+
+    def _write(
+        self, rows: list[Candle], gaps: list[tuple[int, int]], next_cursor: int, more: bool, horizon_ms: int
+    ) -> None:
+        k = self.key
+        token = next(self._tokens)
+        msg = Write(
+            rows=tuple((k.exchange, k.symbol, k.timeframe, *c) for c in rows),
+            gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b) for a, b in gaps),
+            token=token,
+            reply_to=self.actor_ref,
+        )
+        if gaps:
+            self.log.info("exchange_gaps_recorded", gaps=[(a, b) for a, b in gaps][:5], count=len(gaps))
+        self._pending = (tuple(rows), next_cursor, more, horizon_ms)
+        self._await(token, msg, self.storage)
+
+    def _on_written(self, ack: Written) -> None:
+        if ack.token != self._waiting_for or self._pending is None:
+            return
+        self._clear_wait()
+        rows, next_cursor, more, horizon_ms = self._pending
+        self._pending = None
+        if ack.error is not None:
+            self.detail = f"store: {ack.error}"
+            self._schedule(STORE_RETRY_S)  # refetch and rewrite: idempotent
+            return
+        if self.generation is not None and ack.generation != self.generation:
+            self.log.warning("store_recreated_resyncing", generation=ack.generation)
+            self.generation = None
+            self._resume()
+            return
+        if rows:
+            self.last_ts = max(self.last_ts or rows[-1][0], rows[-1][0])
+        self._advance(next_cursor, more, horizon_ms)
+
+    def _advance(self, next_cursor: int, more_in_hole: bool, horizon_ms: int) -> None:
+        self._succeeded()
+        if self.gaps_todo:
+            lo, hi = self.gaps_todo[0]
+            if more_in_hole and next_cursor < hi:
+                self.gaps_todo[0] = (next_cursor, hi)
+            else:
+                self.gaps_todo.pop(0)
+            self._next()
+            return
+        self.cursor = max(self.cursor, next_cursor)
+        if self.cursor < horizon_ms:
+            self._set_status("backfilling")
+            self._next()
+        else:
+            self._caught_up(horizon_ms)
+
+    def _caught_up(self, horizon_ms: int) -> None:
+        """Nothing more is closed: poll again a little after the next candle closes."""
+        self._succeeded()
+        self._set_status("ok")
+        now_ms = time.time() * 1000
+        next_close = self.cursor + self.tf_ms
+        if next_close <= now_ms:
+            # that candle is closed by our clock but the exchange has not published it yet
+            delay = self.ingest.poll_interval
+        else:
+            delay = (next_close - now_ms) / 1000 + min(1.0, self.ingest.poll_interval)
+        self._schedule(delay)
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _succeeded(self) -> None:
+        self.attempt = 0
+        self.failures = 0
+        self.detail = None
+        if self.quarantine.record_success():
+            self.log.info("series_released")
+
+    def _on_failure(self, error: BaseException, retry_after: float | None) -> None:
+        self.failures += 1
+        self.detail = f"{type(error).__name__}: {str(error)[:200]}"
+        if isinstance(error, ccxt.BadSymbol):
+            self.log.error("symbol_not_listed", error=self.detail)
+            self._set_status("invalid")
+            self._schedule(INVALID_RECHECK_S)
+            return
+        self.attempt += 1
+        decision = self.retry.decide(self.attempt, error, retry_after)
+        if not isinstance(decision, GiveUp):
+            self.log.info("retrying", attempt=self.attempt, delay=round(decision.delay, 3), error=self.detail)
+            self._set_status("retrying")
+            self._schedule(decision.delay)
+            return
+        self.attempt = 0
+        if self.quarantine.record_failure():
+            self.log.error("series_quarantined", failures=self.quarantine.consecutive_failures, error=self.detail)
+        if self.quarantine.quarantined:
+            self._set_status("quarantined")
+            self._schedule(self.quarantine.time_until_probe() or self.quarantine.probe_interval)
+        else:
+            self.log.warning("round_failed", reason=decision.reason)
+            self._set_status("retrying")
+            self._schedule(max(self.ingest.poll_interval, retry_after or 0.0))
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _await(self, token: int, message: Any, target: Address) -> None:
+        self._waiting_for = token
+        self._outstanding = (message, target)
+        if not target.tell(message):
+            self.log.warning("peer_down", peer=target.name)
+        self._watchdog = self.schedule(self.watchdog_s, _Watchdog(token))
+
+    def _clear_wait(self) -> None:
+        self._waiting_for = None
+        self._outstanding = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_watchdog(self, wd: _Watchdog) -> None:
+        if wd.token != self._waiting_for or self._outstanding is None:
+            return
+        message, target = self._outstanding
+        self.log.info("no_answer_resending", peer=target.name)
+        target.tell(message)
+        self._watchdog = self.schedule(self.watchdog_s, _Watchdog(wd.token))
+
+    def _schedule(self, delay: float) -> None:
+        self._cancel_timer()
+        if not self.paused:
+            self._timer = self.schedule(delay, _TICK)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- status --------------------------------------------------------------------------
+
+    def _set_status(self, status: str) -> None:
+        if self.paused and status != "paused":
+            return
+        self.status = status
+        self._report()
+
+    def _report(self) -> None:
+        now = (self.status, self.last_ts, self.failures)
+        if now == self._reported or self.health is None:
+            return
+        self._reported = now
+        self.health.tell(SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail))
+
+
+def _holes(rows: list[Candle], lo: int, hi: int, tf: int) -> list[tuple[int, int]]:
+    """Ranges in [lo, hi) the exchange returned no candle for, although it returned later ones:
+    gaps the exchange genuinely has, recorded so they are not refetched forever."""
+    out: list[tuple[int, int]] = []
+    expected = lo
+    for c in rows:
+        if c[0] > expected:
+            out.append((expected, c[0]))
+        expected = c[0] + tf
+    if expected < hi:
+        out.append((expected, hi))
+    return out

@@ -1,0 +1,144 @@
+"""The storage actor: the one writer of the SQLite store.
+
+Series tell it `Write`s; it batches every write already in its mailbox into one transaction
+(a `Flush` it tells itself goes to the back of the mailbox), then acks each writer with
+`Written`. A series moves its cursor only on that ack, so a write lost in a crash is simply
+fetched again. The ack carries the store's generation: it changes whenever the database had
+to be recreated (file deleted or corrupt) or this actor restarted, and a series that sees it
+change re-reads its resume point, so the store is refilled instead of left with holes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, Write, Written
+from actors.store import Store, StoreError, StoreGone
+from supervisors.child import Address, Child
+
+
+@dataclass(frozen=True)
+class ResumeQuery:
+    key: SeriesKey
+    timeframe_ms: int
+    start_ms: int
+    reply_to: pykka.ActorRef[Any]
+
+
+class _Flush:
+    pass
+
+
+_FLUSH = _Flush()
+
+
+class StorageActor(Child):
+    def __init__(self, path: str, health: Address | None = None) -> None:
+        super().__init__()
+        self.store = Store(path)
+        self.health = health
+        self._pending: list[Write] = []
+        self._generations = itertools.count()
+        self.generation = f"{uuid.uuid4().hex[:8]}-0"
+        self.healthy = True
+
+    def on_start(self) -> None:
+        try:
+            self.store.open()
+        except StoreGone as exc:  # corrupt at start: move it aside and start a fresh file
+            self.store.close()
+            self._recover(exc)
+        self._report(True, force=True)
+
+    def on_stop(self) -> None:
+        if self._pending:
+            self._flush()
+        self.store.close()
+
+    def on_failure(self, *_: Any) -> None:
+        self.store.close()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Write):
+            if not self._pending:
+                self.actor_ref.tell(_FLUSH)
+            self._pending.append(message)
+        elif message is _FLUSH:
+            self._flush()
+        elif isinstance(message, ResumeQuery):
+            message.reply_to.tell(self._resume_point(message))
+        else:
+            return super().on_receive(message)
+        return None
+
+    # -- queries (asked through the proxy by the control plane and tests) -----------------
+
+    def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[tuple[Any, ...]]:
+        return self._with_store(lambda: self.store.latest(exchange, symbol, timeframe, n))
+
+    def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
+        return self._with_store(lambda: self.store.last_ts(exchange, symbol, timeframe))
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _resume_point(self, q: ResumeQuery) -> ResumePoint:
+        k = q.key
+
+        def read() -> ResumePoint:
+            last = self.store.last_ts(k.exchange, k.symbol, k.timeframe)
+            missing: list[tuple[int, int]] = []
+            if last is not None and last > q.start_ms:
+                missing = self.store.missing_ranges(
+                    k.exchange, k.symbol, k.timeframe, q.timeframe_ms, q.start_ms, last
+                )
+            return ResumePoint(last_ts=last, missing=tuple(missing), generation=self.generation)
+
+        return self._with_store(read)
+
+    def _with_store(self, fn: Any) -> Any:
+        """Run a store call; if the file vanished or is corrupt, reopen a fresh one and retry once."""
+        try:
+            return fn()
+        except StoreGone as exc:
+            self._recover(exc)
+            return fn()
+
+    def _recover(self, exc: Exception) -> None:
+        moved = self.store.reopen()
+        self.generation = f"{self.generation.split('-')[0]}-{next(self._generations) + 1}"
+        self.log.error("store_recreated", reason=str(exc), moved_aside=moved, generation=self.generation)
+
+    def _flush(self) -> None:
+        writes, self._pending = self._pending, []
+        rows: list[Row] = []
+        for w in writes:
+            rows.extend(w.rows)
+        error: str | None = None
+        try:
+            self._with_store(lambda: self._write(rows, writes))
+        except (StoreError, OSError) as exc:  # e.g. disk full or read-only: ack with the error, series retry
+            error = f"{type(exc).__name__}: {exc}"
+            self.log.error("store_write_failed", error=error, rows=len(rows))
+        self._report(error is None, error)
+        for w in writes:
+            if w.reply_to is not None:
+                try:
+                    w.reply_to.tell(Written(token=w.token, generation=self.generation, error=error))
+                except pykka.ActorDeadError:
+                    pass  # the series restarted meanwhile; it resumes from the store
+
+    def _write(self, rows: list[Row], writes: list[Write]) -> None:
+        self.store.upsert(rows)
+        for w in writes:
+            for gap in w.gaps:
+                self.store.record_gap(*gap)
+
+    def _report(self, ok: bool, detail: str | None = None, *, force: bool = False) -> None:
+        if (ok != self.healthy or force) and self.health is not None:
+            self.health.tell(StorageStatus(ok=ok, detail=detail))
+        self.healthy = ok

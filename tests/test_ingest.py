@@ -1,0 +1,275 @@
+"""Ingestion end to end, in process: the real system, real ccxt, real SQLite, the loopback exchange."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
+from simulator.server import BinanceSimulator
+from supervisors import config as config_mod
+from supervisors.system import System
+
+TF = 60_000
+HOURS = 3
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def sim_start() -> int:
+    return (now_ms() // TF) * TF - HOURS * 3600_000
+
+
+@pytest.fixture
+def sim(sim_start: int) -> Iterator[BinanceSimulator]:
+    s = BinanceSimulator(["BTC/USDT", "ETH/USDT", "SOL/USDT"], history_start_ms=sim_start).start()
+    yield s
+    s.stop()
+
+
+def make_config(tmp_path: Any, sim: BinanceSimulator, since_ms: int, **exchange: Any) -> config_mod.Config:
+    ex = {
+        "symbols": ["BTC/USDT", "ETH/USDT"],
+        "exchange": "binance",
+        "api_base": sim.url,
+        "rate_limit": 200,
+        "timeout": "2s",
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since_ms / 1000)),
+        "poll_interval": "2s",
+        "retry_base_delay": "50ms",
+        "retry_max_delay": "500ms",
+        "breaker_recovery": "1s",
+        "page_limit": 20,  # many small pages: many requests for the faults to hit
+    }
+    ex.update(exchange)
+    return config_mod.from_dict(
+        {
+            "storage": {"path": str(tmp_path / "candles.db")},
+            "exchanges": {"binance": ex},
+        }
+    )
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[config_mod.Config], System]]:
+    systems: list[System] = []
+
+    def start(cfg: config_mod.Config) -> System:
+        system = System(cfg, control=False).start()
+        systems.append(system)
+        return system
+
+    yield start
+    for system in systems:
+        system.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Wait on state owned by other threads/processes. The daemon offers no event to await for
+    'the store is complete', so this polls, with a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def stored(db: str, symbol: str, tf: str = "1m") -> list[tuple[Any, ...]]:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return []  # not created (again) yet
+    try:
+        return conn.execute(
+            "SELECT ts, open, high, low, close, volume FROM candles"
+            " WHERE exchange='binance' AND symbol=? AND timeframe=? ORDER BY ts",
+            (symbol, tf),
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return []  # a recreated file whose schema is being written right now
+    finally:
+        conn.close()
+
+
+def expected(sim: BinanceSimulator, symbol: str, start: int, end: int) -> list[tuple[Any, ...]]:
+    return [tuple(c) for c in sim.expected_candles(symbol, "1m", start, end)]
+
+
+def series_status(system: System) -> dict[str, str]:
+    return {s["symbol"]: s["status"] for s in system.health()["series"]}
+
+
+def complete(system: System, db: str, sim: BinanceSimulator, start: int, symbols: list[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        horizon = (now_ms() // TF) * TF
+        return all(len(stored(db, s)) >= len(expected(sim, s, start, horizon - TF)) for s in symbols)
+
+    return check
+
+
+def assert_exact(sim: BinanceSimulator, db: str, symbol: str, start: int) -> None:
+    rows = stored(db, symbol)
+    assert rows, f"nothing stored for {symbol}"
+    end = rows[-1][0] + TF
+    assert rows == expected(sim, symbol, start, end), f"{symbol}: store differs from the exchange's history"
+    assert end <= now_ms(), "an open candle was stored"
+    assert end >= (now_ms() // TF) * TF - TF, "the store is behind the last closed candle"
+
+
+def test_backfill_exact_then_live_candles_arrive(tmp_path, sim, sim_start, running) -> None:
+    cfg = make_config(tmp_path, sim, sim_start)
+    db = cfg.storage.path
+    system = running(cfg)
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, db, symbol, sim_start)
+    wait_until(lambda: set(series_status(system).values()) == {"ok"}, what="series ok")
+    health = system.health()
+    assert health["status"] == "ok"
+    assert health["exchanges"][0]["breaker"] == "closed"
+    # the next candle: it must be stored within poll_interval (2 s) of its close, and not before
+    last = stored(db, "BTC/USDT")[-1][0]
+    next_close = last + 2 * TF
+    wait_until(lambda: stored(db, "BTC/USDT")[-1][0] > last, timeout=(next_close - now_ms()) / 1000 + 10, what="live candle")
+    arrived = now_ms()
+    assert arrived >= next_close, "a candle was stored before it closed"
+    assert arrived - next_close <= 2000 + 1500, f"live candle arrived {arrived - next_close} ms after close"
+    assert_exact(sim, db, "BTC/USDT", sim_start)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [FaultKind.HTTP_500, FaultKind.HTTP_503, FaultKind.HTTP_429, FaultKind.RESET, FaultKind.TRUNCATED, FaultKind.STALL],
+)
+def test_random_faults_store_stays_exact(tmp_path, sim, sim_start, running, kind) -> None:
+    sim.set_faults(Faults(rates={kind: 0.08}, seed=3, stall_s=1.5, paths=frozenset({"/api/v3/klines"})))
+    cfg = make_config(tmp_path, sim, sim_start, timeout="1s", breaker_threshold=50)
+    system = running(cfg)
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), timeout=90, what="backfill under faults")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, cfg.storage.path, symbol, sim_start)
+    assert sim.stats().by_fault.get(kind, 0) > 0, "the fault was never injected"
+
+
+def test_all_fault_kinds_together(tmp_path, sim, sim_start, running) -> None:
+    kinds = [FaultKind.HTTP_500, FaultKind.HTTP_502, FaultKind.HTTP_429, FaultKind.HTTP_418, FaultKind.RESET, FaultKind.TRUNCATED, FaultKind.STALL]
+    sim.set_faults(Faults(rates={k: 0.05 for k in kinds}, seed=11, stall_s=1.5, retry_after_s=1))
+    cfg = make_config(tmp_path, sim, sim_start, timeout="1s", retry_attempts=5)
+    system = running(cfg)
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), timeout=120, what="backfill under all faults")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, cfg.storage.path, symbol, sim_start)
+
+
+def test_poisoned_symbol_is_isolated(tmp_path, sim, sim_start, running) -> None:
+    sim.poison("SOL/USDT", PoisonKind.INVERTED)
+    cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "SOL/USDT", "ETH/USDT"], quarantine_after=2, retry_attempts=2)
+    system = running(cfg)
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="healthy series")
+    wait_until(lambda: series_status(system).get("SOL/USDT") == "quarantined", what="poisoned series quarantined")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, cfg.storage.path, symbol, sim_start)
+    assert stored(cfg.storage.path, "SOL/USDT") == []  # garbage is never stored
+    health = system.health()
+    assert health["exchanges"][0]["breaker"] == "closed"
+    assert health["status"] == "degraded"
+    # release: the exchange heals, an operator resets the series, it fills exactly
+    sim.unpoison("SOL/USDT")
+    system.reset("binance", "SOL/USDT")
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["SOL/USDT"]), what="released series")
+    assert_exact(sim, cfg.storage.path, "SOL/USDT", sim_start)
+
+
+def test_unlisted_symbol_is_invalid_and_others_run(tmp_path, sim, sim_start, running) -> None:
+    cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "NOPE/USDT"])
+    system = running(cfg)
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT"]), what="listed series")
+    wait_until(lambda: series_status(system).get("NOPE/USDT") == "invalid", what="invalid series")
+    assert_exact(sim, cfg.storage.path, "BTC/USDT", sim_start)
+
+
+def test_outage_opens_breaker_only_probes_then_gap_filled(tmp_path, sim, sim_start, running) -> None:
+    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=3, breaker_recovery="1s", retry_attempts=2)
+    system = running(cfg)
+    db = cfg.storage.path
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
+    sim.set_outage(OutageMode.HTTP_503)
+    for symbol in ("BTC/USDT", "ETH/USDT"):  # reset: both series poll now, into the outage
+        system.reset("binance", symbol)
+    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
+    health = system.health()
+    assert health["status"] == "down"
+    # while open, only probes reach the exchange: at most one per (growing) recovery period
+    opened = time.monotonic()
+    before = sim.stats().total
+    wait_until(lambda: time.monotonic() - opened > 3.5, timeout=10, what="time passing")
+    probes = sim.stats().total - before
+    assert probes <= 4, f"{probes} requests reached the exchange while its breaker was open"
+    # the store still answers while the exchange is down (read-only mode)
+    assert system.latest("binance", "BTC/USDT", "1m", 1)
+    sim.set_outage(None)
+    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "closed", timeout=30, what="breaker closed")
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="gap filled")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, db, symbol, sim_start)
+
+
+def test_reset_during_outage_is_prompt(tmp_path, sim, sim_start, running) -> None:
+    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=2, breaker_recovery="1h")
+    system = running(cfg)
+    sim.set_outage(OutageMode.HTTP_503)
+    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
+    sim.set_outage(None)
+    t0 = time.monotonic()
+    system.reset("binance")
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="recovery after reset")
+    assert time.monotonic() - t0 < 30  # not the 1 h recovery timeout
+    assert system.health()["exchanges"][0]["breaker"] == "closed"
+
+
+def test_store_deleted_while_running_is_refilled(tmp_path, sim, sim_start, running) -> None:
+    import os
+
+    cfg = make_config(tmp_path, sim, sim_start)
+    system = running(cfg)
+    db = cfg.storage.path
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        system.reset("binance", symbol)  # make them write soon, rather than at the next candle close
+    wait_until(lambda: os.path.exists(db) and complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"])(),
+               timeout=90, what="refill after deletion")
+    for symbol in ("BTC/USDT", "ETH/USDT"):
+        assert_exact(sim, db, symbol, sim_start)
+
+
+def test_series_crash_restarts_from_store_and_keeps_breaker(tmp_path, sim, sim_start, running) -> None:
+    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=2, breaker_recovery="1h")
+    system = running(cfg)
+    db = cfg.storage.path
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
+    sim.set_outage(OutageMode.HTTP_503)
+    system.reset("binance", "BTC/USDT")
+    system.reset("binance", "ETH/USDT")
+    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
+    restarted = threading.Event()
+    system.runtime.events.subscribe(lambda ev: ev.kind == "restarted" and "BTC/USDT" in ev.path and restarted.set())
+    series = system._sup("binance", "series")
+    series.child_ref("BTC/USDT@1m").get().tell("not a message it knows")  # harmless
+    series.restart_child("BTC/USDT@1m").get()
+    assert restarted.wait(10)
+    assert system.health()["exchanges"][0]["breaker"] == "open"  # the restart did not bypass the breaker
+    sim.set_outage(None)
+    system.reset("binance")
+    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="recovered")
+    assert_exact(sim, db, "BTC/USDT", sim_start)
