@@ -45,6 +45,9 @@ log = structlog.get_logger("candlekeeper.exchange")
 # 429 and 418 answers (in ccxt 4.5 RateLimitExceeded is not a DDoSProtection subclass)
 RATE_LIMITED = ccxt.DDoSProtection | ccxt.RateLimitExceeded
 
+# Fraction of rate_limit actually used: the margin absorbs timer and network jitter.
+PACING = 0.97
+
 # How far ahead of our clock a candle may be stamped before it counts as "in the future".
 FUTURE_TOLERANCE_MS = 60_000
 
@@ -97,8 +100,7 @@ class ExchangeActor(Child):
         self.config = config
         self.breaker = breaker
         self.health = health
-        # burst 1: requests are paced evenly, so no 1-second window ever holds more than rate + 1
-        self.bucket = TokenBucket(rate=config.rate_limit, burst=1.0, clock=self.runtime.clock)
+        self.bucket = self._new_bucket()
         self.concurrency = max(1, min(8, int(config.rate_limit * config.timeout)))
         self._queue: OrderedDict[SeriesKey, FetchRequest] = OrderedDict()
         self._in_flight = 0
@@ -113,6 +115,11 @@ class ExchangeActor(Child):
         self._pool: ThreadPoolExecutor | None = None
         self._last_report: tuple[str, str] | None = None
         self.requests_sent = 0
+
+    def _new_bucket(self) -> TokenBucket:
+        """Requests paced evenly (burst 1) at PACING x rate_limit: an exchange counting requests in
+        a sliding window then never sees rate + 1 in one window, whatever the network jitter."""
+        return TokenBucket(rate=self.config.rate_limit * PACING, burst=1.0, clock=self.runtime.clock)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -156,7 +163,7 @@ class ExchangeActor(Child):
     def reset(self) -> dict[str, Any]:
         """Operator reset: close the breaker and lift any rate-limit penalty, then drain the queue."""
         self.breaker.reset()
-        self.bucket = TokenBucket(rate=self.config.rate_limit, burst=1.0, clock=self.runtime.clock)
+        self.bucket = self._new_bucket()
         self._markets_retry_at = 0.0
         self._load_attempt = 0
         if self._pump_timer is not None:
