@@ -1,47 +1,250 @@
-import random, time
-from dataclasses import dataclass
-from typing import Callable
+"""Circuit breaker: closed / open / half_open, with an injected clock and random source.
+
+Closed, it counts results and opens after `failure_threshold` consecutive failures or, when a
+sliding window is configured, when the failure rate over the window (at least `minimum_calls`
+calls) reaches `failure_rate_threshold`, as resilience4j does. Open, it admits nothing until
+the recovery timeout has passed; then it is half-open and admits `half_open_max_calls` probes.
+A probe success closes it; a probe failure reopens it for longer: the open time grows by
+`backoff_multiplier` on each consecutive re-opening, with jitter, up to `max_recovery_timeout`,
+so a long outage is probed less and less often.
+
+Which exceptions count is the owner's call (`is_failure`): an exception that does not count is
+recorded as a success, because the remote answered (a BadSymbol for one market says the
+exchange is up).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from actors.clock import Clock, monotonic
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+def _every_exception(_: BaseException) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class BreakerConfig:
     failure_threshold: int = 5
     recovery_timeout: float = 60.0
     half_open_max_calls: int = 1
-    max_recovery_timeout: float = 600.0
+    window: Literal["none", "count", "time"] = "none"
+    window_size: float = 100
+    minimum_calls: int = 10
+    failure_rate_threshold: float = 0.5
+    slow_call_duration: float | None = None
     backoff_multiplier: float = 2.0
+    max_recovery_timeout: float = 600.0
     jitter: float = 0.1
-    is_failure: Callable = lambda e: True
+    is_failure: Callable[[BaseException], bool] = field(default=_every_exception, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {self.failure_threshold}")
+        if self.recovery_timeout <= 0:
+            raise ValueError(f"recovery_timeout must be > 0, got {self.recovery_timeout}")
+        if self.half_open_max_calls < 1:
+            raise ValueError(f"half_open_max_calls must be >= 1, got {self.half_open_max_calls}")
+        if self.window not in ("none", "count", "time"):
+            raise ValueError(f"window must be none, count or time, got {self.window!r}")
+        if self.window_size <= 0:
+            raise ValueError(f"window_size must be > 0, got {self.window_size}")
+        if self.minimum_calls < 1:
+            raise ValueError(f"minimum_calls must be >= 1, got {self.minimum_calls}")
+        if not 0 < self.failure_rate_threshold <= 1:
+            raise ValueError(f"failure_rate_threshold must be in (0, 1], got {self.failure_rate_threshold}")
+        if self.slow_call_duration is not None and self.slow_call_duration <= 0:
+            raise ValueError("slow_call_duration must be > 0 when set")
+        if self.backoff_multiplier < 1:
+            raise ValueError(f"backoff_multiplier must be >= 1, got {self.backoff_multiplier}")
+        if self.max_recovery_timeout < self.recovery_timeout:
+            raise ValueError("max_recovery_timeout must be >= recovery_timeout")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def open_time(self, openings: int) -> float:
+        """Un-jittered open time of the `openings`-th consecutive opening (0 = the first)."""
+        return min(self.recovery_timeout * self.backoff_multiplier**openings, self.max_recovery_timeout)
+
+
 class CircuitBreaker:
-    def __init__(self, config=BreakerConfig(), *, clock=time.monotonic, rng=None, listener=None):
-        self.c=config; self.clock=clock; self.rng=rng or random.Random(); self._state="closed"; self.fails=0; self.openings=0; self.next_probe_at=None; self.inflight=0; self.forced=False
+    """See the module docstring. Not thread-safe: one actor owns it."""
+
+    def __init__(
+        self,
+        config: BreakerConfig | None = None,
+        *,
+        clock: Clock = monotonic,
+        rng: random.Random | None = None,
+        listener: Callable[[BreakerState, BreakerState], None] | None = None,
+    ) -> None:
+        self.config = config or BreakerConfig()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._listener = listener
+        self._state: BreakerState = "closed"
+        self._consecutive = 0
+        self._openings = 0  # consecutive openings without closing in between
+        self._next_probe_at: float | None = None
+        self._forced = False
+        self._probes = 0  # probes admitted in this half-open period
+        self._window: deque[tuple[float, bool]] = deque()  # (time, failed)
+        self.total_failures = 0
+        self.total_successes = 0
+
+    # -- state ---------------------------------------------------------------------------
+
     @property
-    def state(self):
-        if self._state=="open" and self.next_probe_at is not None and self.clock()>=self.next_probe_at:
-            self._state="half_open"; self.inflight=0
+    def state(self) -> BreakerState:
+        if self._state == "open" and self._next_probe_at is not None and self._clock() >= self._next_probe_at:
+            self._probes = 0
+            self._transition("half_open")
         return self._state
-    def allow(self):
-        s=self.state
-        if s=="closed": return True
-        if s=="open": return False
-        if self.inflight < self.c.half_open_max_calls: self.inflight+=1; return True
+
+    @property
+    def forced(self) -> bool:
+        return self._forced
+
+    @property
+    def next_probe_at(self) -> float | None:
+        return self._next_probe_at if self.state == "open" else None
+
+    def time_until_probe(self) -> float | None:
+        at = self.next_probe_at
+        return None if at is None else max(0.0, at - self._clock())
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def allow(self) -> bool:
+        """May a call go out now? In half-open, admitting reserves one of the probe slots."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open":
+            return False
+        if self._probes < self.config.half_open_max_calls:
+            self._probes += 1
+            return True
         return False
-    def _open(self):
-        t=min(self.c.recovery_timeout*self.c.backoff_multiplier**self.openings, self.c.max_recovery_timeout)*self.rng.uniform(1-self.c.jitter,1+self.c.jitter)
-        self.openings+=1; self._state="open"; self.next_probe_at=self.clock()+t
-    def record_success(self, duration=None):
-        s=self.state
-        if s=="half_open": self._state="closed"; self.openings=0; self.next_probe_at=None
-        if s!="open": self.fails=0
-    def record_failure(self, duration=None):
-        s=self.state
-        if s=="half_open": self._open(); return
-        if s=="open": return
-        self.fails+=1
-        if self.fails>=self.c.failure_threshold: self._open()
-    def record_exception(self, exc, duration=None):
-        (self.record_failure if self.c.is_failure(exc) else self.record_success)(duration)
-    def reset(self): self._state="closed"; self.fails=0; self.openings=0; self.next_probe_at=None; self.forced=False
-    def force_open(self): self._state="open"; self.next_probe_at=None; self.forced=True
-    def time_until_probe(self):
-        if self.state!="open" or self.next_probe_at is None: return None
-        return max(0.0,self.next_probe_at-self.clock())
-    def snapshot(self): return {"state":self.state,"consecutive_failures":self.fails,"openings":self.openings,"next_probe_in":self.time_until_probe(),"forced":self.forced}
+
+    def record_success(self, duration: float | None = None) -> None:
+        slow = self.config.slow_call_duration
+        if duration is not None and slow is not None and duration > slow:
+            self.record_failure(duration)
+            return
+        self.total_successes += 1
+        state = self.state
+        if state == "half_open":
+            self._close()
+        elif state == "closed":
+            self._consecutive = 0
+            self._remember(False)
+
+    def record_failure(self, duration: float | None = None) -> None:
+        self.total_failures += 1
+        state = self.state
+        if state == "half_open":
+            self._open()
+        elif state == "closed":
+            self._consecutive += 1
+            self._remember(True)
+            if self._consecutive >= self.config.failure_threshold or self._rate_exceeded():
+                self._open()
+        # open: a late answer to a call admitted before it opened changes nothing
+
+    def record_exception(self, exc: BaseException, duration: float | None = None) -> None:
+        if self.config.is_failure(exc):
+            self.record_failure(duration)
+        else:
+            self.record_success(duration)
+
+    # -- operator ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Closed, counters cleared: an operator's word that the remote is fine."""
+        self._forced = False
+        self._close()
+
+    def force_open(self) -> None:
+        """Open, with no automatic probing, until `reset()`."""
+        self._forced = True
+        self._next_probe_at = None
+        self._transition("open")
+
+    def snapshot(self) -> dict[str, Any]:
+        rate = self._failure_rate()
+        return {
+            "state": self.state,
+            "consecutive_failures": self._consecutive,
+            "failure_rate": rate,
+            "window_calls": len(self._window),
+            "openings": self._openings,
+            "forced": self._forced,
+            "next_probe_in": self.time_until_probe(),
+            "total_failures": self.total_failures,
+            "total_successes": self.total_successes,
+        }
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _transition(self, new: BreakerState) -> None:
+        old, self._state = self._state, new
+        if old != new and self._listener is not None:
+            self._listener(old, new)
+
+    def _open(self) -> None:
+        cfg = self.config
+        base = cfg.open_time(self._openings)
+        self._openings += 1
+        self._next_probe_at = self._clock() + base * self._rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)
+        self._consecutive = 0
+        self._window.clear()
+        self._transition("open")
+
+    def _close(self) -> None:
+        self._consecutive = 0
+        self._openings = 0
+        self._next_probe_at = None
+        self._probes = 0
+        self._window.clear()
+        self._transition("closed")
+
+    def _remember(self, failed: bool) -> None:
+        cfg = self.config
+        if cfg.window == "none":
+            return
+        now = self._clock()
+        self._window.append((now, failed))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        cfg = self.config
+        if cfg.window == "count":
+            while len(self._window) > cfg.window_size:
+                self._window.popleft()
+        elif cfg.window == "time":
+            horizon = now - cfg.window_size
+            while self._window and self._window[0][0] <= horizon:
+                self._window.popleft()
+
+    def _failure_rate(self) -> float | None:
+        if self.config.window == "none":
+            return None
+        self._trim(self._clock())
+        if not self._window:
+            return None
+        return sum(1 for _, failed in self._window if failed) / len(self._window)
+
+    def _rate_exceeded(self) -> bool:
+        cfg = self.config
+        if cfg.window == "none" or len(self._window) < cfg.minimum_calls:
+            return False
+        rate = self._failure_rate()
+        return rate is not None and rate >= cfg.failure_rate_threshold

@@ -1,6 +1,26 @@
+"""Time for the state machines: injected, so tests drive it and nothing sleeps."""
+
+from __future__ import annotations
+
 import time
-monotonic = time.monotonic
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+"""Monotonic seconds."""
+
+monotonic: Clock = time.monotonic
+
+
 class FakeClock:
-    def __init__(self, start=0.0): self.now=start
-    def __call__(self): return self.now
-    def advance(self, dt): self.now+=dt
+    """A clock that moves only when told to: for tests and simulations."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, dt: float) -> None:
+        if dt < 0:
+            raise ValueError(f"time only moves forward, got {dt}")
+        self.now += dt

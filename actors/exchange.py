@@ -98,6 +98,7 @@ class ExchangeActor(Child):
     def __init__(self, config: ExchangeConfig, breaker: CircuitBreaker, health: Address | None = None) -> None:
         super().__init__()
         self.config = config
+        self.log = self.log.bind(exchange=config.name)
         self.breaker = breaker
         self.health = health
         self.bucket = self._new_bucket()

@@ -1,20 +1,103 @@
+"""Retry policy: exponential backoff with full jitter, capped, and which errors to retry at all.
+
+It decides, it never waits: the caller (a series actor) schedules its next attempt as a message.
+"""
+
+from __future__ import annotations
+
+import email.utils
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+
 import ccxt
+
+from actors.errors import BadResponse
+
+
 @dataclass(frozen=True)
-class Retry: delay: float
+class Retry:
+    delay: float
+
+
 @dataclass(frozen=True)
-class GiveUp: reason: str
-def is_retryable(e):
-    return isinstance(e,(ccxt.OperationFailed,ConnectionError,TimeoutError,OSError)) or type(e).__name__ in ("BadResponse","InvalidCandles")
+class GiveUp:
+    reason: str
+
+
+Decision = Retry | GiveUp
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transient errors are worth another attempt; a bad request will fail the same way again.
+
+    ccxt's `OperationFailed` family is transient: network errors, timeouts, rate limits
+    (DDoSProtection, RateLimitExceeded), the exchange unavailable or in maintenance, and 5xx
+    answers that carry an exchange error code (Binance's 500/503 map to OperationFailed itself).
+    It also holds ccxt's `BadResponse`/`NullResponse`: a garbled body is the transport's fault,
+    the next answer is usually fine. Our own `BadResponse` (invalid candles) is retried for the
+    same reason. `ExchangeError` (BadSymbol, BadRequest, AuthenticationError, PermissionDenied,
+    InsufficientFunds, ...) is not: asking again gets the same answer.
+    """
+    if isinstance(exc, ccxt.ExchangeError):
+        return False
+    return isinstance(exc, ccxt.OperationFailed | BadResponse | ConnectionError | TimeoutError | OSError)
+
+
 class RetryPolicy:
-    def __init__(self, attempts=3, base_delay=1.0, max_delay=60.0, *, rng=None, retryable=is_retryable):
-        self.attempts=attempts; self.base=base_delay; self.max=max_delay; self.rng=rng or random.Random(); self.retryable=retryable
-    def decide(self, attempt, exc, retry_after=None):
-        if not self.retryable(exc): return GiveUp(f"not retryable: {type(exc).__name__}")
-        if attempt>=self.attempts: return GiveUp("attempts exhausted")
-        if retry_after is not None and retry_after>=0: return Retry(retry_after)
-        return Retry(self.rng.uniform(0,min(self.max,self.base*2**(attempt-1))))
-def parse_retry_after(value, now_epoch):
-    try: return max(0.0,float(value))
-    except (TypeError,ValueError): return None
+    """`attempts` counts every attempt, the first included (the plan's "max 3 attempts")."""
+
+    def __init__(
+        self,
+        attempts: int = 3,
+        base_delay: float = 1.0,
+        max_delay: float = 60.0,
+        *,
+        rng: random.Random | None = None,
+        retryable: Callable[[BaseException], bool] = is_retryable,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        if base_delay < 0 or max_delay < base_delay:
+            raise ValueError("need 0 <= base_delay <= max_delay")
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._rng = rng or random.Random()
+        self._retryable = retryable
+
+    def max_delay_for(self, attempt: int) -> float:
+        """Upper bound of the delay after `attempt` attempts: min(cap, base * 2**(attempt-1))."""
+        return min(self.max_delay, self.base_delay * 2 ** min(attempt - 1, 1000))
+
+    def decide(self, attempt: int, exc: BaseException, retry_after: float | None = None) -> Decision:
+        """After `attempt` attempts (>= 1) the last of which raised `exc`: retry after how long, or give up."""
+        if attempt < 1:
+            raise ValueError(f"attempt counts from 1, got {attempt}")
+        if not self._retryable(exc):
+            return GiveUp(f"{type(exc).__name__} is not retryable")
+        if attempt >= self.attempts:
+            return GiveUp(f"{attempt} attempts failed, last: {type(exc).__name__}")
+        if retry_after is not None and retry_after >= 0:
+            return Retry(retry_after)  # the server's word beats our guess
+        return Retry(self._rng.uniform(0.0, self.max_delay_for(attempt)))
+
+
+def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
+    """An HTTP Retry-After value (delta-seconds or HTTP-date) as seconds from now, never negative."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - now_epoch
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return max(0.0, seconds)

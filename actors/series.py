@@ -78,6 +78,7 @@ class SeriesActor(Child):
     ) -> None:
         super().__init__()
         self.key = key
+        self.log = self.log.bind(exchange=key.exchange, symbol=key.symbol, timeframe=key.timeframe)
         self.tf_ms = timeframe_ms(key.timeframe)
         self.ingest = ingest
         self.exchange = exchange
