@@ -46,6 +46,7 @@ class Runtime:
     events: EventBus = field(default_factory=EventBus)
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
+    allow_crash_injection: bool = False  # tests and chaos soaks only: honour `Crash` messages
 
     def start(self) -> None:
         self.scheduler.start()
@@ -73,6 +74,18 @@ class Exit:
             return "normal"
         text = str(self.error).splitlines()[0] if str(self.error) else ""
         return f"{type(self.error).__name__}: {text}" if text else type(self.error).__name__
+
+
+@dataclass(frozen=True)
+class Crash:
+    """Told to any `Child` whose runtime allows crash injection: it raises while handling it,
+    exactly like a bug would. Ignored (logged) otherwise."""
+
+    reason: str = "injected crash"
+
+
+class InjectedCrash(RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,16 @@ class Child(pykka.ThreadingActor):
         return timer
 
     # -- pykka integration ---------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """Subclasses pass messages they do not know here (`super().on_receive(message)`)."""
+        if isinstance(message, Crash):
+            if self._link.runtime.allow_crash_injection:
+                raise InjectedCrash(message.reason)
+            self.log.warning("crash_injection_refused")
+            return None
+        self.log.warning("unexpected_message", message=repr(message)[:200])
+        return None
 
     def _start_actor_loop(self) -> None:
         self._thread = threading.Thread(target=self._actor_loop, name=self._link.path, daemon=True)

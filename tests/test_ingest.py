@@ -13,6 +13,7 @@ import pytest
 from simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
 from simulator.server import BinanceSimulator
 from supervisors import config as config_mod
+from supervisors.child import Crash, Runtime
 from supervisors.system import System
 
 TF = 60_000
@@ -63,7 +64,7 @@ def running() -> Iterator[Callable[[config_mod.Config], System]]:
     systems: list[System] = []
 
     def start(cfg: config_mod.Config) -> System:
-        system = System(cfg, control=False).start()
+        system = System(cfg, runtime=Runtime(allow_crash_injection=True), control=False).start()
         systems.append(system)
         return system
 
@@ -253,7 +254,8 @@ def test_store_deleted_while_running_is_refilled(tmp_path, sim, sim_start, runni
         assert_exact(sim, db, symbol, sim_start)
 
 
-def test_series_crash_restarts_from_store_and_keeps_breaker(tmp_path, sim, sim_start, running) -> None:
+@pytest.mark.parametrize("victim", ["series", "exchange"])
+def test_crash_restarts_from_store_and_keeps_breaker(tmp_path, sim, sim_start, running, victim) -> None:
     cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=2, breaker_recovery="1h")
     system = running(cfg)
     db = cfg.storage.path
@@ -263,12 +265,23 @@ def test_series_crash_restarts_from_store_and_keeps_breaker(tmp_path, sim, sim_s
     system.reset("binance", "ETH/USDT")
     wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
     restarted = threading.Event()
-    system.runtime.events.subscribe(lambda ev: ev.kind == "restarted" and "BTC/USDT" in ev.path and restarted.set())
-    series = system._sup("binance", "series")
-    series.child_ref("BTC/USDT@1m").get().tell("not a message it knows")  # harmless
-    series.restart_child("BTC/USDT@1m").get()
+    path = "root/binance/series/BTC/USDT@1m" if victim == "series" else "root/binance/exchange"
+    system.runtime.events.subscribe(lambda ev: ev.kind == "restarted" and ev.path == path and restarted.set())
+    if victim == "series":
+        system._sup("binance", "series").child_ref("BTC/USDT@1m").get().tell(Crash())
+    else:
+        system.exchange_addresses["binance"].tell(Crash())
     assert restarted.wait(10)
+    wait_until(lambda: system.health()["exchanges"][0]["status"] != "starting", what="exchange back")
     assert system.health()["exchanges"][0]["breaker"] == "open"  # the restart did not bypass the breaker
+    exchange_sup = next(c for c in system.tree()["children"] if c["id"] == "binance")
+    rows = {c["id"]: c for c in exchange_sup["children"]}
+    if victim == "series":  # one_for_one: only that series restarted
+        restarts = {s["symbol"]: s["restarts"] for s in system.health()["series"]}
+        assert restarts == {"BTC/USDT": 1, "ETH/USDT": 0}
+        assert rows["series"]["restarts"] == 0
+    else:  # rest_for_one: the exchange actor and, after it, the series supervisor (fresh series)
+        assert rows["exchange"]["restarts"] == 1 and rows["series"]["restarts"] == 1
     sim.set_outage(None)
     system.reset("binance")
     wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="recovered")
