@@ -130,15 +130,16 @@ class ExchangeActor(Child):
         self._report(force=True)
 
     def on_stop(self) -> None:
-        self._shutdown_pool()
+        # a graceful stop waits for requests in flight (at most one request timeout), so no
+        # worker thread outlives the system
+        self._shutdown_pool(wait=True)
 
     def on_failure(self, *_: Any) -> None:
-        self._shutdown_pool()
+        self._shutdown_pool(wait=False)  # a crash must not wait: its replacement starts now
 
-    def _shutdown_pool(self) -> None:
+    def _shutdown_pool(self, *, wait: bool) -> None:
         if self._pool is not None:
-            # workers stuck in a request finish within the client timeout; we do not wait for them
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
     def on_receive(self, message: Any) -> Any:
@@ -174,6 +175,10 @@ class ExchangeActor(Child):
         self._pump()
         self._report(force=True)
         return self.status()
+
+    def lists(self, symbol: str) -> bool | None:
+        """Whether the exchange lists `symbol`; None while its markets are not loaded."""
+        return None if self._markets is None else symbol in self._markets
 
     def status(self) -> dict[str, Any]:
         return {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
+from actors.messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 from supervisors.child import Child
 from supervisors.events import LifecycleEvent
 
@@ -52,6 +52,8 @@ class HealthActor(Child):
             self.storage = {"ok": message.ok, "detail": message.detail}
         elif isinstance(message, LifecycleEvent):
             self._on_event(message)
+        elif isinstance(message, ForgetSeries):
+            self.series.pop(message.path, None)
         else:
             return super().on_receive(message)
         return None
@@ -71,26 +73,49 @@ class HealthActor(Child):
             self.series[ev.path]["status"] = "stopped"
             self.series[ev.path]["detail"] = ev.reason
 
-    def forget_series(self, path: str) -> None:
-        self.series.pop(path, None)
-
     def health(self) -> dict[str, Any]:
-        """The health report: the public JSON contract of `ctl health --json`."""
+        """The health report: the public JSON contract of `ctl health --json`.
+
+        Graceful degradation: while an exchange's breaker is open its series carry
+        `"exchange_down": true` (their stored candles are still served by `latest`, read-only),
+        and `reasons` says in words why the roll-up is not ok.
+        """
         exchanges = [dict(e) for e in self.exchanges.values()]
-        series = [dict(s) for _, s in sorted(self.series.items())]
-        for s in series:
+        down = {e["name"] for e in exchanges if e.get("breaker") == "open"}
+        series = []
+        for _, row in sorted(self.series.items()):
+            s = dict(row)
             if s.get("detail") is None:
                 s.pop("detail", None)
-            ex = self.exchanges.get(s["exchange"])
-            if ex is not None and ex.get("breaker") == "open" and s["status"] not in ("paused", "invalid"):
-                s["degraded"] = "exchange down"
+            s["exchange_down"] = s["exchange"] in down
+            series.append(s)
+        reasons = self._reasons(exchanges, series)
         return {
             "status": self._rollup(exchanges, series),
             "exchanges": exchanges,
             "series": series,
             "storage": dict(self.storage),
             "restarts_by_kind": dict(self.restarts_by_kind),
+            "reasons": reasons,
         }
+
+    def _reasons(self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]]) -> list[str]:
+        out = []
+        if not self.storage["ok"]:
+            out.append(f"storage failing: {self.storage.get('detail')}")
+        for e in exchanges:
+            if e.get("breaker") == "open":
+                out.append(f"{e['name']}: exchange down (breaker open); its series are served read-only from the store")
+            elif e.get("breaker") == "half_open":
+                out.append(f"{e['name']}: probing for recovery (breaker half-open)")
+        by_status: dict[str, list[str]] = {}
+        for s in series:
+            if s["status"] in DEGRADING and not s["exchange_down"]:
+                by_status.setdefault(s["status"], []).append(f"{s['exchange']}:{s['symbol']}@{s['timeframe']}")
+        for status, names in sorted(by_status.items()):
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            out.append(f"{len(names)} series {status}: {shown}")
+        return out
 
     def _rollup(self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]]) -> str:
         if not self.storage["ok"]:

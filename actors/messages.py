@@ -115,3 +115,10 @@ class ExchangeStatus:
 class StorageStatus:
     ok: bool
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class ForgetSeries:
+    """A series was removed at run time: drop it from the health report."""
+
+    path: str

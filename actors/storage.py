@@ -20,6 +20,7 @@ import pykka
 from actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, Write, Written
 from actors.store import Store, StoreError, StoreGone
 from supervisors.child import Address, Child
+from supervisors.events import EventBus
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,28 @@ class _Flush:
 _FLUSH = _Flush()
 
 
+@dataclass(frozen=True)
+class StoredCandle:
+    """One candle that was not in the store before: what `System.subscribe` delivers."""
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
 class StorageActor(Child):
-    def __init__(self, path: str, health: Address | None = None) -> None:
+    def __init__(self, path: str, health: Any = None, *, candles: EventBus | None = None, metrics: Any = None) -> None:
         super().__init__()
         self.store = Store(path)
         self.health = health
+        self.candles = candles
+        self.metrics = metrics
         self._pending: list[Write] = []
         self._generations = itertools.count()
         self.generation = f"{uuid.uuid4().hex[:8]}-0"
@@ -83,6 +101,15 @@ class StorageActor(Child):
 
     def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
         return self._with_store(lambda: self.store.last_ts(exchange, symbol, timeframe))
+
+    def count(self, exchange: str, symbol: str, timeframe: str) -> int:
+        return self._with_store(lambda: self.store.count(exchange, symbol, timeframe))
+
+    def set_series_active(self, exchange: str, symbol: str, timeframe: str, active: bool) -> bool:
+        """Persist a run-time `add` (active) or `remove` so a restart keeps it."""
+        if active:
+            return self._with_store(lambda: self.store.add_series(exchange, symbol, timeframe))
+        return self._with_store(lambda: self.store.remove_series(exchange, symbol, timeframe))
 
     # -- internals -----------------------------------------------------------------------
 
@@ -133,10 +160,29 @@ class StorageActor(Child):
                     pass  # the series restarted meanwhile; it resumes from the store
 
     def _write(self, rows: list[Row], writes: list[Write]) -> None:
+        fresh = self._not_yet_stored(writes) if self.candles is not None and self.candles.has_subscribers else None
         self.store.upsert(rows)
         for w in writes:
             for gap in w.gaps:
                 self.store.record_gap(*gap)
+        if self.metrics is not None:
+            for w in writes:
+                if w.rows:
+                    self.metrics.stored(w.rows[0][0], len(w.rows))
+        if fresh:
+            for row in fresh:
+                self.candles.publish(StoredCandle(*row))
+
+    def _not_yet_stored(self, writes: list[Write]) -> list[Row]:
+        """The rows of these writes that the store does not hold yet (one range query per write)."""
+        out: list[Row] = []
+        for w in writes:
+            if not w.rows:
+                continue
+            ex, sym, tf = w.rows[0][:3]
+            have = set(self.store.stored_ts(ex, sym, tf, w.rows[0][3], w.rows[-1][3] + 1))
+            out.extend(r for r in w.rows if r[3] not in have)
+        return out
 
     def _report(self, ok: bool, detail: str | None = None, *, force: bool = False) -> None:
         if (ok != self.healthy or force) and self.health is not None:

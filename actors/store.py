@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS series (
     symbol TEXT NOT NULL,
     timeframe TEXT NOT NULL,
     added_at INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (exchange, symbol, timeframe)
 );
 """
@@ -374,6 +375,18 @@ class Store:
                 (exchange, symbol, timeframe, lo, hi),
             ).fetchone()[0]
 
+    def stored_ts(self, exchange: str, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> list[int]:
+        """Open times stored in [start_ms, end_ms)."""
+        with self._db() as conn:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT ts FROM candles WHERE exchange = ? AND symbol = ? AND timeframe = ?"
+                    " AND ts >= ? AND ts < ?",
+                    (exchange, symbol, timeframe, start_ms, end_ms),
+                )
+            ]
+
     def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[Candle]:
         """The ``n`` newest candles as (ts, open, high, low, close, volume), newest first."""
         with self._db() as conn:
@@ -476,27 +489,38 @@ class Store:
     def add_series(
         self, exchange: str, symbol: str, timeframe: str, added_at_ms: int | None = None
     ) -> bool:
-        """Persist a series added at run time; False if it was already there."""
+        """Persist a series added at run time; False if it was already active."""
         at = int(time.time() * 1000) if added_at_ms is None else added_at_ms
         cur = self._write(
-            "INSERT INTO series (exchange, symbol, timeframe, added_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING",
+            "INSERT INTO series (exchange, symbol, timeframe, added_at, active) VALUES (?, ?, ?, ?, 1)"
+            " ON CONFLICT (exchange, symbol, timeframe)"
+            " DO UPDATE SET active = 1, added_at = excluded.added_at WHERE active = 0",
             (exchange, symbol, timeframe, at),
         )
         return cur.rowcount > 0
 
     def remove_series(self, exchange: str, symbol: str, timeframe: str) -> bool:
-        """Forget a run-time series (its candles stay); False if it was not there."""
-        cur = self._write(f"DELETE FROM series WHERE {_SERIES}", (exchange, symbol, timeframe))
+        """Persist that a series was removed at run time (a configured one too, so a restart
+        does not bring it back); its candles stay. False if it was already removed."""
+        at = int(time.time() * 1000)
+        cur = self._write(
+            "INSERT INTO series (exchange, symbol, timeframe, added_at, active) VALUES (?, ?, ?, ?, 0)"
+            " ON CONFLICT (exchange, symbol, timeframe)"
+            " DO UPDATE SET active = 0, added_at = excluded.added_at WHERE active = 1",
+            (exchange, symbol, timeframe, at),
+        )
         return cur.rowcount > 0
 
-    def list_series(self) -> list[tuple[str, str, str, int]]:
-        """Run-time series as (exchange, symbol, timeframe, added_at_ms), oldest first."""
+    def list_series(self) -> list[tuple[str, str, str, int, bool]]:
+        """Run-time changes as (exchange, symbol, timeframe, changed_at_ms, active), oldest first."""
         with self._db() as conn:
-            return conn.execute(
-                "SELECT exchange, symbol, timeframe, added_at FROM series"
-                " ORDER BY added_at, exchange, symbol, timeframe"
-            ).fetchall()
+            return [
+                (e, s, t, at, bool(active))
+                for e, s, t, at, active in conn.execute(
+                    "SELECT exchange, symbol, timeframe, added_at, active FROM series"
+                    " ORDER BY added_at, exchange, symbol, timeframe"
+                )
+            ]
 
 
 _LEAF = 2048  # expected candles below which a stretch is scanned, not bisected

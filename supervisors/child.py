@@ -257,3 +257,19 @@ class Address:
 
     def __repr__(self) -> str:
         return f"Address({self.name!r})"
+
+
+class Fanout:
+    """Tell one message to several addresses: status reports go to health, alerts and metrics."""
+
+    __slots__ = ("targets", "name")
+
+    def __init__(self, *targets: Address) -> None:
+        self.targets = targets
+        self.name = "+".join(t.name for t in targets)
+
+    def tell(self, message: Any) -> bool:
+        delivered = False
+        for target in self.targets:
+            delivered = target.tell(message) or delivered
+        return delivered

@@ -35,10 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="talk to a running daemon")
     ctl.add_argument("--config", dest="ctl_config", help="find the socket in this config")
     ctl.add_argument("--socket", help="control socket path")
+    ctl.add_argument("--token", default=os.environ.get("CANDLEKEEPER_TOKEN"),
+                     help="token for a TCP control listener (--socket tcp://HOST:PORT); default $CANDLEKEEPER_TOKEN")
     ctl.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ctl.add_argument("cmd", choices=["health", "tree", "reset", "pause", "resume"])
-    ctl.add_argument("target", nargs="?", help="EXCHANGE or EXCHANGE:SYMBOL[@TIMEFRAME] for reset/pause/resume")
+    ctl.add_argument("-n", type=int, default=1, help="latest: how many candles (default 1)")
+    ctl.add_argument("cmd", choices=CTL_COMMANDS)
+    ctl.add_argument("target", nargs="?", help="EXCHANGE[:SYMBOL[@TIMEFRAME]] (reset, pause, resume, add, remove, "
+                                               "latest) or an actor path (restart, crash)")
     return p
+
+
+CTL_COMMANDS = ["health", "tree", "top", "reset", "pause", "resume", "restart", "add", "remove", "latest", "shutdown",
+                "crash"]
+NEEDS_SERIES = ("add", "remove", "latest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +79,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    system = System(cfg)
+    system = System(cfg, on_shutdown=stop.set)
     try:
         system.start()
     except SocketInUse as exc:
@@ -124,16 +133,23 @@ def run_ctl(args: argparse.Namespace) -> int:
         path = config_mod.load(args.ctl_config).control.socket
     else:
         path = config_mod.default().control.socket
-    params: dict[str, Any] = {}
-    if args.cmd in ("reset", "pause", "resume"):
-        if not args.target:
-            print(f"candlekeeper ctl: {args.cmd} needs a target: EXCHANGE or EXCHANGE:SYMBOL[@TIMEFRAME]", file=sys.stderr)
-            return EXIT_USAGE
-        exchange, _, rest = args.target.partition(":")
-        symbol, _, timeframe = rest.partition("@")
-        params = {"exchange": exchange, "symbol": symbol or None, "timeframe": timeframe or None}
     try:
-        reply = request(path, args.cmd, **params)
+        params = _ctl_params(args)
+    except ValueError as exc:
+        print(f"candlekeeper ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.token and path.startswith("tcp://"):
+        params["token"] = args.token
+
+    def call(cmd: str, **extra: Any) -> dict[str, Any]:
+        return request(path, cmd, **params, **extra)
+
+    try:
+        if args.cmd == "top":
+            from supervisors.top import run_top
+
+            return run_top(lambda cmd: _result(call(cmd)))
+        reply = call(args.cmd)
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"candlekeeper ctl: the daemon is not running (no one listens on {path})", file=sys.stderr)
         return EXIT_FAILED
@@ -149,6 +165,39 @@ def run_ctl(args: argparse.Namespace) -> int:
     else:
         print(_human(args.cmd, result))
     return EXIT_OK
+
+
+def _result(reply: dict[str, Any]) -> Any:
+    if not reply.get("ok"):
+        raise ConnectionError(reply.get("error"))
+    return reply.get("result")
+
+
+def _ctl_params(args: argparse.Namespace) -> dict[str, Any]:
+    """Request arguments from the command line's TARGET; ValueError for a usage error."""
+    cmd, target = args.cmd, args.target
+    if cmd in ("health", "tree", "top", "shutdown"):
+        if target:
+            raise ValueError(f"{cmd} takes no target")
+        return {}
+    if not target:
+        what = ("an actor path, e.g. binance/series/BTC/USDT@1m" if cmd in ("restart", "crash")
+                else "EXCHANGE[:SYMBOL[@TIMEFRAME]]")
+        raise ValueError(f"{cmd} needs a target: {what}")
+    if cmd in ("restart", "crash"):
+        return {"target": target}
+    exchange, _, rest = target.partition(":")
+    symbol, _, timeframe = rest.partition("@")
+    if not exchange:
+        raise ValueError(f"bad target {target!r}: expected EXCHANGE[:SYMBOL[@TIMEFRAME]]")
+    if cmd in NEEDS_SERIES and not symbol:
+        raise ValueError(f"{cmd} needs EXCHANGE:SYMBOL[@TIMEFRAME], got {target!r}")
+    params: dict[str, Any] = {"exchange": exchange, "symbol": symbol or None, "timeframe": timeframe or None}
+    if cmd in NEEDS_SERIES:
+        params["timeframe"] = timeframe or "1m"
+    if cmd == "latest":
+        params["n"] = args.n
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _human(cmd: str, result: Any) -> str:
@@ -179,4 +228,19 @@ def _human(cmd: str, result: Any) -> str:
         out.append(f"{result.get('path')} [{result.get('strategy')}]")
         walk(result, 1)
         return "\n".join(out)
+    if cmd == "latest" and isinstance(result, dict):
+        from datetime import datetime, timezone
+
+        stale = result.get("stale_seconds")
+        head = (f"{result['exchange']}:{result['symbol']}@{result['timeframe']}  "
+                f"stale {stale:.0f}s" if stale is not None else "no candles stored")
+        if result.get("read_only"):
+            head += "  (exchange down: read-only, from the store)"
+        lines = [head, f"{'OPEN TIME (UTC)':<20}{'OPEN':>14}{'HIGH':>14}{'LOW':>14}{'CLOSE':>14}{'VOLUME':>16}"]
+        for c in result.get("candles", []):
+            when = datetime.fromtimestamp(c["ts"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+            lines.append(f"{when:<20}{c['open']:>14.8g}{c['high']:>14.8g}{c['low']:>14.8g}{c['close']:>14.8g}{c['volume']:>16.8g}")
+        return "\n".join(lines)
+    if isinstance(result, dict) and len(result) <= 6:
+        return "  ".join(f"{k}={v}" for k, v in result.items())
     return json.dumps(result, indent=2, default=str)

@@ -56,6 +56,7 @@ class ControlConfig:
     socket: str = "candlekeeper.sock"
     tcp: str | None = None
     token: str | None = field(default=None, repr=False)
+    chaos: bool = False  # tests and soaks only: accept the `crash` command
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,12 @@ def _positive_float(value: Any) -> float:
     return float(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false")
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("expected a non-empty string")
@@ -288,7 +295,7 @@ def _ccxt_id(value: Any) -> str:
 _Spec = dict[str, Callable[[Any], Any]]
 
 _STORAGE: _Spec = {"path": _string}
-_CONTROL: _Spec = {"socket": _string, "tcp": _host_port, "token": _string}
+_CONTROL: _Spec = {"socket": _string, "tcp": _host_port, "token": _string, "chaos": _bool}
 _INGEST: _Spec = {
     "lookback": _duration(),
     "since": _since,
@@ -418,6 +425,8 @@ class _Loader:
                for name, spec in _SECTIONS.items()}
         ingest = self.ingest(sec["ingest"], "[ingest]", IngestConfig())
         resilience = self.resilience(sec["resilience"], "[resilience]", ResilienceConfig())
+        if sec["control"].get("tcp") and not sec["control"].get("token"):
+            raise self.fail("[control]", "tcp: a TCP control listener is refused without a token; set token")
         exchanges = self.table(data.get("exchanges"), "[exchanges]")
         if not exchanges:
             raise self.fail(

@@ -6,12 +6,17 @@ request `{"id": ..., "cmd": "...", ...args}` gets exactly one reply, `{"id": ...
 pipelined on one connection. A message larger than `MAX_MESSAGE` bytes or invalid msgpack closes
 the connection after an error reply; at most `MAX_CONNECTIONS` clients are served at once.
 
+An optional TCP listener (`[control] tcp`, loopback unless configured otherwise) serves the same
+protocol to remote clients, but only requests carrying `"token": "<[control] token>"`; a request
+without a valid token gets an error reply and the connection is closed. The token is never logged.
+
 The listener and each connection run on their own threads (they block on sockets), never in
 an actor's mailbox; commands reach the actors through `System`'s asks.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import socket
 import stat
@@ -32,8 +37,20 @@ class SocketInUse(Exception):
     pass
 
 
-def prepare_unix_socket(path: str) -> socket.socket:
-    """Bind `path` with mode 0600; replace a stale socket file left by a crash, never steal a live one."""
+def check_free(config: ControlConfig) -> None:
+    """Fail fast, before the tree starts, when another daemon holds the socket or the TCP port:
+    a supervisor restarting the control server could not fix that."""
+    claim_unix_socket_path(config.socket)
+    if config.tcp:
+        host, port = parse_host_port(config.tcp)
+        try:
+            socket.create_server((host, port)).close()
+        except OSError as exc:
+            raise SocketInUse(f"cannot listen on {config.tcp}: {exc.strerror or exc}") from None
+
+
+def claim_unix_socket_path(path: str) -> None:
+    """Remove a stale socket file left by a crash; refuse when a live daemon listens there."""
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise SocketInUse(f"{path} exists and is not a socket")
@@ -46,6 +63,11 @@ def prepare_unix_socket(path: str) -> socket.socket:
             raise SocketInUse(f"another candlekeeper is listening on {path}")
         finally:
             probe.close()
+
+
+def prepare_unix_socket(path: str) -> socket.socket:
+    """Bind `path` with mode 0600; replace a stale socket file left by a crash, never steal a live one."""
+    claim_unix_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -57,18 +79,31 @@ def prepare_unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def commands(system: Any) -> dict[str, Callable[..., Any]]:
-    """The command table: name -> callable taking the request's arguments."""
+def commands(system: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """The command table: name -> callable taking the request map. Arguments are checked here,
+    so a wrong type is a clear refusal, never an exception deep inside an actor."""
+
+    def text(req: dict[str, Any], name: str, *, required: bool = True, default: str | None = None) -> Any:
+        value = req.get(name, default)
+        if value is None:
+            if required:
+                raise ValueError(f"missing '{name}' (a string)")
+            return None
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"'{name}' must be a non-empty string")
+        return value
 
     def target(req: dict[str, Any]) -> tuple[str, str | None, str | None]:
-        exchange = req.get("exchange")
-        if not isinstance(exchange, str):
-            raise ValueError("missing 'exchange' (a string)")
-        symbol, timeframe = req.get("symbol"), req.get("timeframe")
-        for name, v in (("symbol", symbol), ("timeframe", timeframe)):
-            if v is not None and not isinstance(v, str):
-                raise ValueError(f"'{name}' must be a string")
-        return exchange, symbol, timeframe
+        return text(req, "exchange"), text(req, "symbol", required=False), text(req, "timeframe", required=False)
+
+    def series(req: dict[str, Any]) -> tuple[str, str, str]:
+        return text(req, "exchange"), text(req, "symbol"), text(req, "timeframe", default="1m")
+
+    def count(req: dict[str, Any]) -> int:
+        n = req.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ValueError("'n' must be an integer")
+        return n
 
     return {
         "health": lambda req: system.health(),
@@ -76,15 +111,30 @@ def commands(system: Any) -> dict[str, Callable[..., Any]]:
         "reset": lambda req: system.reset(*target(req)),
         "pause": lambda req: system.pause(*target(req), paused=True),
         "resume": lambda req: system.pause(*target(req), paused=False),
+        "restart": lambda req: system.restart(text(req, "target")),
+        "add": lambda req: system.add_series(*series(req)),
+        "remove": lambda req: system.remove_series(*series(req)),
+        "latest": lambda req: system.latest(*series(req), n=count(req)),
+        "shutdown": lambda req: system.shutdown(),
+        "crash": lambda req: system.crash(text(req, "target"), text(req, "reason", default="injected crash")),
     }
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class ControlServer(Child):
     def __init__(self, config: ControlConfig, system: Any) -> None:
         super().__init__()
         self.path_ = config.socket
+        self.tcp = config.tcp
+        self._token = config.token  # never logged
         self.commands = commands(system)
         self._sock: socket.socket | None = None
+        self._tcp_sock: socket.socket | None = None
+        self.tcp_port: int | None = None
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -92,10 +142,21 @@ class ControlServer(Child):
 
     def on_start(self) -> None:
         self._sock = prepare_unix_socket(self.path_)
-        t = threading.Thread(target=self._accept_loop, name=f"{self.path}/accept", daemon=True)
+        self._listen(self._sock, remote=False)
+        self.log.info("control_listening", socket=self.path_)
+        if self.tcp:
+            if not self._token:
+                raise ValueError("[control] tcp is refused without a token")
+            host, port = parse_host_port(self.tcp)
+            self._tcp_sock = socket.create_server((host, port), reuse_port=False)
+            self.tcp_port = self._tcp_sock.getsockname()[1]
+            self._listen(self._tcp_sock, remote=True)
+            self.log.info("control_listening_tcp", host=host, port=self.tcp_port)
+
+    def _listen(self, sock: socket.socket, *, remote: bool) -> None:
+        t = threading.Thread(target=self._accept_loop, args=(sock, remote), name=f"{self.path}/accept", daemon=True)
         t.start()
         self._threads.add(t)
-        self.log.info("control_listening", socket=self.path_)
 
     def on_stop(self) -> None:
         self._close()
@@ -105,6 +166,13 @@ class ControlServer(Child):
 
     def _close(self) -> None:
         self._closing.set()
+        if self._tcp_sock is not None:
+            try:
+                self._tcp_sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                self.log.debug("control_tcp_already_closed")
+            self._tcp_sock.close()
+            self._tcp_sock = None
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -126,9 +194,7 @@ class ControlServer(Child):
             if t is not threading.current_thread():
                 t.join(5)
 
-    def _accept_loop(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    def _accept_loop(self, sock: socket.socket, remote: bool) -> None:
         while not self._closing.is_set():
             try:
                 conn, _ = sock.accept()
@@ -140,11 +206,11 @@ class ControlServer(Child):
                     conn.close()
                     continue
                 self._conns.add(conn)
-                t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.path}/conn", daemon=True)
+                t = threading.Thread(target=self._serve, args=(conn, remote), name=f"{self.path}/conn", daemon=True)
                 self._threads.add(t)
             t.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, remote: bool = False) -> None:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE, strict_map_key=False)
         try:
             while not self._closing.is_set():
@@ -154,6 +220,9 @@ class ControlServer(Child):
                 try:
                     unpacker.feed(data)
                     for request in unpacker:
+                        if remote and not self._authorized(request):
+                            _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
+                            return
                         _send(conn, self.handle(request))
                 except msgpack.BufferFull:
                     _send(conn, {"id": None, "ok": False, "error": f"message larger than {MAX_MESSAGE} bytes"})
@@ -169,12 +238,16 @@ class ControlServer(Child):
                 self._threads.discard(threading.current_thread())
             conn.close()
 
+    def _authorized(self, request: Any) -> bool:
+        token = request.get("token") if isinstance(request, dict) else None
+        return isinstance(token, str) and self._token is not None and hmac.compare_digest(
+            token.encode(), self._token.encode()
+        )
+
     def handle(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):
             return {"id": None, "ok": False, "error": "a request must be a map"}
-        req_id = request.get("id")
-        if isinstance(req_id, (dict, list)):
-            req_id = None
+        req_id = _request_id(request)
         cmd = request.get("cmd")
         fn = self.commands.get(cmd) if isinstance(cmd, str) else None
         if fn is None:
@@ -186,16 +259,27 @@ class ControlServer(Child):
             return {"id": req_id, "ok": False, "error": str(exc) or type(exc).__name__}
 
 
+def _request_id(request: Any) -> Any:
+    """The request's id echoed back when it is a plain value; None otherwise."""
+    req_id = request.get("id") if isinstance(request, dict) else None
+    return req_id if isinstance(req_id, (str, int, float, bool, type(None))) else None
+
+
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(msgpack.packb(message, use_bin_type=True, default=str))
 
 
 def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
-    """One request over the socket at `path`; raises ConnectionError when nobody listens."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    """One request over the Unix socket at `path`, or to "tcp://host:port" (pass token=...);
+    raises ConnectionError/OSError when nobody listens."""
+    if path.startswith("tcp://"):
+        sock = socket.create_connection(parse_host_port(path.removeprefix("tcp://")), timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        if not path.startswith("tcp://"):
+            sock.connect(path)
         sock.sendall(msgpack.packb({"id": 1, "cmd": cmd, **args}, use_bin_type=True))
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * MAX_MESSAGE, strict_map_key=False)
         while True:

@@ -36,11 +36,12 @@ class LifecycleEvent:
     at: float = field(default_factory=time.time)
 
 
-Subscriber = pykka.ActorRef[Any] | Callable[[LifecycleEvent], None]
+Subscriber = pykka.ActorRef[Any] | Callable[[Any], None]
 
 
 class EventBus:
-    """Fan-out of lifecycle events to actor refs (told) and callables (called inline).
+    """Fan-out of events (lifecycle events, stored candles) to actor refs (told) and callables
+    (called inline).
 
     Callables run on the publishing supervisor's thread, so they must be quick; an actor ref is
     the right subscriber for anything that does work. Dead refs are dropped.
@@ -58,7 +59,11 @@ class EventBus:
         with self._lock:
             self._subscribers = tuple(s for s in self._subscribers if s is not subscriber)
 
-    def publish(self, event: LifecycleEvent) -> None:
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
+    def publish(self, event: Any) -> None:
         for sub in self._subscribers:
             if isinstance(sub, pykka.ActorRef):
                 try:
@@ -69,4 +74,4 @@ class EventBus:
                 try:
                     sub(event)
                 except Exception:
-                    log.exception("event_subscriber_failed", subscriber=repr(sub), event=event.kind)
+                    log.exception("event_subscriber_failed", subscriber=repr(sub), event=type(event).__name__)

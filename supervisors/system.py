@@ -25,24 +25,34 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pykka
+import structlog
 
 from actors.breaker import BreakerConfig, CircuitBreaker
 from actors.exchange import ExchangeActor, counts_against_exchange
 from actors.health import HealthActor
-from actors.messages import Pause, Reset, SeriesKey
+from actors.messages import ForgetSeries, Pause, Reset, SeriesKey
 from actors.series import SeriesActor
+from actors.candles import timeframe_ms
 from actors.storage import StorageActor
+from actors.store import Store, StoreError
 from supervisors import config as config_mod
-from supervisors.child import Address, Exit, Runtime
+from supervisors.child import Address, Crash, Exit, Fanout, Runtime
 from supervisors.config import Config, ExchangeConfig
-from supervisors.supervisor import ChildSpec, Supervisor, start_root
+from supervisors.events import EventBus
+from supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
+
+SYMBOL = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")
 
 ASK_TIMEOUT = 10.0
+
+log = structlog.get_logger("candlekeeper")
 
 
 class CommandError(Exception):
@@ -56,14 +66,34 @@ def series_id(symbol: str, timeframe: str) -> str:
 class System:
     """A running candlekeeper: start it, ask it, steer it, stop it."""
 
-    def __init__(self, config: Config, *, runtime: Runtime | None = None, control: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runtime: Runtime | None = None,
+        control: bool = True,
+        on_shutdown: Callable[[], None] | None = None,
+        subscribers: Iterable[Any] = (),
+    ) -> None:
         self.config = config
-        self.runtime = runtime or Runtime(rng=random.Random())
+        self.runtime = runtime or Runtime(rng=random.Random(), allow_crash_injection=config.control.chaos)
         self.storage = Address("storage")
         self.health_address = Address("health")
+        self.notifier_address = Address("notifier")
+        # every actor's status reports go to health and to the alerts notifier
+        self.status = Fanout(self.health_address, self.notifier_address)
+        self.candles = EventBus()  # newly stored candles, for `subscribe`
+        for subscriber in subscribers:  # before start, so they miss nothing of the backfill
+            self.candles.subscribe(subscriber)
         self.exchange_addresses: dict[str, Address] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
+        # The desired series of each exchange. The list object is the series supervisor's own
+        # child-spec list, so a restarted series supervisor starts from it: run-time additions
+        # and removals survive restarts, not only the daemon's.
+        self.series_specs: dict[str, list[ChildSpec]] = {}
         self.with_control = control
+        self._on_shutdown = on_shutdown
+        self._lock = threading.Lock()
         self.exited = threading.Event()
         self.exit: Exit | None = None
         self._root: pykka.ActorRef[Supervisor] | None = None
@@ -87,13 +117,14 @@ class System:
                 rng=self.runtime.rng,
             ),
         )
-        series_specs = [self._series_spec(ex, symbol, tf) for symbol in ex.symbols for tf in ex.ingest.timeframes]
+        series_specs = self.series_specs[ex.name]
         return ChildSpec(
             ex.name,
             Supervisor,
             args=(
                 [
-                    ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.health_address), address=address),
+                    ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.status), address=address,
+                              shutdown=ex.timeout + 5.0),
                     ChildSpec(
                         "series",
                         Supervisor,
@@ -117,7 +148,7 @@ class System:
             kwargs={
                 "exchange": self.exchange_addresses[ex.name],
                 "storage": self.storage,
-                "health": self.health_address,
+                "health": self.status,
                 "request_timeout": ex.timeout,
                 "page_limit": ex.page_limit,
             },
@@ -127,8 +158,8 @@ class System:
 
     def _root_specs(self) -> list[ChildSpec]:
         specs = [
-            ChildSpec("storage", StorageActor, args=(self.config.storage.path, self.health_address),
-                      address=self.storage, kind="storage", shutdown=30.0),
+            ChildSpec("storage", StorageActor, args=(self.config.storage.path, self.status),
+                      kwargs={"candles": self.candles}, address=self.storage, kind="storage", shutdown=30.0),
             ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges],),
                       address=self.health_address, kind="health"),
         ]
@@ -141,14 +172,42 @@ class System:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    def _plan_series(self) -> None:
+        """Configured series, plus those added and minus those removed at run time (persisted)."""
+        changes: list[tuple[str, str, str, int, bool]] = []
+        if os.path.exists(self.config.storage.path):
+            try:
+                with Store(self.config.storage.path, readonly=True) as store:
+                    changes = store.list_series()
+            except (StoreError, OSError) as exc:  # the storage actor will recover the file
+                log.warning("series_changes_unreadable", error=str(exc))
+        for ex in self.config.exchanges:
+            wanted = [(sym, tf) for sym in ex.symbols for tf in ex.ingest.timeframes]
+            for exchange, sym, tf, _, active in changes:
+                if exchange != ex.name:
+                    continue
+                if active and (sym, tf) not in wanted:
+                    wanted.append((sym, tf))
+                elif not active and (sym, tf) in wanted:
+                    wanted.remove((sym, tf))
+            self.exchange_addresses.setdefault(ex.name, Address(f"{ex.name}/exchange"))
+            self.series_specs[ex.name] = [self._series_spec(ex, sym, tf) for sym, tf in wanted]
+
     def start(self) -> System:
+        """Start the tree. Raises `supervisors.control.SocketInUse` when another daemon holds the
+        control socket (or TCP port)."""
+        if self.with_control:
+            from supervisors.control import check_free
+
+            check_free(self.config.control)
+        self._plan_series()
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
         self._root, _ = start_root(self.runtime, self._root_specs(), on_exit=self._on_root_exit, start_timeout=120.0)
         return self
 
     def _forward_event(self, event: Any) -> None:
-        self.health_address.tell(event)
+        self.status.tell(event)
 
     def _on_root_exit(self, exit_: Exit) -> None:
         self.exit = exit_
@@ -223,10 +282,19 @@ class System:
     def reset(self, exchange: str, symbol: str | None = None, timeframe: str | None = None) -> dict[str, Any]:
         """Reset the breaker of an exchange (and every series' retry state and quarantine), or one series'."""
         targets = self._series_targets(exchange, symbol, timeframe)
+        # Asked, not told: when the reply comes, the new states have been reported to health, so
+        # a `health` right after a `reset` already shows them.
+        futures = [ref.proxy().reset() for ref in targets]
         if symbol is None:
-            self.exchange_addresses[exchange].tell(Reset())
-        for ref in targets:
-            ref.tell(Reset())
+            try:
+                futures.append(self.exchange_addresses[exchange].proxy().reset())
+            except pykka.ActorDeadError:
+                raise CommandError(f"{exchange} exchange actor is restarting; try again") from None
+        for future in futures:
+            try:
+                future.get(timeout=ASK_TIMEOUT)
+            except pykka.ActorDeadError:
+                pass  # that series crashed meanwhile; its replacement starts with a clean state
         return {"exchange": exchange, "symbol": symbol, "series_reset": len(targets)}
 
     def pause(self, exchange: str, symbol: str | None = None, timeframe: str | None = None, *, paused: bool = True) -> dict[str, Any]:
@@ -235,12 +303,149 @@ class System:
             ref.tell(Pause(paused))
         return {"exchange": exchange, "symbol": symbol, "series": len(targets), "paused": paused}
 
-    def latest(self, exchange: str, symbol: str, timeframe: str = "1m", n: int = 1) -> list[tuple[Any, ...]]:
-        return self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
+    def latest(self, exchange: str, symbol: str, timeframe: str = "1m", n: int = 1) -> dict[str, Any]:
+        """The newest stored candles and how stale the series is: answered from the store, so it
+        works while the exchange is down (read-only mode)."""
+        ex = self._exchange_config(exchange)
+        if not isinstance(n, int) or not 1 <= n <= 1000:
+            raise CommandError("n must be an integer from 1 to 1000")
+        tf_ms = _timeframe(timeframe)
+        rows = self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
+        if not rows and not any(s.id == series_id(symbol, timeframe) for s in self.series_specs.get(ex.name, [])):
+            raise CommandError(f"no series {exchange}:{symbol}@{timeframe}")
+        now = time.time()
+        last = rows[0][0] if rows else None
+        breaker = self.breakers[ex.name].state if ex.name in self.breakers else None
+        return {
+            "exchange": exchange,
+            "symbol": symbol,
+            "timeframe": timeframe,
+            "candles": [dict(zip(("ts", "open", "high", "low", "close", "volume"), r, strict=True)) for r in rows],
+            "last_ts": last,
+            "stale_seconds": None if last is None else max(0.0, round(now - (last + tf_ms) / 1000, 3)),
+            "exchange_breaker": breaker,
+            "read_only": breaker == "open",
+        }
+
+    def add_series(self, exchange: str, symbol: str, timeframe: str = "1m") -> dict[str, Any]:
+        """Start a series at run time and persist it, so a restart keeps it."""
+        ex = self._exchange_config(exchange)
+        _timeframe(timeframe)
+        if not isinstance(symbol, str) or not SYMBOL.match(symbol):
+            raise CommandError(f"bad symbol {symbol!r}: expected BASE/QUOTE")
+        sid = series_id(symbol, timeframe)
+        with self._lock:
+            specs = self.series_specs[ex.name]
+            if any(s.id == sid for s in specs):
+                raise CommandError(f"{exchange}:{sid} is already running")
+            listed = self._listed(ex.name, symbol)
+            if listed is False:
+                raise CommandError(f"{exchange} does not list {symbol}")
+            self.storage.proxy().set_series_active(exchange, symbol, timeframe, True).get(timeout=ASK_TIMEOUT)
+            spec = self._series_spec(ex, symbol, timeframe)
+            specs.append(spec)
+        try:
+            self._sup(ex.name, "series").start_child(spec).get(timeout=ASK_TIMEOUT)
+        except (ChildExists, CommandError):
+            pass  # its supervisor restarted meanwhile and started it from the list
+        return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "added": True}
+
+    def remove_series(self, exchange: str, symbol: str, timeframe: str = "1m") -> dict[str, Any]:
+        """Stop a series and persist its removal; its stored candles stay."""
+        ex = self._exchange_config(exchange)
+        sid = series_id(symbol, timeframe)
+        with self._lock:
+            specs = self.series_specs[ex.name]
+            spec = next((s for s in specs if s.id == sid), None)
+            if spec is None:
+                raise CommandError(f"no series {exchange}:{sid}")
+            self.storage.proxy().set_series_active(exchange, symbol, timeframe, False).get(timeout=ASK_TIMEOUT)
+            specs.remove(spec)
+        try:
+            self._sup(ex.name, "series").delete_child(sid).get(timeout=ASK_TIMEOUT)
+        except (NoSuchChild, CommandError):
+            pass  # not running right now; it will not be started again
+        path = f"root/{ex.name}/series/{sid}"
+        self.health_address.tell(ForgetSeries(path))
+        return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "removed": True}
+
+    def _locate(self, target: Any, verb: str) -> tuple[pykka.ActorRef[Any], dict[str, Any]]:
+        """The supervisor of the actor at `target` (its path below the root) and its child row."""
+        if not isinstance(target, str) or not target.strip("/"):
+            raise CommandError(f"{verb} needs a target path, e.g. binance/series/BTC/USDT@1m")
+        remaining = target.strip("/").removeprefix("root/")
+        parent = self._root
+        if parent is None:
+            raise CommandError("not started")
+        while True:
+            rows = parent.proxy().which_children().get(timeout=ASK_TIMEOUT)
+            matches = sorted((r for r in rows if remaining == r["id"] or remaining.startswith(r["id"] + "/")),
+                             key=lambda r: len(r["id"]), reverse=True)
+            if not matches:
+                raise CommandError(f"no actor at {target!r}")
+            row = matches[0]
+            remaining = remaining[len(row["id"]) + 1 :]
+            if not remaining:
+                return parent, row
+            ref = parent.proxy().child_ref(row["id"]).get(timeout=ASK_TIMEOUT)
+            if ref is None or row["kind"] != "supervisor":
+                raise CommandError(f"no actor at {target!r}")
+            parent = ref
+
+    def restart(self, target: str) -> dict[str, Any]:
+        """Restart an actor through its supervisor; `target` is its path below the root, e.g.
+        ``binance/exchange``, ``binance/series/BTC/USDT@1m``, ``storage``, or ``binance``."""
+        parent, row = self._locate(target, "restart")
+        parent.proxy().restart_child(row["id"]).get(timeout=ASK_TIMEOUT)
+        return {"restarted": row["path"]}
+
+    def crash(self, target: str, reason: str = "injected crash") -> dict[str, Any]:
+        """Make the actor at `target` raise, as a bug would (chaos tests; needs ``[control] chaos``)."""
+        if not self.runtime.allow_crash_injection:
+            raise CommandError("crash injection is off; set [control] chaos = true (tests and soaks only)")
+        parent, row = self._locate(target, "crash")
+        ref = parent.proxy().child_ref(row["id"]).get(timeout=ASK_TIMEOUT)
+        if ref is None:
+            raise CommandError(f"{row['path']} is not running")
+        ref.tell(Crash(reason))
+        return {"crashed": row["path"]}
+
+    def shutdown(self) -> dict[str, Any]:
+        """Stop the whole system (after this reply is sent)."""
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+        else:
+            threading.Thread(target=self.stop, name="candlekeeper-shutdown", daemon=True).start()
+        return {"stopping": True}
+
+    def subscribe(self, subscriber: Any) -> None:
+        """Receive each newly stored candle (`actors.storage.StoredCandle`): a callable (called on
+        the storage actor's thread, so keep it quick) or a pykka ActorRef (told)."""
+        self.candles.subscribe(subscriber)
+
+    def unsubscribe(self, subscriber: Any) -> None:
+        self.candles.unsubscribe(subscriber)
+
+    def _listed(self, exchange: str, symbol: str) -> bool | None:
+        """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""
+        try:
+            return self.exchange_addresses[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return None
+
+
+def _timeframe(timeframe: Any) -> int:
+    try:
+        return timeframe_ms(timeframe)
+    except (ValueError, TypeError, KeyError):
+        raise CommandError(f"unknown timeframe {timeframe!r}") from None
 
 
 def start(config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None, **options: Any) -> System:
-    """Start a candlekeeper system: `config` is a `Config`, a dict with the TOML's keys, or a path."""
+    """Start a candlekeeper system: `config` is a `Config`, a dict with the TOML's keys, or a path.
+
+    `subscribers=[...]` receive every candle stored from the very start (see `System.subscribe`).
+    """
     if config is None:
         cfg = config_mod.default()
     elif isinstance(config, Config):

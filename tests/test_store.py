@@ -42,7 +42,7 @@ def test_schema_is_exact(store):
     ]
     series = store._conn.execute("PRAGMA table_info(series)").fetchall()
     assert [(c[1], c[5]) for c in series] == [
-        ("exchange", 1), ("symbol", 2), ("timeframe", 3), ("added_at", 0)
+        ("exchange", 1), ("symbol", 2), ("timeframe", 3), ("added_at", 0), ("active", 0)
     ]
 
 
@@ -173,10 +173,12 @@ def test_series_add_remove_list(store):
     assert store.add_series("binance", "SOL/USDT", "1m", added_at_ms=2)
     assert store.add_series("kraken", "BTC/USD", "1h", added_at_ms=1)
     assert not store.add_series("binance", "SOL/USDT", "1m")
-    assert store.list_series() == [("kraken", "BTC/USD", "1h", 1), ("binance", "SOL/USDT", "1m", 2)]
+    assert store.list_series() == [("kraken", "BTC/USD", "1h", 1, True), ("binance", "SOL/USDT", "1m", 2, True)]
     assert store.remove_series("kraken", "BTC/USD", "1h")
     assert not store.remove_series("kraken", "BTC/USD", "1h")
-    assert store.list_series() == [("binance", "SOL/USDT", "1m", 2)]
+    assert [r[:3] + r[4:] for r in store.list_series()] == [("binance", "SOL/USDT", "1m", True), ("kraken", "BTC/USD", "1h", False)]
+    assert store.remove_series("binance", "ETH/USDT", "1m")  # a configured series: removal is remembered
+    assert store.add_series("kraken", "BTC/USD", "1h")  # and a removed one can come back
 
 
 # -- losing the file -----------------------------------------------------------------
