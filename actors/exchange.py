@@ -95,8 +95,12 @@ _LOAD = _LoadMarkets()
 
 
 class ExchangeActor(Child):
-    def __init__(self, config: ExchangeConfig, breaker: CircuitBreaker, health: Address | None = None) -> None:
+    def __init__(
+        self, config: ExchangeConfig, breaker: CircuitBreaker, health: Address | None = None, metrics: Any = None
+    ) -> None:
         super().__init__()
+        self.metrics = metrics
+        self._held_since: float | None = None  # since when the queue head waits for the rate limiter
         self.config = config
         self.log = self.log.bind(exchange=config.name)
         self.breaker = breaker
@@ -209,8 +213,11 @@ class ExchangeActor(Child):
         """Take a bucket token and a breaker admission, or schedule the next try."""
         wait = self.bucket.time_until(1.0)
         if wait > 0:
+            if self._held_since is None:
+                self._held_since = self.runtime.clock()
             self._pump_later(wait)
             return False
+        self._end_rate_limit_wait()
         if not self.breaker.allow():
             probe_in = self.breaker.time_until_probe()
             if probe_in is not None:
@@ -241,6 +248,12 @@ class ExchangeActor(Child):
             self._pool.submit(self._fetch, req, probe)
         self._report()
 
+    def _end_rate_limit_wait(self) -> None:
+        if self._held_since is not None:
+            if self.metrics is not None:
+                self.metrics.rate_limit_wait.labels(self.config.name).inc(self.runtime.clock() - self._held_since)
+            self._held_since = None
+
     def _pump_later(self, delay: float) -> None:
         """One pump timer at a time: the soonest wanted wins."""
         due = self.runtime.clock() + delay
@@ -265,6 +278,8 @@ class ExchangeActor(Child):
     def _on_markets(self, done: _MarketsDone) -> None:
         self._loading = False
         self._in_flight -= 1
+        if self.metrics is not None:
+            self.metrics.request(self.config.name, done.error, done.duration)
         if done.error is None and done.markets is not None:
             self.breaker.record_success(done.duration)
             self._markets = done.markets
@@ -291,6 +306,8 @@ class ExchangeActor(Child):
     def _on_done(self, done: _Done) -> None:
         self._in_flight -= 1
         error = done.result.error
+        if self.metrics is not None:
+            self.metrics.request(self.config.name, error, done.duration)
         if error is None:
             self.breaker.record_success(done.duration)
         else:

@@ -75,6 +75,7 @@ class SeriesActor(Child):
         health: Address | None = None,
         request_timeout: float = 10.0,
         page_limit: int = 1000,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self.key = key
@@ -85,6 +86,7 @@ class SeriesActor(Child):
         self.storage = storage
         self.health = health
         self.page_limit = page_limit
+        self.metrics = metrics
         self.watchdog_s = 3 * request_timeout + 5.0
         rng = self.runtime.rng
         self.retry = RetryPolicy(
@@ -338,6 +340,8 @@ class SeriesActor(Child):
         decision = self.retry.decide(self.attempt, error, retry_after)
         if not isinstance(decision, GiveUp):
             self.log.info("retrying", attempt=self.attempt, delay=round(decision.delay, 3), error=self.detail)
+            if self.metrics is not None:
+                self.metrics.retries.labels(self.key.exchange).inc()
             self._set_status("retrying")
             self._schedule(decision.delay)
             return

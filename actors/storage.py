@@ -161,14 +161,15 @@ class StorageActor(Child):
 
     def _write(self, rows: list[Row], writes: list[Write]) -> None:
         fresh = self._not_yet_stored(writes) if self.candles is not None and self.candles.has_subscribers else None
-        self.store.upsert(rows)
+        changed = self.store.upsert(rows)
         for w in writes:
             for gap in w.gaps:
                 self.store.record_gap(*gap)
         if self.metrics is not None:
+            self.metrics.candles_stored.inc(changed)
             for w in writes:
                 if w.rows:
-                    self.metrics.stored(w.rows[0][0], len(w.rows))
+                    self.metrics.written(w.rows[0][0], len(w.rows))
         if fresh:
             for row in fresh:
                 self.candles.publish(StoredCandle(*row))

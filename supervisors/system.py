@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,8 @@ import structlog
 from actors.breaker import BreakerConfig, CircuitBreaker
 from actors.exchange import ExchangeActor, counts_against_exchange
 from actors.health import HealthActor
-from actors.messages import ForgetSeries, Pause, Reset, SeriesKey
+from actors.messages import ForgetSeries, Pause, SeriesKey
+from actors.metrics import Metrics, MetricsEndpoint
 from actors.series import SeriesActor
 from actors.candles import timeframe_ms
 from actors.storage import StorageActor
@@ -83,6 +85,7 @@ class System:
         # every actor's status reports go to health and to the alerts notifier
         self.status = Fanout(self.health_address, self.notifier_address)
         self.candles = EventBus()  # newly stored candles, for `subscribe`
+        self.metrics = Metrics(health=self.health)
         for subscriber in subscribers:  # before start, so they miss nothing of the backfill
             self.candles.subscribe(subscriber)
         self.exchange_addresses: dict[str, Address] = {}
@@ -123,7 +126,7 @@ class System:
             Supervisor,
             args=(
                 [
-                    ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.status), address=address,
+                    ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.status, self.metrics), address=address,
                               shutdown=ex.timeout + 5.0),
                     ChildSpec(
                         "series",
@@ -151,6 +154,7 @@ class System:
                 "health": self.status,
                 "request_timeout": ex.timeout,
                 "page_limit": ex.page_limit,
+                "metrics": self.metrics,
             },
             kind="series",
             shutdown=10.0,
@@ -159,10 +163,14 @@ class System:
     def _root_specs(self) -> list[ChildSpec]:
         specs = [
             ChildSpec("storage", StorageActor, args=(self.config.storage.path, self.status),
-                      kwargs={"candles": self.candles}, address=self.storage, kind="storage", shutdown=30.0),
+                      kwargs={"candles": self.candles, "metrics": self.metrics}, address=self.storage, kind="storage",
+                      shutdown=30.0),
             ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges],),
                       address=self.health_address, kind="health"),
         ]
+        if self.config.metrics.listen:
+            specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, self.config.metrics.listen),
+                                   kind="metrics"))
         if self.with_control:
             from supervisors.control import ControlServer
 
@@ -200,9 +208,12 @@ class System:
             from supervisors.control import check_free
 
             check_free(self.config.control)
+        if self.config.metrics.listen:
+            check_port_free(self.config.metrics.listen)
         self._plan_series()
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
+        self.runtime.events.subscribe(self.metrics.on_event)
         self._root, _ = start_root(self.runtime, self._root_specs(), on_exit=self._on_root_exit, start_timeout=120.0)
         return self
 
@@ -219,6 +230,7 @@ class System:
             self._root.stop(block=True, timeout=timeout)
             self.exited.wait(timeout)
         self.runtime.events.unsubscribe(self._forward_event)
+        self.runtime.events.unsubscribe(self.metrics.on_event)
         self.runtime.stop()
 
     def wait(self, timeout: float | None = None) -> Exit | None:
@@ -256,6 +268,12 @@ class System:
                 raise CommandError(f"{'/'.join(path)} is not running")
         assert ref is not None
         return ref.proxy()
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the Prometheus endpoint listens (the real port when configured with port 0)."""
+        if not self.config.metrics.listen:
+            return None
+        return self._sup().child_ref("metrics").get(timeout=ASK_TIMEOUT).proxy().address().get(timeout=ASK_TIMEOUT)
 
     def _exchange_config(self, exchange: str) -> ExchangeConfig:
         for ex in self.config.exchanges:
@@ -432,6 +450,17 @@ class System:
             return self.exchange_addresses[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout):
             return None
+
+
+def check_port_free(listen: str) -> None:
+    """Fail fast when the metrics port is taken: restarting the endpoint would not free it."""
+    from supervisors.control import SocketInUse, parse_host_port
+
+    host, port = parse_host_port(listen)
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
 def _timeframe(timeframe: Any) -> int:
