@@ -48,6 +48,7 @@ class HealthActor(Child):
             row = self.exchanges.setdefault(message.name, {"name": message.name})
             row.update(breaker=message.breaker, status=message.status)
             row["next_probe_in"] = message.detail.get("next_probe_in")
+            row["openings"] = message.detail.get("openings", 0)  # how many times it has opened
         elif isinstance(message, StorageStatus):
             self.storage = {"ok": message.ok, "detail": message.detail}
         elif isinstance(message, LifecycleEvent):

@@ -82,6 +82,14 @@ class Written:
 
 
 @dataclass(frozen=True)
+class StoreChanged:
+    """The storage actor had to recreate the database (file deleted or corrupt): every series it
+    knows re-reads its resume point now, rather than at its next write, up to a candle later."""
+
+    generation: str
+
+
+@dataclass(frozen=True)
 class ResumePoint:
     """What a series needs from the store to resume: last stored candle and holes to refetch."""
 

@@ -35,6 +35,7 @@ from actors.messages import (
     ResumePoint,
     SeriesKey,
     SeriesStatus,
+    StoreChanged,
     Write,
     Written,
 )
@@ -135,6 +136,8 @@ class SeriesActor(Child):
             self._on_written(message)
         elif isinstance(message, ResumePoint):
             self._on_resume_point(message)
+        elif isinstance(message, StoreChanged):
+            self._on_store_changed(message)
         elif message is _TICK or isinstance(message, _Tick):
             self._timer = None
             self._next()
@@ -208,6 +211,15 @@ class SeriesActor(Child):
             self.log.info("refetching_holes", holes=len(self.gaps_todo))
         self._report()
         self._next()
+
+    def _on_store_changed(self, msg: StoreChanged) -> None:
+        """Resync now when idle; a request or write in flight resyncs on its ack's generation."""
+        if self.generation is None or msg.generation == self.generation or self._waiting_for is not None:
+            return
+        self.log.warning("store_recreated_resyncing", generation=msg.generation)
+        self.generation = None
+        self._cancel_timer()
+        self._resume()
 
     # -- requests ------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pykka
 
-from actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, Write, Written
+from actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, StoreChanged, Write, Written
 from actors.store import Store, StoreError, StoreGone
 from supervisors.child import Address, Child
 from supervisors.events import EventBus
@@ -35,7 +35,13 @@ class _Flush:
     pass
 
 
+class _CheckFile:
+    pass
+
+
 _FLUSH = _Flush()
+_CHECK_FILE = _CheckFile()
+CHECK_FILE_S = 2.0  # how often the database file is checked while idle (one stat)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class StorageActor(Child):
         self._generations = itertools.count()
         self.generation = f"{uuid.uuid4().hex[:8]}-0"
         self.healthy = True
+        # the series this incarnation has heard from, told when the store is recreated
+        self._series: dict[SeriesKey, pykka.ActorRef[Any]] = {}
 
     def on_start(self) -> None:
         try:
@@ -72,6 +80,7 @@ class StorageActor(Child):
             self.store.close()
             self._recover(exc)
         self._report(True, force=True)
+        self.schedule(CHECK_FILE_S, _CHECK_FILE)
 
     def on_stop(self) -> None:
         if self._pending:
@@ -89,7 +98,12 @@ class StorageActor(Child):
         elif message is _FLUSH:
             self._flush()
         elif isinstance(message, ResumeQuery):
+            self._series[message.key] = message.reply_to
             message.reply_to.tell(self._resume_point(message))
+        elif message is _CHECK_FILE:
+            self.schedule(CHECK_FILE_S, _CHECK_FILE)
+            if not self.store.check():
+                self._recover(StoreGone(f"{self.store.path} was deleted or replaced while open"))
         else:
             return super().on_receive(message)
         return None
@@ -139,6 +153,11 @@ class StorageActor(Child):
         moved = self.store.reopen()
         self.generation = f"{self.generation.split('-')[0]}-{next(self._generations) + 1}"
         self.log.error("store_recreated", reason=str(exc), moved_aside=moved, generation=self.generation)
+        for key, ref in list(self._series.items()):
+            try:
+                ref.tell(StoreChanged(self.generation))
+            except pykka.ActorDeadError:
+                del self._series[key]  # restarted: its replacement resumes from the store anyway
 
     def _flush(self) -> None:
         writes, self._pending = self._pending, []

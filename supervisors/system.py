@@ -127,7 +127,7 @@ class System:
             args=(
                 [
                     ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.status, self.metrics), address=address,
-                              shutdown=ex.timeout + 5.0),
+                              kind="exchange", shutdown=ex.timeout + 5.0),
                     ChildSpec(
                         "series",
                         Supervisor,

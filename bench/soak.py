@@ -1,0 +1,597 @@
+"""Chaos soak: the real daemon process against five local exchanges, under a seeded storm.
+
+    python bench/soak.py                      # 10 minutes, seed 1
+    python bench/soak.py --minutes 3          # a quick check
+    python bench/soak.py --seed 7 --no-write  # another schedule; do not touch RESULTS.md
+
+What it does: starts 5 simulated Binance exchanges (20 symbols each) in this process, writes a
+config for them (with `[control] chaos = true`, the test-only switch that enables the `crash`
+command), and runs `python run.py --config ...` as a child process. For `--minutes` it plays a
+fault schedule drawn from `--seed` (same seed, same schedule, printed at the start): random
+5xx / 429 with Retry-After / 418 bans / resets / stalls / truncated JSON / short reads at one
+exchange, full outages of one exchange at a time, a poisoned symbol, crashes injected into
+random actors, `kill -9` of the daemon and a restart, and deletion of the SQLite file. It then
+lifts every fault, waits for the daemon to catch up (`--settle` seconds at most), stops it with
+SIGTERM, and checks the store against the exchanges' own history.
+
+Figures: candles expected / stored / missing / duplicated / invalid; requests that reached an
+exchange while its breaker was open (a request is counted when the two health samples around
+its arrival both say "open" with the same opening count, i.e. the breaker provably stayed open
+in between, so a probe is never counted; refused connections during a `refuse` outage never
+reach the exchange and cannot be counted); 429s received; restarts by kind (summed over
+daemon incarnations); peak RSS and its growth over the longest incarnation (leak check); the
+longest wait for a `health` reply. Its last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import psutil  # noqa: E402
+
+from simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode, PoisonKind  # noqa: E402
+from simulator.server import BinanceSimulator, synthetic_symbols  # noqa: E402
+from supervisors.control import request  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TF = 60_000
+RESULTS = ROOT / "bench" / "RESULTS.md"
+BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
+
+
+# -- the schedule ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float  # seconds from the start of the storm
+    action: str  # faults, outage, poison, crash, kill9, delete_db
+    exchange: str = ""
+    detail: str = ""  # fault kind, outage mode, poison kind or symbol, crash target
+    duration: float = 0.0
+    rate: float = 0.0
+
+    def __str__(self) -> str:
+        extra = f" rate={self.rate:.2f}" if self.rate else ""
+        span = f" for {self.duration:.0f}s" if self.duration else ""
+        return f"t={self.at:6.1f}s {self.action:<9} {self.exchange:<4} {self.detail}{extra}{span}"
+
+
+def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]) -> list[Event]:
+    """The storm: one of every kind of event, then random ones about every 12 s. Outages never
+    overlap (one exchange down at a time); nothing starts in the first 15 s (let it backfill)."""
+    rng = random.Random(seed)
+    start, end = 15.0, max(30.0, seconds - 5.0)
+    kills = max(1, int(seconds // 300))
+    deletions = max(1, int(seconds // 300))
+
+    def random_event(action: str, at: float) -> Event:
+        ex = rng.choice(exchanges)
+        if action == "faults":
+            kind = rng.choice(RANDOM_KINDS)
+            return Event(at, action, ex, kind.value, duration=rng.uniform(15, 40), rate=rng.uniform(0.05, 0.15))
+        if action == "outage":
+            return Event(at, action, ex, rng.choice(list(OutageMode)).value, duration=rng.uniform(15, 35))
+        if action == "poison":
+            kind = rng.choice(list(PoisonKind)).value
+            return Event(at, action, ex, f"{rng.choice(symbols)}:{kind}", duration=rng.uniform(20, 50))
+        if action == "crash":
+            sym = rng.choice(symbols)
+            target = rng.choice([f"{ex}/series/{sym}@1m", f"{ex}/series/{sym}@1m", f"{ex}/exchange", ex,
+                                 f"{ex}/series", "storage", "health"])
+            return Event(at, action, ex, target)
+        return Event(at, action)
+
+    events = [random_event(a, rng.uniform(start, end)) for a in ("faults", "outage", "poison", "crash")]
+    # process-level events in the first 60 % of the run, so the last incarnation is long enough
+    # for the leak check
+    for i in range(kills):
+        events.append(random_event("kill9", rng.uniform(start, start + (end - start) * 0.6)))
+    for i in range(deletions):
+        events.append(random_event("delete_db", rng.uniform(start, start + (end - start) * 0.6)))
+    t = start
+    while True:
+        t += rng.expovariate(1 / 12.0)
+        if t >= end:
+            break
+        events.append(random_event(rng.choices(["faults", "outage", "poison", "crash"], [5, 2, 1, 3])[0], t))
+    events.sort(key=lambda e: e.at)
+    out: list[Event] = []
+    outage_until = 0.0
+    for e in events:
+        if e.action == "outage":
+            if e.at < outage_until:
+                continue
+            outage_until = e.at + e.duration + 5.0
+        out.append(e)
+    return out
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+class Daemon:
+    """`python run.py --config ...` as a child process, restarted like a service manager would."""
+
+    def __init__(self, workdir: Path, config: Path) -> None:
+        self.workdir, self.config = workdir, config
+        self.socket = str(workdir / "ctl.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.incarnation = 0
+        self.log = open(workdir / "daemon.log", "ab")  # noqa: SIM115
+        self.unexpected_exits: list[int] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            self.incarnation += 1
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "run.py"), "--config", str(self.config), "--log-format", "json"],
+                cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.ping():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode} at start; see {self.workdir}/daemon.log")
+            time.sleep(0.1)
+        raise RuntimeError("daemon did not answer within 60 s")
+
+    def ping(self) -> bool:
+        try:
+            return bool(request(self.socket, "health", timeout=5).get("ok"))
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def kill9(self) -> None:
+        with self.lock:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def check_alive(self) -> None:
+        """A daemon that exited on its own (its root supervisor gave up) is restarted and counted."""
+        with self.lock:
+            code = self.proc.poll() if self.proc is not None else None
+        if code is not None:
+            self.unexpected_exits.append(code)
+            self.start()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+        self.log.close()
+        return self.proc.returncode
+
+
+# -- observers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    at: float  # wall clock
+    incarnation: int
+    breakers: dict[str, tuple[str, int]]  # exchange -> (state, openings)
+
+
+@dataclass
+class Observations:
+    samples: list[Sample] = field(default_factory=list)
+    health_ms: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    restarts: dict[int, dict[str, int]] = field(default_factory=dict)  # incarnation -> by kind
+    rss: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # incarnation -> [(t, MB)]
+    requests: dict[str, list[float]] = field(default_factory=dict)  # exchange -> arrival times
+    last_health: dict[str, Any] = field(default_factory=dict)
+
+
+def observe(daemon: Daemon, obs: Observations, stop: threading.Event, interval: float = 0.5) -> None:
+    """Sample health (and how long it took to answer) and the daemon's RSS."""
+    proc: psutil.Process | None = None
+    while not stop.wait(interval):
+        inc, pid = daemon.incarnation, daemon.pid
+        if pid is None:
+            continue
+        if proc is None or proc.pid != pid:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                continue
+        try:
+            obs.rss.setdefault(inc, []).append((time.monotonic(), proc.memory_info().rss / 2**20))
+        except psutil.NoSuchProcess:
+            continue
+        t0 = time.monotonic()
+        try:
+            reply = request(daemon.socket, "health", timeout=10)
+        except OSError:
+            obs.health_failures += 1
+            continue
+        obs.health_ms.append((time.monotonic() - t0) * 1000)
+        if not reply.get("ok"):
+            continue
+        health = reply["result"]
+        obs.last_health = health
+        obs.samples.append(Sample(time.time(), inc, {
+            e["name"]: (e.get("breaker", "?"), int(e.get("openings") or 0)) for e in health["exchanges"]
+        }))
+        obs.restarts[inc] = dict(health.get("restarts_by_kind", {}))
+
+
+def requests_while_open(obs: Observations, exchange: str) -> int:
+    """Requests that arrived between two consecutive samples (< 2 s apart, same incarnation)
+    that both show this exchange's breaker open with the same opening count."""
+    samples = obs.samples
+    times = [s.at for s in samples]
+    count = 0
+    for t in obs.requests.get(exchange, []):
+        i = bisect.bisect_right(times, t) - 1
+        if i < 0 or i + 1 >= len(samples):
+            continue
+        a, b = samples[i], samples[i + 1]
+        if a.incarnation != b.incarnation or b.at - a.at > 2.0:
+            continue
+        sa, sb = a.breakers.get(exchange), b.breakers.get(exchange)
+        if sa and sb and sa[0] == sb[0] == "open" and sa[1] == sb[1]:
+            count += 1
+    return count
+
+
+# -- checking the store ----------------------------------------------------------------------
+
+
+def check_store(db: Path, sims: dict[str, BinanceSimulator], symbols: list[str], since: int, cutoff: int,
+                stopped_ms: int) -> dict[str, int]:
+    """Expected = every candle of every series in [since, cutoff) by the exchange's own history."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        duplicated = conn.execute(
+            "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM candles "
+            "GROUP BY exchange, symbol, timeframe, ts HAVING n > 1)"
+        ).fetchone()[0]
+        expected_n = stored_n = missing = invalid = 0
+        for name, sim in sims.items():
+            for sym in symbols:
+                want = {c[0]: tuple(c[1:]) for c in sim.expected_candles(sym, "1m", since, cutoff)}
+                rows = conn.execute(
+                    "SELECT ts, open, high, low, close, volume FROM candles "
+                    "WHERE exchange = ? AND symbol = ? AND timeframe = '1m'", (name, sym),
+                ).fetchall()
+                have = {r[0]: tuple(r[1:]) for r in rows if since <= r[0] < cutoff}
+                expected_n += len(want)
+                stored_n += len(have)
+                missing += len(want.keys() - have.keys())
+                invalid += sum(1 for ts, v in have.items() if want.get(ts) != v)
+                # outside the checked range: only closed candles may be stored
+                invalid += sum(1 for r in rows if r[0] >= cutoff and r[0] + TF > stopped_ms)
+        known = {(n, s) for n in sims for s in symbols}
+        for ex, sym, n in conn.execute("SELECT exchange, symbol, count(*) FROM candles GROUP BY exchange, symbol"):
+            if (ex, sym) not in known:
+                invalid += n
+    finally:
+        conn.close()
+    return {"expected": expected_n, "stored": stored_n, "missing": missing, "duplicated": duplicated,
+            "invalid": invalid}
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def write_config(workdir: Path, sims: dict[str, BinanceSimulator], symbols: list[str], since: int,
+                 rate: int) -> Path:
+    lines = [
+        "[storage]", 'path = "candles.db"', "",
+        "[control]", 'socket = "ctl.sock"', "chaos = true  # test-only: enables the crash command", "",
+        "[ingest]", f'since = "{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since / 1000))}"',
+        'poll_interval = "5s"', "",
+        "[resilience]", "retry_attempts = 3", 'retry_base_delay = "200ms"', 'retry_max_delay = "5s"',
+        "breaker_threshold = 5", 'breaker_recovery = "3s"', "quarantine_after = 3", "",
+    ]
+    for name, sim in sims.items():
+        lines += [f"[exchanges.{name}]", 'exchange = "binance"', f'api_base = "{sim.url}"',
+                  f"symbols = {json.dumps(symbols)}", f"rate_limit = {rate}", 'timeout = "2s"', ""]
+    path = workdir / "soak.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def caught_up(health: dict[str, Any], newest_closed: int, n_series: int) -> bool:
+    series = health.get("series", [])
+    return (
+        len(series) == n_series
+        and all(e.get("breaker") == "closed" for e in health.get("exchanges", []))
+        and all(s["status"] == "ok" and (s.get("last_ts") or 0) >= newest_closed for s in series)
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the storm (default 10)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--exchanges", type=int, default=5)
+    p.add_argument("--symbols", type=int, default=20)
+    p.add_argument("--lookback-hours", type=float, default=6.0, help="history to backfill (default 6 h)")
+    p.add_argument("--rate", type=int, default=50, help="requests/s each exchange admits (and the daemon's rate_limit)")
+    p.add_argument("--settle", type=float, default=240.0, help="max seconds to catch up after the storm")
+    p.add_argument("--workdir", help="keep files here (default: a temporary directory)")
+    p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = p.parse_args()
+    if args.minutes <= 0 or args.exchanges < 1 or args.symbols < 1:
+        p.error("--minutes, --exchanges and --symbols must be positive")
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ck-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds = args.minutes * 60
+    names = [f"ex{i}" for i in range(args.exchanges)]
+    symbols = synthetic_symbols(args.symbols)
+    since = (int(time.time() * 1000) // TF) * TF - int(args.lookback_hours * 3600_000)
+    events = schedule(args.seed, seconds, names, symbols)
+    print(f"soak: {args.minutes:g} min, seed {args.seed}, {len(names)} exchanges x {len(symbols)} symbols, "
+          f"workdir {workdir}")
+    print(f"schedule ({len(events)} events):")
+    for e in events:
+        print("  ", e)
+    sys.stdout.flush()
+
+    obs = Observations()
+    base = {name: Faults(seed=args.seed * 100 + i, rate_limit_per_s=args.rate) for i, name in enumerate(names)}
+    sims: dict[str, BinanceSimulator] = {}
+    for i, name in enumerate(names):
+        arrivals = obs.requests.setdefault(name, [])
+        sims[name] = BinanceSimulator(symbols, name=name, seed=i, history_start_ms=since - 3600_000,
+                                      faults=base[name],
+                                      on_request=lambda *_, a=arrivals: a.append(time.time())).start()
+    config = write_config(workdir, sims, symbols, since, args.rate)
+    daemon = Daemon(workdir, config)
+    stop_observing = threading.Event()
+    daemon.start()
+    observer = threading.Thread(target=observe, args=(daemon, obs, stop_observing), daemon=True)
+    observer.start()
+
+    timeline: list[tuple[float, str, Any]] = []  # (when, "start"|"end", event)
+    for e in events:
+        timeline.append((e.at, "start", e))
+        if e.duration:
+            timeline.append((e.at + e.duration, "end", e))
+    timeline.sort(key=lambda x: x[0])
+    active: dict[str, dict[str, Any]] = {n: {"rates": None, "outage": None, "poisoned": {}} for n in names}
+    counts: dict[str, int] = {}
+    crash_refusals: list[str] = []
+
+    def apply(name: str) -> None:
+        a = active[name]
+        rates = {FaultKind(a["rates"][0]): a["rates"][1]} if a["rates"] else {}
+        f = dataclasses.replace(base[name], rates=rates, outage=a["outage"], poisoned=dict(a["poisoned"]))
+        sims[name].set_faults(f)
+
+    t0 = time.monotonic()
+    try:
+        for at, phase, e in timeline:
+            while (wait := t0 + min(at, seconds) - time.monotonic()) > 0:
+                time.sleep(min(wait, 1.0))
+                daemon.check_alive()
+            if at > seconds:
+                break
+            if phase == "start":
+                counts[e.action] = counts.get(e.action, 0) + 1
+                print(f"[{time.monotonic() - t0:6.1f}s] {e}", flush=True)
+            if e.action == "faults":
+                active[e.exchange]["rates"] = (e.detail, e.rate) if phase == "start" else None
+                apply(e.exchange)
+            elif e.action == "outage":
+                active[e.exchange]["outage"] = OutageMode(e.detail) if phase == "start" else None
+                apply(e.exchange)
+            elif e.action == "poison":
+                sym, _, kind = e.detail.rpartition(":")
+                sym_id = sym.replace("/", "").upper()
+                if phase == "start":
+                    active[e.exchange]["poisoned"][sym_id] = PoisonKind(kind)
+                else:
+                    active[e.exchange]["poisoned"].pop(sym_id, None)
+                apply(e.exchange)
+            elif e.action == "crash":
+                try:
+                    reply = request(daemon.socket, "crash", target=e.detail, timeout=10)
+                    if not reply.get("ok"):
+                        crash_refusals.append(f"{e.detail}: {reply.get('error')}")
+                except OSError as exc:
+                    crash_refusals.append(f"{e.detail}: {exc}")
+            elif e.action == "kill9":
+                daemon.kill9()
+                daemon.start()
+            elif e.action == "delete_db":
+                for suffix in ("", "-wal", "-shm"):
+                    try:
+                        os.unlink(workdir / f"candles.db{suffix}")
+                    except FileNotFoundError:
+                        pass
+        while time.monotonic() < t0 + seconds:
+            time.sleep(min(1.0, t0 + seconds - time.monotonic()))
+            daemon.check_alive()
+
+        # the storm is over: lift every fault, let the daemon catch up, stop it
+        for name in names:
+            sims[name].set_faults(base[name])
+        storm_end = time.monotonic()
+        settled = False
+        cutoff = 0
+        while time.monotonic() - storm_end < args.settle:
+            daemon.check_alive()
+            newest_closed = (int(time.time() * 1000) // TF) * TF - TF
+            try:
+                health = request(daemon.socket, "health", timeout=10)["result"]
+            except (OSError, KeyError):
+                time.sleep(1)
+                continue
+            if caught_up(health, newest_closed, len(names) * len(symbols)):
+                # health says caught up; the store must agree (a recreated store refills later)
+                try:
+                    done = check_store(workdir / "candles.db", sims, symbols, since, newest_closed + TF,
+                                       int(time.time() * 1000))["missing"] == 0
+                except sqlite3.Error:
+                    done = False
+                if done:
+                    settled, cutoff = True, newest_closed + TF
+                    break
+            time.sleep(1)
+        settle_s = time.monotonic() - storm_end
+        if not settled:
+            cutoff = (int(time.time() * 1000) // TF) * TF - TF  # check what should be there by now
+        stop_observing.set()
+        observer.join(15)
+        exit_code = daemon.stop()
+        stopped_ms = int(time.time() * 1000)
+        store = check_store(workdir / "candles.db", sims, symbols, since, cutoff, stopped_ms)
+    finally:
+        stop_observing.set()
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+        for sim in sims.values():
+            sim.stop()
+
+    stats = [sim.stats() for sim in sims.values()]
+    injected_429 = sum(s.by_fault.get(FaultKind.HTTP_429, 0) for s in stats)
+    limiter_429 = sum(s.by_fault.get(FaultKind.RATE_LIMIT, 0) for s in stats)
+    restarts: dict[str, int] = {}
+    for by_kind in obs.restarts.values():
+        for kind, n in by_kind.items():
+            restarts[kind] = restarts.get(kind, 0) + n
+    peak_rss = max((mb for series in obs.rss.values() for _, mb in series), default=0.0)
+    longest = max(obs.rss.values(), key=len, default=[])
+    growth = leak_growth(longest)
+    health_ms = sorted(obs.health_ms)
+    result = {
+        **store,
+        "seed": args.seed,
+        "minutes": args.minutes,
+        "events": counts,
+        "crash_refusals": len(crash_refusals),
+        "settled": settled,
+        "settle_s": round(settle_s, 1),
+        "daemon_exit_code": exit_code,
+        "unexpected_exits": daemon.unexpected_exits,
+        "incarnations": daemon.incarnation,
+        "requests_total": sum(s.total for s in stats),
+        "requests_while_open": {n: requests_while_open(obs, n) for n in names},
+        "breaker_openings_seen": sum(
+            max((s.breakers.get(n, ("", 0))[1] for s in obs.samples if s.incarnation == inc), default=0)
+            for n in names for inc in {s.incarnation for s in obs.samples}
+        ),
+        "http_429_received": injected_429 + limiter_429,
+        "http_429_injected": injected_429,
+        "http_429_rate_limiter": limiter_429,
+        "http_418_received": sum(s.http_418 for s in stats),
+        "restarts_by_kind": restarts,
+        "peak_rss_mb": round(peak_rss, 1),
+        "rss_growth_pct_longest_incarnation": growth,
+        "health_requests": len(health_ms),
+        "health_max_ms": round(health_ms[-1], 1) if health_ms else None,
+        "health_p99_ms": round(health_ms[min(len(health_ms) - 1, math.ceil(0.99 * len(health_ms)) - 1)], 1)
+        if health_ms else None,
+        "health_failures": obs.health_failures,
+        "workdir": str(workdir),
+    }
+    report(result, crash_refusals, args)
+    if not args.no_write:
+        write_results(result, args)
+    print(json.dumps(result))
+
+
+def leak_growth(samples: list[tuple[float, float]]) -> float | None:
+    """RSS growth (%) from the first to the last third of an incarnation, after a warm-up third."""
+    if len(samples) < 60:
+        return None
+    body = samples[len(samples) // 3 :]
+    k = max(1, len(body) // 3)
+    first = sorted(mb for _, mb in body[:k])[k // 2]
+    last = sorted(mb for _, mb in body[-k:])[k // 2]
+    return round(100.0 * (last - first) / first, 1)
+
+
+def report(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespace) -> None:
+    print()
+    print(f"candles: expected {r['expected']}, stored {r['stored']}, missing {r['missing']}, "
+          f"duplicated {r['duplicated']}, invalid {r['invalid']}")
+    print(f"settled: {r['settled']} in {r['settle_s']} s; daemon exit code {r['daemon_exit_code']}; "
+          f"incarnations {r['incarnations']}; unexpected exits {r['unexpected_exits']}")
+    print(f"requests: {r['requests_total']}; while breaker open: {r['requests_while_open']}; "
+          f"breaker openings seen: {r['breaker_openings_seen']}")
+    print(f"429s: {r['http_429_received']} (injected {r['http_429_injected']}, "
+          f"server rate limiter {r['http_429_rate_limiter']}); 418s: {r['http_418_received']}")
+    print(f"restarts by kind: {r['restarts_by_kind']}; events: {r['events']}")
+    print(f"RSS peak {r['peak_rss_mb']} MB, growth over the longest incarnation {r['rss_growth_pct_longest_incarnation']} %")
+    print(f"health: {r['health_requests']} requests, p99 {r['health_p99_ms']} ms, max {r['health_max_ms']} ms, "
+          f"unanswered {r['health_failures']} (daemon restarting)")
+    for line in crash_refusals:
+        print("crash refused:", line)
+
+
+def write_results(r: dict[str, Any], args: argparse.Namespace) -> None:
+    exact = r["missing"] == 0 and r["duplicated"] == 0 and r["invalid"] == 0
+    open_reqs = sum(r["requests_while_open"].values())
+    growth = r["rss_growth_pct_longest_incarnation"]
+    cmd = f"python bench/soak.py --minutes {args.minutes:g} --seed {args.seed}"
+    section = f"""{BEGIN}
+## Chaos soak: `{cmd}` ({time.strftime("%Y-%m-%d")})
+
+{args.exchanges} exchanges × {args.symbols} symbols, 1m candles, {args.lookback_hours:g} h of history, the daemon as a
+real process with `rate_limit = {args.rate}` against exchanges admitting {args.rate} requests/s. Events played:
+{", ".join(f"{k} {v}" for k, v in sorted(r["events"].items()))}.
+
+| figure | result | target | met |
+|---|---|---|---|
+| candles expected / stored | {r["expected"]} / {r["stored"]} | equal | {"yes" if r["expected"] == r["stored"] else "**no**"} |
+| missing / duplicated / invalid | {r["missing"]} / {r["duplicated"]} / {r["invalid"]} | 0 / 0 / 0 | {"yes" if exact else "**no**"} |
+| caught up after the storm | {"yes" if r["settled"] else "no"}, in {r["settle_s"]} s | yes | {"yes" if r["settled"] else "**no**"} |
+| requests reaching an exchange while its breaker was open | {open_reqs} (openings seen: {r["breaker_openings_seen"]}) | 0 | {"yes" if open_reqs == 0 else "**no**"} |
+| 429s received | {r["http_429_received"]}: {r["http_429_injected"]} injected, {r["http_429_rate_limiter"]} from the server's limiter | limiter: 0 | {"yes" if r["http_429_rate_limiter"] == 0 else "**no**"} |
+| restarts by kind | {", ".join(f"{k} {v}" for k, v in sorted(r["restarts_by_kind"].items())) or "none"} | | |
+| daemon incarnations (kill -9 restarts) / unexpected exits | {r["incarnations"]} / {len(r["unexpected_exits"])} | – / 0 | {"yes" if not r["unexpected_exits"] else "**no**"} |
+| peak RSS | {r["peak_rss_mb"]} MB | | |
+| RSS growth, longest incarnation (after warm-up) | {growth if growth is not None else "n/a (too short)"} % | < 10 % | {"n/a" if growth is None else ("yes" if growth < 10 else "**no**")} |
+| longest wait for `health` (p99) | {r["health_max_ms"]} ms ({r["health_p99_ms"]} ms) | < 1000 ms | {"yes" if (r["health_max_ms"] or 0) < 1000 else "**no**"} |
+| clean exit on SIGTERM | exit code {r["daemon_exit_code"]} | 0 | {"yes" if r["daemon_exit_code"] == 0 else "**no**"} |
+
+Last line of its output: `{json.dumps({k: r[k] for k in ("expected", "stored", "missing", "duplicated", "invalid")})}`
+{END}"""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
