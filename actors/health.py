@@ -11,6 +11,7 @@ stopped; `ok` otherwise. Paused series are an operator's choice and do not degra
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
@@ -20,16 +21,30 @@ from supervisors.events import LifecycleEvent
 DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
 
 
+@dataclass
+class HealthState:
+    """What the health actor knows, owned by the system rather than by one incarnation of the
+    actor: a crash of the health actor loses neither restart counts nor the last reported
+    states (only a report told in the instant between two incarnations)."""
+
+    exchanges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)  # by actor path
+    restarts_by_kind: dict[str, int] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=lambda: {"ok": True, "detail": None})
+
+
 class HealthActor(Child):
-    def __init__(self, exchanges: list[str]) -> None:
+    def __init__(self, exchanges: list[str], state: HealthState | None = None) -> None:
         super().__init__()
-        self.exchanges: dict[str, dict[str, Any]] = {
-            name: {"name": name, "breaker": "closed", "status": "starting"} for name in exchanges
-        }
-        self.series: dict[str, dict[str, Any]] = {}
-        self.restarts: dict[str, int] = {}
-        self.restarts_by_kind: dict[str, int] = {}
-        self.storage: dict[str, Any] = {"ok": True, "detail": None}
+        state = state if state is not None else HealthState()
+        for name in exchanges:
+            state.exchanges.setdefault(name, {"name": name, "breaker": "closed", "status": "starting"})
+        self.exchanges = state.exchanges
+        self.series = state.series
+        self.restarts = state.restarts
+        self.restarts_by_kind = state.restarts_by_kind
+        self.storage = state.storage
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, SeriesStatus):
@@ -50,7 +65,7 @@ class HealthActor(Child):
             row["next_probe_in"] = message.detail.get("next_probe_in")
             row["openings"] = message.detail.get("openings", 0)  # how many times it has opened
         elif isinstance(message, StorageStatus):
-            self.storage = {"ok": message.ok, "detail": message.detail}
+            self.storage.update(ok=message.ok, detail=message.detail)
         elif isinstance(message, LifecycleEvent):
             self._on_event(message)
         elif isinstance(message, ForgetSeries):

@@ -15,8 +15,8 @@ actor also restarts its series (rest_for_one): their requests in flight died wit
 resume cleanly from the store. The breaker object is created here and handed to every
 incarnation of the exchange actor, so no restart resets an open breaker. Storage, health and
 control are independent of each other at the root (one_for_one): a storage restart changes the
-store generation and every series re-reads its resume point; after a health restart, statuses
-come back as each actor next reports a change.
+store generation and every series re-reads its resume point; the health actor's knowledge
+(`HealthState`) is owned here, so a health restart loses no status and no restart count.
 
 Nothing here is global: two `System`s run side by side in one process.
 """
@@ -37,7 +37,7 @@ import structlog
 
 from actors.breaker import BreakerConfig, CircuitBreaker
 from actors.exchange import ExchangeActor, counts_against_exchange
-from actors.health import HealthActor
+from actors.health import HealthActor, HealthState
 from actors.messages import ForgetSeries, Pause, SeriesKey
 from actors.metrics import Metrics, MetricsEndpoint
 from actors.series import SeriesActor
@@ -86,6 +86,7 @@ class System:
         self.status = Fanout(self.health_address, self.notifier_address)
         self.candles = EventBus()  # newly stored candles, for `subscribe`
         self.metrics = Metrics(health=self.health)
+        self.health_state = HealthState()  # survives restarts of the health actor
         for subscriber in subscribers:  # before start, so they miss nothing of the backfill
             self.candles.subscribe(subscriber)
         self.exchange_addresses: dict[str, Address] = {}
@@ -165,7 +166,7 @@ class System:
             ChildSpec("storage", StorageActor, args=(self.config.storage.path, self.status),
                       kwargs={"candles": self.candles, "metrics": self.metrics}, address=self.storage, kind="storage",
                       shutdown=30.0),
-            ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges],),
+            ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges], self.health_state),
                       address=self.health_address, kind="health"),
         ]
         if self.config.metrics.listen:

@@ -90,6 +90,9 @@ def test_scraped_metrics_match_what_happened() -> None:
             system.crash("binance/series/BTC/USDT@1m")
             wait_until(lambda: value(scrape(*address), "candlekeeper_restarts_total", kind="series") >= 1,
                        what="series restart counted")
+            system.crash("health")  # restart counts live outside the health actor: none are lost
+            wait_until(lambda: system.health().get("restarts_by_kind") == {"series": 1, "health": 1},
+                       what="restart counts kept across a health restart")
             wait_until(lambda: system.health()["status"] == "ok", what="health ok")
             m = scrape(*address)
 
@@ -102,6 +105,7 @@ def test_scraped_metrics_match_what_happened() -> None:
             assert ok >= 2 * 12 and failed >= 1  # pages of 10 over 119 candles per series, plus markets
             assert value(m, "candlekeeper_retries_total", exchange="binance") >= 1
             assert value(m, "candlekeeper_crashes_total", kind="series") == 1
+            assert value(m, "candlekeeper_restarts_total", kind="health") == 1
             assert value(m, "candlekeeper_candles_stored_total") == stored()
             assert value(m, "candlekeeper_candles_written_total", exchange="binance") >= stored()
             assert value(m, "candlekeeper_rate_limit_wait_seconds_total", exchange="binance") > 0
