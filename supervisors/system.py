@@ -35,11 +35,13 @@ from typing import Any
 import pykka
 import structlog
 
+from actors.alerts import AlertState
 from actors.breaker import BreakerConfig, CircuitBreaker
 from actors.exchange import ExchangeActor, counts_against_exchange
 from actors.health import HealthActor, HealthState
 from actors.messages import ForgetSeries, Pause, SeriesKey
 from actors.metrics import Metrics, MetricsEndpoint
+from actors.notifier import NotifierActor
 from actors.series import SeriesActor
 from actors.candles import timeframe_ms
 from actors.storage import StorageActor
@@ -169,6 +171,9 @@ class System:
             ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges], self.health_state),
                       address=self.health_address, kind="health"),
         ]
+        # one AlertState per system, kept by the spec: a restarted notifier still resolves what it opened
+        specs.append(ChildSpec("notifier", NotifierActor, args=(self.config.alerts, AlertState()),
+                               address=self.notifier_address, kind="notifier", shutdown=10.0))
         if self.config.metrics.listen:
             specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, self.config.metrics.listen),
                                    kind="metrics"))
