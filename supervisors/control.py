@@ -3,8 +3,10 @@
 Wire format (any language can speak it): a stream of msgpack maps in each direction. Each
 request `{"id": ..., "cmd": "...", ...args}` gets exactly one reply, `{"id": ..., "ok": true,
 "result": ...}` or `{"id": ..., "ok": false, "error": "..."}`, in order; requests may be
-pipelined on one connection. A message larger than `MAX_MESSAGE` bytes or invalid msgpack closes
-the connection after an error reply; at most `MAX_CONNECTIONS` clients are served at once.
+pipelined on one connection. The id is echoed when it is a scalar (nil, bool, int, float, str,
+bin), nil otherwise. A message larger than `MAX_MESSAGE` bytes or invalid msgpack closes the
+connection after an error reply; at most `MAX_CONNECTIONS` clients are served at once (the others
+get an error reply and a close). tests/test_control_fuzz.py fuzzes all of this.
 
 An optional TCP listener (`[control] tcp`, loopback unless configured otherwise) serves the same
 protocol to remote clients, but only requests carrying `"token": "<[control] token>"`; a request
@@ -21,6 +23,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -195,41 +198,72 @@ class ControlServer(Child):
                 t.join(5)
 
     def _accept_loop(self, sock: socket.socket, remote: bool) -> None:
+        """Accept until closed. Nothing a client does may end this loop: a dead accept thread
+        would leave a daemon that runs but can never be asked anything again."""
         while not self._closing.is_set():
             try:
                 conn, _ = sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                # e.g. EMFILE, ECONNABORTED: transient; back off a little instead of spinning
+                self.log.warning("control_accept_failed", error=str(exc))
+                time.sleep(0.05)  # sleep-ok: the accept thread, not a mailbox
+                continue
             with self._lock:
-                if len(self._conns) >= MAX_CONNECTIONS:
-                    _send(conn, {"id": None, "ok": False, "error": "too many connections"})
-                    conn.close()
-                    continue
-                self._conns.add(conn)
-                t = threading.Thread(target=self._serve, args=(conn, remote), name=f"{self.path}/conn", daemon=True)
+                full = len(self._conns) >= MAX_CONNECTIONS
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                _refuse(conn, "too many connections")
+                continue
+            t = threading.Thread(target=self._serve, args=(conn, remote), name=f"{self.path}/conn", daemon=True)
+            with self._lock:
                 self._threads.add(t)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:  # cannot start a thread: refuse this client, keep accepting
+                with self._lock:
+                    self._threads.discard(t)
+                    self._conns.discard(conn)
+                _refuse(conn, f"cannot serve: {exc}")
 
     def _serve(self, conn: socket.socket, remote: bool = False) -> None:
+        # `max_buffer_size` alone does not bound a message: the unpacker parses arrays and maps
+        # incrementally and drops the bytes it has parsed, so each message's size is counted here.
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE, strict_map_key=False)
+        too_large = {"id": None, "ok": False, "error": f"message larger than {MAX_MESSAGE} bytes"}
+        received = start = 0  # bytes received so far; where the current message began
         try:
             while not self._closing.is_set():
                 data = conn.recv(65536)
                 if not data:
                     return
+                received += len(data)
                 try:
                     unpacker.feed(data)
-                    for request in unpacker:
-                        if remote and not self._authorized(request):
-                            _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
-                            return
-                        _send(conn, self.handle(request))
                 except msgpack.BufferFull:
-                    _send(conn, {"id": None, "ok": False, "error": f"message larger than {MAX_MESSAGE} bytes"})
+                    _send(conn, too_large)
                     return
-                except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
-                    _send(conn, {"id": None, "ok": False, "error": f"invalid msgpack: {exc}"})
-                    return
+                while True:
+                    try:
+                        request = next(unpacker)
+                    except StopIteration:  # the rest of the message has not arrived yet
+                        if received - start > MAX_MESSAGE:
+                            _send(conn, too_large)
+                            return
+                        break
+                    except Exception as exc:  # noqa: BLE001 - bad format, bad UTF-8, too deep, a map keyed by a map...
+                        _send(conn, {"id": None, "ok": False, "error": f"invalid msgpack: {type(exc).__name__}: {exc}"})
+                        return
+                    size, start = unpacker.tell() - start, unpacker.tell()
+                    if size > MAX_MESSAGE:
+                        _send(conn, too_large)
+                        return
+                    if remote and not self._authorized(request):
+                        _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
+                        return
+                    _send(conn, self.handle(request))
         except OSError:
             return  # the client went away
         finally:
@@ -249,9 +283,14 @@ class ControlServer(Child):
             return {"id": None, "ok": False, "error": "a request must be a map"}
         req_id = _request_id(request)
         cmd = request.get("cmd")
-        fn = self.commands.get(cmd) if isinstance(cmd, str) else None
+        known = ", ".join(sorted(self.commands))
+        if not isinstance(cmd, str):
+            what = "missing" if cmd is None else f"a {type(cmd).__name__}"
+            return {"id": req_id, "ok": False, "error": f"'cmd' must be a string, got {what}; known: {known}"}
+        fn = self.commands.get(cmd)
         if fn is None:
-            return {"id": req_id, "ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}"}
+            shown = repr(cmd) if len(cmd) <= 64 else repr(cmd[:64]) + "..."
+            return {"id": req_id, "ok": False, "error": f"unknown command {shown}; known: {known}"}
         try:
             return {"id": req_id, "ok": True, "result": fn(request)}
         except Exception as exc:  # noqa: BLE001 - a refused command is a reply, never a crash
@@ -260,13 +299,26 @@ class ControlServer(Child):
 
 
 def _request_id(request: Any) -> Any:
-    """The request's id echoed back when it is a plain value; None otherwise."""
+    """The request's id echoed back when it is a scalar (nil, bool, int, float, str, bin); None
+    for a container or an extension type."""
     req_id = request.get("id") if isinstance(request, dict) else None
-    return req_id if isinstance(req_id, (str, int, float, bool, type(None))) else None
+    return req_id if isinstance(req_id, (str, bytes, int, float, bool, type(None))) else None
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     conn.sendall(msgpack.packb(message, use_bin_type=True, default=str))
+
+
+def _refuse(conn: socket.socket, error: str) -> None:
+    """Best effort error reply, then close; the client may be gone already (EPIPE), and the
+    accepting thread must never block on it."""
+    try:
+        conn.settimeout(1.0)
+        _send(conn, {"id": None, "ok": False, "error": error})
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
