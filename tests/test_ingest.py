@@ -1,19 +1,21 @@
-"""Ingestion end to end, in process: the real system, real ccxt, real SQLite, the loopback exchange."""
+"""Ingestion end to end, in process: the real system, real ccxt, real SQLite, the loopback exchange.
+
+One case per fault kind (random faults, outages, poisoned symbols, crashes) lives in
+`tests/test_fault_matrix.py`, which reuses the exactness helpers defined here."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
+from simulator.faults import FaultKind, Faults, OutageMode
 from simulator.server import BinanceSimulator
 from supervisors import config as config_mod
-from supervisors.child import Crash, Runtime
+from supervisors.child import Runtime
 from supervisors.system import System
 
 TF = 60_000
@@ -146,20 +148,6 @@ def test_backfill_exact_then_live_candles_arrive(tmp_path, sim, sim_start, runni
     assert_exact(sim, db, "BTC/USDT", sim_start)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [FaultKind.HTTP_500, FaultKind.HTTP_503, FaultKind.HTTP_429, FaultKind.RESET, FaultKind.TRUNCATED, FaultKind.STALL],
-)
-def test_random_faults_store_stays_exact(tmp_path, sim, sim_start, running, kind) -> None:
-    sim.set_faults(Faults(rates={kind: 0.08}, seed=3, stall_s=1.5, paths=frozenset({"/api/v3/klines"})))
-    cfg = make_config(tmp_path, sim, sim_start, timeout="1s", breaker_threshold=50)
-    system = running(cfg)
-    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), timeout=90, what="backfill under faults")
-    for symbol in ("BTC/USDT", "ETH/USDT"):
-        assert_exact(sim, cfg.storage.path, symbol, sim_start)
-    assert sim.stats().by_fault.get(kind, 0) > 0, "the fault was never injected"
-
-
 def test_all_fault_kinds_together(tmp_path, sim, sim_start, running) -> None:
     kinds = [FaultKind.HTTP_500, FaultKind.HTTP_502, FaultKind.HTTP_429, FaultKind.HTTP_418, FaultKind.RESET, FaultKind.TRUNCATED, FaultKind.STALL]
     sim.set_faults(Faults(rates={k: 0.05 for k in kinds}, seed=11, stall_s=1.5, retry_after_s=1))
@@ -170,57 +158,12 @@ def test_all_fault_kinds_together(tmp_path, sim, sim_start, running) -> None:
         assert_exact(sim, cfg.storage.path, symbol, sim_start)
 
 
-def test_poisoned_symbol_is_isolated(tmp_path, sim, sim_start, running) -> None:
-    sim.poison("SOL/USDT", PoisonKind.INVERTED)
-    cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "SOL/USDT", "ETH/USDT"], quarantine_after=2, retry_attempts=2)
-    system = running(cfg)
-    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="healthy series")
-    wait_until(lambda: series_status(system).get("SOL/USDT") == "quarantined", what="poisoned series quarantined")
-    for symbol in ("BTC/USDT", "ETH/USDT"):
-        assert_exact(sim, cfg.storage.path, symbol, sim_start)
-    assert stored(cfg.storage.path, "SOL/USDT") == []  # garbage is never stored
-    health = system.health()
-    assert health["exchanges"][0]["breaker"] == "closed"
-    assert health["status"] == "degraded"
-    # release: the exchange heals, an operator resets the series, it fills exactly
-    sim.unpoison("SOL/USDT")
-    system.reset("binance", "SOL/USDT")
-    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["SOL/USDT"]), what="released series")
-    assert_exact(sim, cfg.storage.path, "SOL/USDT", sim_start)
-
-
 def test_unlisted_symbol_is_invalid_and_others_run(tmp_path, sim, sim_start, running) -> None:
     cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "NOPE/USDT"])
     system = running(cfg)
     wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT"]), what="listed series")
     wait_until(lambda: series_status(system).get("NOPE/USDT") == "invalid", what="invalid series")
     assert_exact(sim, cfg.storage.path, "BTC/USDT", sim_start)
-
-
-def test_outage_opens_breaker_only_probes_then_gap_filled(tmp_path, sim, sim_start, running) -> None:
-    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=3, breaker_recovery="1s", retry_attempts=2)
-    system = running(cfg)
-    db = cfg.storage.path
-    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
-    sim.set_outage(OutageMode.HTTP_503)
-    for symbol in ("BTC/USDT", "ETH/USDT"):  # reset: both series poll now, into the outage
-        system.reset("binance", symbol)
-    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
-    health = system.health()
-    assert health["status"] == "down"
-    # while open, only probes reach the exchange: at most one per (growing) recovery period
-    opened = time.monotonic()
-    before = sim.stats().total
-    wait_until(lambda: time.monotonic() - opened > 3.5, timeout=10, what="time passing")
-    probes = sim.stats().total - before
-    assert probes <= 4, f"{probes} requests reached the exchange while its breaker was open"
-    # the store still answers while the exchange is down (read-only mode)
-    assert system.latest("binance", "BTC/USDT", "1m", 1)
-    sim.set_outage(None)
-    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "closed", timeout=30, what="breaker closed")
-    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="gap filled")
-    for symbol in ("BTC/USDT", "ETH/USDT"):
-        assert_exact(sim, db, symbol, sim_start)
 
 
 def test_reset_during_outage_is_prompt(tmp_path, sim, sim_start, running) -> None:
@@ -252,37 +195,3 @@ def test_store_deleted_while_running_is_refilled(tmp_path, sim, sim_start, runni
                timeout=30, what="refill after deletion")
     for symbol in ("BTC/USDT", "ETH/USDT"):
         assert_exact(sim, db, symbol, sim_start)
-
-
-@pytest.mark.parametrize("victim", ["series", "exchange"])
-def test_crash_restarts_from_store_and_keeps_breaker(tmp_path, sim, sim_start, running, victim) -> None:
-    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=2, breaker_recovery="1h")
-    system = running(cfg)
-    db = cfg.storage.path
-    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="backfill")
-    sim.set_outage(OutageMode.HTTP_503)
-    system.reset("binance", "BTC/USDT")
-    system.reset("binance", "ETH/USDT")
-    wait_until(lambda: system.health()["exchanges"][0]["breaker"] == "open", what="breaker open")
-    restarted = threading.Event()
-    path = "root/binance/series/BTC/USDT@1m" if victim == "series" else "root/binance/exchange"
-    system.runtime.events.subscribe(lambda ev: ev.kind == "restarted" and ev.path == path and restarted.set())
-    if victim == "series":
-        system._sup("binance", "series").child_ref("BTC/USDT@1m").get().tell(Crash())
-    else:
-        system.exchange_addresses["binance"].tell(Crash())
-    assert restarted.wait(10)
-    wait_until(lambda: system.health()["exchanges"][0]["status"] != "starting", what="exchange back")
-    assert system.health()["exchanges"][0]["breaker"] == "open"  # the restart did not bypass the breaker
-    exchange_sup = next(c for c in system.tree()["children"] if c["id"] == "binance")
-    rows = {c["id"]: c for c in exchange_sup["children"]}
-    if victim == "series":  # one_for_one: only that series restarted
-        restarts = {s["symbol"]: s["restarts"] for s in system.health()["series"]}
-        assert restarts == {"BTC/USDT": 1, "ETH/USDT": 0}
-        assert rows["series"]["restarts"] == 0
-    else:  # rest_for_one: the exchange actor and, after it, the series supervisor (fresh series)
-        assert rows["exchange"]["restarts"] == 1 and rows["series"]["restarts"] == 1
-    sim.set_outage(None)
-    system.reset("binance")
-    wait_until(complete(system, db, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), what="recovered")
-    assert_exact(sim, db, "BTC/USDT", sim_start)
