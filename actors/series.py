@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,13 @@ class SeriesActor(Child):
         request_timeout: float = 10.0,
         page_limit: int = 1000,
         metrics: Any = None,
+        poll_spread: float = 0.0,
     ) -> None:
         super().__init__()
         self.key = key
+        # Where in [0, poll_spread) s after each close this series polls: fixed per series (a
+        # hash of its key), so an exchange's series do not all wake at the same instant.
+        self.poll_offset = poll_spread * (zlib.crc32(str(key).encode()) / 2**32)
         self.log = self.log.bind(exchange=key.exchange, symbol=key.symbol, timeframe=key.timeframe)
         self.tf_ms = timeframe_ms(key.timeframe)
         self.ingest = ingest
@@ -328,7 +333,10 @@ class SeriesActor(Child):
             # that candle is closed by our clock but the exchange has not published it yet
             delay = self.ingest.poll_interval
         else:
-            delay = (next_close - now_ms) / 1000 + min(1.0, self.ingest.poll_interval)
+            # The exchange serves its series one by one at its rate limit anyway: waking them
+            # spread over that time, not all in the same millisecond (thousands of threads
+            # wanting the GIL at once, ahead of the exchange's workers), loses no time.
+            delay = (next_close - now_ms) / 1000 + min(1.0, self.ingest.poll_interval) + self.poll_offset
         self._schedule(delay)
 
     # -- failures ------------------------------------------------------------------------

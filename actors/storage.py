@@ -99,7 +99,13 @@ class StorageActor(Child):
             self._flush()
         elif isinstance(message, ResumeQuery):
             self._series[message.key] = message.reply_to
-            message.reply_to.tell(self._resume_point(message))
+            try:
+                message.reply_to.tell(self._resume_point(message))
+            except pykka.ActorDeadError:
+                # the series stopped or restarted while its query waited here (a long queue at
+                # start with 10,000 series, or a stop during start): its replacement asks again.
+                # Raising would crash the store and make every series resync.
+                self._series.pop(message.key, None)
         elif message is _CHECK_FILE:
             self.schedule(CHECK_FILE_S, _CHECK_FILE)
             if not self.store.check():
@@ -194,15 +200,11 @@ class StorageActor(Child):
                 self.candles.publish(StoredCandle(*row))
 
     def _not_yet_stored(self, writes: list[Write]) -> list[Row]:
-        """The rows of these writes that the store does not hold yet (one range query per write)."""
-        out: list[Row] = []
-        for w in writes:
-            if not w.rows:
-                continue
-            ex, sym, tf = w.rows[0][:3]
-            have = set(self.store.stored_ts(ex, sym, tf, w.rows[0][3], w.rows[-1][3] + 1))
-            out.extend(r for r in w.rows if r[3] not in have)
-        return out
+        """The rows of these writes that the store does not hold yet (one range per write, all
+        ranges asked in a few statements: see `Store.stored_keys`)."""
+        ranges = [(*w.rows[0][:3], w.rows[0][3], w.rows[-1][3] + 1) for w in writes if w.rows]
+        have = self.store.stored_keys(ranges)
+        return [r for w in writes for r in w.rows if r[:4] not in have]
 
     def _report(self, ok: bool, detail: str | None = None, *, force: bool = False) -> None:
         if (ok != self.healthy or force) and self.health is not None:

@@ -20,6 +20,7 @@ The store never logs and never retries by itself: it raises ``StoreGone``
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
@@ -86,6 +87,27 @@ _UPSERT = (
 )
 
 _SERIES = "exchange = ? AND symbol = ? AND timeframe = ?"
+
+# Rows per multi-row statement. One statement runs in one sqlite3_step call; executemany steps
+# once per row, and every step releases and retakes the GIL: with thousands of busy actor
+# threads, retaking it can wait a whole switch interval (5 ms), so a flush of a few thousand
+# one-candle writes took seconds. 500 rows x 9 values stays under SQLite's default variable
+# limit (32766 since 3.32); older libraries get smaller chunks (see _chunk_rows).
+_CHUNK_ROWS = 500
+
+
+@functools.lru_cache(maxsize=16)
+def _upsert_many(n: int) -> str:
+    """_UPSERT for n rows in one statement (same conflict rule, same changes count)."""
+    head, _, tail = _UPSERT.partition(" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    return head + " VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?)"] * n) + tail
+
+
+@functools.lru_cache(maxsize=16)
+def _stored_many(n: int) -> str:
+    """The stored open times of n (series, ts range)s, in one compound statement."""
+    one = "SELECT exchange, symbol, timeframe, ts FROM candles WHERE " + _SERIES + " AND ts >= ? AND ts < ?"
+    return " UNION ALL ".join([one] * n)
 
 # SQLite primary result codes (extended codes carry them in the low byte).
 _SQLITE_READONLY = 8
@@ -329,7 +351,12 @@ class Store:
         with self._db() as conn:
             conn.execute("BEGIN")
             try:
-                cur = conn.executemany(_UPSERT, rows)
+                changed = 0
+                step = _chunk_rows(conn, 9)
+                for i in range(0, len(rows), step):
+                    chunk = rows[i : i + step]
+                    cur = conn.execute(_upsert_many(len(chunk)), [v for row in chunk for v in row])
+                    changed += cur.rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -342,7 +369,7 @@ class Store:
                 f"{self.path} was deleted or replaced during the write;"
                 " write again after reopen()"
             )
-        return cur.rowcount
+        return changed
 
     def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
         """Open time of the newest stored candle, or None."""
@@ -386,6 +413,17 @@ class Store:
                     (exchange, symbol, timeframe, start_ms, end_ms),
                 )
             ]
+
+    def stored_keys(self, ranges: Sequence[tuple[str, str, str, int, int]]) -> set[tuple[str, str, str, int]]:
+        """(exchange, symbol, timeframe, ts) of the stored candles in each (exchange, symbol,
+        timeframe, start_ms, end_ms) range: one statement per 100 ranges, not one per range."""
+        out: set[tuple[str, str, str, int]] = set()
+        with self._db() as conn:
+            step = min(100, _chunk_rows(conn, 5))  # also under SQLite's 500-term compound limit
+            for i in range(0, len(ranges), step):
+                chunk = ranges[i : i + step]
+                out.update(conn.execute(_stored_many(len(chunk)), [v for r in chunk for v in r]))
+        return out
 
     def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[Candle]:
         """The ``n`` newest candles as (ts, open, high, low, close, volume), newest first."""
@@ -593,3 +631,12 @@ def _subtract(
         if lo < hi:
             out.append((lo, hi))
     return out
+
+
+def _chunk_rows(conn: sqlite3.Connection, values_per_row: int) -> int:
+    """Rows per multi-row statement within this SQLite library's bound-variable limit."""
+    try:
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    except (AttributeError, sqlite3.Error):  # Python < 3.11
+        limit = 999
+    return max(1, min(_CHUNK_ROWS, limit // values_per_row))

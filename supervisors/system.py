@@ -158,6 +158,11 @@ class System:
                 "request_timeout": ex.timeout,
                 "page_limit": ex.page_limit,
                 "metrics": self.metrics,
+                # the time the exchange needs to serve one poll of each configured series at its
+                # rate limit: the series' polls after each close are spread over it (at most
+                # poll_interval), see SeriesActor.poll_offset
+                "poll_spread": min(ex.ingest.poll_interval,
+                                   len(ex.symbols) * len(ex.ingest.timeframes) / ex.rate_limit),
             },
             kind="series",
             shutdown=10.0,

@@ -94,3 +94,69 @@ def test_scheduler_survives_a_failing_callback_and_stop_drops_pending() -> None:
     assert sched.pending() == 0
     late = sched.call_later(0, done.clear)
     assert late.cancelled and done.is_set()
+
+
+def test_storage_survives_a_resume_query_from_a_series_that_died_meanwhile(tmp_path) -> None:
+    """With thousands of series, a series can stop (or crash and restart) while its ResumeQuery
+    still waits in the storage actor's mailbox: answering it must not crash the storage actor
+    (its restart would make every series resync)."""
+    import pykka
+
+    from actors.messages import SeriesKey
+    from actors.storage import ResumeQuery, StorageActor
+    from supervisors.child import Runtime
+    from supervisors.events import LifecycleEvent
+    from supervisors.supervisor import ChildSpec, start_root
+
+    class Gone(pykka.ThreadingActor):
+        pass
+
+    runtime = Runtime()
+    runtime.start()
+    events: list[LifecycleEvent] = []
+    runtime.events.subscribe(events.append)
+    ref, _ = start_root(runtime, [ChildSpec("storage", StorageActor, args=(str(tmp_path / "c.db"),))])
+    try:
+        storage = ref.proxy().child_ref("storage").get()
+        dead = Gone.start()
+        dead.stop()
+        storage.tell(ResumeQuery(SeriesKey("x", "BTC/USDT", "1m"), 60_000, 0, dead))
+        assert storage.proxy().count("x", "BTC/USDT", "1m").get(timeout=5) == 0  # still the same, alive
+        assert ref.proxy().child_ref("storage").get() == storage
+        assert not [e for e in events if e.kind in ("crashed", "restarted")]
+    finally:
+        ref.stop()
+        runtime.stop()
+
+
+def test_series_poll_offsets_spread_over_the_window_and_are_stable() -> None:
+    """Each series polls at a fixed offset in [0, poll_spread) after each close (a hash of its
+    key, so a restart keeps it), so the series of an exchange do not all wake in the same
+    instant; no spread means no offset."""
+    from actors.messages import SeriesKey
+    from actors.series import SeriesActor
+    from supervisors.child import Address, Runtime
+    from supervisors.config import IngestConfig, ResilienceConfig
+    from supervisors.supervisor import ChildSpec, start_root
+
+    def offsets(spread: float, n: int) -> list[float]:
+        runtime = Runtime()
+        runtime.start()
+        nowhere = Address("nowhere")  # no exchange nor storage: the series only start and wait
+        specs = [ChildSpec(f"s{i}", SeriesActor,
+                           args=(SeriesKey("ex", f"S{i:04d}/USDT", "1m"), IngestConfig(), ResilienceConfig()),
+                           kwargs={"exchange": nowhere, "storage": nowhere, "poll_spread": spread})
+                 for i in range(n)]
+        ref, _ = start_root(runtime, specs)
+        try:
+            return [ref.proxy().child_ref(f"s{i}").get().proxy().poll_offset.get() for i in range(n)]
+        finally:
+            ref.stop()
+            runtime.stop()
+
+    spread = offsets(10.0, 300)
+    assert all(0 <= o < 10.0 for o in spread)
+    per_second = [sum(1 for o in spread if s <= o < s + 1) for s in range(10)]
+    assert min(per_second) >= 10 and max(per_second) <= 60  # spread, not bunched (30 a second on average)
+    assert offsets(10.0, 3) == spread[:3]  # stable across incarnations
+    assert offsets(0.0, 3) == [0.0, 0.0, 0.0]

@@ -70,6 +70,22 @@ def test_upsert_is_idempotent(store):
     assert store.upsert([]) == 0
 
 
+def test_upsert_in_several_statements_counts_and_corrects_like_one(store):
+    """Batches are written in multi-row statements of a few hundred rows (one GIL release per
+    statement, not per row): counts, corrections and duplicates inside a batch as before."""
+    batch = rows(range(0, 1234 * TF, TF)) + rows(range(0, 300 * TF, TF), symbol="ETH/USDT")
+    assert store.upsert(batch) == 1534
+    assert store.upsert(batch) == 0
+    fixed = rows([7 * TF, 900 * TF], close=1.25) + rows([7 * TF], close=1.5)  # same key twice: last wins
+    assert store.upsert(fixed) == 3
+    assert store.candles(*KEY, 7 * TF, 8 * TF) == [(7 * TF, 1.0, 2.0, 0.5, 1.5, 3.0)]
+    assert store.count(*KEY) == 1234 and store.count("binance", "ETH/USDT", "1m") == 300
+    ranges = [(*KEY, 1233 * TF, 1240 * TF), ("binance", "ETH/USDT", "1m", 0, 2 * TF), ("x", "y", "1m", 0, TF)]
+    ranges += [(*KEY, t, t + 1) for t in range(0, 150 * TF, TF)]  # more than one statement's worth
+    assert store.stored_keys(ranges) == {(*KEY, t) for t in [*range(0, 150 * TF, TF), 1233 * TF]} | {
+        ("binance", "ETH/USDT", "1m", 0), ("binance", "ETH/USDT", "1m", TF)}
+
+
 def test_upsert_is_one_transaction(store):
     bad = rows([0, TF]) + [("binance", "BTC/USDT", "1m", 2 * TF, None, 2.0, 0.5, 1.5, 3.0)]
     with pytest.raises(sqlite3.IntegrityError):
