@@ -265,13 +265,7 @@ class ExchangeActor(Child):
             self._held_since = None
 
     def _pump_later(self, delay: float) -> None:
-        """One pump timer at a time: the soonest wanted wins."""
-        due = self.runtime.clock() + delay
-        if self._pump_timer is not None:
-            if self._pump_timer.when <= due:
-                return
-            self._pump_timer.cancel()
-        self._pump_timer = self.schedule(delay, _PUMP)
+        self._pump_timer = self.schedule_soonest(self._pump_timer, delay, _PUMP)
 
     # -- markets -------------------------------------------------------------------------
 

@@ -162,6 +162,15 @@ class Child(pykka.ThreadingActor):
         self._timers.add(timer)
         return timer
 
+    def schedule_soonest(self, timer: Timer | None, delay: float, message: Any) -> Timer:
+        """One wake-up timer at a time, the soonest wanted wins: `timer` (the one pending, or
+        None) when it fires within `delay` anyway, else a new one in its place."""
+        if timer is not None:
+            if timer.when <= self._link.runtime.clock() + delay:
+                return timer
+            timer.cancel()
+        return self.schedule(delay, message)
+
     # -- pykka integration ---------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
