@@ -167,7 +167,7 @@ class SeriesActor(Child):
             self._set_status("backfilling")
         if self._waiting_for is None:
             self._cancel_timer()
-            self._next()
+            self._next(priority=True)  # an operator is waiting: ahead of the exchange's queue
         self._report()
         return self.snapshot()
 
@@ -228,12 +228,12 @@ class SeriesActor(Child):
 
     # -- requests ------------------------------------------------------------------------
 
-    def _next(self) -> None:
+    def _next(self, *, priority: bool = False) -> None:
         if self.paused or self._waiting_for is not None:
             return
         since = self.gaps_todo[0][0] if self.gaps_todo else self.cursor
         token = next(self._tokens)
-        req = FetchRequest(self.key, since, self.page_limit, token, self.actor_ref)
+        req = FetchRequest(self.key, since, self.page_limit, token, self.actor_ref, priority=priority)
         self._await(token, req, self.exchange)
 
     def _on_result(self, res: FetchResult) -> None:
@@ -250,11 +250,13 @@ class SeriesActor(Child):
         if self.gaps_todo:
             lo, hi = self.gaps_todo[0]
             rows = [c for c in res.candles if lo <= c[0] < hi]
-            page_full = len(res.candles) >= self.page_limit
-            reached = page_full and rows and rows[-1][0] + tf < hi
-            end = rows[-1][0] + tf if reached else min(hi, res.horizon_ms)
+            # The page stopped inside the hole without showing a candle after it: a full page,
+            # or one cut at the exchange's own maximum (which may be below page_limit). The rest
+            # of the hole is fetched next; only what the exchange skipped before a later candle
+            # it did return is a gap it genuinely has.
+            more_in_hole = bool(rows) and rows[-1][0] + tf < hi and all(c[0] < hi for c in res.candles)
+            end = rows[-1][0] + tf if more_in_hole else min(hi, res.horizon_ms)
             gaps = _holes(rows, lo, end, tf)
-            more_in_hole = bool(reached)
             next_cursor = end
         else:
             lo = self.cursor
