@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from simulator.faults import FaultKind, Faults, OutageMode
+from simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode
 from simulator.server import BinanceSimulator
 from supervisors import config as config_mod
 from supervisors.child import Runtime
@@ -149,13 +149,18 @@ def test_backfill_exact_then_live_candles_arrive(tmp_path, sim, sim_start, runni
 
 
 def test_all_fault_kinds_together(tmp_path, sim, sim_start, running) -> None:
-    kinds = [FaultKind.HTTP_500, FaultKind.HTTP_502, FaultKind.HTTP_429, FaultKind.HTTP_418, FaultKind.RESET, FaultKind.TRUNCATED, FaultKind.STALL]
-    sim.set_faults(Faults(rates={k: 0.05 for k in kinds}, seed=11, stall_s=1.5, retry_after_s=1))
-    cfg = make_config(tmp_path, sim, sim_start, timeout="1s", retry_attempts=5)
+    """Every random fault kind at 5 % at once, and a server-side rate limit below the daemon's
+    configured one (a misconfigured rate_limit): the store still ends exact."""
+    sim.set_faults(Faults(rates={k: 0.05 for k in RANDOM_KINDS}, seed=11, stall_s=1.5, retry_after_s=1,
+                          rate_limit_per_s=8))
+    cfg = make_config(tmp_path, sim, sim_start, timeout="1s", retry_attempts=5, rate_limit=200)
     system = running(cfg)
     wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), timeout=120, what="backfill under all faults")
     for symbol in ("BTC/USDT", "ETH/USDT"):
         assert_exact(sim, cfg.storage.path, symbol, sim_start)
+    injected = sim.stats().by_fault
+    assert sum(injected.get(k, 0) for k in RANDOM_KINDS) >= 10, injected
+    assert injected.get(FaultKind.RATE_LIMIT, 0) > 0, injected  # the server's own limiter answered 429
 
 
 def test_unlisted_symbol_is_invalid_and_others_run(tmp_path, sim, sim_start, running) -> None:
