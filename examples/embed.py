@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -55,6 +56,7 @@ def main() -> None:
         system.stop()
         if sim is not None:
             sim.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # an example keeps nothing; your app keeps its db
 
 
 if __name__ == "__main__":
