@@ -5,8 +5,12 @@ request `{"id": ..., "cmd": "...", ...args}` gets exactly one reply, `{"id": ...
 "result": ...}` or `{"id": ..., "ok": false, "error": "..."}`, in order; requests may be
 pipelined on one connection. The id is echoed when it is a scalar (nil, bool, int, float, str,
 bin), nil otherwise. A message larger than `MAX_MESSAGE` bytes or invalid msgpack closes the
-connection after an error reply; at most `MAX_CONNECTIONS` clients are served at once (the others
-get an error reply and a close). tests/test_control_fuzz.py fuzzes all of this.
+connection after an error reply. A message not received whole within `MESSAGE_TIMEOUT` seconds
+of its first byte gets an error reply and a close; a client that does not take a reply within
+that time, or is silent for `IDLE_TIMEOUT` seconds between messages, is just closed. The Unix
+socket and the TCP listener each serve at most `MAX_CONNECTIONS` clients at once (the others get
+an error reply and a close), so remote clients can never lock out the local socket.
+tests/test_control_fuzz.py fuzzes the framing; tests/test_control.py the timeouts and limits.
 
 An optional TCP listener (`[control] tcp`, loopback unless configured otherwise) serves the same
 protocol to remote clients, but only requests carrying `"token": "<[control] token>"`; a request
@@ -33,7 +37,10 @@ from supervisors.child import Child
 from supervisors.config import ControlConfig
 
 MAX_MESSAGE = 1 << 20
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 32  # per listener: the Unix socket and the TCP listener each have their own
+MESSAGE_TIMEOUT = 10.0  # seconds for a message to arrive whole (or a reply to be taken): no slowloris
+IDLE_TIMEOUT = 60.0  # seconds a connection may stay silent between messages before it is closed
+LISTENERS = ("unix", "tcp")
 
 
 class SocketInUse(Exception):
@@ -124,7 +131,11 @@ def commands(system: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
+    """`HOST:PORT` (HOST may be empty or `[v6]`, meaning loopback when empty); ValueError with a
+    one-line reason otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535 or " " in host:
+        raise ValueError(f"expected HOST:PORT with PORT a number 0-65535, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -139,13 +150,13 @@ class ControlServer(Child):
         self._tcp_sock: socket.socket | None = None
         self.tcp_port: int | None = None
         self._threads: set[threading.Thread] = set()
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[str, set[socket.socket]] = {name: set() for name in LISTENERS}  # each its own limit
         self._lock = threading.Lock()
         self._closing = threading.Event()
 
     def on_start(self) -> None:
         self._sock = prepare_unix_socket(self.path_)
-        self._listen(self._sock, remote=False)
+        self._listen(self._sock, "unix")
         self.log.info("control_listening", socket=self.path_)
         if self.tcp:
             if not self._token:
@@ -153,13 +164,17 @@ class ControlServer(Child):
             host, port = parse_host_port(self.tcp)
             self._tcp_sock = socket.create_server((host, port), reuse_port=False)
             self.tcp_port = self._tcp_sock.getsockname()[1]
-            self._listen(self._tcp_sock, remote=True)
+            self._listen(self._tcp_sock, "tcp")
             self.log.info("control_listening_tcp", host=host, port=self.tcp_port)
 
-    def _listen(self, sock: socket.socket, *, remote: bool) -> None:
-        t = threading.Thread(target=self._accept_loop, args=(sock, remote), name=f"{self.path}/accept", daemon=True)
+    def _listen(self, sock: socket.socket, listener: str) -> None:
+        t = threading.Thread(target=self._accept_loop, args=(sock, listener), name=self._thread_name(listener, "accept"),
+                             daemon=True)
         t.start()
         self._threads.add(t)
+
+    def _thread_name(self, listener: str, role: str) -> str:
+        return f"{self.path}/{role}" if listener == "unix" else f"{self.path}/{listener}-{role}"
 
     def on_stop(self) -> None:
         self._close()
@@ -188,7 +203,7 @@ class ControlServer(Child):
             except FileNotFoundError:
                 self.log.debug("control_socket_file_gone")
         with self._lock:
-            for conn in list(self._conns):
+            for conn in [c for conns in self._conns.values() for c in conns]:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -197,9 +212,12 @@ class ControlServer(Child):
             if t is not threading.current_thread():
                 t.join(5)
 
-    def _accept_loop(self, sock: socket.socket, remote: bool) -> None:
+    def _accept_loop(self, sock: socket.socket, listener: str) -> None:
         """Accept until closed. Nothing a client does may end this loop: a dead accept thread
-        would leave a daemon that runs but can never be asked anything again."""
+        would leave a daemon that runs but can never be asked anything again. Each listener
+        counts its own connections, so a flood on one cannot lock out the other."""
+        conns = self._conns[listener]
+        saturated = False  # log the first refusal of a flood, not every one
         while not self._closing.is_set():
             try:
                 conn, _ = sock.accept()
@@ -211,13 +229,18 @@ class ControlServer(Child):
                 time.sleep(0.05)  # sleep-ok: the accept thread, not a mailbox
                 continue
             with self._lock:
-                full = len(self._conns) >= MAX_CONNECTIONS
+                full = len(conns) >= MAX_CONNECTIONS
                 if not full:
-                    self._conns.add(conn)
+                    conns.add(conn)
             if full:
+                if not saturated:
+                    self.log.warning("control_connections_full", listener=listener, limit=MAX_CONNECTIONS)
+                saturated = True
                 _refuse(conn, "too many connections")
                 continue
-            t = threading.Thread(target=self._serve, args=(conn, remote), name=f"{self.path}/conn", daemon=True)
+            saturated = False
+            t = threading.Thread(target=self._serve, args=(conn, listener), name=self._thread_name(listener, "conn"),
+                                 daemon=True)
             with self._lock:
                 self._threads.add(t)
             try:
@@ -225,21 +248,27 @@ class ControlServer(Child):
             except RuntimeError as exc:  # cannot start a thread: refuse this client, keep accepting
                 with self._lock:
                     self._threads.discard(t)
-                    self._conns.discard(conn)
+                    conns.discard(conn)
                 _refuse(conn, f"cannot serve: {exc}")
 
-    def _serve(self, conn: socket.socket, remote: bool = False) -> None:
+    def _serve(self, conn: socket.socket, listener: str = "unix") -> None:
         # `max_buffer_size` alone does not bound a message: the unpacker parses arrays and maps
         # incrementally and drops the bytes it has parsed, so each message's size is counted here.
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE, strict_map_key=False)
         too_large = {"id": None, "ok": False, "error": f"message larger than {MAX_MESSAGE} bytes"}
         received = start = 0  # bytes received so far; where the current message began
+        began: float | None = None  # when the current, incomplete message started to be waited for
         try:
             while not self._closing.is_set():
-                data = conn.recv(65536)
+                deadline = time.monotonic() + IDLE_TIMEOUT if began is None else began + MESSAGE_TIMEOUT
+                data = _receive(conn, deadline)
+                if data is None:
+                    self._timed_out(conn, listener, incomplete=began is not None)
+                    return
                 if not data:
                     return
                 received += len(data)
+                batch_start = start  # where the message pending before this batch began
                 try:
                     unpacker.feed(data)
                 except msgpack.BufferFull:
@@ -260,17 +289,33 @@ class ControlServer(Child):
                     if size > MAX_MESSAGE:
                         _send(conn, too_large)
                         return
-                    if remote and not self._authorized(request):
+                    if listener == "tcp" and not self._authorized(request):
                         _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
                         return
                     _send(conn, self.handle(request))
+                # an incomplete message's clock starts once the complete ones before it are
+                # answered, and keeps running while its bytes trickle in
+                if received == start:
+                    began = None
+                elif began is None or start != batch_start:  # a new message is pending
+                    began = time.monotonic()
         except OSError:
-            return  # the client went away
+            return  # the client went away, or did not take its reply within MESSAGE_TIMEOUT
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns[listener].discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
+
+    def _timed_out(self, conn: socket.socket, listener: str, *, incomplete: bool) -> None:
+        """An incomplete message gets an error reply (it answers that request); an idle
+        connection is just closed, as no request is waiting for a reply."""
+        if incomplete:
+            self.log.info("control_message_timeout", listener=listener, timeout=MESSAGE_TIMEOUT)
+            _send(conn, {"id": None, "ok": False,
+                         "error": f"incomplete message: not received whole within {MESSAGE_TIMEOUT:g} s"})
+        else:
+            self.log.debug("control_idle_timeout", listener=listener, timeout=IDLE_TIMEOUT)
 
     def _authorized(self, request: Any) -> bool:
         token = request.get("token") if isinstance(request, dict) else None
@@ -305,7 +350,23 @@ def _request_id(request: Any) -> Any:
     return req_id if isinstance(req_id, (str, bytes, int, float, bool, type(None))) else None
 
 
-def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+def _receive(conn: socket.socket, deadline: float) -> bytes | None:
+    """The next bytes (b"" at EOF), or None when `deadline` (monotonic) passes first. A socket
+    timeout, not a sleep: the thread wakes as soon as bytes arrive."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    conn.settimeout(remaining)
+    try:
+        return conn.recv(65536)
+    except TimeoutError:
+        return None
+
+
+def _send(conn: socket.socket, message: dict[str, Any], timeout: float | None = None) -> None:
+    """Write one reply; a client that does not take it within `timeout` (default
+    MESSAGE_TIMEOUT) raises TimeoutError, an OSError, so it cannot hold its thread forever."""
+    conn.settimeout(MESSAGE_TIMEOUT if timeout is None else timeout)
     conn.sendall(msgpack.packb(message, use_bin_type=True, default=str))
 
 
@@ -313,8 +374,7 @@ def _refuse(conn: socket.socket, error: str) -> None:
     """Best effort error reply, then close; the client may be gone already (EPIPE), and the
     accepting thread must never block on it."""
     try:
-        conn.settimeout(1.0)
-        _send(conn, {"id": None, "ok": False, "error": error})
+        _send(conn, {"id": None, "ok": False, "error": error}, timeout=1.0)
     except OSError:
         pass
     finally:

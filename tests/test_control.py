@@ -1,21 +1,27 @@
-"""Every control command through the real socket against the real daemon process."""
+"""Every control command through the real socket against the real daemon process, `ctl`'s
+command line, and the listeners' timeouts and per-listener limits (an in-process server)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
 from simulator.faults import OutageMode
 from simulator.server import BinanceSimulator
-from supervisors.control import request
-from tests.test_daemon import Daemon, count, daemon_config, rows, workdir  # noqa: F401 - fixture
+from supervisors import control
+from supervisors.child import Link, Runtime
+from supervisors.config import ControlConfig
+from supervisors.control import ControlServer, request
+from tests.test_daemon import Daemon, count, daemon_config, rows, run, workdir, write_config  # noqa: F401 - fixture
 from tests.test_ingest import TF, expected, now_ms, wait_until
 
 
@@ -88,6 +94,14 @@ def test_every_command_against_the_daemon(workdir: Path) -> None:
             assert cli.returncode == 0 and "ETH/USDT" in cli.stdout
             assert daemon.ctl("reset", "nope").returncode == 1
             assert daemon.ctl("add").returncode == 2
+
+            # crash injection is off unless [control] chaos = true: a clear refusal, nothing crashes
+            restarts = _node(ok(request(sock, "tree")), "root/binance/exchange")["restarts"]
+            refused = request(sock, "crash", target="binance/exchange")
+            assert refused["ok"] is False and "crash injection is off" in refused["error"], refused
+            cli = daemon.ctl("crash", "binance/exchange")
+            assert cli.returncode == 1 and "refused: crash injection is off" in cli.stderr
+            assert _node(ok(request(sock, "tree")), "root/binance/exchange")["restarts"] == restarts
             assert json.loads(daemon.ctl("health", "--json").stdout)["status"] in ("ok", "degraded")
         finally:
             rc = daemon.stop()
@@ -118,14 +132,48 @@ def _status(sock: str, symbol: str) -> str | None:
     return _series(sock, symbol).get("status")
 
 
+def _node(tree: dict, path: str) -> dict:
+    """The row of the actor at `path` (e.g. "root/binance/exchange") in a `tree` reply."""
+    for child in tree.get("children", []):
+        if child["path"] == path:
+            return child
+        if path.startswith(child["path"] + "/"):
+            return _node(child, path)
+    raise AssertionError(f"no {path} in {tree}")
+
+
+def test_crash_with_chaos_on_restarts_the_target(workdir: Path) -> None:
+    """With `[control] chaos = true` the `crash` command makes the actor raise; its supervisor
+    restarts it, and `tree` and `health` show it."""
+    start = (now_ms() // TF) * TF - 3600_000
+    with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start) as sim:
+        cfg = daemon_config(workdir, sim, start)
+        cfg.write_text(cfg.read_text().replace('socket = "ctl.sock"', 'socket = "ctl.sock"\nchaos = true'))
+        sock = str(workdir / "ctl.sock")
+        daemon = Daemon(workdir, cfg).start()
+        try:
+            wait_until(lambda: ok(request(sock, "health"))["status"] == "ok", what="daemon up")
+            crashed = ok(request(sock, "crash", target="binance/exchange", reason="chaos test"))
+            assert crashed == {"crashed": "root/binance/exchange"}
+            wait_until(lambda: _node(ok(request(sock, "tree")), "root/binance/exchange")["restarts"] == 1,
+                       what="exchange restarted")
+            assert _node(ok(request(sock, "tree")), "root/binance/exchange")["state"] == "running"
+            wait_until(lambda: ok(request(sock, "health"))["restarts_by_kind"].get("exchange") == 1,
+                       what="health counts the restart")
+            wait_until(lambda: ok(request(sock, "health"))["status"] == "ok", what="healthy again")
+            assert daemon.ctl("crash", "binance/nope").returncode == 1  # unknown target: refused
+        finally:
+            assert daemon.stop() == 0
+        assert "chaos test" in (workdir / "daemon.log").read_text()  # the crash is logged with its reason
+
+
 def test_live_socket_is_not_stolen(workdir: Path) -> None:
     start = (now_ms() // TF) * TF - 3600_000
     with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start) as sim:
         cfg = daemon_config(workdir, sim, start)
         daemon = Daemon(workdir, cfg).start()
         try:
-            second = subprocess.run(["python3", str(Path(__file__).parent.parent / "run.py"), "--config", str(cfg)],
-                                    cwd=workdir, capture_output=True, text=True, timeout=60)
+            second = run(["--config", str(cfg)], workdir)
             assert second.returncode == 2 and "another candlekeeper" in second.stderr
             ok(request(str(workdir / "ctl.sock"), "health"))  # the first one still serves
         finally:
@@ -139,7 +187,6 @@ def test_tcp_listener_requires_the_token(workdir: Path) -> None:
         cfg.write_text(cfg.read_text().replace('socket = "ctl.sock"', 'socket = "ctl.sock"\ntcp = "127.0.0.1:0"\ntoken = "s3cret-token"'))
         daemon = Daemon(workdir, cfg).start()
         try:
-            log = (workdir / "daemon.log").read_text()
             wait_until(lambda: "control_listening_tcp" in (workdir / "daemon.log").read_text(), what="tcp listener")
             log = (workdir / "daemon.log").read_text()
             port = next(json.loads(line)["port"] for line in log.splitlines() if "control_listening_tcp" in line)
@@ -151,9 +198,170 @@ def test_tcp_listener_requires_the_token(workdir: Path) -> None:
             assert ok(request(url, "health", token="s3cret-token"))["exchanges"][0]["name"] == "binance"
             cli = daemon.ctl("health", "--json")
             assert cli.returncode == 0
-            cli = subprocess.run(["python3", str(Path(__file__).parent.parent / "run.py"), "ctl", "--socket", url,
-                                  "--token", "s3cret-token", "health", "--json"], capture_output=True, text=True, timeout=60)
+            cli = run(["ctl", "--socket", url, "--token", "s3cret-token", "health", "--json"], workdir)
             assert cli.returncode == 0 and json.loads(cli.stdout)["status"]
         finally:
             daemon.stop()
         assert "s3cret-token" not in (workdir / "daemon.log").read_text()  # never logged
+
+
+@pytest.mark.parametrize("url", ["tcp://127.0.0.1:abc", "tcp://127.0.0.1", "tcp://[::1]:99999"])
+def test_ctl_malformed_tcp_socket_is_a_usage_error(workdir: Path, url: str) -> None:
+    res = run(["ctl", "--socket", url, "health"], workdir)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert url in lines[0] and "tcp://HOST:PORT" in lines[0]
+
+
+def test_ctl_honours_the_top_level_config(workdir: Path) -> None:
+    """`run.py --config F ctl health` asks the daemon F runs, not the default socket; `ctl --socket`
+    still wins."""
+    sock = workdir / "elsewhere.sock"
+    cfg = write_config(workdir, f"[control]\nsocket = '{sock}'\n[exchanges.binance]\nsymbols = ['BTC/USDT']\n")
+    res = run(["--config", str(cfg), "ctl", "health"], workdir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"not running (no one listens on {sock})" in res.stderr
+    other = workdir / "other.sock"
+    res = run(["--config", str(cfg), "ctl", "--socket", str(other), "health"], workdir)
+    assert res.returncode == 1 and f"no one listens on {other})" in res.stderr, res.stderr
+
+
+# -- the listeners under abuse: an in-process ControlServer, its limits shrunk -------------------
+
+TOKEN = "t0ken-for-tests"
+
+
+class _FakeSystem:
+    """Just enough of `System` to answer `health`: these tests are about the listeners."""
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "exchanges": [], "series": []}
+
+
+@pytest.fixture
+def served(workdir: Path, runtime: Runtime) -> Iterator[tuple[str, tuple[str, int]]]:
+    """A ControlServer on a Unix socket and a loopback TCP port: (socket path, (host, port))."""
+    path = str(workdir / "c.sock")
+    link = Link(child_id="control", incarnation=1, path="test/control", runtime=runtime)
+    ref, server = ControlServer.start_linked(link, ControlConfig(socket=path, tcp="127.0.0.1:0", token=TOKEN),
+                                             _FakeSystem())
+    try:
+        wait_until(lambda: isinstance(server, ControlServer) and server.tcp_port is not None, what="listeners up")
+        assert isinstance(server, ControlServer) and server.tcp_port is not None
+        yield path, ("127.0.0.1", server.tcp_port)
+    finally:
+        ref.stop(timeout=10)
+
+
+def _unix(path: str) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(5)
+    conn.connect(path)
+    return conn
+
+
+def _until_closed(conn: socket.socket, unpacker: msgpack.Unpacker | None = None) -> list[Any]:
+    """Every reply until the server closes; fails if it does neither within the socket's timeout."""
+    unpacker = unpacker or msgpack.Unpacker(raw=False)
+    while True:
+        try:
+            data = conn.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        except TimeoutError:
+            raise AssertionError("the server neither replied nor closed the connection") from None
+        if not data:
+            return list(unpacker)
+        unpacker.feed(data)
+
+
+def _health(conn: socket.socket, **extra: Any) -> dict[str, Any]:
+    conn.sendall(msgpack.packb({"id": 1, "cmd": "health", **extra}))
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        data = conn.recv(65536)
+        assert data, "closed without a reply"
+        unpacker.feed(data)
+        for reply in unpacker:
+            return reply
+
+
+def test_tcp_clients_cannot_lock_out_the_unix_socket(served: tuple[str, tuple[str, int]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_CONNECTIONS idle or half-sent, unauthenticated TCP clients fill the TCP listener; the
+    next TCP client is refused, and the Unix socket, with slots of its own, still serves."""
+    path, tcp = served
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 4)
+    held = [socket.create_connection(tcp, timeout=5) for _ in range(4)]
+    try:
+        held[0].sendall(msgpack.packb({"id": 1, "cmd": "health", "token": "x" * 100})[:20])  # half-sent
+        with socket.create_connection(tcp, timeout=5) as extra:
+            assert _until_closed(extra) == [{"id": None, "ok": False, "error": "too many connections"}]
+        assert ok(request(path, "health", timeout=5))["status"] == "ok"
+        local = [_unix(path) for _ in range(4)]  # the Unix socket's own MAX_CONNECTIONS
+        try:
+            assert all(_health(c)["ok"] is True for c in local)
+        finally:
+            for c in local:
+                c.close()
+    finally:
+        for c in held:
+            c.close()
+
+
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_half_sent_message_is_answered_and_closed(served: tuple[str, tuple[str, int]], listener: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message still incomplete MESSAGE_TIMEOUT after its first byte: an error reply, a close."""
+    path, tcp = served
+    monkeypatch.setattr(control, "MESSAGE_TIMEOUT", 0.5)
+    with _unix(path) if listener == "unix" else socket.create_connection(tcp, timeout=5) as conn:
+        assert _health(conn, token=TOKEN)["ok"] is True  # a whole message first: answered
+        conn.sendall(msgpack.packb({"id": 2, "cmd": "health", "token": TOKEN})[:5])
+        began = time.monotonic()
+        replies = _until_closed(conn)
+        waited = time.monotonic() - began
+    assert replies == [{"id": None, "ok": False, "error": "incomplete message: not received whole within 0.5 s"}]
+    assert 0.4 <= waited < 4, waited
+
+
+def test_trickled_message_is_cut_off(served: tuple[str, tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes that keep coming do not extend the deadline: a message trickled one byte at a time
+    (slowloris) is cut off MESSAGE_TIMEOUT after its first byte."""
+    path, _ = served
+    monkeypatch.setattr(control, "MESSAGE_TIMEOUT", 0.5)
+    data = msgpack.packb({"id": 1, "cmd": "health", "pad": "p" * 200})
+    with _unix(path) as conn:
+        conn.settimeout(0.05)  # the pace: a read that times out means the server is still waiting
+        unpacker = msgpack.Unpacker(raw=False)
+        began = time.monotonic()
+        sent = 0
+        while sent < len(data):
+            try:
+                conn.sendall(data[sent:sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                break  # closed meanwhile; its reply is still there to read
+            sent += 1
+            try:
+                unpacker.feed(conn.recv(65536))
+            except TimeoutError:
+                continue
+            break
+        waited = time.monotonic() - began
+        conn.settimeout(5)
+        replies = _until_closed(conn, unpacker)
+    assert sent < len(data) and 0.4 <= waited < 4, (sent, waited)
+    assert replies == [{"id": None, "ok": False, "error": "incomplete message: not received whole within 0.5 s"}]
+
+
+def test_idle_connection_is_closed(served: tuple[str, tuple[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection silent for IDLE_TIMEOUT between messages is closed, without a reply (no request
+    is waiting for one); one that keeps talking is not."""
+    path, _ = served
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.5)
+    with _unix(path) as conn:
+        assert _health(conn)["ok"] is True
+        began = time.monotonic()
+        assert _until_closed(conn) == []
+        waited = time.monotonic() - began
+    assert 0.3 <= waited < 4, waited
