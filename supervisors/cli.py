@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["json", "console"], help="default: json unless stderr is a terminal")
     sub = p.add_subparsers(dest="command")
     ctl = sub.add_parser("ctl", help="talk to a running daemon")
-    ctl.add_argument("--config", dest="ctl_config", help="find the socket in this config")
-    ctl.add_argument("--socket", help="control socket path")
+    ctl.add_argument("--config", dest="ctl_config",
+                     help="find the socket in this config (default: the --config given before ctl)")
+    ctl.add_argument("--socket", help="control socket path, or tcp://HOST:PORT for the TCP listener")
     ctl.add_argument("--token", default=os.environ.get("CANDLEKEEPER_TOKEN"),
                      help="token for a TCP control listener (--socket tcp://HOST:PORT); default $CANDLEKEEPER_TOKEN")
     ctl.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
     from supervisors.control import SocketInUse
-    from supervisors.system import System
+    from supervisors.system import StorageUnusable, System
 
     log = structlog.get_logger("candlekeeper")
     sims: list[Any] = []
@@ -82,7 +83,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
     system = System(cfg, on_shutdown=stop.set)
     try:
         system.start()
-    except SocketInUse as exc:
+    except (SocketInUse, StorageUnusable) as exc:
         print(f"candlekeeper: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.info("candlekeeper_started", config=cfg.source, db=cfg.storage.path, socket=cfg.control.socket,
@@ -127,13 +128,8 @@ def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
 def run_ctl(args: argparse.Namespace) -> int:
     from supervisors.control import request
 
-    if args.socket:
-        path = args.socket
-    elif args.ctl_config:
-        path = config_mod.load(args.ctl_config).control.socket
-    else:
-        path = config_mod.default().control.socket
     try:
+        path = _ctl_socket(args)
         params = _ctl_params(args)
     except ValueError as exc:
         print(f"candlekeeper ctl: {exc}", file=sys.stderr)
@@ -165,6 +161,26 @@ def run_ctl(args: argparse.Namespace) -> int:
     else:
         print(_human(args.cmd, result))
     return EXIT_OK
+
+
+def _ctl_socket(args: argparse.Namespace) -> str:
+    """Where to reach the daemon: `ctl --socket`, else the socket of `ctl --config`, else of the
+    top-level `--config` (`run.py --config F ctl ...` means the daemon that F runs), else the
+    default. ValueError for a malformed `tcp://HOST:PORT`; ConfigError for a bad config."""
+    from supervisors.control import parse_host_port
+
+    if args.socket:
+        path: str = args.socket
+    elif args.ctl_config or args.config:
+        path = config_mod.load(args.ctl_config or args.config).control.socket
+    else:
+        path = config_mod.default().control.socket
+    if path.startswith("tcp://"):
+        try:
+            parse_host_port(path.removeprefix("tcp://"))
+        except ValueError:
+            raise ValueError(f"bad socket {path!r}: expected tcp://HOST:PORT with PORT a number 0-65535") from None
+    return path
 
 
 def _result(reply: dict[str, Any]) -> Any:

@@ -45,7 +45,7 @@ from actors.notifier import NotifierActor
 from actors.series import SeriesActor
 from actors.candles import timeframe_ms
 from actors.storage import StorageActor
-from actors.store import Store, StoreError
+from actors.store import Store, StoreCorrupt, StoreError
 from supervisors import config as config_mod
 from supervisors.child import Address, Crash, Exit, Fanout, Runtime
 from supervisors.config import Config, ExchangeConfig
@@ -61,6 +61,11 @@ log = structlog.get_logger("candlekeeper")
 
 class CommandError(Exception):
     """A control command that was refused (unknown target, bad arguments): its message is the reason."""
+
+
+class StorageUnusable(Exception):
+    """The database cannot be opened at all (a bad path, no permission): a mistake to report at
+    start, not a crash loop of the storage actor that ends with the root giving up."""
 
 
 def series_id(symbol: str, timeframe: str) -> str:
@@ -214,13 +219,15 @@ class System:
 
     def start(self) -> System:
         """Start the tree. Raises `supervisors.control.SocketInUse` when another daemon holds the
-        control socket (or TCP port)."""
+        control socket (or a TCP port is taken), `StorageUnusable` when the database cannot be
+        opened at all."""
         if self.with_control:
             from supervisors.control import check_free
 
             check_free(self.config.control)
         if self.config.metrics.listen:
             check_port_free(self.config.metrics.listen)
+        check_store(self.config.storage.path)
         self._plan_series()
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
@@ -472,6 +479,18 @@ def check_port_free(listen: str) -> None:
         socket.create_server((host, port)).close()
     except OSError as exc:
         raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+def check_store(path: str) -> None:
+    """Fail fast when the database cannot be opened or created. A corrupt file is no reason:
+    the storage actor moves it aside and starts a fresh one."""
+    try:
+        with Store(path):
+            pass
+    except StoreCorrupt:
+        pass
+    except StoreError as exc:
+        raise StorageUnusable(f"[storage] path: {exc}") from None
 
 
 def _timeframe(timeframe: Any) -> int:

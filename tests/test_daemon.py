@@ -68,6 +68,20 @@ def test_missing_config_file_exits_2(workdir: Path) -> None:
     assert "nope.toml" in res.stderr
 
 
+def test_unusable_storage_path_exits_2_at_once(workdir: Path) -> None:
+    """A database that cannot be created is the user's mistake: one line at start, not a minute
+    of storage-actor crashes ending in the root giving up."""
+    (workdir / "file").write_text("")
+    cfg = write_config(workdir, f"[storage]\npath = '{workdir}/file/sub/c.db'\n"
+                                f"[control]\nsocket = '{workdir}/c.sock'\n"
+                                "[exchanges.binance]\nsymbols = ['BTC/USDT']\napi_base = 'http://127.0.0.1:9'\n")
+    res = run(["--config", str(cfg)], workdir, timeout=30)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "[storage] path" in lines[0] and "c.db" in lines[0]
+
+
 def test_ctl_without_daemon_says_so(workdir: Path) -> None:
     res = run(["ctl", "--socket", str(workdir / "none.sock"), "health", "--json"], workdir)
     assert res.returncode == 1
