@@ -14,13 +14,24 @@ random actors, `kill -9` of the daemon and a restart, and deletion of the SQLite
 lifts every fault, waits for the daemon to catch up (`--settle` seconds at most), stops it with
 SIGTERM, and checks the store against the exchanges' own history.
 
+The schedule first places one event of every required kind at a seeded random time: each random
+fault kind of `simulator.faults.RANDOM_KINDS`, each `OutageMode` (in disjoint slots, so outages
+never overlap), one poison, one crash, one `kill -9` and one deletion of the SQLite file; the rest
+is filled with random events about every 12 s. Faults overlapping at one exchange add up. Before
+the storm, a calm phase (`--calm` seconds, no faults) measures the baselines of the same run: the
+initial backfill, the RSS after warm-up, the wait for `health`, 429s and restarts.
+
 Figures: candles expected / stored / missing / duplicated / invalid; requests that reached an
 exchange while its breaker was open (a request is counted when the two health samples around
 its arrival both say "open" with the same opening count, i.e. the breaker provably stayed open
 in between, so a probe is never counted; refused connections during a `refuse` outage never
 reach the exchange and cannot be counted); 429s received; restarts by kind (summed over
 daemon incarnations); peak RSS and its growth over the longest incarnation (leak check); the
-longest wait for a `health` reply. Its last stdout line is one JSON object.
+longest wait for a `health` reply (a request that times out counts as a wait of at least its
+timeout, and as unanswered; a request refused while the daemon is down or restarting counts only
+as unanswered); crash commands the daemon refused. Events are reported by action and by kind
+(`faults:http_418`, `outage:refuse`, `poison:nulls`, `crash:series`, `kill9`, ...). Its last
+stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -75,22 +86,74 @@ class Event:
         span = f" for {self.duration:.0f}s" if self.duration else ""
         return f"t={self.at:6.1f}s {self.action:<9} {self.exchange:<4} {self.detail}{extra}{span}"
 
+    @property
+    def kind(self) -> str:
+        """`faults:http_418`, `outage:refuse`, `poison:nulls`, `crash:series`, `kill9`, ..."""
+        if self.action in ("faults", "outage"):
+            return f"{self.action}:{self.detail}"
+        if self.action == "poison":
+            return f"poison:{self.detail.rpartition(':')[2]}"
+        if self.action == "crash":
+            return f"crash:{crash_target_kind(self.detail)}"
+        return self.action
+
+
+def crash_target_kind(target: str) -> str:
+    if target in ("storage", "health"):
+        return target
+    if "/series/" in target:
+        return "series"
+    if target.endswith("/exchange"):
+        return "exchange"
+    if target.endswith("/series"):
+        return "series_supervisor"
+    return "exchange_supervisor"
+
+
+#: Kinds of event every storm of at least `MIN_FULL_S` seconds plays at least once.
+REQUIRED_KINDS: tuple[str, ...] = (
+    *(f"faults:{k.value}" for k in RANDOM_KINDS), *(f"outage:{m.value}" for m in OutageMode),
+    "poison", "crash", "kill9", "delete_db",
+)
+MIN_FULL_S = 180.0
+
+
+def covers(kinds: set[str], required: str) -> bool:
+    """Whether `required` (an exact kind, or a bare action for poison and crash) is among `kinds`."""
+    return required in kinds or any(k.startswith(required + ":") for k in kinds)
+
+
+def kind_counts(events: list[Event]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
 
 def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]) -> list[Event]:
-    """The storm: one of every kind of event, then random ones about every 12 s. Outages never
-    overlap (one exchange down at a time); nothing starts in the first 15 s (let it backfill)."""
+    """The storm: first one event of every required kind (`REQUIRED_KINDS`) at a seeded random
+    time, then random ones about every 12 s. Outages never overlap (one exchange down at a time;
+    the required ones get disjoint slots, random ones are dropped where they would overlap);
+    nothing starts in the first 15 s (let it backfill)."""
     rng = random.Random(seed)
     start, end = 15.0, max(30.0, seconds - 5.0)
     kills = max(1, int(seconds // 300))
     deletions = max(1, int(seconds // 300))
 
-    def random_event(action: str, at: float) -> Event:
+    def random_event(action: str, at: float, kind: str | None = None, duration: float | None = None,
+                     rate: float | None = None) -> Event:
         ex = rng.choice(exchanges)
         if action == "faults":
-            kind = rng.choice(RANDOM_KINDS)
-            return Event(at, action, ex, kind.value, duration=rng.uniform(15, 40), rate=rng.uniform(0.05, 0.15))
+            kind = kind or rng.choice(RANDOM_KINDS).value
+            drawn = rng.uniform(0.05, 0.15)
+            return Event(at, action, ex, kind, duration=rng.uniform(15, 40), rate=drawn if rate is None else rate)
         if action == "outage":
-            return Event(at, action, ex, rng.choice(list(OutageMode)).value, duration=rng.uniform(15, 35))
+            kind = kind or rng.choice(list(OutageMode)).value
+            return Event(at, action, ex, kind, duration=duration if duration is not None else rng.uniform(15, 35))
         if action == "poison":
             kind = rng.choice(list(PoisonKind)).value
             return Event(at, action, ex, f"{rng.choice(symbols)}:{kind}", duration=rng.uniform(20, 50))
@@ -101,28 +164,55 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
             return Event(at, action, ex, target)
         return Event(at, action)
 
-    events = [random_event(a, rng.uniform(start, end)) for a in ("faults", "outage", "poison", "crash")]
+    # 1. required events. Outages: one per mode, each in its own slot of the storm, ending at
+    # least 5 s before the next slot starts.
+    required: list[Event] = []
+    modes = list(OutageMode)
+    rng.shuffle(modes)
+    slot = (end - start) / len(modes)
+    for i, mode in enumerate(modes):
+        lo = start + i * slot
+        duration = min(rng.uniform(15, 35), max(5.0, slot - 10.0))
+        required.append(random_event("outage", rng.uniform(lo, max(lo, lo + slot - duration - 5.0)),
+                                     mode.value, duration))
+    # random fault kinds: late enough to end inside the storm is not needed, but start them
+    # at least 20 s before its end so each acts for a while. A caught-up exchange sees only a
+    # few polls a second, so these are drawn at a high rate (50 %): each kind is then injected,
+    # not only scheduled (the report lists any that never was)
+    for kind in RANDOM_KINDS:
+        required.append(random_event("faults", rng.uniform(start, max(start, end - 20.0)), kind.value, rate=0.5))
+    for action in ("poison", "crash"):
+        required.append(random_event(action, rng.uniform(start, end)))
     # process-level events in the first 60 % of the run, so the last incarnation is long enough
     # for the leak check
     for i in range(kills):
-        events.append(random_event("kill9", rng.uniform(start, start + (end - start) * 0.6)))
+        required.append(random_event("kill9", rng.uniform(start, start + (end - start) * 0.6)))
     for i in range(deletions):
-        events.append(random_event("delete_db", rng.uniform(start, start + (end - start) * 0.6)))
+        required.append(random_event("delete_db", rng.uniform(start, start + (end - start) * 0.6)))
+
+    # 2. fill the rest at random, as before
+    extra: list[Event] = []
     t = start
     while True:
         t += rng.expovariate(1 / 12.0)
         if t >= end:
             break
-        events.append(random_event(rng.choices(["faults", "outage", "poison", "crash"], [5, 2, 1, 3])[0], t))
-    events.sort(key=lambda e: e.at)
-    out: list[Event] = []
-    outage_until = 0.0
-    for e in events:
+        extra.append(random_event(rng.choices(["faults", "outage", "poison", "crash"], [5, 2, 1, 3])[0], t))
+
+    outages = [(e.at, e.at + e.duration + 5.0) for e in required if e.action == "outage"]
+    out = list(required)
+    for e in sorted(extra, key=lambda e: e.at):
         if e.action == "outage":
-            if e.at < outage_until:
+            lo, hi = e.at, e.at + e.duration + 5.0
+            if any(lo < b and a < hi for a, b in outages):
                 continue
-            outage_until = e.at + e.duration + 5.0
+            outages.append((lo, hi))
         out.append(e)
+    out.sort(key=lambda e: e.at)
+    if seconds >= MIN_FULL_S:
+        kinds = {e.kind for e in out}
+        missing = [k for k in REQUIRED_KINDS if not covers(kinds, k)]
+        assert not missing, f"schedule misses {missing}"
     return out
 
 
@@ -205,11 +295,20 @@ class Sample:
     breakers: dict[str, tuple[str, int]]  # exchange -> (state, openings)
 
 
+HEALTH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class HealthRequest:
+    at: float  # monotonic, when sent
+    wait_ms: float | None  # answered: time to the reply; timed out: at least the timeout; else None
+    outcome: str  # "answered", "timeout" (no reply in HEALTH_TIMEOUT_S), "down" (refused or closed)
+
+
 @dataclass
 class Observations:
     samples: list[Sample] = field(default_factory=list)
-    health_ms: list[float] = field(default_factory=list)
-    health_failures: int = 0
+    health: list[HealthRequest] = field(default_factory=list)
     restarts: dict[int, dict[str, int]] = field(default_factory=dict)  # incarnation -> by kind
     rss: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # incarnation -> [(t, MB)]
     requests: dict[str, list[float]] = field(default_factory=dict)  # exchange -> arrival times
@@ -234,11 +333,16 @@ def observe(daemon: Daemon, obs: Observations, stop: threading.Event, interval: 
             continue
         t0 = time.monotonic()
         try:
-            reply = request(daemon.socket, "health", timeout=10)
-        except OSError:
-            obs.health_failures += 1
+            reply = request(daemon.socket, "health", timeout=HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            # no answer in its timeout: a wait of at least the timeout (a stall), and unanswered
+            waited = max(time.monotonic() - t0, HEALTH_TIMEOUT_S) * 1000
+            obs.health.append(HealthRequest(t0, waited, "timeout"))
             continue
-        obs.health_ms.append((time.monotonic() - t0) * 1000)
+        except OSError:
+            obs.health.append(HealthRequest(t0, None, "down"))  # daemon down or restarting
+            continue
+        obs.health.append(HealthRequest(t0, (time.monotonic() - t0) * 1000, "answered"))
         if not reply.get("ok"):
             continue
         health = reply["result"]
@@ -344,11 +448,13 @@ def main() -> None:
     p.add_argument("--lookback-hours", type=float, default=6.0, help="history to backfill (default 6 h)")
     p.add_argument("--rate", type=int, default=50, help="requests/s each exchange admits (and the daemon's rate_limit)")
     p.add_argument("--settle", type=float, default=240.0, help="max seconds to catch up after the storm")
+    p.add_argument("--calm", type=float, default=20.0,
+                   help="seconds without faults before the storm, for the same-run baselines (default 20)")
     p.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = p.parse_args()
-    if args.minutes <= 0 or args.exchanges < 1 or args.symbols < 1:
-        p.error("--minutes, --exchanges and --symbols must be positive")
+    if args.minutes <= 0 or args.exchanges < 1 or args.symbols < 1 or args.calm < 0:
+        p.error("--minutes, --exchanges and --symbols must be positive, --calm not negative")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ck-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -362,6 +468,7 @@ def main() -> None:
     print(f"schedule ({len(events)} events):")
     for e in events:
         print("  ", e)
+    print(f"schedule by kind: {fmt_counts(kind_counts(events))}")
     sys.stdout.flush()
 
     obs = Observations()
@@ -375,9 +482,26 @@ def main() -> None:
     config = write_config(workdir, sims, symbols, since, args.rate)
     daemon = Daemon(workdir, config)
     stop_observing = threading.Event()
+    started = time.monotonic()
     daemon.start()
     observer = threading.Thread(target=observe, args=(daemon, obs, stop_observing), daemon=True)
     observer.start()
+
+    # the calm phase: no faults, the same-run baselines (initial backfill, RSS after warm-up,
+    # health waits, 429s, restarts)
+    print(f"calm phase: {args.calm:g} s without faults (baselines)", flush=True)
+    calm_start = time.monotonic()
+    backfill_s: float | None = None
+    while (left := calm_start + args.calm - time.monotonic()) > 0:
+        time.sleep(min(0.5, left))
+        daemon.check_alive()
+        newest_closed = (int(time.time() * 1000) // TF) * TF - TF
+        if backfill_s is None and caught_up(obs.last_health, newest_closed, len(names) * len(symbols)):
+            backfill_s = time.monotonic() - started
+    calm_end = time.monotonic()
+    calm_rss = [mb for _, mb in obs.rss.get(1, [])][-5:]
+    calm_stats = [sim.stats() for sim in sims.values()]
+    calm_restarts = dict(obs.restarts.get(1, {}))
 
     timeline: list[tuple[float, str, Any]] = []  # (when, "start"|"end", event)
     for e in events:
@@ -385,14 +509,24 @@ def main() -> None:
         if e.duration:
             timeline.append((e.at + e.duration, "end", e))
     timeline.sort(key=lambda x: x[0])
-    active: dict[str, dict[str, Any]] = {n: {"rates": None, "outage": None, "poisoned": {}} for n in names}
+    # what is active at each exchange, by the event that started it: overlapping faults add up
+    # (scaled down if they would sum above 1), so one event never cuts another short
+    active: dict[str, dict[str, Any]] = {n: {"rates": {}, "outage": None, "poisoned": {}} for n in names}
     counts: dict[str, int] = {}
+    counts_by_kind: dict[str, int] = {}
     crash_refusals: list[str] = []
+    crash_commands = 0
 
     def apply(name: str) -> None:
         a = active[name]
-        rates = {FaultKind(a["rates"][0]): a["rates"][1]} if a["rates"] else {}
-        f = dataclasses.replace(base[name], rates=rates, outage=a["outage"], poisoned=dict(a["poisoned"]))
+        rates: dict[FaultKind, float] = {}
+        for kind, rate in a["rates"].values():
+            rates[FaultKind(kind)] = rates.get(FaultKind(kind), 0.0) + rate
+        total = sum(rates.values())
+        if total > 0.9:
+            rates = {k: v * 0.9 / total for k, v in rates.items()}
+        poisoned = dict(a["poisoned"].values())
+        f = dataclasses.replace(base[name], rates=rates, outage=a["outage"], poisoned=poisoned)
         sims[name].set_faults(f)
 
     t0 = time.monotonic()
@@ -405,9 +539,13 @@ def main() -> None:
                 break
             if phase == "start":
                 counts[e.action] = counts.get(e.action, 0) + 1
+                counts_by_kind[e.kind] = counts_by_kind.get(e.kind, 0) + 1
                 print(f"[{time.monotonic() - t0:6.1f}s] {e}", flush=True)
             if e.action == "faults":
-                active[e.exchange]["rates"] = (e.detail, e.rate) if phase == "start" else None
+                if phase == "start":
+                    active[e.exchange]["rates"][id(e)] = (e.detail, e.rate)
+                else:
+                    active[e.exchange]["rates"].pop(id(e), None)
                 apply(e.exchange)
             elif e.action == "outage":
                 active[e.exchange]["outage"] = OutageMode(e.detail) if phase == "start" else None
@@ -416,11 +554,12 @@ def main() -> None:
                 sym, _, kind = e.detail.rpartition(":")
                 sym_id = sym.replace("/", "").upper()
                 if phase == "start":
-                    active[e.exchange]["poisoned"][sym_id] = PoisonKind(kind)
+                    active[e.exchange]["poisoned"][id(e)] = (sym_id, PoisonKind(kind))
                 else:
-                    active[e.exchange]["poisoned"].pop(sym_id, None)
+                    active[e.exchange]["poisoned"].pop(id(e), None)
                 apply(e.exchange)
             elif e.action == "crash":
+                crash_commands += 1
                 try:
                     reply = request(daemon.socket, "crash", target=e.detail, timeout=10)
                     if not reply.get("ok"):
@@ -490,12 +629,26 @@ def main() -> None:
     peak_rss = max((mb for series in obs.rss.values() for _, mb in series), default=0.0)
     longest = max(obs.rss.values(), key=len, default=[])
     growth = leak_growth(longest)
-    health_ms = sorted(obs.health_ms)
+    health_ms = sorted(h.wait_ms for h in obs.health if h.wait_ms is not None)
+    calm_health = [h for h in obs.health if h.at < calm_end]
+    calm_ms = sorted(h.wait_ms for h in calm_health if h.wait_ms is not None)
+    injected: dict[str, int] = {}
+    for st in stats:
+        for kind, n in st.by_fault.items():
+            if kind in RANDOM_KINDS:
+                injected[kind.value] = injected.get(kind.value, 0) + n
+    calm_injected_429 = sum(s.by_fault.get(FaultKind.HTTP_429, 0) for s in calm_stats)
+    calm_limiter_429 = sum(s.by_fault.get(FaultKind.RATE_LIMIT, 0) for s in calm_stats)
     result = {
         **store,
         "seed": args.seed,
         "minutes": args.minutes,
         "events": counts,
+        "events_by_kind": dict(sorted(counts_by_kind.items())),
+        "faults_injected": dict(sorted(injected.items())),
+        "faults_never_injected": sorted({k.partition(":")[2] for k in counts_by_kind if k.startswith("faults:")}
+                                        - set(injected)),
+        "crash_commands": crash_commands,
         "crash_refusals": len(crash_refusals),
         "settled": settled,
         "settle_s": round(settle_s, 1),
@@ -515,17 +668,42 @@ def main() -> None:
         "restarts_by_kind": restarts,
         "peak_rss_mb": round(peak_rss, 1),
         "rss_growth_pct_longest_incarnation": growth,
-        "health_requests": len(health_ms),
+        "health_requests": len(health_ms),  # waits measured: answered, or timed out (as >= the timeout)
         "health_max_ms": round(health_ms[-1], 1) if health_ms else None,
-        "health_p99_ms": round(health_ms[min(len(health_ms) - 1, math.ceil(0.99 * len(health_ms)) - 1)], 1)
-        if health_ms else None,
-        "health_failures": obs.health_failures,
+        "health_p99_ms": quantile(health_ms, 0.99),
+        "health_p50_ms": quantile(health_ms, 0.50),
+        "health_failures": sum(1 for h in obs.health if h.outcome != "answered"),  # unanswered
+        "health_timeouts": sum(1 for h in obs.health if h.outcome == "timeout"),
+        "health_timeout_s": HEALTH_TIMEOUT_S,
+        "baseline": {  # the calm phase before the storm, same run
+            "calm_s": args.calm,
+            "backfill_caught_up_s": round(backfill_s, 1) if backfill_s is not None else None,
+            "rss_mb": round(sorted(calm_rss)[len(calm_rss) // 2], 1) if calm_rss else None,
+            "health_requests": len(calm_ms),
+            "health_max_ms": round(calm_ms[-1], 1) if calm_ms else None,
+            "health_p99_ms": quantile(calm_ms, 0.99),
+            "health_p50_ms": quantile(calm_ms, 0.50),
+            "health_failures": sum(1 for h in calm_health if h.outcome != "answered"),
+            "http_429_received": calm_injected_429 + calm_limiter_429,
+            "http_429_rate_limiter": calm_limiter_429,
+            "restarts_by_kind": calm_restarts,
+        },
         "workdir": str(workdir),
     }
     report(result, crash_refusals, args)
-    if not args.no_write:
-        write_results(result, args)
+    section = write_results(result, crash_refusals, args)
+    if args.no_write:
+        (workdir / "RESULTS-section.md").write_text(section + "\n")
+        print(f"RESULTS.md section (not written, --no-write): {workdir / 'RESULTS-section.md'}")
+    else:
+        update_results(section)
     print(json.dumps(result))
+
+
+def quantile(sorted_ms: list[float], q: float) -> float | None:
+    if not sorted_ms:
+        return None
+    return round(sorted_ms[min(len(sorted_ms) - 1, max(0, math.ceil(q * len(sorted_ms)) - 1))], 1)
 
 
 def leak_growth(samples: list[tuple[float, float]]) -> float | None:
@@ -539,7 +717,20 @@ def leak_growth(samples: list[tuple[float, float]]) -> float | None:
     return round(100.0 * (last - first) / first, 1)
 
 
+def health_figure(max_ms: float | None, p99: float | None, p50: float | None) -> str:
+    if max_ms is None:
+        return "n/a"
+    return f"{max_ms} ms (p99 {p99} ms, p50 {p50} ms)"
+
+
+def unanswered_figure(r: dict[str, Any]) -> str:
+    n, timeouts = r["health_failures"], r["health_timeouts"]
+    return (f"{n} ({timeouts} timed out after {r['health_timeout_s']:g} s, counted as waits; "
+            f"{n - timeouts} while the daemon was down or restarting)")
+
+
 def report(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespace) -> None:
+    b = r["baseline"]
     print()
     print(f"candles: expected {r['expected']}, stored {r['stored']}, missing {r['missing']}, "
           f"duplicated {r['duplicated']}, invalid {r['invalid']}")
@@ -550,41 +741,69 @@ def report(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespac
     print(f"429s: {r['http_429_received']} (injected {r['http_429_injected']}, "
           f"server rate limiter {r['http_429_rate_limiter']}); 418s: {r['http_418_received']}")
     print(f"restarts by kind: {r['restarts_by_kind']}; events: {r['events']}")
+    print(f"events played by kind: {fmt_counts(r['events_by_kind'])}")
+    print(f"random faults injected by the exchanges (requests): {fmt_counts(r['faults_injected'])}")
+    if r["faults_never_injected"]:
+        print(f"scheduled but never injected (no request drew them): {', '.join(r['faults_never_injected'])}")
     print(f"RSS peak {r['peak_rss_mb']} MB, growth over the longest incarnation {r['rss_growth_pct_longest_incarnation']} %")
-    print(f"health: {r['health_requests']} requests, p99 {r['health_p99_ms']} ms, max {r['health_max_ms']} ms, "
-          f"unanswered {r['health_failures']} (daemon restarting)")
+    print(f"health: {r['health_requests']} waits, max {health_figure(r['health_max_ms'], r['health_p99_ms'], r['health_p50_ms'])}; "
+          f"unanswered {unanswered_figure(r)}")
+    print(f"crash commands: {r['crash_commands']}, refused {r['crash_refusals']}")
     for line in crash_refusals:
         print("crash refused:", line)
+    print(f"baseline (calm phase, {b['calm_s']:g} s before the storm): initial backfill caught up in "
+          f"{b['backfill_caught_up_s']} s; RSS after warm-up {b['rss_mb']} MB; health {b['health_requests']} waits, "
+          f"max {health_figure(b['health_max_ms'], b['health_p99_ms'], b['health_p50_ms'])}, unanswered "
+          f"{b['health_failures']}; 429s {b['http_429_received']} (limiter {b['http_429_rate_limiter']}); "
+          f"restarts {b['restarts_by_kind'] or 'none'}")
 
 
-def write_results(r: dict[str, Any], args: argparse.Namespace) -> None:
+def write_results(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespace) -> str:
+    """The RESULTS.md section for this run."""
     exact = r["missing"] == 0 and r["duplicated"] == 0 and r["invalid"] == 0
     open_reqs = sum(r["requests_while_open"].values())
     growth = r["rss_growth_pct_longest_incarnation"]
+    b = r["baseline"]
+    calm = "calm phase"
+    backfill = (f"initial backfill: caught up {b['backfill_caught_up_s']} s after start" if b["backfill_caught_up_s"]
+                is not None else f"initial backfill: not caught up within the {calm}")
+    refused = f"{r['crash_refusals']} of {r['crash_commands']}"
+    if crash_refusals:
+        refused += " (" + "; ".join(x.replace("|", "/") for x in crash_refusals) + ")"
     cmd = f"python bench/soak.py --minutes {args.minutes:g} --seed {args.seed}"
     section = f"""{BEGIN}
 ## Chaos soak: `{cmd}` ({time.strftime("%Y-%m-%d")})
 
 {args.exchanges} exchanges × {args.symbols} symbols, 1m candles, {args.lookback_hours:g} h of history, the daemon as a
-real process with `rate_limit = {args.rate}` against exchanges admitting {args.rate} requests/s. Events played:
-{", ".join(f"{k} {v}" for k, v in sorted(r["events"].items()))}.
+real process with `rate_limit = {args.rate}` against exchanges admitting {args.rate} requests/s. Baselines come
+from a {args.calm:g} s calm phase (no faults) before the storm, in the same run. Events played:
+{fmt_counts(r["events"])}.
+By kind: {fmt_counts(r["events_by_kind"])}.
+Random faults injected by the exchanges (requests): {fmt_counts(r["faults_injected"])}{
+"; scheduled but never drawn by a request: " + ", ".join(r["faults_never_injected"]) if r["faults_never_injected"] else ""}.
 
-| figure | result | target | met |
-|---|---|---|---|
-| candles expected / stored | {r["expected"]} / {r["stored"]} | equal | {"yes" if r["expected"] == r["stored"] else "**no**"} |
-| missing / duplicated / invalid | {r["missing"]} / {r["duplicated"]} / {r["invalid"]} | 0 / 0 / 0 | {"yes" if exact else "**no**"} |
-| caught up after the storm | {"yes" if r["settled"] else "no"}, in {r["settle_s"]} s | yes | {"yes" if r["settled"] else "**no**"} |
-| requests reaching an exchange while its breaker was open | {open_reqs} (openings seen: {r["breaker_openings_seen"]}) | 0 | {"yes" if open_reqs == 0 else "**no**"} |
-| 429s received | {r["http_429_received"]}: {r["http_429_injected"]} injected, {r["http_429_rate_limiter"]} from the server's limiter | limiter: 0 | {"yes" if r["http_429_rate_limiter"] == 0 else "**no**"} |
-| restarts by kind | {", ".join(f"{k} {v}" for k, v in sorted(r["restarts_by_kind"].items())) or "none"} | | |
-| daemon incarnations (kill -9 restarts) / unexpected exits | {r["incarnations"]} / {len(r["unexpected_exits"])} | – / 0 | {"yes" if not r["unexpected_exits"] else "**no**"} |
-| peak RSS | {r["peak_rss_mb"]} MB | | |
-| RSS growth, longest incarnation (after warm-up) | {growth if growth is not None else "n/a (too short)"} % | < 10 % | {"n/a" if growth is None else ("yes" if growth < 10 else "**no**")} |
-| longest wait for `health` (p99) | {r["health_max_ms"]} ms ({r["health_p99_ms"]} ms) | < 1000 ms | {"yes" if (r["health_max_ms"] or 0) < 1000 else "**no**"} |
-| clean exit on SIGTERM | exit code {r["daemon_exit_code"]} | 0 | {"yes" if r["daemon_exit_code"] == 0 else "**no**"} |
+| figure | result | baseline (same run) | target | met |
+|---|---|---|---|---|
+| candles expected / stored | {r["expected"]} / {r["stored"]} | – | equal | {"yes" if r["expected"] == r["stored"] else "**no**"} |
+| missing / duplicated / invalid | {r["missing"]} / {r["duplicated"]} / {r["invalid"]} | – | 0 / 0 / 0 | {"yes" if exact else "**no**"} |
+| caught up after the storm | {"yes" if r["settled"] else "no"}, in {r["settle_s"]} s | {backfill} | yes | {"yes" if r["settled"] else "**no**"} |
+| requests reaching an exchange while its breaker was open | {open_reqs} (openings seen: {r["breaker_openings_seen"]}) | – | 0 | {"yes" if open_reqs == 0 else "**no**"} |
+| 429s received | {r["http_429_received"]}: {r["http_429_injected"]} injected, {r["http_429_rate_limiter"]} from the server's limiter | {calm}: {b["http_429_received"]}, {b["http_429_rate_limiter"]} from the limiter | limiter: 0 | {"yes" if r["http_429_rate_limiter"] == 0 else "**no**"} |
+| restarts by kind | {fmt_counts(r["restarts_by_kind"])} | {calm}: {fmt_counts(b["restarts_by_kind"])} | | |
+| daemon incarnations (kill -9 restarts) / unexpected exits | {r["incarnations"]} / {len(r["unexpected_exits"])} | – | – / 0 | {"yes" if not r["unexpected_exits"] else "**no**"} |
+| peak RSS | {r["peak_rss_mb"]} MB | after warm-up (end of the {calm}): {b["rss_mb"]} MB | | |
+| RSS growth, longest incarnation (after warm-up) | {growth if growth is not None else "n/a (too short)"} % | – | < 10 % | {"n/a" if growth is None else ("yes" if growth < 10 else "**no**")} |
+| longest wait for `health` (a timeout counts as ≥ {r["health_timeout_s"]:g} s) | {health_figure(r["health_max_ms"], r["health_p99_ms"], r["health_p50_ms"])} | {calm}: {health_figure(b["health_max_ms"], b["health_p99_ms"], b["health_p50_ms"])} | < 1000 ms | {"yes" if (r["health_max_ms"] or 0) < 1000 else "**no**"} |
+| `health` requests unanswered | {unanswered_figure(r)} | {calm}: {b["health_failures"]} | | |
+| crash commands refused | {refused} | – | | |
+| clean exit on SIGTERM | exit code {r["daemon_exit_code"]} | – | 0 | {"yes" if r["daemon_exit_code"] == 0 else "**no**"} |
 
 Last line of its output: `{json.dumps({k: r[k] for k in ("expected", "stored", "missing", "duplicated", "invalid")})}`
 {END}"""
+    return section
+
+
+def update_results(section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if BEGIN in text and END in text:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
