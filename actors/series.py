@@ -75,6 +75,7 @@ class SeriesActor(Child):
         exchange: Address,
         storage: Address,
         health: Address | None = None,
+        alerts: Address | None = None,
         request_timeout: float = 10.0,
         page_limit: int = 1000,
         metrics: Any = None,
@@ -91,6 +92,7 @@ class SeriesActor(Child):
         self.exchange = exchange
         self.storage = storage
         self.health = health
+        self.alerts = alerts  # told status changes only: a poll's new last_ts is no alert's business
         self.page_limit = page_limit
         self.metrics = metrics
         self.watchdog_s = 3 * request_timeout + 5.0
@@ -422,10 +424,15 @@ class SeriesActor(Child):
 
     def _report(self) -> None:
         now = (self.status, self.last_ts, self.failures)
-        if now == self._reported or self.health is None:
+        if now == self._reported:
             return
+        status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
-        self.health.tell(SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail))
+        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail)
+        if self.health is not None:
+            self.health.tell(report)
+        if self.alerts is not None and status_changed:
+            self.alerts.tell(report)
 
 
 def _holes(rows: list[Candle], lo: int, hi: int, tf: int) -> list[tuple[int, int]]:

@@ -159,7 +159,8 @@ class System:
             kwargs={
                 "exchange": self.exchange_addresses[ex.name],
                 "storage": self.storage,
-                "health": self.status,
+                "health": self.health_address,
+                "alerts": self.notifier_address,
                 "request_timeout": ex.timeout,
                 "page_limit": ex.page_limit,
                 "metrics": self.metrics,

@@ -43,7 +43,7 @@ from actors.clock import FakeClock
 from actors.messages import ExchangeStatus, SeriesKey, SeriesStatus, StorageStatus
 from actors.notifier import NotifierActor
 from actors.retry import GiveUp, Retry
-from simulator.faults import OutageMode
+from simulator.faults import OutageMode, PoisonKind
 from simulator.server import BinanceSimulator
 from supervisors.child import Address, Crash, Exit, Runtime
 from supervisors.config import AlertsConfig
@@ -734,3 +734,36 @@ def test_system_outage_triggers_and_recovery_resolves(receiver, logs) -> None:
         ("trigger", "candlekeeper/binance/breaker"), ("resolve", "candlekeeper/binance/breaker")]
     assert_no_secrets(logs, ROUTING_KEY, slack_url)
     assert not pykka.ActorRegistry.get_all()
+
+
+def test_system_quarantine_triggers_once_and_reset_resolves(receiver, logs) -> None:
+    """Series report every poll's new candle to health, but only status changes to the notifier:
+    a quarantined series triggers one alert, and releasing it resolves that alert."""
+    start = (int(time.time() * 1000) // 60_000) * 60_000 - 3600_000
+    workdir = tempfile.mkdtemp(dir="/tmp")
+    cfg: dict[str, Any] = {
+        "storage": {"path": f"{workdir}/candles.db"},
+        "ingest": {"lookback": "30m", "poll_interval": "1s"},
+        "resilience": {"retry_attempts": 2, "quarantine_after": 2, "retry_base_delay": "50ms",
+                       "retry_max_delay": "200ms"},
+        "exchanges": {"binance": {"symbols": ["BTC/USDT", "SOL/USDT"], "rate_limit": 100, "timeout": "2s"}},
+        "alerts": {"pagerduty_routing_key": ROUTING_KEY, "pagerduty_url": receiver.url("/pd")},
+    }
+    with BinanceSimulator(["BTC/USDT", "SOL/USDT"], history_start_ms=start) as sim:
+        cfg["exchanges"]["binance"]["api_base"] = sim.url
+        sim.poison("SOL/USDT", PoisonKind.INVERTED)
+        system = supervisors.start(cfg, control=False)
+        try:
+            [trigger] = receiver.wait_bodies("/pd", 1, timeout=30)
+            assert trigger["event_action"] == "trigger"
+            assert trigger["dedup_key"] == "candlekeeper/binance/SOL/USDT@1m/quarantine"
+            assert trigger["payload"]["severity"] == "warning"
+            sim.unpoison("SOL/USDT")
+            system.reset("binance", "SOL/USDT")
+            pd = receiver.wait_bodies("/pd", 2, timeout=30)
+            assert pd[1] == {"routing_key": ROUTING_KEY, "event_action": "resolve", "dedup_key": trigger["dedup_key"]}
+        finally:
+            system.stop()
+    assert [(e["action"], e["dedup_key"]) for e in logs.of("alert")] == [
+        ("trigger", "candlekeeper/binance/SOL/USDT@1m/quarantine"),
+        ("resolve", "candlekeeper/binance/SOL/USDT@1m/quarantine")]
