@@ -149,8 +149,9 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         ex = rng.choice(exchanges)
         if action == "faults":
             kind = kind or rng.choice(RANDOM_KINDS).value
-            drawn = rng.uniform(0.05, 0.15)
-            return Event(at, action, ex, kind, duration=rng.uniform(15, 40), rate=drawn if rate is None else rate)
+            drawn, length = rng.uniform(0.05, 0.15), rng.uniform(15, 40)
+            return Event(at, action, ex, kind, duration=length if duration is None else duration,
+                         rate=drawn if rate is None else rate)
         if action == "outage":
             kind = kind or rng.choice(list(OutageMode)).value
             return Event(at, action, ex, kind, duration=duration if duration is not None else rng.uniform(15, 35))
@@ -175,12 +176,14 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         duration = min(rng.uniform(15, 35), max(5.0, slot - 10.0))
         required.append(random_event("outage", rng.uniform(lo, max(lo, lo + slot - duration - 5.0)),
                                      mode.value, duration))
-    # random fault kinds: late enough to end inside the storm is not needed, but start them
-    # at least 20 s before its end so each acts for a while. A caught-up exchange sees only a
-    # few polls a second, so these are drawn at a high rate (50 %): each kind is then injected,
-    # not only scheduled (the report lists any that never was)
+    # random fault kinds. A caught-up exchange polls its series in one burst a second after each
+    # minute closes and is silent in between, so a shorter fault can miss every request: these
+    # last 65-80 s (spanning a burst) inside the storm, at a high rate (50 %), so each kind is
+    # injected, not only scheduled (the report lists any that never was)
     for kind in RANDOM_KINDS:
-        required.append(random_event("faults", rng.uniform(start, max(start, end - 20.0)), kind.value, rate=0.5))
+        length = rng.uniform(65, 80)
+        required.append(random_event("faults", rng.uniform(start, max(start, end - length)), kind.value,
+                                     duration=length, rate=0.5))
     for action in ("poison", "crash"):
         required.append(random_event(action, rng.uniform(start, end)))
     # process-level events in the first 60 % of the run, so the last incarnation is long enough
