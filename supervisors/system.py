@@ -45,7 +45,7 @@ from actors.notifier import NotifierActor
 from actors.series import SeriesActor
 from actors.candles import timeframe_ms
 from actors.storage import StorageActor
-from actors.store import Store, StoreCorrupt, StoreError
+from actors.store import Store, StoreError, StoreGone
 from supervisors import config as config_mod
 from supervisors.child import Address, Crash, Exit, Fanout, Runtime
 from supervisors.config import Config, ExchangeConfig
@@ -199,13 +199,7 @@ class System:
 
     def _plan_series(self) -> None:
         """Configured series, plus those added and minus those removed at run time (persisted)."""
-        changes: list[tuple[str, str, str, int, bool]] = []
-        if os.path.exists(self.config.storage.path):
-            try:
-                with Store(self.config.storage.path, readonly=True) as store:
-                    changes = store.list_series()
-            except (StoreError, OSError) as exc:  # the storage actor will recover the file
-                log.warning("series_changes_unreadable", error=str(exc))
+        changes = stored_series_changes(self.config.storage.path)
         for ex in self.config.exchanges:
             wanted = [(sym, tf) for sym in ex.symbols for tf in ex.ingest.timeframes]
             for exchange, sym, tf, _, active in changes:
@@ -221,14 +215,13 @@ class System:
     def start(self) -> System:
         """Start the tree. Raises `supervisors.control.SocketInUse` when another daemon holds the
         control socket (or a TCP port is taken), `StorageUnusable` when the database cannot be
-        opened at all."""
+        opened at all (see `stored_series_changes`)."""
         if self.with_control:
             from supervisors.control import check_free
 
             check_free(self.config.control)
         if self.config.metrics.listen:
             check_port_free(self.config.metrics.listen)
-        check_store(self.config.storage.path)
         self._plan_series()
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
@@ -482,14 +475,16 @@ def check_port_free(listen: str) -> None:
         raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def check_store(path: str) -> None:
-    """Fail fast when the database cannot be opened or created. A corrupt file is no reason:
-    the storage actor moves it aside and starts a fresh one."""
+def stored_series_changes(path: str) -> list[tuple[str, str, str, int, bool]]:
+    """The series added and removed at run time, from the database; opening it is also the
+    start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created. A
+    corrupt file is no reason: the storage actor moves it aside and starts a fresh one."""
     try:
-        with Store(path):
-            pass
-    except StoreCorrupt:
-        pass
+        with Store(path) as store:
+            return store.list_series()
+    except StoreGone as exc:  # corrupt, or replaced meanwhile: the storage actor recovers it
+        log.warning("series_changes_unreadable", error=str(exc))
+        return []
     except StoreError as exc:
         raise StorageUnusable(f"[storage] path: {exc}") from None
 
