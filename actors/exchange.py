@@ -30,40 +30,23 @@ import ccxt
 import pykka
 import structlog
 
-from actors.breaker import CircuitBreaker
-from actors.bucket import TokenBucket
-from actors.candles import closed, timeframe_ms, validate
-from actors.client import make_client
-from actors.errors import BadResponse
-from actors.messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
-from actors.retry import RetryPolicy, parse_retry_after
-from supervisors.child import Address, Child
-from supervisors.config import ExchangeConfig
+from candlekeeper.resilience.breaker import CircuitBreaker
+from candlekeeper.resilience.bucket import TokenBucket
+from candlekeeper.actors.market.candles import closed, timeframe_ms, validate
+from candlekeeper.actors.sources.ccxt_client import make_client
+from candlekeeper.actors.market.errors import BadResponse, classify, is_retryable
+from candlekeeper.actors.messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
+from candlekeeper.resilience.retry import RetryPolicy, parse_retry_after
+from candlekeeper.supervisors.child import Address, Child
+from candlekeeper.app.config import ExchangeConfig
 
 log = structlog.get_logger("candlekeeper.exchange")
-
-# 429 and 418 answers (in ccxt 4.5 RateLimitExceeded is not a DDoSProtection subclass)
-RATE_LIMITED = ccxt.DDoSProtection | ccxt.RateLimitExceeded
 
 # Fraction of rate_limit actually used: the margin absorbs timer and network jitter.
 PACING = 0.97
 
 # How far ahead of our clock a candle may be stamped before it counts as "in the future".
 FUTURE_TOLERANCE_MS = 60_000
-
-
-def counts_against_exchange(exc: BaseException) -> bool:
-    """Which failures open the exchange breaker: the exchange being unreachable or failing.
-
-    Rate-limit answers (429/418) prove it is up and are handled by the bucket's penalty; errors
-    about one symbol (BadSymbol, a bad request) and garbage candles for one market are that
-    series' problem (its retry and quarantine), never the whole exchange's.
-    """
-    if isinstance(exc, RATE_LIMITED | ccxt.BadResponse):
-        return False
-    # OperationFailed: ccxt's transient family (network errors, timeouts, and 5xx answers such
-    # as Binance's 500/503 with a JSON error code, which are not NetworkErrors)
-    return isinstance(exc, ccxt.OperationFailed | ConnectionError | TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -125,7 +108,8 @@ class ExchangeActor(Child):
         self._markets_version = 0
         self._loading = False
         self._load_attempt = 0
-        self._load_retry = RetryPolicy(attempts=10**9, base_delay=1.0, max_delay=60.0, rng=self.runtime.rng)
+        self._load_retry = RetryPolicy(attempts=10**9, base_delay=1.0, max_delay=60.0, rng=self.runtime.rng,
+                                       retryable=is_retryable)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._last_report: tuple[str, str] | None = None
@@ -324,11 +308,12 @@ class ExchangeActor(Child):
         self._pump()
 
     def _record_outcome(self, error: BaseException, duration: float, retry_after: float | None = None) -> None:
-        if isinstance(error, RATE_LIMITED):
+        kind = classify(error)
+        if kind.rate_limited:
             penalty = retry_after if retry_after is not None else 1.0
             self.bucket.penalize(penalty)
             self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
-        if counts_against_exchange(error):
+        if kind.against_exchange:
             self.breaker.record_failure(duration)
         else:
             self.breaker.record_success(duration)

@@ -13,35 +13,22 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import ccxt
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
-from actors.candles import timeframe_ms
-from actors.errors import BadResponse
-from supervisors.child import Child
-from supervisors.events import LifecycleEvent
+from candlekeeper.actors.market.candles import timeframe_ms
+from candlekeeper.actors.market.errors import classify
+from candlekeeper.supervisors.child import Child
+from candlekeeper.supervisors.events import LifecycleEvent
 
 BREAKER_STATES = ("closed", "half_open", "open")
 SERIES_STATES = ("ok", "backfilling", "retrying", "quarantined", "paused", "invalid", "stopped")
 
 
 def outcome(error: BaseException | None) -> str:
-    """The `outcome` label of a request: a small closed set, whatever ccxt raises."""
-    if error is None:
-        return "ok"
-    if isinstance(error, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
-        return "rate_limited"
-    if isinstance(error, ccxt.RequestTimeout | TimeoutError):
-        return "timeout"
-    if isinstance(error, BadResponse | ccxt.BadResponse):
-        return "bad_response"
-    if isinstance(error, ccxt.OperationFailed | ConnectionError):
-        return "network_error"
-    if isinstance(error, ccxt.ExchangeError):
-        return "exchange_error"
-    return "error"
+    """The `outcome` label of a request: a small closed set, whatever the source raises."""
+    return classify(error).outcome
 
 
 class Metrics:

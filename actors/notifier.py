@@ -1,7 +1,7 @@
 """The notifier actor: status reports in, alerts out (log lines always, webhooks when configured).
 
 It receives what the health actor receives (`System.status` is a fanout of both): exchange,
-series and storage status and the supervisors' lifecycle events. `actors.alerts` decides what
+series and storage status and the supervisors' lifecycle events. `candlekeeper.actors.alerting.alerts` decides what
 is an alert transition (with dedup) and how each destination is paced and retried; this actor
 only does what it says:
 
@@ -32,7 +32,7 @@ from typing import Any
 import pykka
 import structlog
 
-from actors.alerts import (
+from candlekeeper.actors.alerting.alerts import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
     AlertState,
@@ -46,11 +46,11 @@ from actors.alerts import (
     redact,
     slack_payload,
 )
-from actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
-from actors.retry import GiveUp, Retry, parse_retry_after
-from supervisors.child import Child
-from supervisors.config import AlertsConfig
-from supervisors.events import LifecycleEvent
+from candlekeeper.actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
+from candlekeeper.resilience.retry import GiveUp, Retry, parse_retry_after
+from candlekeeper.supervisors.child import Child
+from candlekeeper.app.config import AlertsConfig
+from candlekeeper.supervisors.events import LifecycleEvent
 
 log = structlog.get_logger("candlekeeper.notifier")
 

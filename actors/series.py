@@ -26,8 +26,9 @@ from typing import Any
 
 import ccxt
 
-from actors.candles import timeframe_ms
-from actors.messages import (
+from candlekeeper.actors.market.candles import timeframe_ms
+from candlekeeper.actors.market.errors import is_retryable
+from candlekeeper.actors.messages import (
     Candle,
     FetchRequest,
     FetchResult,
@@ -40,11 +41,11 @@ from actors.messages import (
     Write,
     Written,
 )
-from actors.quarantine import Quarantine
-from actors.retry import GiveUp, RetryPolicy
-from actors.storage import ResumeQuery
-from supervisors.child import Address, Child
-from supervisors.config import IngestConfig, ResilienceConfig
+from candlekeeper.resilience.quarantine import Quarantine
+from candlekeeper.resilience.retry import GiveUp, RetryPolicy
+from candlekeeper.actors.storage import ResumeQuery
+from candlekeeper.supervisors.child import Address, Child
+from candlekeeper.app.config import IngestConfig, ResilienceConfig
 
 INVALID_RECHECK_S = 3600.0
 STORE_RETRY_S = 1.0
@@ -98,7 +99,8 @@ class SeriesActor(Child):
         self.watchdog_s = 3 * request_timeout + 5.0
         rng = self.runtime.rng
         self.retry = RetryPolicy(
-            resilience.retry_attempts, resilience.retry_base_delay, resilience.retry_max_delay, rng=rng
+            resilience.retry_attempts, resilience.retry_base_delay, resilience.retry_max_delay, rng=rng,
+            retryable=is_retryable,
         )
         self.quarantine = Quarantine(
             threshold=resilience.quarantine_after,

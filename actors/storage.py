@@ -17,10 +17,10 @@ from typing import Any
 
 import pykka
 
-from actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, StoreChanged, Write, Written
-from actors.store import Store, StoreError, StoreGone
-from supervisors.child import Address, Child
-from supervisors.events import EventBus
+from candlekeeper.actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, StoreChanged, Write, Written
+from candlekeeper.actors.stores.sqlite import Store, StoreError, StoreGone
+from candlekeeper.supervisors.child import Address, Child
+from candlekeeper.supervisors.events import EventBus
 
 
 @dataclass(frozen=True)

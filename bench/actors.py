@@ -1,6 +1,6 @@
 """Supervision runtime benchmark, against raw pykka in the same run.
 
-    python bench/actors.py [--tells 200000] [--restarts 1000] [--actors 10000]
+    python bench/candlekeeper.actors.py [--tells 200000] [--restarts 1000] [--actors 10000]
 
 Last line on stdout: one JSON object with tell_per_s_raw, tell_per_s_supervised,
 restart_ms_p50, restart_ms_p99, actors_10k_start_s, actors_10k_rss_mb, actors_10k_stop_s.
@@ -18,15 +18,14 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
-import pykka  # noqa: E402
-import structlog  # noqa: E402
+import psutil
+import pykka
+import structlog
 
-from supervisors.child import Address, Child, Exit, Runtime  # noqa: E402
-from supervisors.events import LifecycleEvent  # noqa: E402
-from supervisors.supervisor import ChildSpec, start_root  # noqa: E402
+from candlekeeper.supervisors.child import Address, Child, Exit, Runtime
+from candlekeeper.supervisors.events import LifecycleEvent
+from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 
 
 class RawCounter(pykka.ThreadingActor):

@@ -25,22 +25,21 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ccxt  # noqa: E402
-import structlog  # noqa: E402
+import ccxt
+import structlog
 
-from actors.client import make_client  # noqa: E402
-from actors.messages import Write, Written  # noqa: E402
-from actors.storage import StorageActor  # noqa: E402
-from actors.store import Store  # noqa: E402
-from simulator.faults import Faults  # noqa: E402
-from simulator.server import synthetic_symbols  # noqa: E402
-from simulator.server import BinanceSimulator  # noqa: E402
-from supervisors import config as config_mod  # noqa: E402
-from supervisors.child import Child, Runtime  # noqa: E402
-from supervisors.supervisor import ChildSpec, start_root  # noqa: E402
-from supervisors.system import System  # noqa: E402
+from candlekeeper.actors.sources.ccxt_client import make_client
+from candlekeeper.actors.messages import Write, Written
+from candlekeeper.actors.storage import StorageActor
+from candlekeeper.actors.stores.sqlite import Store
+from candlekeeper.simulator.faults import Faults
+from candlekeeper.simulator.server import synthetic_symbols
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.app import config as config_mod
+from candlekeeper.supervisors.child import Child, Runtime
+from candlekeeper.supervisors.supervisor import ChildSpec, start_root
+from candlekeeper.app.system import System
 
 TF = 60_000
 

@@ -5,7 +5,7 @@
 
 Quick run: `python bench/scale.py --exchanges 2 --symbols 50 --minutes 1 --no-results`.
 
-The candlekeeper system runs in this process exactly as `supervisors.start(config_dict)` builds
+The candlekeeper system runs in this process exactly as `candlekeeper.start(config_dict)` builds
 it (control socket included); the simulated Binance exchanges run in a helper process (this
 script with `--serve`), so their CPU, memory and threads are not counted as the daemon's. Each
 simulated exchange admits at most `--rate-limit` requests per sliding second (429 beyond), and
@@ -48,17 +48,16 @@ import time
 from collections import Counter
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
-import pykka  # noqa: E402
-import structlog  # noqa: E402
+import psutil
+import pykka
+import structlog
 
-from actors.storage import StoredCandle  # noqa: E402
-from simulator.faults import Faults  # noqa: E402
-from simulator.server import BinanceSimulator, synthetic_symbols  # noqa: E402
-from supervisors import config as config_mod  # noqa: E402
-from supervisors.system import System  # noqa: E402
+from candlekeeper.actors.storage import StoredCandle
+from candlekeeper.simulator.faults import Faults
+from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
+from candlekeeper.app import config as config_mod
+from candlekeeper.app.system import System
 
 TF_MS = 60_000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall0 = time.time()
     target_ts = (int(wall0 * 1000) // TF_MS) * TF_MS - TF_MS  # the last candle closed at start
     recorder = Recorder(target_ts)
-    # what `supervisors.start(cfg, subscribers=[recorder])` does, split so the monitor can
+    # what `candlekeeper.start(cfg, subscribers=[recorder])` does, split so the monitor can
     # ask health() while the tree is still starting
     system = System(config_mod.from_dict(cfg), subscribers=[recorder])
     monitor = Monitor(system, args.health_interval)

@@ -15,7 +15,7 @@ lifts every fault, waits for the daemon to catch up (`--settle` seconds at most)
 SIGTERM, and checks the store against the exchanges' own history.
 
 The schedule first places one event of every required kind at a seeded random time: each random
-fault kind of `simulator.faults.RANDOM_KINDS`, each `OutageMode` (in disjoint slots, so outages
+fault kind of `candlekeeper.simulator.faults.RANDOM_KINDS`, each `OutageMode` (in disjoint slots, so outages
 never overlap), one poison, one crash, one `kill -9` and one deletion of the SQLite file; the rest
 is filled with random events about every 12 s. Faults overlapping at one exchange add up. Before
 the storm, a calm phase (`--calm` seconds, no faults) measures the baselines of the same run: the
@@ -55,13 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
+import psutil
 
-from simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode, PoisonKind  # noqa: E402
-from simulator.server import BinanceSimulator, synthetic_symbols  # noqa: E402
-from supervisors.control import request  # noqa: E402
+from candlekeeper.simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode, PoisonKind
+from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
+from candlekeeper.surfaces.control import request
 
 ROOT = Path(__file__).resolve().parent.parent
 TF = 60_000

@@ -13,10 +13,9 @@ import sys
 import tempfile
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import supervisors  # noqa: E402
-from actors.storage import StoredCandle  # noqa: E402
+import candlekeeper
+from candlekeeper.actors.storage import StoredCandle
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     exchange: dict[str, object] = {"symbols": ["BTC/USDT", "ETH/USDT"], "lookback": "2h"}
     sim = None
     if not args.real:
-        from simulator.server import BinanceSimulator
+        from candlekeeper.simulator.server import BinanceSimulator
 
         sim = BinanceSimulator(["BTC/USDT", "ETH/USDT"]).start()
         exchange["api_base"] = sim.url
@@ -47,7 +46,7 @@ def main() -> None:
         if len(received) >= args.candles:
             enough.set()
 
-    system = supervisors.start(config, subscribers=[on_candle])  # or later: system.subscribe(on_candle)
+    system = candlekeeper.start(config, subscribers=[on_candle])  # or later: system.subscribe(on_candle)
     try:
         enough.wait(120)
         health = system.health()

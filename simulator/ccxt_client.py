@@ -8,8 +8,8 @@ from typing import Any
 
 import ccxt
 
-from actors.ccxt_urls import rebase_urls
-from actors.client import EXCHANGE_OPTIONS
+from candlekeeper.actors.sources.urls import rebase_urls
+from candlekeeper.actors.sources.ccxt_client import EXCHANGE_OPTIONS
 
 
 def binance_options() -> dict[str, Any]:

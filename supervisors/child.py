@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,20 +30,25 @@ from typing import Any, Self
 import pykka
 import structlog
 
-from supervisors.events import EventBus
-from supervisors.scheduler import Scheduler, Timer
+from candlekeeper.supervisors.clock import Clock, WallClock, monotonic
+from candlekeeper.supervisors.clock import wall as wall_clock
+from candlekeeper.supervisors.events import EventBus
+from candlekeeper.supervisors.scheduler import Scheduler, Timer
 
 
 @dataclass
 class Runtime:
-    """The services one actor system shares: its timer thread, its event bus, its clock.
+    """The services one actor system shares: its timer thread, its event bus, its clocks
+    (`clock` monotonic, for delays; `wall` epoch seconds, for candle times; see
+    `candlekeeper.supervisors.clock`).
 
     One per system, passed down the tree, never global: two systems can live in one process.
     """
 
     scheduler: Scheduler = field(default_factory=Scheduler)
     events: EventBus = field(default_factory=EventBus)
-    clock: Callable[[], float] = time.monotonic
+    clock: Clock = monotonic
+    wall: WallClock = wall_clock
     rng: random.Random = field(default_factory=random.Random)
     allow_crash_injection: bool = False  # tests and chaos soaks only: honour `Crash` messages
 

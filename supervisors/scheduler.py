@@ -4,7 +4,7 @@ Actors never sleep: a retry, a probe or a restart backoff is a message delivered
 this scheduler. One thread serves every timer (a `threading.Timer` per timer would mean
 thousands of threads), and a timer aimed at an `ActorRef` can never reach a replacement
 actor, because a restarted actor has a new ref; the dead one's timers are also cancelled
-when it exits (see `supervisors.child.Child`).
+when it exits (see `candlekeeper.supervisors.child.Child`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Meanings follow Erlang/OTP's `supervisor`:
 Departures from OTP, and why:
 
 - Defaults are 10 restarts in 60 s, not OTP's 1 in 5 s, because restarts here are spread out by
-  an Akka-style backoff (see `supervisors.intensity.BackoffConfig`): a child that keeps dying
+  an Akka-style backoff (see `candlekeeper.supervisors.intensity.BackoffConfig`): a child that keeps dying
   on start is restarted at 0, 0.1, 0.2, 0.4 ... s, never spinning a CPU, and escalates after
   about a minute instead of within milliseconds.
 - A child that fails in `on_start` while its supervisor starts is restarted like any crash,
@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import pykka
 
-from supervisors.child import Address, Child, Exit, Link, Runtime
-from supervisors.events import EventKind, LifecycleEvent
-from supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
+from candlekeeper.supervisors.child import Address, Child, Exit, Link, Runtime
+from candlekeeper.supervisors.events import EventKind, LifecycleEvent
+from candlekeeper.supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]

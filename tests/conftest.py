@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import pykka
 import pytest
 
-from supervisors.child import Runtime
-from supervisors.events import LifecycleEvent
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.events import LifecycleEvent
 
 
 class EventRecorder:

@@ -19,8 +19,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import supervisors
-from actors.alerts import (
+import candlekeeper
+from candlekeeper.actors.alerting.alerts import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
     AlertState,
@@ -39,16 +39,16 @@ from actors.alerts import (
     slack_payload,
     storage_key,
 )
-from actors.clock import FakeClock
-from actors.messages import ExchangeStatus, SeriesKey, SeriesStatus, StorageStatus
-from actors.notifier import NotifierActor
-from actors.retry import GiveUp, Retry
-from simulator.faults import OutageMode, PoisonKind
-from simulator.server import BinanceSimulator
-from supervisors.child import Address, Crash, Exit, Runtime
-from supervisors.config import AlertsConfig
-from supervisors.events import LifecycleEvent
-from supervisors.supervisor import ChildSpec, start_root
+from candlekeeper.supervisors.clock import FakeClock
+from candlekeeper.actors.messages import ExchangeStatus, SeriesKey, SeriesStatus, StorageStatus
+from candlekeeper.actors.notifier import NotifierActor
+from candlekeeper.resilience.retry import GiveUp, Retry
+from candlekeeper.simulator.faults import OutageMode, PoisonKind
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.supervisors.child import Address, Crash, Exit, Runtime
+from candlekeeper.app.config import AlertsConfig
+from candlekeeper.supervisors.events import LifecycleEvent
+from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.conftest import EventRecorder
 
 ROUTING_KEY = "test-key"
@@ -714,7 +714,7 @@ def test_system_outage_triggers_and_recovery_resolves(receiver, logs) -> None:
     with BinanceSimulator(["BTC/USDT"], history_start_ms=start) as sim:
         cfg["exchanges"]["binance"]["api_base"] = sim.url
         sim.set_outage(OutageMode.HTTP_503)  # down from the start: loading markets fails
-        system = supervisors.start(cfg, control=False)
+        system = candlekeeper.start(cfg, control=False)
         try:
             [trigger] = receiver.wait_bodies("/pd", 1, timeout=20)
             assert trigger["event_action"] == "trigger" and trigger["dedup_key"] == "candlekeeper/binance/breaker"
@@ -752,7 +752,7 @@ def test_system_quarantine_triggers_once_and_reset_resolves(receiver, logs) -> N
     with BinanceSimulator(["BTC/USDT", "SOL/USDT"], history_start_ms=start) as sim:
         cfg["exchanges"]["binance"]["api_base"] = sim.url
         sim.poison("SOL/USDT", PoisonKind.INVERTED)
-        system = supervisors.start(cfg, control=False)
+        system = candlekeeper.start(cfg, control=False)
         try:
             [trigger] = receiver.wait_bodies("/pd", 1, timeout=30)
             assert trigger["event_action"] == "trigger"

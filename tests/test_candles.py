@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.candles import (
+from candlekeeper.actors.market.candles import (
     TIMEFRAME_MS,
     InvalidCandles,
     alignment_ms,
@@ -16,7 +16,7 @@ from actors.candles import (
     timeframe_ms,
     validate,
 )
-from actors.errors import BadResponse
+from candlekeeper.actors.market.errors import BadResponse
 
 TF = 60_000
 NOW = 1_700_000_000_000 - 1_700_000_000_000 % TF + 30_000  # mid-candle

@@ -7,7 +7,7 @@ import copy
 import ccxt
 import pytest
 
-from actors.ccxt_urls import rebase_urls
+from candlekeeper.actors.sources.urls import rebase_urls
 
 
 def test_every_url_of_a_real_client_is_rebased() -> None:

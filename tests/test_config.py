@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from supervisors import config as cfg
-from supervisors.config import ConfigError, from_dict, load, parse_duration, to_dict
+from candlekeeper.app import config as cfg
+from candlekeeper.app.config import ConfigError, from_dict, load, parse_duration, to_dict
 
 MIN = {"exchanges": {"binance": {"symbols": ["BTC/USDT"]}}}
 

@@ -1,6 +1,6 @@
 """Fuzzing the control protocol: bad input never hurts the daemon.
 
-One real system (`supervisors.start` against a simulated Binance) serves the whole module on its
+One real system (`candlekeeper.start` against a simulated Binance) serves the whole module on its
 real Unix socket. Hypothesis throws at it random bytes, valid msgpack of every shape, known
 commands with wrong arguments, pipelined batches, oversized and half-sent messages, clients that
 vanish and more clients than it serves at once. Each request must get exactly one well-formed
@@ -33,10 +33,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-import supervisors
-from simulator.server import BinanceSimulator
-from supervisors.control import MAX_CONNECTIONS, MAX_MESSAGE, request
-from supervisors.system import System
+import candlekeeper
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.surfaces.control import MAX_CONNECTIONS, MAX_MESSAGE, request
+from candlekeeper.app.system import System
 from tests.conftest import wait_threads_gone
 from tests.test_ingest import wait_until
 
@@ -102,7 +102,7 @@ def daemon() -> Iterator[Daemon]:
     before = set(threading.enumerate())
     d = tempfile.mkdtemp(dir="/tmp")  # short: a Unix socket path is limited to ~100 bytes
     sim = BinanceSimulator([SYMBOL]).start()
-    system = supervisors.start({
+    system = candlekeeper.start({
         "storage": {"path": f"{d}/candles.db"},
         "control": {"socket": f"{d}/ctl.sock"},
         "ingest": {"lookback": "10m", "poll_interval": "2s"},

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from simulator.server import BinanceSimulator
+from candlekeeper.simulator.server import BinanceSimulator
 from tests.test_ingest import TF, expected, now_ms, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Embedding: `supervisors.start(dict)`, subscribe to stored candles, two systems at once, clean stop."""
+"""Embedding: `candlekeeper.start(dict)`, subscribe to stored candles, two systems at once, clean stop."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pykka
 
-import supervisors
-from actors.storage import StoredCandle
-from simulator.server import BinanceSimulator
+import candlekeeper
+from candlekeeper.actors.storage import StoredCandle
+from candlekeeper.simulator.server import BinanceSimulator
 from tests.test_ingest import TF, now_ms, wait_until
 
 
@@ -47,8 +47,8 @@ def test_two_embedded_systems_subscribe_and_stop_cleanly() -> None:
                 done1.set()
 
         collector = Collector.start()
-        s1 = supervisors.start(config(d1, sim, ["BTC/USDT", "ETH/USDT"]), subscribers=[on_candle])
-        s2 = supervisors.start(config(d2, sim, ["ETH/USDT"]), subscribers=[collector])
+        s1 = candlekeeper.start(config(d1, sim, ["BTC/USDT", "ETH/USDT"]), subscribers=[on_candle])
+        s2 = candlekeeper.start(config(d2, sim, ["ETH/USDT"]), subscribers=[collector])
         try:
             assert done1.wait(60) and done2.wait(60)
             # each candle exactly once, only closed ones, from the right system
@@ -70,7 +70,7 @@ def test_two_embedded_systems_subscribe_and_stop_cleanly() -> None:
     assert Path(d1, "candles.db").exists() and not Path(d1, "ctl.sock").exists()
 
 
-def refetch_newest(system: supervisors.System, db: str) -> int:
+def refetch_newest(system: candlekeeper.System, db: str) -> int:
     """Lose the newest stored candle while its series is removed, then add the series back: it
     resumes from the store and stores that candle again. Returns its open time."""
     system.remove_series("binance", "BTC/USDT", "1m")
@@ -89,7 +89,7 @@ def test_start_from_a_toml_path_subscribe_later_and_unsubscribe() -> None:
         toml.write_text(f"""[storage]\npath = "{d}/candles.db"\n[control]\nsocket = "{d}/ctl.sock"\n"""
                         f"""[ingest]\nlookback = "30m"\npoll_interval = "1s"\n"""
                         f"""[exchanges.binance]\nsymbols = ["BTC/USDT"]\napi_base = "{sim.url}"\n""")
-        system = supervisors.start(str(toml))
+        system = candlekeeper.start(str(toml))
         try:
             wait_until(lambda: [s["status"] for s in system.health()["series"]] == ["ok"], what="caught up")
             # a subscriber added after start gets the candles stored from then on, each once

@@ -1,6 +1,6 @@
 """The fault matrix: one case per way the exchange (or the daemon itself) can fail.
 
-Every case runs the real system in process (`supervisors.start`, real ccxt, real SQLite) against
+Every case runs the real system in process (`candlekeeper.start`, real ccxt, real SQLite) against
 a loopback `BinanceSimulator`, and checks two things:
 
 - DURING the fault, the health report tells the truth (observed at least once while the fault
@@ -41,10 +41,10 @@ from typing import Any
 
 import pytest
 
-import supervisors
-from simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
-from simulator.server import BinanceSimulator
-from supervisors.system import System
+import candlekeeper
+from candlekeeper.simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.app.system import System
 from tests.test_ingest import TF, assert_exact, complete, now_ms, stored, wait_until
 
 # 5 pages of 20 per series, the last one ending with the candle in progress (so the backfill
@@ -113,7 +113,7 @@ def running(tmp_path: Any, *, symbols: list[str] = SYMBOLS, faults: Faults | Non
     system: System | None = None
     try:
         cfg = config(tmp_path, sim, start, symbols, **exchange)
-        system = supervisors.start(cfg, control=False)
+        system = candlekeeper.start(cfg, control=False)
         yield Run(sim, system, start, cfg["storage"]["path"], list(symbols))
     finally:
         if system is not None:

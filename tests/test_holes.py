@@ -10,15 +10,15 @@ from typing import Any
 
 import pykka
 
-from actors.breaker import CircuitBreaker
-from actors.exchange import ExchangeActor
-from actors.messages import FetchRequest, FetchResult, SeriesKey
-from actors.store import Store
-from simulator.binance import KLINES_MAX_LIMIT
-from simulator.server import BinanceSimulator
-from supervisors.child import Runtime
-from supervisors.config import ExchangeConfig
-from supervisors.supervisor import ChildSpec, start_root
+from candlekeeper.resilience.breaker import CircuitBreaker
+from candlekeeper.actors.exchange import ExchangeActor
+from candlekeeper.actors.messages import FetchRequest, FetchResult, SeriesKey
+from candlekeeper.actors.stores.sqlite import Store
+from candlekeeper.simulator.binance import KLINES_MAX_LIMIT
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.app.config import ExchangeConfig
+from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.test_ingest import TF, assert_exact, complete, make_config, now_ms, running, stored, wait_until
 
 __all__ = ["running"]  # the fixture, imported for the tests below

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode
-from simulator.server import BinanceSimulator
-from supervisors import config as config_mod
-from supervisors.child import Runtime
-from supervisors.system import System
+from candlekeeper.simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.app import config as config_mod
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.app.system import System
 
 TF = 60_000
 HOURS = 3

@@ -11,12 +11,12 @@ import ccxt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import supervisors
-from actors.errors import BadResponse
-from actors.metrics import Metrics, outcome
-from simulator.faults import FaultKind, Faults
-from simulator.server import BinanceSimulator
-from supervisors.control import SocketInUse
+import candlekeeper
+from candlekeeper.actors.market.errors import BadResponse
+from candlekeeper.actors.metrics import Metrics, outcome
+from candlekeeper.simulator.faults import FaultKind, Faults
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.surfaces.control import SocketInUse
 from tests.test_ingest import TF, now_ms, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -67,7 +67,7 @@ def test_scraped_metrics_match_what_happened() -> None:
     db = f"{d}/candles.db"
     faults = Faults(rates={FaultKind.HTTP_500: 0.15}, seed=3, paths=frozenset({"/api/v3/klines"}))
     with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start, faults=faults) as sim:
-        system = supervisors.start({
+        system = candlekeeper.start({
             "storage": {"path": db},
             "control": {"socket": f"{d}/ctl.sock", "chaos": True},
             "metrics": {"listen": "127.0.0.1:0"},
@@ -128,7 +128,7 @@ def test_metrics_port_in_use_fails_fast() -> None:
     try:
         port = taken.getsockname()[1]
         with pytest.raises(SocketInUse, match="metrics"):
-            supervisors.start({
+            candlekeeper.start({
                 "storage": {"path": f"{d}/c.db"},
                 "control": {"socket": f"{d}/ctl.sock"},
                 "metrics": {"listen": f"127.0.0.1:{port}"},

@@ -8,9 +8,9 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.clock import FakeClock
-from supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
-from supervisors.scheduler import Scheduler
+from candlekeeper.supervisors.clock import FakeClock
+from candlekeeper.supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
+from candlekeeper.supervisors.scheduler import Scheduler
 
 
 @settings(max_examples=200, deadline=None)
@@ -102,11 +102,11 @@ def test_storage_survives_a_resume_query_from_a_series_that_died_meanwhile(tmp_p
     (its restart would make every series resync)."""
     import pykka
 
-    from actors.messages import SeriesKey
-    from actors.storage import ResumeQuery, StorageActor
-    from supervisors.child import Runtime
-    from supervisors.events import LifecycleEvent
-    from supervisors.supervisor import ChildSpec, start_root
+    from candlekeeper.actors.messages import SeriesKey
+    from candlekeeper.actors.storage import ResumeQuery, StorageActor
+    from candlekeeper.supervisors.child import Runtime
+    from candlekeeper.supervisors.events import LifecycleEvent
+    from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 
     class Gone(pykka.ThreadingActor):
         pass
@@ -133,11 +133,11 @@ def test_series_poll_offsets_spread_over_the_window_and_are_stable() -> None:
     """Each series polls at a fixed offset in [0, poll_spread) after each close (a hash of its
     key, so a restart keeps it), so the series of an exchange do not all wake in the same
     instant; no spread means no offset."""
-    from actors.messages import SeriesKey
-    from actors.series import SeriesActor
-    from supervisors.child import Address, Runtime
-    from supervisors.config import IngestConfig, ResilienceConfig
-    from supervisors.supervisor import ChildSpec, start_root
+    from candlekeeper.actors.messages import SeriesKey
+    from candlekeeper.actors.series import SeriesActor
+    from candlekeeper.supervisors.child import Address, Runtime
+    from candlekeeper.app.config import IngestConfig, ResilienceConfig
+    from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 
     def offsets(spread: float, n: int) -> list[float]:
         runtime = Runtime()

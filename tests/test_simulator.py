@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator import BinanceSimulator, CandleHistory, FaultKind, Faults, OutageMode, PoisonKind
-from simulator.ccxt_client import binance_options, make_binance
-from simulator.history import INTERVALS, align_down
+from candlekeeper.simulator import BinanceSimulator, CandleHistory, FaultKind, Faults, OutageMode, PoisonKind
+from candlekeeper.simulator.ccxt_client import binance_options, make_binance
+from candlekeeper.simulator.history import INTERVALS, align_down
 
 MIN = 60_000
 T0 = 1_700_006_430_123  # mid-candle "now" for the fake clock

@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from actors.breaker import BreakerConfig, CircuitBreaker
-from actors.bucket import RateLimiter, TokenBucket
-from actors.candles import InvalidCandles
-from actors.clock import FakeClock
-from actors.errors import BadResponse
-from actors.exchange import counts_against_exchange
-from actors.quarantine import Quarantine
-from actors.retry import GiveUp, Retry, RetryPolicy, is_retryable, parse_retry_after
+from candlekeeper.resilience.breaker import BreakerConfig, CircuitBreaker
+from candlekeeper.resilience.bucket import RateLimiter, TokenBucket
+from candlekeeper.actors.market.candles import InvalidCandles
+from candlekeeper.supervisors.clock import FakeClock
+from candlekeeper.actors.market.errors import BadResponse
+from candlekeeper.actors.market.errors import counts_against_exchange, is_retryable
+from candlekeeper.resilience.quarantine import Quarantine
+from candlekeeper.resilience.retry import GiveUp, Retry, RetryPolicy, parse_retry_after
 
 # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ def test_retry_delays_within_bounds(attempts: int, base: float, cap_factor: floa
 )
 def test_retry_classification(exc: BaseException, retryable: bool) -> None:
     assert is_retryable(exc) is retryable
-    decision = RetryPolicy(3).decide(1, exc)
+    decision = RetryPolicy(3, retryable=is_retryable).decide(1, exc)
     assert isinstance(decision, Retry) is retryable
 
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from actors.store import Store, StoreCorrupt, StoreError, StoreGone
+from candlekeeper.actors.stores.sqlite import Store, StoreCorrupt, StoreError, StoreGone
 
 TF = 60_000
 KEY = ("binance", "BTC/USDT", "1m")
@@ -168,7 +168,7 @@ def test_missing_matches_naive_scan_on_large_series(store, monkeypatch):
     """Bisection and scanning agree with a plain walk, across leaf boundaries."""
     import random
 
-    import actors.store as mod
+    import candlekeeper.actors.stores.sqlite as mod
 
     monkeypatch.setattr(mod, "_LEAF", 16)
     rnd = random.Random(7)

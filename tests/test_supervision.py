@@ -9,9 +9,9 @@ from typing import Any
 import pykka
 import pytest
 
-from supervisors.child import Address, Child, Exit, Runtime
-from supervisors.intensity import NO_BACKOFF, BackoffConfig
-from supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, SupervisorGaveUp, start_root
+from candlekeeper.supervisors.child import Address, Child, Exit, Runtime
+from candlekeeper.supervisors.intensity import NO_BACKOFF, BackoffConfig
+from candlekeeper.supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, SupervisorGaveUp, start_root
 from tests.conftest import EventRecorder
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-import supervisors
-from simulator.server import BinanceSimulator
-from supervisors.cli import _result
-from supervisors.control import request
-from supervisors.top import _TerminalKeys, lag_seconds, render, run_top
+import candlekeeper
+from candlekeeper.simulator.server import BinanceSimulator
+from candlekeeper.surfaces.cli import _result
+from candlekeeper.surfaces.control import request
+from candlekeeper.surfaces.top import _TerminalKeys, lag_seconds, render, run_top
 from tests.test_ingest import wait_until
 
 NOW_MS = 1_700_000_040_000  # a minute boundary
@@ -241,7 +241,7 @@ def test_terminal_keys_cbreak_mode_is_restored(monkeypatch: pytest.MonkeyPatch) 
 def test_run_top_against_a_real_system() -> None:
     d = tempfile.mkdtemp(dir="/tmp")
     with BinanceSimulator(["BTC/USDT"]) as sim:
-        system = supervisors.start({
+        system = candlekeeper.start({
             "storage": {"path": f"{d}/candles.db"},
             "control": {"socket": f"{d}/ctl.sock"},
             "ingest": {"lookback": "10m"},

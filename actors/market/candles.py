@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from actors.errors import BadResponse
+from candlekeeper.actors.market.errors import BadResponse
 
 __all__ = [
     "TIMEFRAME_MS",

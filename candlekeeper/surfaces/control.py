@@ -33,8 +33,8 @@ from typing import Any
 
 import msgpack
 
-from supervisors.child import Child
-from supervisors.config import ControlConfig
+from candlekeeper.supervisors.child import Child
+from candlekeeper.app.config import ControlConfig
 
 MAX_MESSAGE = 1 << 20
 MAX_CONNECTIONS = 32  # per listener: the Unix socket and the TCP listener each have their own

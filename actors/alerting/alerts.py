@@ -1,6 +1,6 @@
 """Alerts, the pure part: status messages in, alert transitions and webhook deliveries out.
 
-Nothing here has a thread, a socket or a real clock: `actors.notifier.NotifierActor` feeds it
+Nothing here has a thread, a socket or a real clock: `candlekeeper.actors.notifier.NotifierActor` feeds it
 messages, HTTP outcomes and time, and does what it answers (post, schedule, log).
 
 What alerts, and with which `dedup_key` (stable, so PagerDuty folds repeats into one incident):
@@ -28,7 +28,7 @@ posts; what it holds back waits in a bounded queue (100; when full the oldest is
 counted); posts for one dedup_key are strictly ordered (a delivery is not started while an
 earlier one for the same key is in flight or waiting to be retried), so a resolve never
 overtakes its trigger. Outcomes: 2xx sent; connection errors, timeouts, 5xx and 429 retried
-with full-jitter exponential backoff (`actors.retry.RetryPolicy`: 6 attempts, base 1 s, cap
+with full-jitter exponential backoff (`candlekeeper.resilience.retry.RetryPolicy`: 6 attempts, base 1 s, cap
 60 s; a 429's Retry-After wins, capped at 5 min, and also holds back the whole destination);
 any other status (4xx, 3xx) gives up at once.
 """
@@ -43,11 +43,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from actors.bucket import TokenBucket
-from actors.clock import Clock, monotonic
-from actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
-from actors.retry import GiveUp, Retry, RetryPolicy
-from supervisors.events import LifecycleEvent
+from candlekeeper.resilience.bucket import TokenBucket
+from candlekeeper.supervisors.clock import Clock, monotonic
+from candlekeeper.actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
+from candlekeeper.resilience.retry import GiveUp, Retry, RetryPolicy
+from candlekeeper.supervisors.events import LifecycleEvent
 
 Action = Literal["trigger", "resolve"]
 Severity = Literal["critical", "error", "warning", "info"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from actors.candles import TIMEFRAME_MS
+from candlekeeper.actors.market.candles import TIMEFRAME_MS
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,4 @@
-"""Retry policy: exponential backoff with full jitter, capped, and which errors to retry at all.
+"""Retry policy: exponential backoff with full jitter, capped; the caller says which errors to retry.
 
 It decides, it never waits: the caller (a series actor) schedules its next attempt as a message.
 """
@@ -10,9 +10,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import ccxt
-
-from actors.errors import BadResponse
 
 
 @dataclass(frozen=True)
@@ -28,24 +25,15 @@ class GiveUp:
 Decision = Retry | GiveUp
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Transient errors are worth another attempt; a bad request will fail the same way again.
-
-    ccxt's `OperationFailed` family is transient: network errors, timeouts, rate limits
-    (DDoSProtection, RateLimitExceeded), the exchange unavailable or in maintenance, and 5xx
-    answers that carry an exchange error code (Binance's 500/503 map to OperationFailed itself).
-    It also holds ccxt's `BadResponse`/`NullResponse`: a garbled body is the transport's fault,
-    the next answer is usually fine. Our own `BadResponse` (invalid candles) is retried for the
-    same reason. `ExchangeError` (BadSymbol, BadRequest, AuthenticationError, PermissionDenied,
-    InsufficientFunds, ...) is not: asking again gets the same answer.
-    """
-    if isinstance(exc, ccxt.ExchangeError):
-        return False
-    return isinstance(exc, ccxt.OperationFailed | BadResponse | ConnectionError | TimeoutError | OSError)
+def _every_exception(_: BaseException) -> bool:
+    return True
 
 
 class RetryPolicy:
-    """`attempts` counts every attempt, the first included (the plan's "max 3 attempts")."""
+    """`attempts` counts every attempt, the first included (the plan's "max 3 attempts").
+
+    Which errors are worth another attempt is the owner's call (`retryable`; every one by
+    default): the daemon passes its exchange-error classifier, the notifier its HTTP rule."""
 
     def __init__(
         self,
@@ -54,7 +42,7 @@ class RetryPolicy:
         max_delay: float = 60.0,
         *,
         rng: random.Random | None = None,
-        retryable: Callable[[BaseException], bool] = is_retryable,
+        retryable: Callable[[BaseException], bool] = _every_exception,
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")

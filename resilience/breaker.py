@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from actors.clock import Clock, monotonic
+from candlekeeper.supervisors.clock import Clock, monotonic
 
 BreakerState = Literal["closed", "open", "half_open"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.clock import Clock, monotonic
+from candlekeeper.supervisors.clock import Clock, monotonic
 
 
 class Quarantine:

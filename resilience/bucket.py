@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from actors.clock import Clock, monotonic
+from candlekeeper.supervisors.clock import Clock, monotonic
 
 EPSILON = 1e-9
 

@@ -35,22 +35,23 @@ from typing import Any
 import pykka
 import structlog
 
-from actors.alerts import AlertState
-from actors.breaker import BreakerConfig, CircuitBreaker
-from actors.exchange import ExchangeActor, counts_against_exchange
-from actors.health import HealthActor, HealthState
-from actors.messages import ForgetSeries, Pause, SeriesKey
-from actors.metrics import Metrics, MetricsEndpoint
-from actors.notifier import NotifierActor
-from actors.series import SeriesActor
-from actors.candles import timeframe_ms
-from actors.storage import StorageActor
-from actors.store import Store, StoreError, StoreGone
-from supervisors import config as config_mod
-from supervisors.child import Address, Crash, Exit, Fanout, Runtime
-from supervisors.config import Config, ExchangeConfig
-from supervisors.events import EventBus
-from supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
+from candlekeeper.actors.alerting.alerts import AlertState
+from candlekeeper.resilience.breaker import BreakerConfig, CircuitBreaker
+from candlekeeper.actors.exchange import ExchangeActor
+from candlekeeper.actors.market.errors import counts_against_exchange
+from candlekeeper.actors.health import HealthActor, HealthState
+from candlekeeper.actors.messages import ForgetSeries, Pause, SeriesKey
+from candlekeeper.actors.metrics import Metrics, MetricsEndpoint
+from candlekeeper.actors.notifier import NotifierActor
+from candlekeeper.actors.series import SeriesActor
+from candlekeeper.actors.market.candles import timeframe_ms
+from candlekeeper.actors.storage import StorageActor
+from candlekeeper.actors.stores.sqlite import Store, StoreError, StoreGone
+from candlekeeper.app import config as config_mod
+from candlekeeper.supervisors.child import Address, Crash, Exit, Fanout, Runtime
+from candlekeeper.app.config import Config, ExchangeConfig
+from candlekeeper.supervisors.events import EventBus
+from candlekeeper.supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 
 SYMBOL = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")
 
@@ -189,7 +190,7 @@ class System:
             specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, self.config.metrics.listen),
                                    kind="metrics"))
         if self.with_control:
-            from supervisors.control import ControlServer
+            from candlekeeper.surfaces.control import ControlServer
 
             specs.append(ChildSpec("control", ControlServer, args=(self.config.control, self), kind="control"))
         specs.extend(self._exchange_spec(ex) for ex in self.config.exchanges)
@@ -213,11 +214,11 @@ class System:
             self.series_specs[ex.name] = [self._series_spec(ex, sym, tf) for sym, tf in wanted]
 
     def start(self) -> System:
-        """Start the tree. Raises `supervisors.control.SocketInUse` when another daemon holds the
+        """Start the tree. Raises `candlekeeper.surfaces.control.SocketInUse` when another daemon holds the
         control socket (or a TCP port is taken), `StorageUnusable` when the database cannot be
         opened at all (see `stored_series_changes`)."""
         if self.with_control:
-            from supervisors.control import check_free
+            from candlekeeper.surfaces.control import check_free
 
             check_free(self.config.control)
         if self.config.metrics.listen:
@@ -449,7 +450,7 @@ class System:
         return {"stopping": True}
 
     def subscribe(self, subscriber: Any) -> None:
-        """Receive each newly stored candle (`actors.storage.StoredCandle`): a callable (called on
+        """Receive each newly stored candle (`candlekeeper.actors.storage.StoredCandle`): a callable (called on
         the storage actor's thread, so keep it quick) or a pykka ActorRef (told)."""
         self.candles.subscribe(subscriber)
 
@@ -466,7 +467,7 @@ class System:
 
 def check_port_free(listen: str) -> None:
     """Fail fast when the metrics port is taken: restarting the endpoint would not free it."""
-    from supervisors.control import SocketInUse, parse_host_port
+    from candlekeeper.surfaces.control import SocketInUse, parse_host_port
 
     host, port = parse_host_port(listen)
     try:

@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
-from supervisors import config as config_mod
-from supervisors.config import Config, ConfigError
+from candlekeeper.app import config as config_mod
+from candlekeeper.app.config import Config, ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"candlekeeper: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from supervisors.logging import configure
+    from candlekeeper.surfaces.logging import configure
 
     configure(json=None if args.log_format is None else args.log_format == "json", level=args.log_level)
     return run_daemon(cfg, simulate=args.simulate)
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
-    from supervisors.control import SocketInUse
-    from supervisors.system import StorageUnusable, System
+    from candlekeeper.surfaces.control import SocketInUse
+    from candlekeeper.app.system import StorageUnusable, System
 
     log = structlog.get_logger("candlekeeper")
     sims: list[Any] = []
@@ -109,8 +109,8 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
 def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
     """Point every exchange at its own in-process simulated Binance, with light random faults,
     and keep the data apart from a real database (`<path>.simulate.db`)."""
-    from simulator.faults import Faults
-    from simulator.server import BinanceSimulator
+    from candlekeeper.simulator.faults import Faults
+    from candlekeeper.simulator.server import BinanceSimulator
 
     sims, exchanges = [], []
     for i, ex in enumerate(cfg.exchanges):
@@ -126,7 +126,7 @@ def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    from supervisors.control import request
+    from candlekeeper.surfaces.control import request
 
     try:
         path = _ctl_socket(args)
@@ -142,7 +142,7 @@ def run_ctl(args: argparse.Namespace) -> int:
 
     try:
         if args.cmd == "top":
-            from supervisors.top import run_top
+            from candlekeeper.surfaces.top import run_top
 
             return run_top(lambda cmd: _result(call(cmd)))
         reply = call(args.cmd)
@@ -167,7 +167,7 @@ def _ctl_socket(args: argparse.Namespace) -> str:
     """Where to reach the daemon: `ctl --socket`, else the socket of `ctl --config`, else of the
     top-level `--config` (`run.py --config F ctl ...` means the daemon that F runs), else the
     default. ValueError for a malformed `tcp://HOST:PORT`; ConfigError for a bad config."""
-    from supervisors.control import parse_host_port
+    from candlekeeper.surfaces.control import parse_host_port
 
     if args.socket:
         path: str = args.socket

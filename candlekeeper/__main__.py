@@ -1,0 +1,7 @@
+"""`python -m candlekeeper`: the same CLI as the `candlekeeper` command and `python run.py`."""
+
+import sys
+
+from candlekeeper.surfaces.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The application: the config schema, the tree built from it, and the operator commands (`System`)."""
