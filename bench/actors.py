@@ -1,6 +1,6 @@
 """Supervision runtime benchmark, against raw pykka in the same run.
 
-    python bench/candlekeeper.actors.py [--tells 200000] [--restarts 1000] [--actors 10000]
+    python bench/actors.py [--tells 200000] [--restarts 1000] [--actors 10000]
 
 Last line on stdout: one JSON object with tell_per_s_raw, tell_per_s_supervised,
 restart_ms_p50, restart_ms_p99, actors_10k_start_s, actors_10k_rss_mb, actors_10k_stop_s.
