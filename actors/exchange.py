@@ -20,25 +20,24 @@ from __future__ import annotations
 
 import email.utils
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ccxt
 import pykka
 import structlog
 
-from candlekeeper.resilience.breaker import CircuitBreaker
-from candlekeeper.resilience.bucket import TokenBucket
-from candlekeeper.actors.market.candles import closed, timeframe_ms, validate
-from candlekeeper.actors.sources.ccxt_client import make_client
-from candlekeeper.actors.market.errors import BadResponse, classify, is_retryable
-from candlekeeper.actors.messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
-from candlekeeper.resilience.retry import RetryPolicy, parse_retry_after
-from candlekeeper.supervisors.child import Address, Child
-from candlekeeper.app.config import ExchangeConfig
+from ..resilience.breaker import CircuitBreaker
+from ..resilience.bucket import TokenBucket
+from .market.candles import closed, timeframe_ms, validate
+from .sources.ccxt_client import make_client
+from .market.errors import BadResponse, classify, is_retryable
+from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
+from ..resilience.retry import RetryConfig, parse_retry_after
+from ..supervisors.child import Child
+from ..supervisors.clock import wall_ms
 
 log = structlog.get_logger("candlekeeper.exchange")
 
@@ -54,7 +53,6 @@ class _Done:
     request: FetchRequest
     result: FetchResult
     duration: float
-    probe: bool
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,6 @@ class _MarketsDone:
     markets: dict[str, Any] | None
     error: BaseException | None
     duration: float
-    probe: bool
     state: dict[str, Any] | None = None  # the loading client's parsed market tables, see _client
 
 
@@ -72,6 +69,21 @@ class _MarketsDone:
 # never mutated in place (a reload builds new ones), and requests only read them.
 _MARKET_TABLES = ("markets", "markets_by_id", "symbols", "ids", "currencies", "currencies_by_id", "codes",
                   "baseCurrencies", "quoteCurrencies")
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What the exchange actor needs, built from `[exchanges.NAME]` by `candlekeeper.app.settings`.
+
+    `retry` paces market-list reloads after a failure (its `attempts` are unbounded there: a
+    market list is needed, so it is retried until it comes)."""
+
+    name: str  # the config's name for the exchange (`[exchanges.NAME]`)
+    exchange: str  # ccxt id
+    rate_limit: float = 10.0  # requests per second
+    timeout: float = 10.0
+    api_base: str | None = None
+    retry: RetryConfig = RetryConfig()
 
 
 class _Pump:
@@ -88,17 +100,17 @@ _LOAD = _LoadMarkets()
 
 class ExchangeActor(Child):
     def __init__(
-        self, config: ExchangeConfig, breaker: CircuitBreaker, health: Address | None = None, metrics: Any = None
+        self, settings: ExchangeSettings, breaker: CircuitBreaker, status: Any = None, metrics: Any = None
     ) -> None:
         super().__init__()
         self.metrics = metrics
         self._held_since: float | None = None  # since when the queue head waits for the rate limiter
-        self.config = config
-        self.log = self.log.bind(exchange=config.name)
+        self.config = settings
+        self.log = self.log.bind(exchange=settings.name)
         self.breaker = breaker
-        self.health = health
+        self.status_to = status  # the status fan-out (health, notifier)
         self.bucket = self._new_bucket()
-        self.concurrency = max(1, min(8, int(config.rate_limit * config.timeout)))
+        self.concurrency = max(1, min(8, int(settings.rate_limit * settings.timeout)))
         self._queue: OrderedDict[SeriesKey, FetchRequest] = OrderedDict()
         self._in_flight = 0
         self._pump_timer: Any = None
@@ -108,8 +120,7 @@ class ExchangeActor(Child):
         self._markets_version = 0
         self._loading = False
         self._load_attempt = 0
-        self._load_retry = RetryPolicy(attempts=10**9, base_delay=1.0, max_delay=60.0, rng=self.runtime.rng,
-                                       retryable=is_retryable)
+        self._load_retry = replace(settings.retry, attempts=10**9).policy(rng=self.runtime.rng, retryable=is_retryable)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._last_report: tuple[str, str] | None = None
@@ -234,12 +245,11 @@ class ExchangeActor(Child):
                 self._load_markets()
             return
         while self._queue and self._in_flight < self.concurrency:
-            probe = self.breaker.state == "half_open"
             if not self._admit():
                 break
             _, req = self._queue.popitem(last=False)
             self._in_flight += 1
-            self._pool.submit(self._fetch, req, probe)
+            self._pool.submit(self._fetch, req)
         self._report()
 
     def _end_rate_limit_wait(self) -> None:
@@ -256,12 +266,11 @@ class ExchangeActor(Child):
     def _load_markets(self) -> None:
         if self._loading or self._pool is None or self._in_flight >= self.concurrency:
             return
-        probe = self.breaker.state == "half_open"
         if not self._admit():
             return
         self._loading = True
         self._in_flight += 1
-        self._pool.submit(self._fetch_markets, probe)
+        self._pool.submit(self._fetch_markets)
 
     def _on_markets(self, done: _MarketsDone) -> None:
         self._loading = False
@@ -338,24 +347,24 @@ class ExchangeActor(Child):
             local.version = self._markets_version
         return client
 
-    def _fetch_markets(self, probe: bool) -> None:
-        t0 = time.monotonic()
+    def _fetch_markets(self) -> None:
+        t0 = self.runtime.clock()
         try:
             client = self._client()
             markets = client.load_markets(reload=True)
             if not markets:  # ccxt parses a truncated exchangeInfo into {} without raising
                 raise BadResponse("exchange listed no markets: truncated or garbled response")
             state = {attr: getattr(client, attr) for attr in _MARKET_TABLES if hasattr(client, attr)}
-            result = _MarketsDone(dict(markets), None, time.monotonic() - t0, probe, state)
+            result = _MarketsDone(dict(markets), None, self.runtime.clock() - t0, state)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
-            result = _MarketsDone(None, exc, time.monotonic() - t0, probe)
+            result = _MarketsDone(None, exc, self.runtime.clock() - t0)
         try:
             self.actor_ref.tell(result)
         except pykka.ActorDeadError:
             log.debug("markets_dropped_actor_stopped")
 
-    def _fetch(self, req: FetchRequest, probe: bool) -> None:
-        t0 = time.monotonic()
+    def _fetch(self, req: FetchRequest) -> None:
+        t0 = self.runtime.clock()
         client = None
         try:
             client = self._client()
@@ -364,7 +373,7 @@ class ExchangeActor(Child):
             client.last_response_headers = None
             tf_ms = timeframe_ms(req.key.timeframe)
             raw = client.fetch_ohlcv(req.key.symbol, req.key.timeframe, since=req.since, limit=req.limit)
-            local_ms = int(time.time() * 1000)
+            local_ms = wall_ms(self.runtime.wall)
             if not raw and req.since + tf_ms <= local_ms - FUTURE_TOLERANCE_MS:
                 # An exchange answers `since` in the past with at least its in-progress candle;
                 # ccxt turns a truncated JSON body into [] without raising, so [] is not "no news".
@@ -373,12 +382,12 @@ class ExchangeActor(Child):
             now_ms = _closed_clock_ms(client, local_ms)
             done = closed(candles, tf_ms, now_ms)
             horizon = (now_ms // tf_ms) * tf_ms  # open time of the first candle not surely closed
-            result = FetchResult(req.req_id, candles=tuple(done), horizon_ms=horizon, was_probe=probe)
+            result = FetchResult(req.req_id, candles=tuple(done), horizon_ms=horizon)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
-            retry_after = _retry_after(client) if isinstance(exc, ccxt.OperationFailed) else None
-            result = FetchResult(req.req_id, error=exc, retry_after=retry_after, was_probe=probe)
+            retry_after = _retry_after(client, self.runtime.wall()) if isinstance(exc, ccxt.OperationFailed) else None
+            result = FetchResult(req.req_id, error=exc, retry_after=retry_after)
         try:
-            self.actor_ref.tell(_Done(req, result, time.monotonic() - t0, probe))
+            self.actor_ref.tell(_Done(req, result, self.runtime.clock() - t0))
         except pykka.ActorDeadError:
             log.debug("result_dropped_actor_stopped", series=str(req.key))
 
@@ -396,11 +405,11 @@ class ExchangeActor(Child):
 
     def _report(self, *, force: bool = False) -> None:
         now = (self.breaker.state, self._status_word())
-        if (now != self._last_report or force) and self.health is not None:
+        if (now != self._last_report or force) and self.status_to is not None:
             if self._last_report is not None and now[0] != self._last_report[0]:
                 self.log.warning("breaker_" + now[0], previous=self._last_report[0])
             self._last_report = now
-            self.health.tell(
+            self.status_to.tell(
                 ExchangeStatus(name=self.config.name, breaker=now[0], status=now[1], detail=self.breaker.snapshot())
             )
 
@@ -422,7 +431,7 @@ def _closed_clock_ms(client: ccxt.Exchange, local_ms: int) -> int:
     return local_ms - 2000  # no server time: a documented 2 s skew margin
 
 
-def _retry_after(client: ccxt.Exchange | None) -> float | None:
+def _retry_after(client: ccxt.Exchange | None, now: float) -> float | None:
     headers = getattr(client, "last_response_headers", None) or {}
     value = headers.get("Retry-After") or headers.get("retry-after")
-    return parse_retry_after(value, time.time()) if value else None
+    return parse_retry_after(value, now) if value else None

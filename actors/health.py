@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from candlekeeper.actors.messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
-from candlekeeper.supervisors.child import Child
-from candlekeeper.supervisors.events import LifecycleEvent
+from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
+from ..supervisors.child import Child
+from ..supervisors.events import LifecycleEvent
 
 DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
 

@@ -1,4 +1,8 @@
-"""Messages between the ingestion actors. Immutable, so they are safe to share across threads."""
+"""Every message between the ingestion actors, and the candles they carry to subscribers.
+
+Immutable, so they are safe to share across threads. Timer messages an actor tells itself
+(`_Tick`, `_Pump`...) stay private to its module.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,13 @@ from typing import Any
 
 import pykka
 
-Row = tuple[str, str, str, int, float, float, float, float, float]
-Candle = tuple[int, float, float, float, float, float]
+from .market.candles import Candle, Row
+
+__all__ = [
+    "Candle", "ExchangeStatus", "FetchRequest", "FetchResult", "ForgetSeries", "Pause", "Reset", "ResumePoint",
+    "ResumeQuery", "Row", "SeriesKey", "SeriesStatus", "StorageStatus", "StoreChanged", "StoredCandle", "Write",
+    "Written",
+]
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,6 @@ class FetchResult:
     error: BaseException | None = None
     retry_after: float | None = None
     horizon_ms: int = 0  # open time of the first candle that is not closed yet
-    was_probe: bool = False
-
-
-@dataclass(frozen=True)
-class MarketsLoaded:
-    symbols: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,11 @@ class Write:
 
 @dataclass(frozen=True)
 class Written:
+    """The storage's answer to a `Write`: `error` when it could not be stored (the series keeps its
+    place and retries), and the store's generation (see `StoreChanged`)."""
+
     token: int
-    generation: int
+    generation: str
     error: str | None = None
 
 
@@ -90,12 +96,37 @@ class StoreChanged:
 
 
 @dataclass(frozen=True)
+class ResumeQuery:
+    """A series asks where to resume: answered with a `ResumePoint`."""
+
+    key: SeriesKey
+    timeframe_ms: int
+    start_ms: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@dataclass(frozen=True)
 class ResumePoint:
     """What a series needs from the store to resume: last stored candle and holes to refetch."""
 
     last_ts: int | None
     missing: tuple[tuple[int, int], ...]
-    generation: int
+    generation: str
+
+
+@dataclass(frozen=True)
+class StoredCandle:
+    """One candle that was not in the store before: what `System.subscribe` delivers."""
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
 
 
 # -- status to the health actor --------------------------------------------------------------

@@ -9,7 +9,6 @@ endpoint and `ctl health` can never disagree.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,10 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
-from candlekeeper.actors.market.candles import timeframe_ms
-from candlekeeper.actors.market.errors import classify
-from candlekeeper.supervisors.child import Child
-from candlekeeper.supervisors.events import LifecycleEvent
+from .market.candles import timeframe_ms
+from .market.errors import classify
+from ..supervisors.child import Child
+from ..supervisors.clock import WallClock
+from ..supervisors.clock import wall as wall_clock
+from ..supervisors.events import LifecycleEvent
 
 BREAKER_STATES = ("closed", "half_open", "open")
 SERIES_STATES = ("ok", "backfilling", "retrying", "quarantined", "paused", "invalid", "stopped")
@@ -34,7 +35,7 @@ def outcome(error: BaseException | None) -> str:
 class Metrics:
     """The counters actors increment, plus a collector for what the health actor knows."""
 
-    def __init__(self, health: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, health: Callable[[], dict[str, Any]] | None = None, *, wall: WallClock = wall_clock) -> None:
         self.registry = CollectorRegistry()
         self._health = health
         r = self.registry
@@ -65,7 +66,7 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
         )
         if health is not None:
-            r.register(_HealthCollector(health))
+            r.register(_HealthCollector(health, wall))
 
     def request(self, exchange: str, error: BaseException | None, duration: float) -> None:
         self.requests.labels(exchange, outcome(error)).inc()
@@ -86,8 +87,9 @@ class Metrics:
 class _HealthCollector:
     """Breaker state, series states and lag, read from the health actor at scrape time."""
 
-    def __init__(self, health: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, health: Callable[[], dict[str, Any]], wall: WallClock) -> None:
         self.health = health
+        self.wall = wall
 
     def describe(self) -> Iterable[Metric]:
         return ()  # unknown label values until the first scrape; avoids asking health at registration
@@ -112,7 +114,7 @@ class _HealthCollector:
             "Seconds since the close of the newest stored candle of each series.",
             labels=["exchange", "symbol", "timeframe"],
         )
-        now_ms = time.time() * 1000
+        now_ms = self.wall() * 1000
         for s in report.get("series", []):
             counts[(s["exchange"], s["status"])] = counts.get((s["exchange"], s["status"]), 0) + 1
             last = s.get("last_ts")
@@ -143,15 +145,15 @@ class MetricsServer:
 class MetricsEndpoint(Child):
     """The supervised owner of the HTTP endpoint (`[metrics] listen`)."""
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
         super().__init__()
         self.metrics = metrics
-        self.host, _, port = listen.rpartition(":")
-        self.port = int(port)
+        self.host = host
+        self.port = port
         self.server: MetricsServer | None = None
 
     def on_start(self) -> None:
-        self.server = MetricsServer(self.metrics, self.host.strip("[]") or "127.0.0.1", self.port)
+        self.server = MetricsServer(self.metrics, self.host, self.port)
         self.log.info("metrics_listening", host=self.host, port=self.server.port)
 
     def on_stop(self) -> None:

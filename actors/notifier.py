@@ -26,13 +26,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
 import structlog
 
-from candlekeeper.actors.alerting.alerts import (
+from .alerting.alerts import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
     AlertState,
@@ -46,16 +46,24 @@ from candlekeeper.actors.alerting.alerts import (
     redact,
     slack_payload,
 )
-from candlekeeper.actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
-from candlekeeper.resilience.retry import GiveUp, Retry, parse_retry_after
-from candlekeeper.supervisors.child import Child
-from candlekeeper.app.config import AlertsConfig
-from candlekeeper.supervisors.events import LifecycleEvent
+from .messages import ExchangeStatus, SeriesStatus, StorageStatus
+from ..resilience.retry import GiveUp, Retry, parse_retry_after
+from ..supervisors.child import Child
+from ..supervisors.events import LifecycleEvent
 
 log = structlog.get_logger("candlekeeper.notifier")
 
 USER_AGENT = "candlekeeper-alerts/1"
 MAX_RESPONSE = 64 * 1024  # bytes of a response body read (and ignored)
+
+
+@dataclass(frozen=True)
+class NotifierSettings:
+    """Where alerts go besides the log (`[alerts]`); the webhook URL and the key are secrets."""
+
+    slack_webhook: str | None = field(default=None, repr=False)
+    pagerduty_routing_key: str | None = field(default=None, repr=False)
+    pagerduty_url: str = DEFAULT_PAGERDUTY_URL
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 class NotifierActor(Child):
     def __init__(
-        self, config: AlertsConfig | None = None, state: AlertState | None = None, tuning: AlertTuning | None = None
+        self, settings: NotifierSettings | None = None, state: AlertState | None = None,
+        tuning: AlertTuning | None = None,
     ) -> None:
         super().__init__()
-        config = config or AlertsConfig()
+        config = settings or NotifierSettings()
         self.tuning = tuning or AlertTuning()
         self.state = state if state is not None else AlertState()
         self.tracker = AlertTracker(
@@ -108,7 +117,7 @@ class NotifierActor(Child):
         if config.pagerduty_routing_key:
             key = config.pagerduty_routing_key
             self.destinations["pagerduty"] = _Destination(
-                "pagerduty", config.pagerduty_url or DEFAULT_PAGERDUTY_URL, lambda a: pagerduty_payload(a, key)
+                "pagerduty", config.pagerduty_url, lambda a: pagerduty_payload(a, key)
             )
         self.outboxes = {
             name: Outbox(
@@ -267,7 +276,7 @@ class NotifierActor(Child):
         except urllib.error.HTTPError as exc:
             retry_after = None
             try:
-                retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None, time.time())
+                retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None, self.runtime.wall())
                 exc.read(MAX_RESPONSE)
             except (OSError, ValueError):
                 pass

@@ -19,16 +19,16 @@ until one success releases it. A symbol the exchange does not list makes the ser
 from __future__ import annotations
 
 import itertools
-import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import ccxt
 
-from candlekeeper.actors.market.candles import timeframe_ms
-from candlekeeper.actors.market.errors import is_retryable
-from candlekeeper.actors.messages import (
+from .market.candles import timeframe_ms
+from .market.errors import is_retryable
+from .messages import (
+    ResumeQuery,
     Candle,
     FetchRequest,
     FetchResult,
@@ -41,11 +41,10 @@ from candlekeeper.actors.messages import (
     Write,
     Written,
 )
-from candlekeeper.resilience.quarantine import Quarantine
-from candlekeeper.resilience.retry import GiveUp, RetryPolicy
-from candlekeeper.actors.storage import ResumeQuery
-from candlekeeper.supervisors.child import Address, Child
-from candlekeeper.app.config import IngestConfig, ResilienceConfig
+from ..resilience.quarantine import QuarantineConfig
+from ..resilience.retry import GiveUp, RetryConfig
+from ..supervisors.child import Address, Child
+from ..supervisors.clock import wall_ms
 
 INVALID_RECHECK_S = 3600.0
 STORE_RETRY_S = 1.0
@@ -66,47 +65,50 @@ class _Watchdog:
 _TICK = _Tick()
 
 
+@dataclass(frozen=True)
+class SeriesSettings:
+    """What a series needs, built from its exchange's section by `candlekeeper.app.settings`."""
+
+    lookback: float = 86400.0  # seconds back from now to start a first backfill, unless since_ms
+    since_ms: int | None = None  # where a first backfill starts, when set
+    poll_interval: float = 10.0
+    page_limit: int = 1000
+    request_timeout: float = 10.0  # the exchange's; an unanswered request is re-sent after 3x + 5 s
+    # the time the exchange needs to serve one poll of each of its series at its rate limit: the
+    # series' polls after each close are spread over it (see SeriesActor.poll_offset)
+    poll_spread: float = 0.0
+    retry: RetryConfig = RetryConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
+
+
 class SeriesActor(Child):
     def __init__(
         self,
         key: SeriesKey,
-        ingest: IngestConfig,
-        resilience: ResilienceConfig,
+        settings: SeriesSettings,
         *,
         exchange: Address,
         storage: Address,
         health: Address | None = None,
         alerts: Address | None = None,
-        request_timeout: float = 10.0,
-        page_limit: int = 1000,
         metrics: Any = None,
-        poll_spread: float = 0.0,
     ) -> None:
         super().__init__()
         self.key = key
         # Where in [0, poll_spread) s after each close this series polls: fixed per series (a
         # hash of its key), so an exchange's series do not all wake at the same instant.
-        self.poll_offset = poll_spread * (zlib.crc32(str(key).encode()) / 2**32)
+        self.poll_offset = settings.poll_spread * (zlib.crc32(str(key).encode()) / 2**32)
         self.log = self.log.bind(exchange=key.exchange, symbol=key.symbol, timeframe=key.timeframe)
         self.tf_ms = timeframe_ms(key.timeframe)
-        self.ingest = ingest
+        self.settings = settings
         self.exchange = exchange
         self.storage = storage
         self.health = health
         self.alerts = alerts  # told status changes only: a poll's new last_ts is no alert's business
-        self.page_limit = page_limit
         self.metrics = metrics
-        self.watchdog_s = 3 * request_timeout + 5.0
-        rng = self.runtime.rng
-        self.retry = RetryPolicy(
-            resilience.retry_attempts, resilience.retry_base_delay, resilience.retry_max_delay, rng=rng,
-            retryable=is_retryable,
-        )
-        self.quarantine = Quarantine(
-            threshold=resilience.quarantine_after,
-            probe_interval=max(60.0, resilience.breaker_recovery),
-            clock=self.runtime.clock,
-        )
+        self.watchdog_s = 3 * settings.request_timeout + 5.0
+        self.retry = settings.retry.policy(rng=self.runtime.rng, retryable=is_retryable)
+        self.quarantine = settings.quarantine.machine(clock=self.runtime.clock)
         self.start_ms = self._start_ms()
         self.cursor = self.start_ms
         self.last_ts: int | None = None
@@ -126,10 +128,10 @@ class SeriesActor(Child):
         self._reported: tuple[Any, ...] | None = None
 
     def _start_ms(self) -> int:
-        if self.ingest.since_ms is not None:
-            start = self.ingest.since_ms
+        if self.settings.since_ms is not None:
+            start = self.settings.since_ms
         else:
-            start = int(time.time() * 1000 - self.ingest.lookback * 1000)
+            start = wall_ms(self.runtime.wall) - int(self.settings.lookback * 1000)
         return -(-start // self.tf_ms) * self.tf_ms  # the first open time at or after it
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -237,7 +239,7 @@ class SeriesActor(Child):
             return
         since = self.gaps_todo[0][0] if self.gaps_todo else self.cursor
         token = next(self._tokens)
-        req = FetchRequest(self.key, since, self.page_limit, token, self.actor_ref, priority=priority)
+        req = FetchRequest(self.key, since, self.settings.page_limit, token, self.actor_ref, priority=priority)
         self._await(token, req, self.exchange)
 
     def _on_result(self, res: FetchResult) -> None:
@@ -333,16 +335,16 @@ class SeriesActor(Child):
         """Nothing more is closed: poll again a little after the next candle closes."""
         self._succeeded()
         self._set_status("ok")
-        now_ms = time.time() * 1000
+        now_ms = self.runtime.wall() * 1000
         next_close = self.cursor + self.tf_ms
         if next_close <= now_ms:
             # that candle is closed by our clock but the exchange has not published it yet
-            delay = self.ingest.poll_interval
+            delay = self.settings.poll_interval
         else:
             # The exchange serves its series one by one at its rate limit anyway: waking them
             # spread over that time, not all in the same millisecond (thousands of threads
             # wanting the GIL at once, ahead of the exchange's workers), loses no time.
-            delay = (next_close - now_ms) / 1000 + min(1.0, self.ingest.poll_interval) + self.poll_offset
+            delay = (next_close - now_ms) / 1000 + min(1.0, self.settings.poll_interval) + self.poll_offset
         self._schedule(delay)
 
     # -- failures ------------------------------------------------------------------------
@@ -380,7 +382,7 @@ class SeriesActor(Child):
         else:
             self.log.warning("round_failed", reason=decision.reason)
             self._set_status("retrying")
-            self._schedule(max(self.ingest.poll_interval, retry_after or 0.0))
+            self._schedule(max(self.settings.poll_interval, retry_after or 0.0))
 
     # -- waiting -------------------------------------------------------------------------
 

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-from candlekeeper.actors.messages import ResumePoint, Row, SeriesKey, StorageStatus, StoreChanged, Write, Written
-from candlekeeper.actors.stores.sqlite import Store, StoreError, StoreGone
-from candlekeeper.supervisors.child import Address, Child
-from candlekeeper.supervisors.events import EventBus
-
-
-@dataclass(frozen=True)
-class ResumeQuery:
-    key: SeriesKey
-    timeframe_ms: int
-    start_ms: int
-    reply_to: pykka.ActorRef[Any]
+from .messages import (
+    ResumePoint, ResumeQuery, Row, SeriesKey, StorageStatus, StoreChanged, StoredCandle, Write, Written,
+)
+from .stores.errors import StoreError, StoreGone
+from .stores.sqlite import Store
+from ..supervisors.child import Child
+from ..supervisors.clock import wall_ms
+from ..supervisors.events import EventBus
 
 
 class _Flush:
@@ -42,21 +37,6 @@ class _CheckFile:
 _FLUSH = _Flush()
 _CHECK_FILE = _CheckFile()
 CHECK_FILE_S = 2.0  # how often the database file is checked while idle (one stat)
-
-
-@dataclass(frozen=True)
-class StoredCandle:
-    """One candle that was not in the store before: what `System.subscribe` delivers."""
-
-    exchange: str
-    symbol: str
-    timeframe: str
-    ts: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
 
 
 class StorageActor(Child):
@@ -127,9 +107,10 @@ class StorageActor(Child):
 
     def set_series_active(self, exchange: str, symbol: str, timeframe: str, active: bool) -> bool:
         """Persist a run-time `add` (active) or `remove` so a restart keeps it."""
+        at = wall_ms(self.runtime.wall)
         if active:
-            return self._with_store(lambda: self.store.add_series(exchange, symbol, timeframe))
-        return self._with_store(lambda: self.store.remove_series(exchange, symbol, timeframe))
+            return self._with_store(lambda: self.store.add_series(exchange, symbol, timeframe, at))
+        return self._with_store(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
 
     # -- internals -----------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def bench_daemon(rate: int, candles: int, symbols: list[str]) -> dict[str, Any]:
             }
         )
         t0 = time.perf_counter()
-        system = System(cfg, control=False).start()
+        system = System(cfg).start()
         try:
             target = {s: start + (candles - 1) * TF for s in symbols}
             while True:

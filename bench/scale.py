@@ -58,6 +58,7 @@ from candlekeeper.simulator.faults import Faults
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
+from candlekeeper.surfaces.control import ControlSurface
 
 TF_MS = 60_000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -294,7 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recorder = Recorder(target_ts)
     # what `candlekeeper.start(cfg, subscribers=[recorder])` does, split so the monitor can
     # ask health() while the tree is still starting
-    system = System(config_mod.from_dict(cfg), subscribers=[recorder])
+    config = config_mod.from_dict(cfg)
+    system = System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder])
     monitor = Monitor(system, args.health_interval)
     gc_rss0 = proc.memory_info().rss
     result: dict[str, Any] = {}

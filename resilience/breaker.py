@@ -1,16 +1,16 @@
 """Circuit breaker: closed / open / half_open, with an injected clock and random source.
 
-Closed, it counts results and opens after `failure_threshold` consecutive failures or, when a
-sliding window is configured, when the failure rate over the window (at least `minimum_calls`
-calls) reaches `failure_rate_threshold`, as resilience4j does. Open, it admits nothing until
+Closed, it counts results and opens (mode "consecutive") after `failure_threshold` consecutive
+failures, or (mode "rate", resilience4j's model) when the failure rate over the last `window_size`
+calls, once at least `minimum_calls` were made, reaches `failure_rate_threshold`. A call slower
+than `slow_call_duration` (when set) counts as a failure in either mode. Open, it admits nothing until
 the recovery timeout has passed; then it is half-open and admits `half_open_max_calls` probes.
 A probe success closes it; a probe failure reopens it for longer: the open time grows by
 `backoff_multiplier` on each consecutive re-opening, with jitter, up to `max_recovery_timeout`,
 so a long outage is probed less and less often.
 
-Which exceptions count is the owner's call (`is_failure`): an exception that does not count is
-recorded as a success, because the remote answered (a BadSymbol for one market says the
-exchange is up).
+Which outcomes count is the owner's call: it records a failure or a success. An error that
+proves the remote answered (a BadSymbol for one market says the exchange is up) is a success.
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from candlekeeper.supervisors.clock import Clock, monotonic
+from ..supervisors.clock import Clock, monotonic
 
 BreakerState = Literal["closed", "open", "half_open"]
-
-
-def _every_exception(_: BaseException) -> bool:
-    return True
+BreakerMode = Literal["consecutive", "rate"]
 
 
 @dataclass(frozen=True)
@@ -35,15 +32,14 @@ class BreakerConfig:
     failure_threshold: int = 5
     recovery_timeout: float = 60.0
     half_open_max_calls: int = 1
-    window: Literal["none", "count", "time"] = "none"
-    window_size: float = 100
+    mode: BreakerMode = "consecutive"
+    window_size: int = 100
     minimum_calls: int = 10
     failure_rate_threshold: float = 0.5
     slow_call_duration: float | None = None
     backoff_multiplier: float = 2.0
     max_recovery_timeout: float = 600.0
     jitter: float = 0.1
-    is_failure: Callable[[BaseException], bool] = field(default=_every_exception, compare=False)
 
     def __post_init__(self) -> None:
         if self.failure_threshold < 1:
@@ -52,10 +48,12 @@ class BreakerConfig:
             raise ValueError(f"recovery_timeout must be > 0, got {self.recovery_timeout}")
         if self.half_open_max_calls < 1:
             raise ValueError(f"half_open_max_calls must be >= 1, got {self.half_open_max_calls}")
-        if self.window not in ("none", "count", "time"):
-            raise ValueError(f"window must be none, count or time, got {self.window!r}")
-        if self.window_size <= 0:
-            raise ValueError(f"window_size must be > 0, got {self.window_size}")
+        if self.mode not in ("consecutive", "rate"):
+            raise ValueError(f"mode must be consecutive or rate, got {self.mode!r}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if self.minimum_calls > self.window_size:
+            raise ValueError("minimum_calls must be <= window_size")
         if self.minimum_calls < 1:
             raise ValueError(f"minimum_calls must be >= 1, got {self.minimum_calls}")
         if not 0 < self.failure_rate_threshold <= 1:
@@ -93,9 +91,8 @@ class CircuitBreaker:
         self._consecutive = 0
         self._openings = 0  # consecutive openings without closing in between
         self._next_probe_at: float | None = None
-        self._forced = False
         self._probes = 0  # probes admitted in this half-open period
-        self._window: deque[tuple[float, bool]] = deque()  # (time, failed)
+        self._window: deque[bool] = deque()  # failed?, for the last window_size calls
         self.total_failures = 0
         self.total_successes = 0
 
@@ -107,10 +104,6 @@ class CircuitBreaker:
             self._probes = 0
             self._transition("half_open")
         return self._state
-
-    @property
-    def forced(self) -> bool:
-        return self._forced
 
     @property
     def next_probe_at(self) -> float | None:
@@ -155,28 +148,15 @@ class CircuitBreaker:
         elif state == "closed":
             self._consecutive += 1
             self._remember(True)
-            if self._consecutive >= self.config.failure_threshold or self._rate_exceeded():
+            if self._should_open():
                 self._open()
         # open: a late answer to a call admitted before it opened changes nothing
-
-    def record_exception(self, exc: BaseException, duration: float | None = None) -> None:
-        if self.config.is_failure(exc):
-            self.record_failure(duration)
-        else:
-            self.record_success(duration)
 
     # -- operator ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Closed, counters cleared: an operator's word that the remote is fine."""
-        self._forced = False
         self._close()
-
-    def force_open(self) -> None:
-        """Open, with no automatic probing, until `reset()`."""
-        self._forced = True
-        self._next_probe_at = None
-        self._transition("open")
 
     def snapshot(self) -> dict[str, Any]:
         rate = self._failure_rate()
@@ -186,7 +166,6 @@ class CircuitBreaker:
             "failure_rate": rate,
             "window_calls": len(self._window),
             "openings": self._openings,
-            "forced": self._forced,
             "next_probe_in": self.time_until_probe(),
             "total_failures": self.total_failures,
             "total_successes": self.total_successes,
@@ -217,34 +196,19 @@ class CircuitBreaker:
         self._transition("closed")
 
     def _remember(self, failed: bool) -> None:
-        cfg = self.config
-        if cfg.window == "none":
-            return
-        now = self._clock()
-        self._window.append((now, failed))
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        cfg = self.config
-        if cfg.window == "count":
-            while len(self._window) > cfg.window_size:
-                self._window.popleft()
-        elif cfg.window == "time":
-            horizon = now - cfg.window_size
-            while self._window and self._window[0][0] <= horizon:
+        if self.config.mode == "rate":
+            self._window.append(failed)
+            if len(self._window) > self.config.window_size:
                 self._window.popleft()
 
     def _failure_rate(self) -> float | None:
-        if self.config.window == "none":
+        if self.config.mode != "rate" or not self._window:
             return None
-        self._trim(self._clock())
-        if not self._window:
-            return None
-        return sum(1 for _, failed in self._window if failed) / len(self._window)
+        return sum(self._window) / len(self._window)
 
-    def _rate_exceeded(self) -> bool:
+    def _should_open(self) -> bool:
         cfg = self.config
-        if cfg.window == "none" or len(self._window) < cfg.minimum_calls:
-            return False
+        if cfg.mode == "consecutive":
+            return self._consecutive >= cfg.failure_threshold
         rate = self._failure_rate()
-        return rate is not None and rate >= cfg.failure_rate_threshold
+        return len(self._window) >= cfg.minimum_calls and rate is not None and rate >= cfg.failure_rate_threshold

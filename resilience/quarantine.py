@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from candlekeeper.supervisors.clock import Clock, monotonic
+from ..supervisors.clock import Clock, monotonic
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    """The numbers of a `Quarantine`, as settings carry them."""
+
+    threshold: int = 10
+    probe_interval: float = 60.0
+    max_probe_interval: float = 3600.0
+
+    def machine(self, *, clock: Clock = monotonic) -> Quarantine:
+        return Quarantine(self.threshold, self.probe_interval, clock=clock, max_probe_interval=self.max_probe_interval)
 
 
 class Quarantine:
@@ -65,9 +78,6 @@ class Quarantine:
 
     def time_until_probe(self) -> float | None:
         return None if self.next_probe_at is None else max(0.0, self.next_probe_at - self._clock())
-
-    def probe_due(self) -> bool:
-        return self.next_probe_at is not None and self._clock() >= self.next_probe_at
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-
 @dataclass(frozen=True)
 class Retry:
     delay: float
@@ -27,6 +26,19 @@ Decision = Retry | GiveUp
 
 def _every_exception(_: BaseException) -> bool:
     return True
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """The numbers of a `RetryPolicy`, as settings carry them."""
+
+    attempts: int = 3
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def policy(self, *, rng: random.Random | None = None,
+               retryable: Callable[[BaseException], bool] = _every_exception) -> RetryPolicy:
+        return RetryPolicy(self.attempts, self.base_delay, self.max_delay, rng=rng, retryable=retryable)
 
 
 class RetryPolicy:

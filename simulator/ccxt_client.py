@@ -8,8 +8,8 @@ from typing import Any
 
 import ccxt
 
-from candlekeeper.actors.sources.urls import rebase_urls
-from candlekeeper.actors.sources.ccxt_client import EXCHANGE_OPTIONS
+from ..actors.sources.urls import rebase_urls
+from ..actors.sources.ccxt_client import EXCHANGE_OPTIONS
 
 
 def binance_options() -> dict[str, Any]:

@@ -30,10 +30,10 @@ from typing import Any, Self
 import pykka
 import structlog
 
-from candlekeeper.supervisors.clock import Clock, WallClock, monotonic
-from candlekeeper.supervisors.clock import wall as wall_clock
-from candlekeeper.supervisors.events import EventBus
-from candlekeeper.supervisors.scheduler import Scheduler, Timer
+from .clock import Clock, WallClock, monotonic
+from .clock import wall as wall_clock
+from .events import EventBus
+from .scheduler import Scheduler, Timer
 
 
 @dataclass

@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 import pykka
 
-from candlekeeper.supervisors.child import Address, Child, Exit, Link, Runtime
-from candlekeeper.supervisors.events import EventKind, LifecycleEvent
-from candlekeeper.supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
+from .child import Address, Child, Exit, Link, Runtime
+from .events import EventKind, LifecycleEvent
+from .intensity import Backoff, BackoffConfig, RestartIntensity
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]

@@ -46,7 +46,7 @@ from candlekeeper.resilience.retry import GiveUp, Retry
 from candlekeeper.simulator.faults import OutageMode, PoisonKind
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Address, Crash, Exit, Runtime
-from candlekeeper.app.config import AlertsConfig
+from candlekeeper.actors.notifier import NotifierSettings
 from candlekeeper.supervisors.events import LifecycleEvent
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.conftest import EventRecorder
@@ -470,7 +470,7 @@ FAST = AlertTuning(base_delay=0.02, max_delay=0.1, http_timeout=2.0)
 class Notifier:
     """A NotifierActor under a real root supervisor, reached through its Address."""
 
-    def __init__(self, runtime: Runtime, config: AlertsConfig, tuning: AlertTuning = FAST) -> None:
+    def __init__(self, runtime: Runtime, config: NotifierSettings, tuning: AlertTuning = FAST) -> None:
         self.address = Address("notifier")
         self.exited = threading.Event()
         self.state = AlertState()
@@ -498,7 +498,7 @@ def notifier(runtime: Runtime, receiver: Receiver) -> Iterator[Callable[..., Not
     started: list[Notifier] = []
 
     def make(tuning: AlertTuning = FAST, **config: Any) -> Notifier:
-        cfg = AlertsConfig(**({"slack_webhook": receiver.url(SLACK_PATH), "pagerduty_routing_key": ROUTING_KEY,
+        cfg = NotifierSettings(**({"slack_webhook": receiver.url(SLACK_PATH), "pagerduty_routing_key": ROUTING_KEY,
                                "pagerduty_url": receiver.url("/pd")} | config))
         n = Notifier(runtime, cfg, tuning)
         started.append(n)
@@ -649,7 +649,7 @@ def test_a_hanging_webhook_blocks_neither_the_actor_nor_stop(notifier, receiver,
 
 
 def test_no_destination_still_logs_every_transition(runtime, logs) -> None:
-    n = Notifier(runtime, AlertsConfig())
+    n = Notifier(runtime, NotifierSettings())
     n.tell(ex("binance", "open"), lifecycle("gave_up"), lifecycle("escalated"), ex("binance", "closed"))
     logs.wait("alert", 3)
     s = n.stats()
@@ -668,7 +668,7 @@ def test_a_crashed_notifier_is_restarted_and_still_resolves(receiver, logs) -> N
     recorder = EventRecorder()
     runtime.events.subscribe(recorder)
     try:
-        cfg = AlertsConfig(pagerduty_routing_key=ROUTING_KEY, pagerduty_url=receiver.url("/pd"))
+        cfg = NotifierSettings(pagerduty_routing_key=ROUTING_KEY, pagerduty_url=receiver.url("/pd"))
         n = Notifier(runtime, cfg)
         n.tell(ex("binance", "open"))
         receiver.wait_bodies("/pd", 1)
@@ -687,7 +687,7 @@ def test_a_crashed_notifier_is_restarted_and_still_resolves(receiver, logs) -> N
 
 
 def test_default_pagerduty_url(runtime) -> None:
-    n = Notifier(runtime, AlertsConfig(pagerduty_routing_key="rk"))
+    n = Notifier(runtime, NotifierSettings(pagerduty_routing_key="rk"))
     try:
         destinations = n.address.proxy().destinations.get(timeout=5)
     finally:
@@ -726,7 +726,7 @@ def test_system_outage_triggers_and_recovery_resolves(receiver, logs) -> None:
             slack = receiver.wait_bodies(SLACK_PATH, 2)
             assert "OPEN" in slack[0]["text"] and "resolved" in slack[1]["text"]
             logs.wait("alert_delivered", 4)
-            stats = system.notifier_address.proxy().stats().get(timeout=5)
+            stats = system.blueprint.notifier.proxy().stats().get(timeout=5)
             assert stats["open"] == [] and stats["destinations"]["pagerduty"]["sent"] == 2
         finally:
             system.stop()

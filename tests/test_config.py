@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import textwrap
@@ -84,10 +85,17 @@ def test_defaults():
         retry_attempts=3,
         retry_base_delay=1.0,
         retry_max_delay=60.0,
+        breaker_mode="consecutive",
         breaker_threshold=5,
+        breaker_window=100,
+        breaker_minimum_calls=10,
+        breaker_failure_rate=0.5,
+        breaker_slow_call=None,
         breaker_recovery=60.0,
+        breaker_max_recovery=600.0,
         breaker_half_open_calls=1,
         quarantine_after=10,
+        quarantine_probe=60.0,
     )
     assert c.metrics == cfg.MetricsConfig(listen=None)
     assert c.alerts == cfg.AlertsConfig(None, None, None)
@@ -132,10 +140,17 @@ timeframes = ["1m", "5m", "1h"]
 retry_attempts = 5
 retry_base_delay = "250ms"
 retry_max_delay = "30s"
+breaker_mode = "rate"
 breaker_threshold = 7
+breaker_window = 50
+breaker_minimum_calls = 20
+breaker_failure_rate = 0.6
+breaker_slow_call = "5s"
 breaker_recovery = "2m"
+breaker_max_recovery = "15m"
 breaker_half_open_calls = 2
 quarantine_after = 20
+quarantine_probe = "2m"
 
 [metrics]
 listen = "0.0.0.0:9100"
@@ -170,7 +185,13 @@ def test_every_key_from_toml(tmp_path):
     assert c.storage.path == "data/candles.db"  # relative paths stay as given
     assert c.control == cfg.ControlConfig("run/ck.sock", "127.0.0.1:7070", "s3cret-token")
     assert c.ingest == cfg.IngestConfig(172800.0, None, 0.5, ("1m", "5m", "1h"))
-    assert c.resilience == cfg.ResilienceConfig(5, 0.25, 30.0, 7, 120.0, 2, 20)
+    full = cfg.ResilienceConfig(
+        retry_attempts=5, retry_base_delay=0.25, retry_max_delay=30.0, breaker_mode="rate", breaker_threshold=7,
+        breaker_window=50, breaker_minimum_calls=20, breaker_failure_rate=0.6, breaker_slow_call=5.0,
+        breaker_recovery=120.0, breaker_max_recovery=900.0, breaker_half_open_calls=2, quarantine_after=20,
+        quarantine_probe=120.0,
+    )
+    assert c.resilience == full
     assert c.metrics.listen == "0.0.0.0:9100"
     assert c.alerts.slack_webhook == "https://hooks.slack.example/T000/B000/XXX"
     assert c.alerts.pagerduty_routing_key == "R0UTING"
@@ -186,7 +207,7 @@ def test_every_key_from_toml(tmp_path):
     assert sim.timeout == 3.0
     since = int(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc).timestamp() * 1000)
     assert sim.ingest == cfg.IngestConfig(172800.0, since, 1.0, ("1m",))
-    assert sim.resilience == cfg.ResilienceConfig(1, 0.25, 30.0, 7, 5.0, 2, 3)
+    assert sim.resilience == dataclasses.replace(full, retry_attempts=1, breaker_recovery=5.0, quarantine_after=3)
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def daemon() -> Iterator[Daemon]:
 
         wait_until(ready, timeout=30, what="the system to be up and caught up")
         # markets loaded: a fuzzed `add` of an unlisted symbol is refused, never started
-        assert system.exchange_addresses["binance"].proxy().lists(SYMBOL).get(timeout=10) is True
+        assert system.blueprint.exchanges["binance"].proxy().lists(SYMBOL).get(timeout=10) is True
         time.sleep(0.2)
         yield Daemon(path, system, baseline=threading.active_count())
     finally:

@@ -409,7 +409,7 @@ def test_crash(tmp_path, victim: str) -> None:
         assert restart.wait(WAIT), f"{path} was not restarted"
         # at once, before a fresh breaker could have re-opened on its own: the (new) exchange
         # actor still holds the open breaker; a restart must not bypass it
-        status = system.exchange_addresses["binance"].proxy().status().get(timeout=WAIT)
+        status = system.blueprint.exchanges["binance"].proxy().status().get(timeout=WAIT)
         assert status["breaker"] != "closed", status
 
         def restarted(h: dict[str, Any]) -> bool:

@@ -11,13 +11,12 @@ from typing import Any
 import pykka
 
 from candlekeeper.resilience.breaker import CircuitBreaker
-from candlekeeper.actors.exchange import ExchangeActor
+from candlekeeper.actors.exchange import ExchangeActor, ExchangeSettings
 from candlekeeper.actors.messages import FetchRequest, FetchResult, SeriesKey
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.simulator.binance import KLINES_MAX_LIMIT
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime
-from candlekeeper.app.config import ExchangeConfig
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.test_ingest import TF, assert_exact, complete, make_config, now_ms, running, stored, wait_until
 
@@ -78,8 +77,7 @@ def test_a_reset_series_request_jumps_the_exchange_queue() -> None:
         runtime = Runtime()
         runtime.start()
         # 2 requests/s: the markets load takes the first token, the queue then drains one by one
-        cfg = ExchangeConfig(name="binance", exchange="binance", symbols=tuple(symbols), api_base=sim.url,
-                             rate_limit=2, timeout=5.0)
+        cfg = ExchangeSettings(name="binance", exchange="binance", api_base=sim.url, rate_limit=2, timeout=5.0)
         ref, _ = start_root(runtime, [ChildSpec("exchange", ExchangeActor, args=(cfg, CircuitBreaker()))])
         order: list[int] = []
         done = threading.Event()

@@ -66,7 +66,7 @@ def running() -> Iterator[Callable[[config_mod.Config], System]]:
     systems: list[System] = []
 
     def start(cfg: config_mod.Config) -> System:
-        system = System(cfg, runtime=Runtime(allow_crash_injection=True), control=False).start()
+        system = System(cfg, runtime=Runtime(allow_crash_injection=True)).start()
         systems.append(system)
         return system
 

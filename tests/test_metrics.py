@@ -16,7 +16,7 @@ from candlekeeper.actors.market.errors import BadResponse
 from candlekeeper.actors.metrics import Metrics, outcome
 from candlekeeper.simulator.faults import FaultKind, Faults
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper.surfaces.control import SocketInUse
+from candlekeeper import SocketInUse
 from tests.test_ingest import TF, now_ms, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -134,9 +134,8 @@ def test_series_poll_offsets_spread_over_the_window_and_are_stable() -> None:
     key, so a restart keeps it), so the series of an exchange do not all wake in the same
     instant; no spread means no offset."""
     from candlekeeper.actors.messages import SeriesKey
-    from candlekeeper.actors.series import SeriesActor
+    from candlekeeper.actors.series import SeriesActor, SeriesSettings
     from candlekeeper.supervisors.child import Address, Runtime
-    from candlekeeper.app.config import IngestConfig, ResilienceConfig
     from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 
     def offsets(spread: float, n: int) -> list[float]:
@@ -144,8 +143,8 @@ def test_series_poll_offsets_spread_over_the_window_and_are_stable() -> None:
         runtime.start()
         nowhere = Address("nowhere")  # no exchange nor storage: the series only start and wait
         specs = [ChildSpec(f"s{i}", SeriesActor,
-                           args=(SeriesKey("ex", f"S{i:04d}/USDT", "1m"), IngestConfig(), ResilienceConfig()),
-                           kwargs={"exchange": nowhere, "storage": nowhere, "poll_spread": spread})
+                           args=(SeriesKey("ex", f"S{i:04d}/USDT", "1m"), SeriesSettings(poll_spread=spread)),
+                           kwargs={"exchange": nowhere, "storage": nowhere})
                  for i in range(n)]
         ref, _ = start_root(runtime, specs)
         try:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from candlekeeper.resilience.breaker import BreakerConfig, CircuitBreaker
-from candlekeeper.resilience.bucket import RateLimiter, TokenBucket
+from candlekeeper.resilience.bucket import TokenBucket
 from candlekeeper.actors.market.candles import InvalidCandles
 from candlekeeper.supervisors.clock import FakeClock
 from candlekeeper.actors.market.errors import BadResponse
@@ -51,29 +51,28 @@ def test_breaker_opens_after_threshold_and_probes_after_timeout() -> None:
                            ("open", "half_open"), ("half_open", "closed")]
 
 
-def test_breaker_manual_reset_and_force_open() -> None:
+def test_breaker_manual_reset() -> None:
     clock = FakeClock()
     b = CircuitBreaker(BreakerConfig(failure_threshold=1), clock=clock)
     b.record_failure()
     assert b.state == "open"
     b.reset()
-    assert b.state == "closed" and b.allow()
-    b.force_open()
-    clock.advance(10_000)
-    assert b.state == "open" and b.forced and b.time_until_probe() is None and not b.allow()
-    b.reset()
-    assert b.state == "closed" and not b.forced
+    assert b.state == "closed" and b.allow() and b.snapshot()["openings"] == 0
 
 
-def test_breaker_ignores_exceptions_that_do_not_count() -> None:
-    b = CircuitBreaker(BreakerConfig(failure_threshold=2, is_failure=counts_against_exchange), clock=FakeClock())
-    for exc in [ccxt.BadSymbol("x"), ccxt.DDoSProtection("429"), ccxt.RateLimitExceeded("x"),
-                InvalidCandles("garbage"), ccxt.BadRequest("x")] * 5:
-        b.record_exception(exc)
-    assert b.state == "closed"
-    b.record_exception(ccxt.RequestTimeout("t"))
-    b.record_exception(ccxt.OperationFailed("503"))
-    assert b.state == "open"
+@pytest.mark.parametrize(
+    ("exc", "against"),
+    [
+        (ccxt.BadSymbol("x"), False), (ccxt.DDoSProtection("429"), False), (ccxt.RateLimitExceeded("x"), False),
+        (InvalidCandles("garbage"), False), (ccxt.BadRequest("x"), False), (ccxt.BadResponse("x"), False),
+        (ccxt.RequestTimeout("t"), True), (ccxt.OperationFailed("503"), True), (ccxt.NetworkError("x"), True),
+        (ccxt.ExchangeNotAvailable("x"), True), (ConnectionResetError(), True), (TimeoutError(), True),
+    ],
+)
+def test_what_counts_against_the_exchange(exc: BaseException, against: bool) -> None:
+    """The classifier decides which errors open the breaker: the exchange unreachable or failing,
+    never a rate-limit answer, one symbol's error or garbage candles."""
+    assert counts_against_exchange(exc) is against
 
 
 def test_breaker_slow_calls_count_as_failures() -> None:
@@ -85,11 +84,9 @@ def test_breaker_slow_calls_count_as_failures() -> None:
     assert b.state == "open"
 
 
-@pytest.mark.parametrize("window", ["count", "time"])
-def test_breaker_failure_rate_window(window: str) -> None:
+def test_breaker_failure_rate_window() -> None:
     clock = FakeClock()
-    cfg = BreakerConfig(failure_threshold=1000, window=window, window_size=10, minimum_calls=6,
-                        failure_rate_threshold=0.5)
+    cfg = BreakerConfig(mode="rate", window_size=10, minimum_calls=6, failure_rate_threshold=0.5)
     b = CircuitBreaker(cfg, clock=clock)
     for failed in [True, False, True, False, True]:  # 60 % failures but only 5 calls
         (b.record_failure if failed else b.record_success)()
@@ -101,9 +98,23 @@ def test_breaker_failure_rate_window(window: str) -> None:
     assert b.state == "open"
 
 
+def test_breaker_rate_window_forgets_old_calls() -> None:
+    """Only the last window_size calls count: old failures slide out of the window."""
+    b = CircuitBreaker(BreakerConfig(mode="rate", window_size=4, minimum_calls=4, failure_rate_threshold=0.75),
+                       clock=FakeClock())
+    for failed in [True, True, False, False, False, False]:  # the two failures slide out
+        (b.record_failure if failed else b.record_success)()
+    b.record_failure()
+    b.record_failure()  # window S, S, F, F: 50 %
+    assert b.state == "closed"
+    b.record_failure()  # window S, F, F, F: 75 %
+    assert b.state == "open"
+
+
 def test_breaker_config_validation() -> None:
     for bad in [dict(failure_threshold=0), dict(recovery_timeout=0), dict(half_open_max_calls=0),
-                dict(failure_rate_threshold=0), dict(max_recovery_timeout=1), dict(jitter=1.5)]:
+                dict(failure_rate_threshold=0), dict(max_recovery_timeout=1), dict(jitter=1.5),
+                dict(mode="windowed"), dict(window_size=5, minimum_calls=6)]:
         with pytest.raises(ValueError):
             BreakerConfig(**bad)
 
@@ -112,12 +123,14 @@ class BreakerMachine(RuleBasedStateMachine):
     """Random sequences of calls, results, time and operator actions; invariants after each."""
 
     @initialize(threshold=st.integers(1, 6), recovery=st.floats(0.5, 30), probes=st.integers(1, 3),
-                mult=st.floats(1, 4), jitter=st.floats(0, 0.5), seed=st.integers(0, 1000))
-    def setup(self, threshold: int, recovery: float, probes: int, mult: float, jitter: float, seed: int) -> None:
+                mult=st.floats(1, 4), jitter=st.floats(0, 0.5), seed=st.integers(0, 1000),
+                mode=st.sampled_from(["consecutive", "rate"]))
+    def setup(self, threshold: int, recovery: float, probes: int, mult: float, jitter: float, seed: int,
+              mode: str) -> None:
         self.clock = FakeClock()
         self.cfg = BreakerConfig(failure_threshold=threshold, recovery_timeout=recovery, half_open_max_calls=probes,
                                  backoff_multiplier=mult, max_recovery_timeout=recovery * 8, jitter=jitter,
-                                 is_failure=counts_against_exchange)
+                                 mode=mode, window_size=8, minimum_calls=threshold)  # type: ignore[arg-type]
         self.seen: list[tuple[str, str]] = []
         self.b = CircuitBreaker(self.cfg, clock=self.clock, rng=random.Random(seed),
                                 listener=lambda o, n: self.seen.append((o, n)))
@@ -161,12 +174,6 @@ class BreakerMachine(RuleBasedStateMachine):
             assert low <= probe_in <= high
         self._track()
 
-    @rule(exc=st.sampled_from([ccxt.BadSymbol("x"), ccxt.DDoSProtection("429"), InvalidCandles("bad")]))
-    def harmless_exception(self, exc: BaseException) -> None:
-        before = self.b.state
-        self.b.record_exception(exc)
-        assert not (before == "closed" and self.b.state == "open"), "a non-counting exception opened it"
-        self._track()
 
     @rule(dt=st.floats(0, 100))
     def wait(self, dt: float) -> None:
@@ -177,13 +184,6 @@ class BreakerMachine(RuleBasedStateMachine):
     def reset(self) -> None:
         self.b.reset()
         assert self.b.state == "closed" and self.b.allow()
-        self._track()
-
-    @precondition(lambda self: self.b.state != "open")
-    @rule()
-    def force_open(self) -> None:
-        self.b.force_open()
-        assert self.b.state == "open" and self.b.time_until_probe() is None
         self._track()
 
     @invariant()
@@ -260,18 +260,18 @@ def test_retry_after_overrides_and_parses() -> None:
 def test_bucket_never_grants_more_than_rate_t_plus_burst(rate: float, burst_factor: float, events) -> None:
     clock = FakeClock()
     burst = max(1.0, rate * burst_factor)
-    bucket = TokenBucket(rate, burst, clock=clock, priority_reserve=burst * 0.2)
+    bucket = TokenBucket(rate, burst, clock=clock)
     grants: list[tuple[float, float]] = []
-    for dt, cost_frac, priority in events:
+    for dt, cost_frac, _ in events:
         clock.advance(dt)
         cost = max(0.01, cost_frac * burst * 0.8)
-        wait = bucket.try_acquire(cost, priority=priority)
+        wait = bucket.try_acquire(cost)
         if wait == 0:
             grants.append((clock(), cost))
         else:
             # the wait is exact: after it, the same request is granted
             clock.advance(wait)
-            assert bucket.try_acquire(cost, priority=priority) == 0.0
+            assert bucket.try_acquire(cost) == 0.0
             grants.append((clock(), cost))
     for i in range(len(grants)):
         for j in range(i, len(grants)):
@@ -280,21 +280,19 @@ def test_bucket_never_grants_more_than_rate_t_plus_burst(rate: float, burst_fact
             assert total <= rate * window + burst + 1e-6
 
 
-def test_bucket_wait_is_exact_and_priority_reserve() -> None:
+def test_bucket_wait_is_exact() -> None:
     clock = FakeClock()
-    b = TokenBucket(10, 10, clock=clock, priority_reserve=2)
-    for _ in range(8):
+    b = TokenBucket(10, 10, clock=clock)
+    for _ in range(10):
         assert b.try_acquire() == 0.0
-    wait = b.try_acquire()  # normal traffic cannot touch the last 2 tokens
-    assert wait == pytest.approx(0.1)
-    assert b.try_acquire(priority=True) == 0.0 and b.try_acquire(priority=True) == 0.0
-    assert b.try_acquire(priority=True) == pytest.approx(0.1)
+    assert b.try_acquire() == pytest.approx(0.1)
     clock.advance(0.1 - 1e-6)
-    assert b.try_acquire(priority=True) > 0
+    assert b.try_acquire() > 0
     clock.advance(2e-6)
-    assert b.try_acquire(priority=True) == 0.0
+    assert b.try_acquire() == 0.0
+    assert b.try_acquire(2) == pytest.approx(0.2, abs=1e-5)  # a request costs its weight
     with pytest.raises(ValueError):
-        b.try_acquire(9)  # more than burst - reserve: could never be granted
+        b.try_acquire(11)  # more than burst: could never be granted
 
 
 def test_bucket_penalize() -> None:
@@ -306,20 +304,6 @@ def test_bucket_penalize() -> None:
     assert b.try_acquire() == 0.0
 
 
-def test_rate_limiter_is_atomic() -> None:
-    clock = FakeClock()
-    weight, raw = TokenBucket(10, 10, clock=clock), TokenBucket(1, 1, clock=clock)
-    limiter = RateLimiter({"weight": weight, "raw": raw})
-    assert limiter.try_acquire({"weight": 5, "raw": 1}) == 0.0
-    before = weight.tokens
-    wait = limiter.try_acquire({"weight": 5, "raw": 1})
-    assert wait == pytest.approx(1.0)
-    assert weight.tokens == before  # nothing taken from the bucket that could have granted
-    limiter.penalize(2)
-    assert limiter.time_until({"weight": 1}) >= 2
-    assert set(limiter.snapshot()) == {"weight", "raw"}
-
-
 # -- quarantine --------------------------------------------------------------------------------
 
 
@@ -328,9 +312,9 @@ def test_quarantine_transitions_and_slow_probes() -> None:
     q = Quarantine(threshold=3, probe_interval=10, clock=clock, max_probe_interval=35, backoff_multiplier=2)
     assert not q.record_failure() and not q.record_failure()
     assert q.record_failure() and q.quarantined  # third in a row
-    assert q.time_until_probe() == 10 and not q.probe_due()
+    assert q.time_until_probe() == 10
     clock.advance(10)
-    assert q.probe_due()
+    assert q.time_until_probe() == 0
     assert not q.record_failure()  # failed probe: the next one is later
     assert q.time_until_probe() == 20
     q.record_failure()

@@ -43,11 +43,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from candlekeeper.resilience.bucket import TokenBucket
-from candlekeeper.supervisors.clock import Clock, monotonic
-from candlekeeper.actors.messages import ExchangeStatus, SeriesStatus, StorageStatus
-from candlekeeper.resilience.retry import GiveUp, Retry, RetryPolicy
-from candlekeeper.supervisors.events import LifecycleEvent
+from ...resilience.bucket import TokenBucket
+from ...supervisors.clock import Clock, monotonic
+from ..messages import ExchangeStatus, SeriesStatus, StorageStatus
+from ...resilience.retry import GiveUp, Retry, RetryPolicy
+from ...supervisors.events import LifecycleEvent
 
 Action = Literal["trigger", "resolve"]
 Severity = Literal["critical", "error", "warning", "info"]

@@ -12,10 +12,12 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from candlekeeper.actors.market.errors import BadResponse
+from .errors import BadResponse
 
 __all__ = [
     "TIMEFRAME_MS",
+    "Candle",
+    "Row",
     "InvalidCandles",
     "timeframe_ms",
     "alignment_ms",
@@ -45,7 +47,10 @@ TIMEFRAME_MS: dict[str, int] = {
     "1w": 7 * _DAY,
 }
 
+#: (ts, open, high, low, close, volume): one candle of a series, as ccxt returns it.
 Candle = tuple[int, float, float, float, float, float]
+#: (exchange, symbol, timeframe, ts, open, high, low, close, volume): one row of the candles table.
+Row = tuple[str, str, str, int, float, float, float, float, float]
 
 
 class InvalidCandles(BadResponse):

@@ -7,7 +7,7 @@ from typing import Any
 
 import ccxt
 
-from candlekeeper.actors.sources.urls import rebase_urls
+from .urls import rebase_urls
 
 # Options that keep ccxt from calling endpoints the daemon does not need. For binance,
 # load_markets then needs only GET /api/v3/exchangeInfo (spot), no futures or private calls.

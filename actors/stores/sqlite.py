@@ -31,12 +31,11 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["Store", "StoreError", "StoreGone", "StoreCorrupt", "Row", "Candle"]
+from ..market.candles import Candle, Row
+from .errors import StoreCorrupt, StoreError, StoreGone
 
-#: (exchange, symbol, timeframe, ts, open, high, low, close, volume)
-Row = tuple[str, str, str, int, float, float, float, float, float]
-#: (ts, open, high, low, close, volume), the shape reads return.
-Candle = tuple[int, float, float, float, float, float]
+__all__ = ["Store", "StoreError", "StoreGone", "StoreCorrupt"]
+
 
 # WITHOUT ROWID: the primary key *is* the table, so inserts touch one b-tree
 # instead of two, range scans by (series, ts) are clustered and the file is
@@ -115,18 +114,6 @@ _SQLITE_IOERR = 10
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 _SQLITE_READONLY_DBMOVED = 1032
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked (not open, read-only, cannot open the file)."""
-
-
-class StoreGone(StoreError):
-    """The database file was deleted or replaced while open: call ``reopen()``."""
-
-
-class StoreCorrupt(StoreGone):
-    """The file is not a usable SQLite database: ``reopen()`` moves it aside."""
 
 
 def _is_corrupt(exc: sqlite3.Error) -> bool:
@@ -537,10 +524,10 @@ class Store:
         )
         return cur.rowcount > 0
 
-    def remove_series(self, exchange: str, symbol: str, timeframe: str) -> bool:
+    def remove_series(self, exchange: str, symbol: str, timeframe: str, removed_at_ms: int | None = None) -> bool:
         """Persist that a series was removed at run time (a configured one too, so a restart
         does not bring it back); its candles stay. False if it was already removed."""
-        at = int(time.time() * 1000)
+        at = int(time.time() * 1000) if removed_at_ms is None else removed_at_ms
         cur = self._write(
             "INSERT INTO series (exchange, symbol, timeframe, added_at, active) VALUES (?, ?, ?, ?, 0)"
             " ON CONFLICT (exchange, symbol, timeframe)"

@@ -29,12 +29,16 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from candlekeeper.supervisors.child import Child
-from candlekeeper.app.config import ControlConfig
+from ..app.config import ControlConfig, parse_host_port
+from ..app.errors import SocketInUse
+from ..app.system import System
+from ..supervisors.child import Child
+from ..supervisors.supervisor import ChildSpec
 
 MAX_MESSAGE = 1 << 20
 MAX_CONNECTIONS = 32  # per listener: the Unix socket and the TCP listener each have their own
@@ -43,8 +47,26 @@ IDLE_TIMEOUT = 60.0  # seconds a connection may stay silent between messages bef
 LISTENERS = ("unix", "tcp")
 
 
-class SocketInUse(Exception):
-    pass
+@dataclass(frozen=True)
+class AfterReply:
+    """A command's result, and what to do once the reply has been sent: `shutdown`, and `restart`
+    of the control server itself, must not close the connection before it carries the reply."""
+
+    result: Any
+    then: Callable[[], Any]
+
+
+class ControlSurface:
+    """The control socket as a surface of a `System`: checked before start, started as `control`."""
+
+    def __init__(self, config: ControlConfig) -> None:
+        self.config = config
+
+    def preflight(self) -> None:
+        check_free(self.config)
+
+    def spec(self, system: System) -> ChildSpec:
+        return ChildSpec("control", ControlServer, args=(self.config, system), kind="control")
 
 
 def check_free(config: ControlConfig) -> None:
@@ -89,7 +111,7 @@ def prepare_unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def commands(system: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
     """The command table: name -> callable taking the request map. Arguments are checked here,
     so a wrong type is a clear refusal, never an exception deep inside an actor."""
 
@@ -109,6 +131,13 @@ def commands(system: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
     def series(req: dict[str, Any]) -> tuple[str, str, str]:
         return text(req, "exchange"), text(req, "symbol"), text(req, "timeframe", default="1m")
 
+    def restart(target: str) -> Any:
+        if target.strip("/").removeprefix("root/") == "control":  # this very server: reply first
+            return AfterReply({"restarted": "root/control"},
+                              lambda: threading.Thread(target=system.restart, args=(target,), daemon=True,
+                                                       name="candlekeeper-restart-control").start())
+        return system.restart(target)
+
     def count(req: dict[str, Any]) -> int:
         n = req.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool):
@@ -121,22 +150,13 @@ def commands(system: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "reset": lambda req: system.reset(*target(req)),
         "pause": lambda req: system.pause(*target(req), paused=True),
         "resume": lambda req: system.pause(*target(req), paused=False),
-        "restart": lambda req: system.restart(text(req, "target")),
+        "restart": lambda req: restart(text(req, "target")),
         "add": lambda req: system.add_series(*series(req)),
         "remove": lambda req: system.remove_series(*series(req)),
         "latest": lambda req: system.latest(*series(req), n=count(req)),
-        "shutdown": lambda req: system.shutdown(),
+        "shutdown": lambda req: AfterReply({"stopping": True}, system.shutdown),
         "crash": lambda req: system.crash(text(req, "target"), text(req, "reason", default="injected crash")),
     }
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (HOST may be empty or `[v6]`, meaning loopback when empty); ValueError with a
-    one-line reason otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535 or " " in host:
-        raise ValueError(f"expected HOST:PORT with PORT a number 0-65535, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class ControlServer(Child):
@@ -292,7 +312,12 @@ class ControlServer(Child):
                     if listener == "tcp" and not self._authorized(request):
                         _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
                         return
-                    _send(conn, self.handle(request))
+                    reply, then = self._answer(request)
+                    try:
+                        _send(conn, reply)
+                    finally:
+                        if then is not None:
+                            then()
                 # an incomplete message's clock starts once the complete ones before it are
                 # answered, and keeps running while its bytes trickle in
                 if received == start:
@@ -324,6 +349,17 @@ class ControlServer(Child):
         )
 
     def handle(self, request: Any) -> dict[str, Any]:
+        """The reply to one request (what to do after it is sent, if anything, is not done)."""
+        return self._answer(request)[0]
+
+    def _answer(self, request: Any) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+        reply = self._reply(request)
+        result = reply.get("result")
+        if isinstance(result, AfterReply):
+            return {**reply, "result": result.result}, result.then
+        return reply, None
+
+    def _reply(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):
             return {"id": None, "ok": False, "error": "a request must be a map"}
         req_id = _request_id(request)

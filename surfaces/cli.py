@@ -1,5 +1,6 @@
-"""`python run.py`: the daemon, `--simulate`, and the `ctl` client. Exit codes: 0 ok,
-1 refused command or the root supervisor gave up, 2 usage or config error."""
+"""The `candlekeeper` command (also `python run.py`, `python -m candlekeeper`): the daemon,
+`--simulate`, and the `ctl` client. Exit codes: 0 ok, 1 refused command or the root supervisor
+gave up, 2 usage or config error."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Any
 
 import structlog
 
-from candlekeeper.app import config as config_mod
-from candlekeeper.app.config import Config, ConfigError
+from ..app import config as config_mod
+from ..app.config import Config, ConfigError, parse_host_port
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -26,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run.py", description="candlekeeper: OHLCV ingestion that never loses a candle")
+    p = _Parser(prog="candlekeeper", description="candlekeeper: OHLCV ingestion that never loses a candle")
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
     p.add_argument("--simulate", action="store_true", help="run against a local simulated exchange, faults included")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"candlekeeper: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from candlekeeper.surfaces.logging import configure
+    from .logging import configure
 
     configure(json=None if args.log_format is None else args.log_format == "json", level=args.log_level)
     return run_daemon(cfg, simulate=args.simulate)
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
-    from candlekeeper.surfaces.control import SocketInUse
-    from candlekeeper.app.system import StorageUnusable, System
+    from ..app.system import SocketInUse, StorageUnusable, System
+    from .control import ControlSurface
 
     log = structlog.get_logger("candlekeeper")
     sims: list[Any] = []
@@ -80,7 +81,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    system = System(cfg, on_shutdown=stop.set)
+    system = System(cfg, surfaces=[ControlSurface(cfg.control)], on_shutdown=stop.set)
     try:
         system.start()
     except (SocketInUse, StorageUnusable) as exc:
@@ -109,8 +110,8 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
 def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
     """Point every exchange at its own in-process simulated Binance, with light random faults,
     and keep the data apart from a real database (`<path>.simulate.db`)."""
-    from candlekeeper.simulator.faults import Faults
-    from candlekeeper.simulator.server import BinanceSimulator
+    from ..simulator.faults import Faults
+    from ..simulator.server import BinanceSimulator
 
     sims, exchanges = [], []
     for i, ex in enumerate(cfg.exchanges):
@@ -126,7 +127,7 @@ def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    from candlekeeper.surfaces.control import request
+    from .control import request
 
     try:
         path = _ctl_socket(args)
@@ -142,7 +143,7 @@ def run_ctl(args: argparse.Namespace) -> int:
 
     try:
         if args.cmd == "top":
-            from candlekeeper.surfaces.top import run_top
+            from .top import run_top
 
             return run_top(lambda cmd: _result(call(cmd)))
         reply = call(args.cmd)
@@ -167,7 +168,6 @@ def _ctl_socket(args: argparse.Namespace) -> str:
     """Where to reach the daemon: `ctl --socket`, else the socket of `ctl --config`, else of the
     top-level `--config` (`run.py --config F ctl ...` means the daemon that F runs), else the
     default. ValueError for a malformed `tcp://HOST:PORT`; ConfigError for a bad config."""
-    from candlekeeper.surfaces.control import parse_host_port
 
     if args.socket:
         path: str = args.socket

@@ -2,6 +2,6 @@
 
 import sys
 
-from candlekeeper.surfaces.cli import main
+from .surfaces.cli import main
 
 sys.exit(main())

@@ -22,10 +22,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from candlekeeper.actors.messages import SeriesKey, StoredCandle
-    from candlekeeper.app.config import Config, ConfigError
-    from candlekeeper.app.system import CommandError, StorageUnusable, System, start
-    from candlekeeper.surfaces.control import SocketInUse
+    from .actors.messages import SeriesKey, StoredCandle
+    from .app.config import Config, ConfigError
+    from .app.errors import CommandError, SocketInUse, StorageUnusable
+    from .app.system import System
+    from .surfaces.embedding import start
 
 __all__ = [
     "CommandError",
@@ -40,15 +41,15 @@ __all__ = [
 ]
 
 _HOMES = {
-    "CommandError": "candlekeeper.app.system",
-    "Config": "candlekeeper.app.config",
-    "ConfigError": "candlekeeper.app.config",
-    "SeriesKey": "candlekeeper.actors.messages",
-    "SocketInUse": "candlekeeper.surfaces.control",
-    "StorageUnusable": "candlekeeper.app.system",
-    "StoredCandle": "candlekeeper.actors.messages",
-    "System": "candlekeeper.app.system",
-    "start": "candlekeeper.app.system",
+    "CommandError": ".app.errors",
+    "Config": ".app.config",
+    "ConfigError": ".app.config",
+    "SeriesKey": ".actors.messages",
+    "SocketInUse": ".app.errors",
+    "StorageUnusable": ".app.errors",
+    "StoredCandle": ".actors.messages",
+    "System": ".app.system",
+    "start": ".surfaces.embedding",
 }
 
 
@@ -56,7 +57,7 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'candlekeeper' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+    return getattr(importlib.import_module(home, __name__), name)
 
 
 def __dir__() -> list[str]:

@@ -1,22 +1,9 @@
-"""The candlekeeper tree, and `System`: one running daemon, in `run.py` or inside another app.
+"""`System`: one running candlekeeper, in the daemon or inside another app; the operator commands.
 
-    root (one_for_one)
-    ├── storage          StorageActor: the one SQLite writer
-    ├── health           HealthActor: latest status of everything
-    ├── control          ControlServer: msgpack over a Unix socket
-    └── NAME             Supervisor (rest_for_one), one per exchange
-        ├── exchange     ExchangeActor: ccxt client, rate-limit bucket, circuit breaker
-        └── series       Supervisor (one_for_one)
-            └── SYMBOL@TF  SeriesActor, one per (symbol, timeframe)
-
-Why these strategies: series are independent, so one crashing restarts only itself
-(one_for_one). An exchange's series depend on its exchange actor, so a crash of the exchange
-actor also restarts its series (rest_for_one): their requests in flight died with it, and they
-resume cleanly from the store. The breaker object is created here and handed to every
-incarnation of the exchange actor, so no restart resets an open breaker. Storage, health and
-control are independent of each other at the root (one_for_one): a storage restart changes the
-store generation and every series re-reads its resume point; the health actor's knowledge
-(`HealthState`) is owned here, so a health restart loses no status and no restart count.
+`System` starts the tree (`candlekeeper.app.tree`), answers questions about it and carries out
+the operator's commands (reset, pause, add, restart...), which the control socket, the CLI and an
+embedding app all call. It knows no socket: the operator surfaces that serve it (the control
+server) are handed in as `Surface`s, each checked before start and started as a child of the root.
 
 Nothing here is global: two `System`s run side by side in one process.
 """
@@ -24,53 +11,44 @@ Nothing here is global: two `System`s run side by side in one process.
 from __future__ import annotations
 
 import os
-import random
-import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import pykka
 import structlog
 
-from candlekeeper.actors.alerting.alerts import AlertState
-from candlekeeper.resilience.breaker import BreakerConfig, CircuitBreaker
-from candlekeeper.actors.exchange import ExchangeActor
-from candlekeeper.actors.market.errors import counts_against_exchange
-from candlekeeper.actors.health import HealthActor, HealthState
-from candlekeeper.actors.messages import ForgetSeries, Pause, SeriesKey
-from candlekeeper.actors.metrics import Metrics, MetricsEndpoint
-from candlekeeper.actors.notifier import NotifierActor
-from candlekeeper.actors.series import SeriesActor
-from candlekeeper.actors.market.candles import timeframe_ms
-from candlekeeper.actors.storage import StorageActor
-from candlekeeper.actors.stores.sqlite import Store, StoreError, StoreGone
-from candlekeeper.app import config as config_mod
-from candlekeeper.supervisors.child import Address, Crash, Exit, Fanout, Runtime
-from candlekeeper.app.config import Config, ExchangeConfig
-from candlekeeper.supervisors.events import EventBus
-from candlekeeper.supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
+from ..actors.market.candles import timeframe_ms
+from ..actors.market.symbols import check_symbol
+from ..actors.messages import ForgetSeries, Pause
+from ..actors.metrics import Metrics
+from ..actors.stores.errors import StoreError, StoreGone
+from ..actors.stores.sqlite import Store
+from ..supervisors.child import Crash, Exit, Runtime
+from ..supervisors.events import EventBus
+from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
+from . import config as config_mod
+from .config import Config, ExchangeConfig, parse_host_port
+from .errors import CommandError, SocketInUse, StorageUnusable
+from .tree import Blueprint, SeriesChange, series_id
 
-SYMBOL = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+)?$")
+__all__ = ["CommandError", "SocketInUse", "StorageUnusable", "Surface", "System", "as_config"]
 
 ASK_TIMEOUT = 10.0
 
 log = structlog.get_logger("candlekeeper")
 
 
-class CommandError(Exception):
-    """A control command that was refused (unknown target, bad arguments): its message is the reason."""
+class Surface(Protocol):
+    """An operator surface the system serves (the control server): checked before the tree starts,
+    then started as a child of the root."""
 
+    def preflight(self) -> None:
+        """Raise `SocketInUse` when what it listens on is taken."""
 
-class StorageUnusable(Exception):
-    """The database cannot be opened at all (a bad path, no permission): a mistake to report at
-    start, not a crash loop of the storage actor that ends with the root giving up."""
-
-
-def series_id(symbol: str, timeframe: str) -> str:
-    return f"{symbol}@{timeframe}"
+    def spec(self, system: System) -> ChildSpec:
+        """Its child spec, serving `system`."""
 
 
 class System:
@@ -81,157 +59,46 @@ class System:
         config: Config,
         *,
         runtime: Runtime | None = None,
-        control: bool = True,
+        surfaces: Sequence[Surface] = (),
         on_shutdown: Callable[[], None] | None = None,
         subscribers: Iterable[Any] = (),
     ) -> None:
         self.config = config
-        self.runtime = runtime or Runtime(rng=random.Random(), allow_crash_injection=config.control.chaos)
-        self.storage = Address("storage")
-        self.health_address = Address("health")
-        self.notifier_address = Address("notifier")
-        # every actor's status reports go to health and to the alerts notifier
-        self.status = Fanout(self.health_address, self.notifier_address)
+        self.runtime = runtime or Runtime(allow_crash_injection=config.control.chaos)
         self.candles = EventBus()  # newly stored candles, for `subscribe`
-        self.metrics = Metrics(health=self.health)
-        self.health_state = HealthState()  # survives restarts of the health actor
         for subscriber in subscribers:  # before start, so they miss nothing of the backfill
             self.candles.subscribe(subscriber)
-        self.exchange_addresses: dict[str, Address] = {}
-        self.breakers: dict[str, CircuitBreaker] = {}
-        # The desired series of each exchange. The list object is the series supervisor's own
-        # child-spec list, so a restarted series supervisor starts from it: run-time additions
-        # and removals survive restarts, not only the daemon's.
-        self.series_specs: dict[str, list[ChildSpec]] = {}
-        self.with_control = control
+        self.metrics = Metrics(health=self.health, wall=self.runtime.wall)
+        self.blueprint = Blueprint(config, self.runtime, metrics=self.metrics, candles=self.candles)
+        self.storage = self.blueprint.storage
+        self.health_address = self.blueprint.health
+        self.surfaces = tuple(surfaces)
         self._on_shutdown = on_shutdown
         self._lock = threading.Lock()
         self.exited = threading.Event()
         self.exit: Exit | None = None
         self._root: pykka.ActorRef[Supervisor] | None = None
 
-    # -- building ------------------------------------------------------------------------
-
-    def _exchange_spec(self, ex: ExchangeConfig) -> ChildSpec:
-        address = self.exchange_addresses.setdefault(ex.name, Address(f"{ex.name}/exchange"))
-        r = ex.resilience
-        breaker = self.breakers.setdefault(
-            ex.name,
-            CircuitBreaker(
-                BreakerConfig(
-                    failure_threshold=r.breaker_threshold,
-                    recovery_timeout=r.breaker_recovery,
-                    half_open_max_calls=r.breaker_half_open_calls,
-                    max_recovery_timeout=max(r.breaker_recovery, 600.0),
-                    is_failure=counts_against_exchange,
-                ),
-                clock=self.runtime.clock,
-                rng=self.runtime.rng,
-            ),
-        )
-        series_specs = self.series_specs[ex.name]
-        return ChildSpec(
-            ex.name,
-            Supervisor,
-            args=(
-                [
-                    ChildSpec("exchange", ExchangeActor, args=(ex, breaker, self.status, self.metrics), address=address,
-                              kind="exchange", shutdown=ex.timeout + 5.0),
-                    ChildSpec(
-                        "series",
-                        Supervisor,
-                        args=(series_specs,),
-                        kwargs={"strategy": "one_for_one", "start_timeout": 30.0},
-                        kind="supervisor",
-                        shutdown=120.0,
-                    ),
-                ],
-            ),
-            kwargs={"strategy": "rest_for_one", "start_timeout": 60.0},
-            kind="supervisor",
-            shutdown=180.0,
-        )
-
-    def _series_spec(self, ex: ExchangeConfig, symbol: str, timeframe: str) -> ChildSpec:
-        return ChildSpec(
-            series_id(symbol, timeframe),
-            SeriesActor,
-            args=(SeriesKey(ex.name, symbol, timeframe), ex.ingest, ex.resilience),
-            kwargs={
-                "exchange": self.exchange_addresses[ex.name],
-                "storage": self.storage,
-                "health": self.health_address,
-                "alerts": self.notifier_address,
-                "request_timeout": ex.timeout,
-                "page_limit": ex.page_limit,
-                "metrics": self.metrics,
-                # the time the exchange needs to serve one poll of each configured series at its
-                # rate limit: the series' polls after each close are spread over it (at most
-                # poll_interval), see SeriesActor.poll_offset
-                "poll_spread": min(ex.ingest.poll_interval,
-                                   len(ex.symbols) * len(ex.ingest.timeframes) / ex.rate_limit),
-            },
-            kind="series",
-            shutdown=10.0,
-        )
-
-    def _root_specs(self) -> list[ChildSpec]:
-        specs = [
-            ChildSpec("storage", StorageActor, args=(self.config.storage.path, self.status),
-                      kwargs={"candles": self.candles, "metrics": self.metrics}, address=self.storage, kind="storage",
-                      shutdown=30.0),
-            ChildSpec("health", HealthActor, args=([e.name for e in self.config.exchanges], self.health_state),
-                      address=self.health_address, kind="health"),
-        ]
-        # one AlertState per system, kept by the spec: a restarted notifier still resolves what it opened
-        specs.append(ChildSpec("notifier", NotifierActor, args=(self.config.alerts, AlertState()),
-                               address=self.notifier_address, kind="notifier", shutdown=10.0))
-        if self.config.metrics.listen:
-            specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, self.config.metrics.listen),
-                                   kind="metrics"))
-        if self.with_control:
-            from candlekeeper.surfaces.control import ControlServer
-
-            specs.append(ChildSpec("control", ControlServer, args=(self.config.control, self), kind="control"))
-        specs.extend(self._exchange_spec(ex) for ex in self.config.exchanges)
-        return specs
-
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _plan_series(self) -> None:
-        """Configured series, plus those added and minus those removed at run time (persisted)."""
-        changes = stored_series_changes(self.config.storage.path)
-        for ex in self.config.exchanges:
-            wanted = [(sym, tf) for sym in ex.symbols for tf in ex.ingest.timeframes]
-            for exchange, sym, tf, _, active in changes:
-                if exchange != ex.name:
-                    continue
-                if active and (sym, tf) not in wanted:
-                    wanted.append((sym, tf))
-                elif not active and (sym, tf) in wanted:
-                    wanted.remove((sym, tf))
-            self.exchange_addresses.setdefault(ex.name, Address(f"{ex.name}/exchange"))
-            self.series_specs[ex.name] = [self._series_spec(ex, sym, tf) for sym, tf in wanted]
-
     def start(self) -> System:
-        """Start the tree. Raises `candlekeeper.surfaces.control.SocketInUse` when another daemon holds the
-        control socket (or a TCP port is taken), `StorageUnusable` when the database cannot be
-        opened at all (see `stored_series_changes`)."""
-        if self.with_control:
-            from candlekeeper.surfaces.control import check_free
-
-            check_free(self.config.control)
+        """Start the tree. Raises `SocketInUse` when another daemon holds the control socket (or a
+        TCP or metrics port is taken), `StorageUnusable` when the database cannot be opened at all
+        (see `stored_series_changes`)."""
+        for surface in self.surfaces:
+            surface.preflight()
         if self.config.metrics.listen:
             check_port_free(self.config.metrics.listen)
-        self._plan_series()
+        self.blueprint.plan(stored_series_changes(self.config.storage.path))
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
         self.runtime.events.subscribe(self.metrics.on_event)
-        self._root, _ = start_root(self.runtime, self._root_specs(), on_exit=self._on_root_exit, start_timeout=120.0)
+        specs = self.blueprint.root_specs([surface.spec(self) for surface in self.surfaces])
+        self._root, _ = start_root(self.runtime, specs, on_exit=self._on_root_exit, start_timeout=120.0)
         return self
 
     def _forward_event(self, event: Any) -> None:
-        self.status.tell(event)
+        self.blueprint.status.tell(event)
 
     def _on_root_exit(self, exit_: Exit) -> None:
         self.exit = exit_
@@ -289,10 +156,10 @@ class System:
         return self._sup().child_ref("metrics").get(timeout=ASK_TIMEOUT).proxy().address().get(timeout=ASK_TIMEOUT)
 
     def _exchange_config(self, exchange: str) -> ExchangeConfig:
-        for ex in self.config.exchanges:
-            if ex.name == exchange:
-                return ex
-        raise CommandError(f"unknown exchange {exchange!r}")
+        ex = self.blueprint.exchange_config(exchange)
+        if ex is None:
+            raise CommandError(f"unknown exchange {exchange!r}")
+        return ex
 
     def _series_targets(self, exchange: str, symbol: str | None, timeframe: str | None) -> list[Any]:
         ex = self._exchange_config(exchange)
@@ -318,7 +185,7 @@ class System:
         futures = [ref.proxy().reset() for ref in targets]
         if symbol is None:
             try:
-                futures.append(self.exchange_addresses[exchange].proxy().reset())
+                futures.append(self.blueprint.exchanges[exchange].proxy().reset())
             except pykka.ActorDeadError:
                 raise CommandError(f"{exchange} exchange actor is restarting; try again") from None
         for future in futures:
@@ -342,11 +209,11 @@ class System:
             raise CommandError("n must be an integer from 1 to 1000")
         tf_ms = _timeframe(timeframe)
         rows = self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
-        if not rows and not any(s.id == series_id(symbol, timeframe) for s in self.series_specs.get(ex.name, [])):
+        if not rows and not any(s.id == series_id(symbol, timeframe) for s in self.blueprint.series_specs.get(ex.name, [])):
             raise CommandError(f"no series {exchange}:{symbol}@{timeframe}")
-        now = time.time()
+        now = self.runtime.wall()
         last = rows[0][0] if rows else None
-        breaker = self.breakers[ex.name].state if ex.name in self.breakers else None
+        breaker = self.blueprint.breakers[ex.name].state
         return {
             "exchange": exchange,
             "symbol": symbol,
@@ -362,18 +229,20 @@ class System:
         """Start a series at run time and persist it, so a restart keeps it."""
         ex = self._exchange_config(exchange)
         _timeframe(timeframe)
-        if not isinstance(symbol, str) or not SYMBOL.match(symbol):
-            raise CommandError(f"bad symbol {symbol!r}: expected BASE/QUOTE")
+        try:
+            check_symbol(symbol)
+        except ValueError as exc:
+            raise CommandError(f"bad symbol: {exc}") from None
         sid = series_id(symbol, timeframe)
         with self._lock:
-            specs = self.series_specs[ex.name]
+            specs = self.blueprint.series_specs[ex.name]
             if any(s.id == sid for s in specs):
                 raise CommandError(f"{exchange}:{sid} is already running")
             listed = self._listed(ex.name, symbol)
             if listed is False:
                 raise CommandError(f"{exchange} does not list {symbol}")
             self.storage.proxy().set_series_active(exchange, symbol, timeframe, True).get(timeout=ASK_TIMEOUT)
-            spec = self._series_spec(ex, symbol, timeframe)
+            spec = self.blueprint.series_spec(ex, symbol, timeframe)
             specs.append(spec)
         try:
             self._sup(ex.name, "series").start_child(spec).get(timeout=ASK_TIMEOUT)
@@ -386,7 +255,7 @@ class System:
         ex = self._exchange_config(exchange)
         sid = series_id(symbol, timeframe)
         with self._lock:
-            specs = self.series_specs[ex.name]
+            specs = self.blueprint.series_specs[ex.name]
             spec = next((s for s in specs if s.id == sid), None)
             if spec is None:
                 raise CommandError(f"no series {exchange}:{sid}")
@@ -450,7 +319,7 @@ class System:
         return {"stopping": True}
 
     def subscribe(self, subscriber: Any) -> None:
-        """Receive each newly stored candle (`candlekeeper.actors.storage.StoredCandle`): a callable (called on
+        """Receive each newly stored candle (`candlekeeper.StoredCandle`): a callable (called on
         the storage actor's thread, so keep it quick) or a pykka ActorRef (told)."""
         self.candles.subscribe(subscriber)
 
@@ -460,15 +329,13 @@ class System:
     def _listed(self, exchange: str, symbol: str) -> bool | None:
         """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""
         try:
-            return self.exchange_addresses[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
+            return self.blueprint.exchanges[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout):
             return None
 
 
 def check_port_free(listen: str) -> None:
     """Fail fast when the metrics port is taken: restarting the endpoint would not free it."""
-    from candlekeeper.surfaces.control import SocketInUse, parse_host_port
-
     host, port = parse_host_port(listen)
     try:
         socket.create_server((host, port)).close()
@@ -476,7 +343,7 @@ def check_port_free(listen: str) -> None:
         raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def stored_series_changes(path: str) -> list[tuple[str, str, str, int, bool]]:
+def stored_series_changes(path: str) -> list[SeriesChange]:
     """The series added and removed at run time, from the database; opening it is also the
     start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created. A
     corrupt file is no reason: the storage actor moves it aside and starts a fresh one."""
@@ -497,17 +364,13 @@ def _timeframe(timeframe: Any) -> int:
         raise CommandError(f"unknown timeframe {timeframe!r}") from None
 
 
-def start(config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None, **options: Any) -> System:
-    """Start a candlekeeper system: `config` is a `Config`, a dict with the TOML's keys, or a path.
-
-    `subscribers=[...]` receive every candle stored from the very start (see `System.subscribe`).
-    """
+def as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
+    """A `Config` from a `Config`, a dict with the TOML's keys, a path to a TOML file, or None (the
+    built-in defaults); `ConfigError` when it is unusable."""
     if config is None:
-        cfg = config_mod.default()
-    elif isinstance(config, Config):
-        cfg = config
-    elif isinstance(config, Mapping):
-        cfg = config_mod.from_dict(config)
-    else:
-        cfg = config_mod.load(config)
-    return System(cfg, **options).start()
+        return config_mod.default()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return config_mod.from_dict(config)
+    return config_mod.load(config)

@@ -33,7 +33,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from candlekeeper.actors.market.candles import timeframe_ms
+from ..actors.market.candles import timeframe_ms
 
 ROLLUP_STYLE = {"ok": "bold black on green", "degraded": "bold black on yellow", "down": "bold white on red"}
 BREAKER_STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}

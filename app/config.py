@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from candlekeeper.actors.market.candles import TIMEFRAME_MS
+from ..actors.market.candles import TIMEFRAME_MS
+from ..actors.market.symbols import check_symbol
 
 __all__ = [
     "ConfigError",
@@ -35,6 +36,7 @@ __all__ = [
     "from_dict",
     "default",
     "parse_duration",
+    "parse_host_port",
     "to_dict",
 ]
 
@@ -71,13 +73,23 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class ResilienceConfig:
+    """The `[resilience]` keys; `candlekeeper.app.settings` turns them into the state machines'
+    configs (`RetryConfig`, `BreakerConfig`, `QuarantineConfig`)."""
+
     retry_attempts: int = 3
     retry_base_delay: float = 1.0
     retry_max_delay: float = 60.0
+    breaker_mode: str = "consecutive"
     breaker_threshold: int = 5
+    breaker_window: int = 100
+    breaker_minimum_calls: int = 10
+    breaker_failure_rate: float = 0.5
+    breaker_slow_call: float | None = None
     breaker_recovery: float = 60.0
+    breaker_max_recovery: float = 600.0
     breaker_half_open_calls: int = 1
     quarantine_after: int = 10
+    quarantine_probe: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -199,13 +211,43 @@ def _string(value: Any) -> str:
     return value
 
 
+def parse_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (HOST a name, an IPv4 address or `[v6]`; empty means loopback) as (host, port);
+    ValueError with a one-line reason otherwise. The one parser of addresses: config keys, the
+    control client's `tcp://HOST:PORT` and the listeners all use it."""
+    host, sep, port = value.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535 or " " in host or "[" in bare:
+        raise ValueError(f"expected HOST:PORT with PORT a number 0-65535, got {value!r}")
+    return bare or "127.0.0.1", int(port)
+
+
 def _host_port(value: Any) -> str:
-    if isinstance(value, str):
-        host, sep, port = value.rpartition(":")
-        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if sep and bare and " " not in host and port.isdigit() and int(port) <= 65535:
+    if isinstance(value, str) and value.rpartition(":")[0]:
+        try:
+            parse_host_port(value)
             return value
+        except ValueError:
+            pass
     raise _Invalid('expected "host:port"')
+
+
+def _rate(value: Any) -> float:
+    if type(value) is bool or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _Invalid("expected a number in (0, 1]")
+    return float(value)
+
+
+def _breaker_mode(value: Any) -> str:
+    if value not in ("consecutive", "rate"):
+        raise _Invalid('expected "consecutive" or "rate"')
+    return str(value)
+
+
+def _off_or_duration(value: Any) -> float | None:
+    if value == "off":
+        return None
+    return _duration()(value)
 
 
 def _url(value: Any, *, bare: bool = False) -> str:
@@ -228,16 +270,15 @@ def _api_base(value: Any) -> str:
     return _url(value, bare=True)
 
 
-_SYMBOL_RE = re.compile(r"[^\s/:]+/[^\s/:]+(?::[^\s/:]+)?")
-
-
 def _symbols(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid('expected a non-empty list of "BASE/QUOTE" strings')
     seen: set[str] = set()
     for s in value:
-        if not isinstance(s, str) or not _SYMBOL_RE.fullmatch(s):
-            raise _Invalid(f'{_show(s)} is not a "BASE/QUOTE" symbol', whole=False)
+        try:
+            check_symbol(s)
+        except ValueError:
+            raise _Invalid(f'{_show(s)} is not a "BASE/QUOTE" symbol', whole=False) from None
         if s in seen:
             raise _Invalid(f"{_show(s)} is listed twice", whole=False)
         seen.add(s)
@@ -306,10 +347,17 @@ _RESILIENCE: _Spec = {
     "retry_attempts": _int(1),
     "retry_base_delay": _duration(strict=False),
     "retry_max_delay": _duration(strict=False),
+    "breaker_mode": _breaker_mode,
     "breaker_threshold": _int(1),
+    "breaker_window": _int(1),
+    "breaker_minimum_calls": _int(1),
+    "breaker_failure_rate": _rate,
+    "breaker_slow_call": _off_or_duration,
     "breaker_recovery": _duration(),
+    "breaker_max_recovery": _duration(),
     "breaker_half_open_calls": _int(1),
     "quarantine_after": _int(1),
+    "quarantine_probe": _duration(),
 }
 _EXCHANGE_OWN: _Spec = {
     "symbols": _symbols,
@@ -413,6 +461,12 @@ class _Loader:
                 where,
                 f"retry_max_delay: must be >= retry_base_delay ({merged.retry_base_delay:g}s),"
                 f" got {merged.retry_max_delay:g}s",
+            )
+        if merged.breaker_minimum_calls > merged.breaker_window:
+            raise self.fail(
+                where,
+                f"breaker_minimum_calls: must be <= breaker_window ({merged.breaker_window}),"
+                f" got {merged.breaker_minimum_calls}",
             )
         return merged
 

@@ -1,0 +1,74 @@
+"""From the config to each actor's settings: the one place where config keys become behaviour.
+
+A reader following a key goes config.py (what the user writes) -> here (what it means) -> the
+actor's settings dataclass (what it uses). The `[resilience]` keys are translated here and only
+here, into the resilience layer's own configs; no key silently drives another.
+"""
+
+from __future__ import annotations
+
+from ..actors.exchange import ExchangeSettings
+from ..actors.notifier import NotifierSettings
+from ..actors.series import SeriesSettings
+from ..resilience.breaker import BreakerConfig
+from ..resilience.quarantine import QuarantineConfig
+from ..resilience.retry import RetryConfig
+from .config import AlertsConfig, ExchangeConfig, ResilienceConfig
+
+
+def retry_config(r: ResilienceConfig) -> RetryConfig:
+    return RetryConfig(attempts=r.retry_attempts, base_delay=r.retry_base_delay, max_delay=r.retry_max_delay)
+
+
+def breaker_config(r: ResilienceConfig) -> BreakerConfig:
+    return BreakerConfig(
+        mode="rate" if r.breaker_mode == "rate" else "consecutive",
+        failure_threshold=r.breaker_threshold,
+        window_size=r.breaker_window,
+        minimum_calls=r.breaker_minimum_calls,
+        failure_rate_threshold=r.breaker_failure_rate,
+        slow_call_duration=r.breaker_slow_call,
+        recovery_timeout=r.breaker_recovery,
+        # the longest open time, never shorter than the first one
+        max_recovery_timeout=max(r.breaker_max_recovery, r.breaker_recovery),
+        half_open_max_calls=r.breaker_half_open_calls,
+    )
+
+
+def quarantine_config(r: ResilienceConfig) -> QuarantineConfig:
+    return QuarantineConfig(
+        threshold=r.quarantine_after,
+        probe_interval=r.quarantine_probe,
+        max_probe_interval=max(r.quarantine_probe, QuarantineConfig.max_probe_interval),
+    )
+
+
+def exchange_settings(ex: ExchangeConfig) -> ExchangeSettings:
+    return ExchangeSettings(
+        name=ex.name,
+        exchange=ex.exchange,
+        rate_limit=ex.rate_limit,
+        timeout=ex.timeout,
+        api_base=ex.api_base,
+        retry=retry_config(ex.resilience),
+    )
+
+
+def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
+    """`series_count`: how many series the exchange serves, over which polls are spread."""
+    return SeriesSettings(
+        lookback=ex.ingest.lookback,
+        since_ms=ex.ingest.since_ms,
+        poll_interval=ex.ingest.poll_interval,
+        page_limit=ex.page_limit,
+        request_timeout=ex.timeout,
+        poll_spread=min(ex.ingest.poll_interval, series_count / ex.rate_limit),
+        retry=retry_config(ex.resilience),
+        quarantine=quarantine_config(ex.resilience),
+    )
+
+
+def notifier_settings(alerts: AlertsConfig) -> NotifierSettings:
+    if alerts.pagerduty_url is None:
+        return NotifierSettings(alerts.slack_webhook, alerts.pagerduty_routing_key)
+    return NotifierSettings(alerts.slack_webhook, alerts.pagerduty_routing_key, alerts.pagerduty_url)

@@ -1,0 +1,144 @@
+"""The candlekeeper tree, built from the config:
+
+    root (one_for_one)
+    ├── storage          StorageActor: the one database writer
+    ├── health           HealthActor: latest status of everything
+    ├── notifier         NotifierActor: alerts (log lines, Slack, PagerDuty)
+    ├── metrics          MetricsEndpoint (only with [metrics] listen)
+    ├── control          ControlServer, when the system runs with its control surface
+    └── NAME             Supervisor (rest_for_one), one per exchange
+        ├── exchange     ExchangeActor: exchange client, rate-limit bucket, circuit breaker
+        └── series       Supervisor (one_for_one)
+            └── SYMBOL@TF  SeriesActor, one per (symbol, timeframe)
+
+Why these strategies: series are independent, so one crashing restarts only itself
+(one_for_one). An exchange's series depend on its exchange actor, so a crash of the exchange
+actor also restarts its series (rest_for_one): their requests in flight died with it, and they
+resume cleanly from the store. The breaker object is created here and handed to every
+incarnation of the exchange actor, so no restart resets an open breaker. Storage, health and
+control are independent of each other at the root (one_for_one): a storage restart changes the
+store generation and every series re-reads its resume point; the health actor's knowledge
+(`HealthState`) and the notifier's (`AlertState`) are owned here, so their restarts lose nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..actors.alerting.alerts import AlertState
+from ..actors.exchange import ExchangeActor
+from ..actors.health import HealthActor, HealthState
+from ..actors.messages import SeriesKey
+from ..actors.metrics import Metrics, MetricsEndpoint
+from ..actors.notifier import NotifierActor
+from ..actors.series import SeriesActor
+from ..actors.storage import StorageActor
+from ..resilience.breaker import CircuitBreaker
+from ..supervisors.child import Address, Fanout, Runtime
+from ..supervisors.events import EventBus
+from ..supervisors.supervisor import ChildSpec, Supervisor
+from . import settings
+from .config import Config, ExchangeConfig, parse_host_port
+
+#: (exchange, symbol, timeframe, changed_at_ms, active): a series added or removed at run time.
+SeriesChange = tuple[str, str, str, int, bool]
+
+
+def series_id(symbol: str, timeframe: str) -> str:
+    return f"{symbol}@{timeframe}"
+
+
+class Blueprint:
+    """One system's tree, planned: its child specs, and what outlives restarts (addresses,
+    breakers, the health and alert state, each exchange's list of wanted series)."""
+
+    def __init__(self, config: Config, runtime: Runtime, *, metrics: Metrics, candles: EventBus) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.metrics = metrics
+        self.candles = candles
+        self.storage = Address("storage")
+        self.health = Address("health")
+        self.notifier = Address("notifier")
+        # every actor's status reports go to health and to the alerts notifier
+        self.status = Fanout(self.health, self.notifier)
+        self.health_state = HealthState()
+        self.alert_state = AlertState()
+        self.exchanges: dict[str, Address] = {ex.name: Address(f"{ex.name}/exchange") for ex in config.exchanges}
+        self.breakers: dict[str, CircuitBreaker] = {
+            ex.name: CircuitBreaker(settings.breaker_config(ex.resilience), clock=runtime.clock, rng=runtime.rng)
+            for ex in config.exchanges
+        }
+        # The wanted series of each exchange. The list object is the series supervisor's own
+        # child-spec list, so a restarted series supervisor starts from it: run-time additions
+        # and removals survive restarts, not only the daemon's.
+        self.series_specs: dict[str, list[ChildSpec]] = {}
+
+    def exchange_config(self, name: str) -> ExchangeConfig | None:
+        return next((ex for ex in self.config.exchanges if ex.name == name), None)
+
+    def plan(self, changes: Iterable[SeriesChange]) -> None:
+        """Configured series, plus those added and minus those removed at run time (persisted)."""
+        changes = list(changes)
+        for ex in self.config.exchanges:
+            wanted = [(sym, tf) for sym in ex.symbols for tf in ex.ingest.timeframes]
+            for exchange, sym, tf, _, active in changes:
+                if exchange != ex.name:
+                    continue
+                if active and (sym, tf) not in wanted:
+                    wanted.append((sym, tf))
+                elif not active and (sym, tf) in wanted:
+                    wanted.remove((sym, tf))
+            self.series_specs[ex.name] = [self.series_spec(ex, sym, tf) for sym, tf in wanted]
+
+    def series_spec(self, ex: ExchangeConfig, symbol: str, timeframe: str) -> ChildSpec:
+        configured = len(ex.symbols) * len(ex.ingest.timeframes)
+        return ChildSpec(
+            series_id(symbol, timeframe),
+            SeriesActor,
+            args=(SeriesKey(ex.name, symbol, timeframe), settings.series_settings(ex, configured)),
+            kwargs={
+                "exchange": self.exchanges[ex.name],
+                "storage": self.storage,
+                "health": self.health,
+                "alerts": self.notifier,
+                "metrics": self.metrics,
+            },
+            kind="series",
+            shutdown=10.0,
+        )
+
+    def exchange_spec(self, ex: ExchangeConfig) -> ChildSpec:
+        exchange = ChildSpec(
+            "exchange", ExchangeActor,
+            args=(settings.exchange_settings(ex), self.breakers[ex.name], self.status, self.metrics),
+            address=self.exchanges[ex.name], kind="exchange", shutdown=ex.timeout + 5.0,
+        )
+        series = ChildSpec(
+            "series", Supervisor, args=(self.series_specs[ex.name],),
+            kwargs={"strategy": "one_for_one", "start_timeout": 30.0}, kind="supervisor", shutdown=120.0,
+        )
+        return ChildSpec(
+            ex.name, Supervisor, args=([exchange, series],),
+            kwargs={"strategy": "rest_for_one", "start_timeout": 60.0}, kind="supervisor", shutdown=180.0,
+        )
+
+    def root_specs(self, surfaces: Sequence[ChildSpec] = ()) -> list[ChildSpec]:
+        """The root's children in start order; `surfaces` (the control server, say) start after the
+        services and before the exchanges."""
+        cfg = self.config
+        specs = [
+            ChildSpec("storage", StorageActor, args=(cfg.storage.path, self.status),
+                      kwargs={"candles": self.candles, "metrics": self.metrics}, address=self.storage, kind="storage",
+                      shutdown=30.0),
+            ChildSpec("health", HealthActor, args=([e.name for e in cfg.exchanges], self.health_state),
+                      address=self.health, kind="health"),
+            ChildSpec("notifier", NotifierActor, args=(settings.notifier_settings(cfg.alerts), self.alert_state),
+                      address=self.notifier, kind="notifier", shutdown=10.0),
+        ]
+        if cfg.metrics.listen:
+            host, port = parse_host_port(cfg.metrics.listen)
+            specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, host, port), kind="metrics"))
+        specs.extend(surfaces)
+        specs.extend(self.exchange_spec(ex) for ex in cfg.exchanges)
+        return specs
