@@ -31,13 +31,13 @@ import structlog
 
 from ..resilience.breaker import CircuitBreaker
 from ..resilience.bucket import TokenBucket
-from .market.candles import closed, timeframe_ms, validate
-from .sources.ccxt_client import make_client
-from .market.errors import BadResponse, classify, is_retryable
-from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
 from ..resilience.retry import RetryConfig, parse_retry_after
 from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
+from .market.candles import closed, timeframe_ms, validate
+from .market.errors import BadResponse, classify, is_retryable
+from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
+from .sources.ccxt_client import make_client
 
 log = structlog.get_logger("candlekeeper.exchange")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 from ..supervisors.child import Child
 from ..supervisors.events import LifecycleEvent
+from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 
 DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
 

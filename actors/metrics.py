@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
-from .market.candles import timeframe_ms
-from .market.errors import classify
 from ..supervisors.child import Child
 from ..supervisors.clock import WallClock
 from ..supervisors.clock import wall as wall_clock
 from ..supervisors.events import LifecycleEvent
+from .market.candles import timeframe_ms
+from .market.errors import classify
 
 BREAKER_STATES = ("closed", "half_open", "open")
 SERIES_STATES = ("ok", "backfilling", "retrying", "quarantined", "paused", "invalid", "stopped")

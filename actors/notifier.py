@@ -32,6 +32,9 @@ from typing import Any
 import pykka
 import structlog
 
+from ..resilience.retry import GiveUp, Retry, parse_retry_after
+from ..supervisors.child import Child
+from ..supervisors.events import LifecycleEvent
 from .alerting.alerts import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
@@ -47,9 +50,6 @@ from .alerting.alerts import (
     slack_payload,
 )
 from .messages import ExchangeStatus, SeriesStatus, StorageStatus
-from ..resilience.retry import GiveUp, Retry, parse_retry_after
-from ..supervisors.child import Child
-from ..supervisors.events import LifecycleEvent
 
 log = structlog.get_logger("candlekeeper.notifier")
 
@@ -276,7 +276,8 @@ class NotifierActor(Child):
         except urllib.error.HTTPError as exc:
             retry_after = None
             try:
-                retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None, self.runtime.wall())
+                header = exc.headers.get("Retry-After") if exc.headers else None
+                retry_after = parse_retry_after(header, self.runtime.wall())
                 exc.read(MAX_RESPONSE)
             except (OSError, ValueError):
                 pass

@@ -25,26 +25,26 @@ from typing import Any
 
 import ccxt
 
+from ..resilience.quarantine import QuarantineConfig
+from ..resilience.retry import GiveUp, RetryConfig
+from ..supervisors.child import Address, Child
+from ..supervisors.clock import wall_ms
 from .market.candles import timeframe_ms
 from .market.errors import is_retryable
 from .messages import (
-    ResumeQuery,
     Candle,
     FetchRequest,
     FetchResult,
     Pause,
     Reset,
     ResumePoint,
+    ResumeQuery,
     SeriesKey,
     SeriesStatus,
     StoreChanged,
     Write,
     Written,
 )
-from ..resilience.quarantine import QuarantineConfig
-from ..resilience.retry import GiveUp, RetryConfig
-from ..supervisors.child import Address, Child
-from ..supervisors.clock import wall_ms
 
 INVALID_RECHECK_S = 3600.0
 STORE_RETRY_S = 1.0
@@ -317,7 +317,7 @@ class SeriesActor(Child):
     def _advance(self, next_cursor: int, more_in_hole: bool, horizon_ms: int) -> None:
         self._succeeded()
         if self.gaps_todo:
-            lo, hi = self.gaps_todo[0]
+            hi = self.gaps_todo[0][1]
             if more_in_hole and next_cursor < hi:
                 self.gaps_todo[0] = (next_cursor, hi)
             else:

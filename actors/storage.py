@@ -16,14 +16,22 @@ from typing import Any
 
 import pykka
 
-from .messages import (
-    ResumePoint, ResumeQuery, Row, SeriesKey, StorageStatus, StoreChanged, StoredCandle, Write, Written,
-)
-from .stores.errors import StoreError, StoreGone
-from .stores.sqlite import Store
 from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
+from .messages import (
+    ResumePoint,
+    ResumeQuery,
+    Row,
+    SeriesKey,
+    StorageStatus,
+    StoreChanged,
+    StoredCandle,
+    Write,
+    Written,
+)
+from .stores.errors import StoreError, StoreGone
+from .stores.sqlite import Store
 
 
 class _Flush:
@@ -176,7 +184,7 @@ class StorageActor(Child):
             for w in writes:
                 if w.rows:
                     self.metrics.written(w.rows[0][0], len(w.rows))
-        if fresh:
+        if fresh and self.candles is not None:
             for row in fresh:
                 self.candles.publish(StoredCandle(*row))
 

@@ -23,18 +23,18 @@ from ..actors.market.candles import TIMEFRAME_MS
 from ..actors.market.symbols import check_symbol
 
 __all__ = [
-    "ConfigError",
-    "StorageConfig",
-    "ControlConfig",
-    "IngestConfig",
-    "ResilienceConfig",
-    "ExchangeConfig",
-    "MetricsConfig",
     "AlertsConfig",
     "Config",
-    "load",
-    "from_dict",
+    "ConfigError",
+    "ControlConfig",
+    "ExchangeConfig",
+    "IngestConfig",
+    "MetricsConfig",
+    "ResilienceConfig",
+    "StorageConfig",
     "default",
+    "from_dict",
+    "load",
     "parse_duration",
     "parse_host_port",
     "to_dict",
@@ -307,20 +307,20 @@ def _since(value: Any) -> int:
         except ValueError:
             raise _Invalid("expected an ISO 8601 date or datetime") from None
     if isinstance(value, dt.datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     elif isinstance(value, dt.date):
-        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     else:
         raise _Invalid("expected an ISO 8601 date or datetime")
     ms = (moment - _EPOCH) // dt.timedelta(milliseconds=1)
     if ms < 0:
         raise _Invalid("expected a date after 1970-01-01")
-    if moment > dt.datetime.now(dt.timezone.utc):
+    if moment > dt.datetime.now(dt.UTC):
         raise _Invalid("expected a date in the past")
     return ms
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _ccxt_id(value: Any) -> str:

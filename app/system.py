@@ -94,8 +94,12 @@ class System:
         self.runtime.events.subscribe(self._forward_event)
         self.runtime.events.subscribe(self.metrics.on_event)
         specs = self.blueprint.root_specs([surface.spec(self) for surface in self.surfaces])
-        self._root, _ = start_root(self.runtime, specs, on_exit=self._on_root_exit, start_timeout=120.0)
+        self._root, _ = start_root(self.runtime, specs, on_exit=self._on_root_exit, on_ref=self._set_root,
+                                   start_timeout=120.0)
         return self
+
+    def _set_root(self, ref: pykka.ActorRef[Supervisor]) -> None:
+        self._root = ref
 
     def _forward_event(self, event: Any) -> None:
         self.blueprint.status.tell(event)
@@ -168,8 +172,8 @@ class System:
         out = []
         for row in rows:
             sym, _, tf = row["id"].rpartition("@")
-            if (symbol is None or sym == symbol) and (timeframe is None or tf == timeframe):
-                if row["state"] == "running":
+            wanted = (symbol is None or sym == symbol) and (timeframe is None or tf == timeframe)
+            if wanted and row["state"] == "running":
                     ref = series.child_ref(row["id"]).get(timeout=ASK_TIMEOUT)
                     if ref is not None:
                         out.append(ref)
@@ -195,7 +199,9 @@ class System:
                 pass  # that series crashed meanwhile; its replacement starts with a clean state
         return {"exchange": exchange, "symbol": symbol, "series_reset": len(targets)}
 
-    def pause(self, exchange: str, symbol: str | None = None, timeframe: str | None = None, *, paused: bool = True) -> dict[str, Any]:
+    def pause(
+        self, exchange: str, symbol: str | None = None, timeframe: str | None = None, *, paused: bool = True
+    ) -> dict[str, Any]:
         targets = self._series_targets(exchange, symbol, timeframe)
         for ref in targets:
             ref.tell(Pause(paused))
@@ -209,7 +215,8 @@ class System:
             raise CommandError("n must be an integer from 1 to 1000")
         tf_ms = _timeframe(timeframe)
         rows = self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
-        if not rows and not any(s.id == series_id(symbol, timeframe) for s in self.blueprint.series_specs.get(ex.name, [])):
+        configured = self.blueprint.series_specs.get(ex.name, [])
+        if not rows and not any(s.id == series_id(symbol, timeframe) for s in configured):
             raise CommandError(f"no series {exchange}:{symbol}@{timeframe}")
         now = self.runtime.wall()
         last = rows[0][0] if rows else None

@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 from typing import Any
-
 
 import psutil
 import pykka
@@ -123,7 +120,7 @@ def bench_many(runtime: Runtime, n: int) -> tuple[float, float, float]:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:

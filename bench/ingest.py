@@ -19,27 +19,24 @@ import json
 import math
 import os
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
-
 import ccxt
 import structlog
 
-from candlekeeper.actors.sources.ccxt_client import make_client
 from candlekeeper.actors.messages import Write, Written
+from candlekeeper.actors.sources.ccxt_client import make_client
 from candlekeeper.actors.storage import StorageActor
 from candlekeeper.actors.stores.sqlite import Store
-from candlekeeper.simulator.faults import Faults
-from candlekeeper.simulator.server import synthetic_symbols
-from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.app import config as config_mod
+from candlekeeper.app.system import System
+from candlekeeper.simulator.faults import Faults
+from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.supervisors.child import Child, Runtime
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
-from candlekeeper.app.system import System
 
 TF = 60_000
 

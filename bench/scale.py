@@ -48,16 +48,15 @@ import time
 from collections import Counter
 from typing import Any
 
-
 import psutil
 import pykka
 import structlog
 
 from candlekeeper.actors.storage import StoredCandle
-from candlekeeper.simulator.faults import Faults
-from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
+from candlekeeper.simulator.faults import Faults
+from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.surfaces.control import ControlSurface
 
 TF_MS = 60_000
@@ -247,7 +246,7 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def r3(x: float | None) -> float | None:

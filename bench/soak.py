@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 import psutil
 
 from candlekeeper.simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode, PoisonKind
@@ -187,9 +186,9 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         required.append(random_event(action, rng.uniform(start, end)))
     # process-level events in the first 60 % of the run, so the last incarnation is long enough
     # for the leak check
-    for i in range(kills):
+    for _ in range(kills):
         required.append(random_event("kill9", rng.uniform(start, start + (end - start) * 0.6)))
-    for i in range(deletions):
+    for _ in range(deletions):
         required.append(random_event("delete_db", rng.uniform(start, start + (end - start) * 0.6)))
 
     # 2. fill the rest at random, as before

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import threading
-
 
 import candlekeeper
 from candlekeeper.actors.storage import StoredCandle
@@ -50,7 +48,8 @@ def main() -> None:
     try:
         enough.wait(120)
         health = system.health()
-        print(f"health: {health['status']}; received {len(received)} candles, last: {received[-1] if received else None}")
+        last = received[-1] if received else None
+        print(f"health: {health['status']}; received {len(received)} candles, last: {last}")
     finally:
         system.stop()
         if sim is not None:

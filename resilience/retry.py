@@ -6,6 +6,7 @@ It decides, it never waits: the caller (a series actor) schedules its next attem
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +99,6 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
         if when is None:
             return None
         seconds = when.timestamp() - now_epoch
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+    if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)

@@ -4,13 +4,22 @@ The ccxt side (`binance_options`, `make_binance`) lives in `simulator.ccxt_clien
 this import so a bare server does not pay for importing ccxt.
 """
 
-from .faults import Faults, FaultKind, OutageMode, PoisonKind
+from .faults import FaultKind, Faults, OutageMode, PoisonKind
 from .history import INTERVALS, CandleHistory
 from .server import DEFAULT_SYMBOLS, BinanceSimulator, synthetic_symbols, wall_clock_ms
 from .stats import RequestHook, StatsSnapshot
 
 __all__ = [
-    "BinanceSimulator", "CandleHistory", "DEFAULT_SYMBOLS", "FaultKind", "Faults", "INTERVALS",
-    "OutageMode", "PoisonKind", "RequestHook", "StatsSnapshot", "synthetic_symbols",
+    "DEFAULT_SYMBOLS",
+    "INTERVALS",
+    "BinanceSimulator",
+    "CandleHistory",
+    "FaultKind",
+    "Faults",
+    "OutageMode",
+    "PoisonKind",
+    "RequestHook",
+    "StatsSnapshot",
+    "synthetic_symbols",
     "wall_clock_ms",
 ]

@@ -157,7 +157,7 @@ class ExchangeInfo:
         return Reply(200, self._head + str(now_ms).encode() + self._mid + symbols + b"}")
 
 
-def _int_param(params: Mapping[str, str], name: str) -> int | None | Reply:
+def _int_param(params: Mapping[str, str], name: str) -> int | Reply | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-
 from typing import Any
 
 import ccxt
 
-from ..actors.sources.urls import rebase_urls
 from ..actors.sources.ccxt_client import EXCHANGE_OPTIONS
+from ..actors.sources.urls import rebase_urls
 
 
 def binance_options() -> dict[str, Any]:

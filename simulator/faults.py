@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from .ratelimit import SlidingWindowLimiter, retry_after_header
 
@@ -113,7 +114,7 @@ class Faults:
 
     @classmethod
     def uniform(cls, total_rate: float, kinds: tuple[FaultKind, ...] | None = None,
-                **kwargs) -> Faults:
+                **kwargs: Any) -> Faults:
         """`total_rate` spread evenly over `kinds` (default: every random kind except STALL)."""
         kinds = kinds or tuple(k for k in RANDOM_KINDS if k is not FaultKind.STALL)
         return cls(rates={k: total_rate / len(kinds) for k in kinds}, **kwargs)

@@ -251,11 +251,8 @@ class CandleHistory:
         h_r = max(round(max(o, c) * (1.0 + wick * u_hi), d), o_r, c_r)
         l_r = min(round(min(o, c) * (1.0 - wick * u_lo), d), o_r, c_r)
         full_vol = round(m.base_volume * minutes * (0.25 + 1.5 * u_vol), 4)
-        if closed:
-            vol = full_vol
-        else:
-            # strictly below the final volume so a stored in-progress candle is always wrong
-            vol = max(0.0, min(round(full_vol * frac, 4), round(full_vol - 0.0001, 4)))
+        # in progress: strictly below the final volume, so a stored in-progress candle is always wrong
+        vol = full_vol if closed else max(0.0, min(round(full_vol * frac, 4), round(full_vol - 0.0001, 4)))
         avg = (o_r + h_r + l_r + c_r) / 4.0
         taker = 0.3 + 0.4 * u_tak
         trades = int(vol / m.base_volume * 40.0 * (0.5 + u_tak)) + (1 if vol > 0 else 0)

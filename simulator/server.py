@@ -8,6 +8,7 @@ resets open connections and joins them all.
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import logging
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from . import binance
@@ -53,13 +55,19 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        self.timeout = self.server.idle_timeout_s
+        self.timeout = self.server.idle_timeout_s  # type: ignore[misc]  # per connection, as the stdlib allows
         super().setup()
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+    def do_GET(self) -> None:
         self.server.sim._serve(self)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header from the exchange's own clock (`now_ms`), not the host's."""
+        if timestamp is None:
+            timestamp = self.server.sim.now_ms() / 1000
+        return email.utils.formatdate(timestamp, usegmt=True)
+
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
@@ -80,7 +88,7 @@ class _Server(ThreadingHTTPServer):
         self._workers: set[threading.Thread] = set()
         super().__init__(addr, _Handler)
 
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+    def process_request(self, request: Any, client_address: Any) -> None:
         t = threading.Thread(target=self._work, args=(request, client_address), daemon=True,
                              name=f"sim-{self.sim.name}-{self.sim.port}-conn")
         with self._conn_lock:
@@ -88,7 +96,7 @@ class _Server(ThreadingHTTPServer):
             self._workers.add(t)
         t.start()
 
-    def _work(self, request, client_address) -> None:
+    def _work(self, request: Any, client_address: Any) -> None:
         try:
             self.process_request_thread(request, client_address)
         finally:
@@ -102,7 +110,7 @@ class _Server(ThreadingHTTPServer):
         for t in workers:
             t.join()
 
-    def shutdown_request(self, request) -> None:  # type: ignore[override]
+    def shutdown_request(self, request: Any) -> None:
         with self._conn_lock:
             self._conns.discard(request)
             abort = request in self._abort
@@ -112,7 +120,7 @@ class _Server(ThreadingHTTPServer):
         else:
             super().shutdown_request(request)
 
-    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+    def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], OSError):  # client went away: routine
             log.debug("connection %s ended with an error", client_address, exc_info=True)
         else:  # a simulator bug: the client saw a dropped connection, make it visible

@@ -275,7 +275,7 @@ class Address:
 class Fanout:
     """Tell one message to several addresses: status reports go to health, alerts and metrics."""
 
-    __slots__ = ("targets", "name")
+    __slots__ = ("name", "targets")
 
     def __init__(self, *targets: Address) -> None:
         self.targets = targets

@@ -62,3 +62,8 @@ class ShiftedClock:
 
     def ms(self) -> int:
         return int(self() * 1000)
+
+    def until_boundary(self, period_s: float) -> float:
+        """Seconds from now to the next multiple of `period_s` on this clock."""
+        now = self()
+        return (now // period_s + 1) * period_s - now

@@ -21,7 +21,7 @@ class RestartIntensity:
     As in OTP, `max_restarts=0` means any restart escalates.
     """
 
-    __slots__ = ("max_restarts", "period", "_clock", "_restarts")
+    __slots__ = ("_clock", "_restarts", "max_restarts", "period")
 
     def __init__(self, max_restarts: int, period: float, *, clock: Clock) -> None:
         if max_restarts < 0:
@@ -79,7 +79,7 @@ NO_BACKOFF = BackoffConfig(min_delay=0.0, max_delay=0.0, random_factor=0.0, rese
 class Backoff:
     """Restart delay for one child, from how long its last incarnation lived."""
 
-    __slots__ = ("config", "_rng", "_quick_failures")
+    __slots__ = ("_quick_failures", "_rng", "config")
 
     def __init__(self, config: BackoffConfig, *, rng: random.Random) -> None:
         self.config = config

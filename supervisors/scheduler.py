@@ -25,7 +25,7 @@ log = structlog.get_logger("candlekeeper.scheduler")
 class Timer:
     """A handle on a scheduled call; `cancel()` is cheap and idempotent."""
 
-    __slots__ = ("when", "seq", "fn", "args", "cancelled", "__weakref__")
+    __slots__ = ("__weakref__", "args", "cancelled", "fn", "seq", "when")
 
     def __init__(self, when: float, seq: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.when = when

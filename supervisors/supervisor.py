@@ -26,7 +26,7 @@ Departures from OTP, and why:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ RESTART_TYPES: tuple[str, ...] = ("permanent", "transient", "temporary")
 
 DEFAULT_MAX_RESTARTS = 10
 DEFAULT_MAX_SECONDS = 60.0
+DEFAULT_BACKOFF = BackoffConfig()
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Supervisor(Child):
         strategy: Strategy = "one_for_one",
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         max_seconds: float = DEFAULT_MAX_SECONDS,
-        backoff: BackoffConfig = BackoffConfig(),
+        backoff: BackoffConfig = DEFAULT_BACKOFF,
         start_timeout: float = 5.0,
     ) -> None:
         super().__init__()
@@ -272,7 +273,7 @@ class Supervisor(Child):
         rec.state = "running"
         try:
             ref, actor = spec.actor.start_linked(link, *spec.args, **spec.kwargs)
-        except Exception as exc:  # the constructor failed: a crash at uptime 0
+        except Exception as exc:  # noqa: BLE001 - the constructor failed: a crash at uptime 0
             self.log.error("child_init_failed", child=spec.id, error=repr(exc))
             # Told, not handled inline: if it makes us give up, that must crash this actor
             # even when we are answering an ask (start_child) rather than handling a tell.
@@ -399,11 +400,16 @@ def start_root(
     children: Sequence[ChildSpec],
     *,
     on_exit: Any = None,
+    on_ref: Callable[[pykka.ActorRef[Supervisor]], None] | None = None,
     name: str = "root",
     **options: Any,
 ) -> tuple[pykka.ActorRef[Supervisor], Supervisor]:
-    """Start a root supervisor; `on_exit(Exit)` is called when it stops for any reason."""
+    """Start a root supervisor and wait until its children have started; `on_exit(Exit)` is called
+    when it stops for any reason, `on_ref(ref)` as soon as it exists (before its children start,
+    so a child that serves requests, a control server say, can already reach it)."""
     link = Link(child_id=name, incarnation=1, path=name, runtime=runtime, parent=None, on_exit=on_exit)
     ref, actor = Supervisor.start_linked(link, children, **options)
+    if on_ref is not None:
+        on_ref(ref)
     actor._ready.wait()
     return ref, actor  # type: ignore[return-value]

@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from datetime import UTC
+from typing import Any, NoReturn
 
 import structlog
 
@@ -22,7 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, argparse's convention
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, argparse's convention
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -89,7 +90,11 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
         return EXIT_USAGE
     log.info("candlekeeper_started", config=cfg.source, db=cfg.storage.path, socket=cfg.control.socket,
              exchanges=[e.name for e in cfg.exchanges])
-    watcher = threading.Thread(target=lambda: (system.exited.wait(), stop.set()), daemon=True)
+    def watch() -> None:
+        system.exited.wait()
+        stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     while not stop.wait(0.5):  # a short wait keeps the main thread responsive to signals
         pass
@@ -224,11 +229,11 @@ def _human(cmd: str, result: Any) -> str:
             lines.append(f"{e['name']:<16}{e.get('breaker', '?'):<11}{e.get('status', '?')}")
         lines.append("")
         lines.append(f"{'SERIES':<34}{'STATUS':<13}{'LAST CANDLE':<22}{'RESTARTS':>9}{'FAILURES':>9}")
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         for s in result.get("series", []):
             last = s.get("last_ts")
-            when = datetime.fromtimestamp(last / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if last else "-"
+            when = datetime.fromtimestamp(last / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC") if last else "-"
             name = f"{s['exchange']}:{s['symbol']}@{s['timeframe']}"
             lines.append(f"{name:<34}{s['status']:<13}{when:<22}{s.get('restarts', 0):>9}{s.get('failures', 0):>9}")
         return "\n".join(lines)
@@ -245,7 +250,7 @@ def _human(cmd: str, result: Any) -> str:
         walk(result, 1)
         return "\n".join(out)
     if cmd == "latest" and isinstance(result, dict):
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         stale = result.get("stale_seconds")
         head = (f"{result['exchange']}:{result['symbol']}@{result['timeframe']}  "
@@ -254,7 +259,7 @@ def _human(cmd: str, result: Any) -> str:
             head += "  (exchange down: read-only, from the store)"
         lines = [head, f"{'OPEN TIME (UTC)':<20}{'OPEN':>14}{'HIGH':>14}{'LOW':>14}{'CLOSE':>14}{'VOLUME':>16}"]
         for c in result.get("candles", []):
-            when = datetime.fromtimestamp(c["ts"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+            when = datetime.fromtimestamp(c["ts"] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
             lines.append(f"{when:<20}{c['open']:>14.8g}{c['high']:>14.8g}{c['low']:>14.8g}{c['close']:>14.8g}{c['volume']:>16.8g}")
         return "\n".join(lines)
     if isinstance(result, dict) and len(result) <= 6:

@@ -188,7 +188,8 @@ class ControlServer(Child):
             self.log.info("control_listening_tcp", host=host, port=self.tcp_port)
 
     def _listen(self, sock: socket.socket, listener: str) -> None:
-        t = threading.Thread(target=self._accept_loop, args=(sock, listener), name=self._thread_name(listener, "accept"),
+        name = self._thread_name(listener, "accept")
+        t = threading.Thread(target=self._accept_loop, args=(sock, listener), name=name,
                              daemon=True)
         t.start()
         self._threads.add(t)
@@ -310,7 +311,8 @@ class ControlServer(Child):
                         _send(conn, too_large)
                         return
                     if listener == "tcp" and not self._authorized(request):
-                        _send(conn, {"id": _request_id(request), "ok": False, "error": "unauthorized: a valid token is required"})
+                        _send(conn, {"id": _request_id(request), "ok": False,
+                                     "error": "unauthorized: a valid token is required"})
                         return
                     reply, then = self._answer(request)
                     try:

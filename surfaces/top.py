@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rich import box
@@ -242,7 +242,8 @@ def _severity(s: dict[str, Any], now: float) -> tuple[int, float, str]:
     if s.get("exchange_down"):
         rank = min(rank, 3)
     lag = lag_seconds(s, now)
-    return rank, -(lag if lag is not None else float("inf")), f"{s.get('exchange')}:{s.get('symbol')}@{s.get('timeframe')}"
+    name = f"{s.get('exchange')}:{s.get('symbol')}@{s.get('timeframe')}"
+    return rank, -(lag if lag is not None else float("inf")), name
 
 
 def _lag_colour(lag: float, tf: float | None) -> str:
@@ -278,13 +279,13 @@ def _duration(seconds: float) -> str:
 
 
 def _clock(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M:%S UTC")
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S UTC")
 
 
 def _candle_time(ts: Any) -> str:
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         return "-"
-    return datetime.fromtimestamp(ts / 1000, timezone.utc).strftime("%m-%d %H:%M")
+    return datetime.fromtimestamp(ts / 1000, UTC).strftime("%m-%d %H:%M")
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pykka
 import pytest
 
 from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.supervisors.events import LifecycleEvent
 
 
@@ -34,6 +35,18 @@ class EventRecorder:
     def kinds(self, path: str | None = None) -> list[str]:
         with self._cond:
             return [e.kind for e in self.events if path is None or e.path == path]
+
+
+#: Where in the minute in-process system tests start: 45 s before a 1m candle closes, so no
+#: candle closes during a typical test (its store is complete the moment the backfill is), and a
+#: test that wants one waits for `clock.until_next_close()` seconds, not up to a minute.
+LEAD_S = 45.0
+
+
+@pytest.fixture
+def clock() -> ShiftedClock:
+    """The wall clock a test's simulated exchange and system share (see LEAD_S)."""
+    return ShiftedClock.before_boundary(60.0, LEAD_S)
 
 
 @pytest.fixture

@@ -39,14 +39,13 @@ from candlekeeper.actors.alerting.alerts import (
     slack_payload,
     storage_key,
 )
-from candlekeeper.supervisors.clock import FakeClock
 from candlekeeper.actors.messages import ExchangeStatus, SeriesKey, SeriesStatus, StorageStatus
-from candlekeeper.actors.notifier import NotifierActor
+from candlekeeper.actors.notifier import NotifierActor, NotifierSettings
 from candlekeeper.resilience.retry import GiveUp, Retry
 from candlekeeper.simulator.faults import OutageMode, PoisonKind
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Address, Crash, Exit, Runtime
-from candlekeeper.actors.notifier import NotifierSettings
+from candlekeeper.supervisors.clock import FakeClock
 from candlekeeper.supervisors.events import LifecycleEvent
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.conftest import EventRecorder
@@ -368,7 +367,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.hold.wait(10)
                 path = self.path.split("?")[0]

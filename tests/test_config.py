@@ -205,7 +205,7 @@ def test_every_key_from_toml(tmp_path):
     assert sim.api_base == "http://127.0.0.1:8080"
     assert sim.rate_limit == 50.0 and isinstance(sim.rate_limit, float)
     assert sim.timeout == 3.0
-    since = int(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    since = int(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC).timestamp() * 1000)
     assert sim.ingest == cfg.IngestConfig(172800.0, since, 1.0, ("1m",))
     assert sim.resilience == dataclasses.replace(full, retry_attempts=1, breaker_recovery=5.0, quarantine_after=3)
 
@@ -213,12 +213,12 @@ def test_every_key_from_toml(tmp_path):
 @pytest.mark.parametrize(
     "value, expected",
     [
-        ("2024-01-01", dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)),
-        ("2024-01-01T12:30:00", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.timezone.utc)),
-        ("2024-01-01T12:30:00Z", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.timezone.utc)),
-        ("2024-01-01T14:30:00+02:00", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.timezone.utc)),
-        (dt.date(2024, 1, 1), dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)),
-        (dt.datetime(2024, 1, 1, 12, 30), dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.timezone.utc)),
+        ("2024-01-01", dt.datetime(2024, 1, 1, tzinfo=dt.UTC)),
+        ("2024-01-01T12:30:00", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.UTC)),
+        ("2024-01-01T12:30:00Z", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.UTC)),
+        ("2024-01-01T14:30:00+02:00", dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.UTC)),
+        (dt.date(2024, 1, 1), dt.datetime(2024, 1, 1, tzinfo=dt.UTC)),
+        (dt.datetime(2024, 1, 1, 12, 30), dt.datetime(2024, 1, 1, 12, 30, tzinfo=dt.UTC)),
     ],
 )
 def test_since_forms(value, expected):

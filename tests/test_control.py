@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import pytest
 
+from candlekeeper.app.config import ControlConfig
 from candlekeeper.simulator.faults import OutageMode
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper.surfaces import control
 from candlekeeper.supervisors.child import Link, Runtime
-from candlekeeper.app.config import ControlConfig
+from candlekeeper.surfaces import control
 from candlekeeper.surfaces.control import ControlServer, request
 from tests.test_daemon import Daemon, count, daemon_config, rows, run, workdir, write_config  # noqa: F401 - fixture
 from tests.test_ingest import TF, expected, now_ms, wait_until

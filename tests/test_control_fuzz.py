@@ -34,9 +34,9 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import candlekeeper
+from candlekeeper.app.system import System
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.surfaces.control import MAX_CONNECTIONS, MAX_MESSAGE, request
-from candlekeeper.app.system import System
 from tests.conftest import wait_threads_gone
 from tests.test_ingest import wait_until
 

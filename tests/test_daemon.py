@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -93,7 +92,7 @@ class Daemon:
         self.workdir = workdir
         self.config = config
         self.proc: subprocess.Popen[str] | None = None
-        self.log = open(workdir / "daemon.log", "a")  # noqa: SIM115
+        self.log = open(workdir / "daemon.log", "a")
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(RUN + ["--config", str(self.config)], cwd=self.workdir,

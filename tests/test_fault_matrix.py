@@ -42,10 +42,13 @@ from typing import Any
 import pytest
 
 import candlekeeper
+from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import FaultKind, Faults, OutageMode, PoisonKind
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper.app.system import System
-from tests.test_ingest import TF, assert_exact, complete, now_ms, stored, wait_until
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.clock import ShiftedClock
+from tests.conftest import LEAD_S
+from tests.test_ingest import TF, assert_exact, complete, stored, wait_until
 
 # 5 pages of 20 per series, the last one ending with the candle in progress (so the backfill
 # itself meets an open candle it must not store); the fault hits with pages still to fetch
@@ -107,13 +110,14 @@ def config(tmp_path: Any, sim: BinanceSimulator, start: int, symbols: list[str],
 def running(tmp_path: Any, *, symbols: list[str] = SYMBOLS, faults: Faults | None = None,
             **exchange: Any) -> Iterator[Run]:
     """A simulator and the system ingesting from it; both stopped whatever happens."""
-    start = (now_ms() // TF) * TF - LOOKBACK_MIN * 60_000
+    clock = ShiftedClock.before_boundary(60.0, LEAD_S)  # no candle closes during a case
+    start = (clock.ms() // TF) * TF - LOOKBACK_MIN * 60_000
     sim = BinanceSimulator(["BTC/USDT", "ETH/USDT", "SOL/USDT"], history_start_ms=start - 3600_000,
-                           faults=faults).start()
+                           faults=faults, now_ms=clock.ms).start()
     system: System | None = None
     try:
         cfg = config(tmp_path, sim, start, symbols, **exchange)
-        system = candlekeeper.start(cfg, control=False)
+        system = candlekeeper.start(cfg, control=False, runtime=Runtime(wall=clock, allow_crash_injection=True))
         yield Run(sim, system, start, cfg["storage"]["path"], list(symbols))
     finally:
         if system is not None:
@@ -222,7 +226,7 @@ def all_ok(symbols: list[str]) -> Callable[[dict[str, Any]], bool]:
 def table_count(db: str, table: str) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     finally:
         conn.close()
 

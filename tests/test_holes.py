@@ -10,10 +10,10 @@ from typing import Any
 
 import pykka
 
-from candlekeeper.resilience.breaker import CircuitBreaker
 from candlekeeper.actors.exchange import ExchangeActor, ExchangeSettings
 from candlekeeper.actors.messages import FetchRequest, FetchResult, SeriesKey
 from candlekeeper.actors.stores.sqlite import Store
+from candlekeeper.resilience.breaker import CircuitBreaker
 from candlekeeper.simulator.binance import KLINES_MAX_LIMIT
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
-from datetime import datetime, timezone
 import urllib.request
+from datetime import UTC, datetime
 
 import ccxt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import candlekeeper
+from candlekeeper import SocketInUse
 from candlekeeper.actors.market.errors import BadResponse
 from candlekeeper.actors.metrics import Metrics, outcome
 from candlekeeper.simulator.faults import FaultKind, Faults
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper import SocketInUse
 from tests.test_ingest import TF, now_ms, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -71,7 +71,7 @@ def test_scraped_metrics_match_what_happened() -> None:
             "storage": {"path": db},
             "control": {"socket": f"{d}/ctl.sock", "chaos": True},
             "metrics": {"listen": "127.0.0.1:0"},
-            "ingest": {"since": datetime.fromtimestamp(start / 1000, timezone.utc).isoformat(), "poll_interval": "1s"},
+            "ingest": {"since": datetime.fromtimestamp(start / 1000, UTC).isoformat(), "poll_interval": "1s"},
             "resilience": {"retry_base_delay": "50ms", "retry_attempts": 10},
             # small pages and a low rate: the backfill needs ~26 requests at 10/s, so requests queue
             "exchanges": {"binance": {"symbols": ["BTC/USDT", "ETH/USDT"], "api_base": sim.url, "rate_limit": 10,

@@ -4,6 +4,7 @@ surface in ccxt as the exception classes the daemon's error classification relie
 from __future__ import annotations
 
 import http.client
+import itertools
 import socket
 import threading
 from collections.abc import Iterator
@@ -427,4 +428,4 @@ def test_klines_properties(sym: str, interval: str, start: int, limit: int,
 
 def test_consecutive_candles_join_up() -> None:
     rows = _hist.klines("BTC/USDT", "15m", T0, start_ms=START, limit=20)
-    assert all(a.close == b.open for a, b in zip(rows, rows[1:]))
+    assert all(a.close == b.open for a, b in itertools.pairwise(rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -9,16 +10,15 @@ import ccxt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from candlekeeper.actors.market.candles import InvalidCandles
+from candlekeeper.actors.market.errors import BadResponse, counts_against_exchange, is_retryable
 from candlekeeper.resilience.breaker import BreakerConfig, CircuitBreaker
 from candlekeeper.resilience.bucket import TokenBucket
-from candlekeeper.actors.market.candles import InvalidCandles
-from candlekeeper.supervisors.clock import FakeClock
-from candlekeeper.actors.market.errors import BadResponse
-from candlekeeper.actors.market.errors import counts_against_exchange, is_retryable
 from candlekeeper.resilience.quarantine import Quarantine
 from candlekeeper.resilience.retry import GiveUp, Retry, RetryPolicy, parse_retry_after
+from candlekeeper.supervisors.clock import FakeClock
 
 # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @invariant()
     def transitions_are_consistent(self) -> None:
-        for (_, new), (old, _) in zip(self.seen, self.seen[1:]):
+        for (_, new), (old, _) in itertools.pairwise(self.seen):
             assert new == old, "listener missed or repeated a transition"
         if self.seen:
             assert self.seen[-1][1] == self.b._state

@@ -11,7 +11,14 @@ import pytest
 
 from candlekeeper.supervisors.child import Address, Child, Exit, Runtime
 from candlekeeper.supervisors.intensity import NO_BACKOFF, BackoffConfig
-from candlekeeper.supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, SupervisorGaveUp, start_root
+from candlekeeper.supervisors.supervisor import (
+    ChildExists,
+    ChildSpec,
+    NoSuchChild,
+    Supervisor,
+    SupervisorGaveUp,
+    start_root,
+)
 from tests.conftest import EventRecorder
 
 

@@ -13,7 +13,7 @@ What alerts, and with which `dedup_key` (stable, so PagerDuty folds repeats into
 | it reports any other status, or is removed | resolve | | same |
 | storage fails (`StorageStatus.ok` false) | trigger | critical | `candlekeeper/storage` |
 | storage ok again | resolve | | same |
-| a supervisor gave up / escalated (`LifecycleEvent`) | trigger, never resolved | critical | `candlekeeper/<supervisor path>/gave_up` |
+| a supervisor gave up (`LifecycleEvent`) | trigger, never resolved | critical | `candlekeeper/<path>/gave_up` |
 
 Dedup: an alert is sent when its key changes state (not open -> open, open -> resolved), never
 because the same state is reported again. `half_open` is neither: the breaker is still not
@@ -44,10 +44,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ...resilience.bucket import TokenBucket
-from ...supervisors.clock import Clock, monotonic
-from ..messages import ExchangeStatus, SeriesStatus, StorageStatus
 from ...resilience.retry import GiveUp, Retry, RetryPolicy
+from ...supervisors.clock import Clock, monotonic
 from ...supervisors.events import LifecycleEvent
+from ..messages import ExchangeStatus, SeriesStatus, StorageStatus
 
 Action = Literal["trigger", "resolve"]
 Severity = Literal["critical", "error", "warning", "info"]
@@ -224,9 +224,9 @@ class AlertTracker:
                 details={"event": ev.kind, "path": ev.path, "supervisor": ev.supervisor, "reason": ev.reason},
             )
         if ev.kind == "stopped" and ev.reason == "deleted":  # a series removed at run time
-            key = self.state.series_keys.pop(ev.path, None)
-            if key is not None:
-                return self._close(key, f"{ev.path.removeprefix('root/')} removed, quarantine alert closed")
+            removed = self.state.series_keys.pop(ev.path, None)
+            if removed is not None:
+                return self._close(removed, f"{ev.path.removeprefix('root/')} removed, quarantine alert closed")
         return None
 
     # -- transitions -----------------------------------------------------------------------

@@ -17,12 +17,12 @@ from .errors import BadResponse
 __all__ = [
     "TIMEFRAME_MS",
     "Candle",
-    "Row",
     "InvalidCandles",
-    "timeframe_ms",
+    "Row",
     "alignment_ms",
-    "validate",
     "closed",
+    "timeframe_ms",
+    "validate",
 ]
 
 _MINUTE = 60_000
@@ -110,9 +110,7 @@ def validate(rows: Iterable[Any], timeframe_ms: int, now_ms: int) -> list[Candle
         ts = row[0]
         tt = type(ts)
         if tt is not int:
-            if tt is float and ts.is_integer():
-                ts = int(ts)
-            elif isinstance(ts, int) and tt is not bool:
+            if (tt is float and ts.is_integer()) or (isinstance(ts, int) and tt is not bool):
                 ts = int(ts)
             else:
                 raise _bad(i, row, f"timestamp must be an integer, got {ts!r}")
@@ -123,7 +121,7 @@ def validate(rows: Iterable[Any], timeframe_ms: int, now_ms: int) -> list[Candle
         if ts < 0:
             raise _bad(i, row, f"timestamp {ts} is before 1970")
         values = []
-        for name, v in zip(_FIELDS, row[1:6]):
+        for name, v in zip(_FIELDS, row[1:6], strict=True):
             vt = type(v)
             if vt is not float:
                 if vt is bool or not isinstance(v, (int, float)):

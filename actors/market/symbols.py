@@ -27,5 +27,7 @@ def check_symbol(value: object) -> str:
     if len(value) > MAX_LENGTH:
         raise ValueError(f"symbol longer than {MAX_LENGTH} characters")
     if not SYMBOL.fullmatch(value):
-        raise ValueError(f'{value!r} is not a "BASE/QUOTE" symbol (letters, digits, . _ -; BASE/QUOTE:SETTLE for derivatives)')
+        raise ValueError(
+            f'{value!r} is not a "BASE/QUOTE" symbol (letters, digits, . _ -; BASE/QUOTE:SETTLE for derivatives)'
+        )
     return value

@@ -34,7 +34,7 @@ from urllib.parse import quote
 from ..market.candles import Candle, Row
 from .errors import StoreCorrupt, StoreError, StoreGone
 
-__all__ = ["Store", "StoreError", "StoreGone", "StoreCorrupt"]
+__all__ = ["Store", "StoreCorrupt", "StoreError", "StoreGone"]
 
 
 # WITHOUT ROWID: the primary key *is* the table, so inserts touch one b-tree
@@ -150,7 +150,7 @@ class Store:
 
     @property
     def memory(self) -> bool:
-        return self.path == ":memory:" or self.path == ""
+        return self.path in (":memory:", "")
 
     @property
     def is_open(self) -> bool:
@@ -388,18 +388,6 @@ class Store:
                 f"SELECT count(*) FROM candles WHERE {_SERIES} AND ts >= ? AND ts < ?",
                 (exchange, symbol, timeframe, lo, hi),
             ).fetchone()[0]
-
-    def stored_ts(self, exchange: str, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> list[int]:
-        """Open times stored in [start_ms, end_ms)."""
-        with self._db() as conn:
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT ts FROM candles WHERE exchange = ? AND symbol = ? AND timeframe = ?"
-                    " AND ts >= ? AND ts < ?",
-                    (exchange, symbol, timeframe, start_ms, end_ms),
-                )
-            ]
 
     def stored_keys(self, ranges: Sequence[tuple[str, str, str, int, int]]) -> set[tuple[str, str, str, int]]:
         """(exchange, symbol, timeframe, ts) of the stored candles in each (exchange, symbol,
