@@ -71,8 +71,11 @@ class Pause:
 
 @dataclass(frozen=True)
 class Write:
+    """Candles to store, and confirmed gaps to record as (exchange, symbol, timeframe, from, to,
+    reason); acknowledged with `Written` to `reply_to`."""
+
     rows: tuple[Row, ...]
-    gaps: tuple[tuple[str, str, str, int, int], ...]
+    gaps: tuple[tuple[str, str, str, int, int, str], ...]
     token: int
     reply_to: pykka.ActorRef[Any] | None
 

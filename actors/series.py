@@ -31,6 +31,7 @@ from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from .market.candles import timeframe_ms
 from .market.errors import is_retryable
+from .market.gaps import EXCHANGE_HOLE
 from .messages import (
     Candle,
     FetchRequest,
@@ -286,7 +287,7 @@ class SeriesActor(Child):
         token = next(self._tokens)
         msg = Write(
             rows=tuple((k.exchange, k.symbol, k.timeframe, *c) for c in rows),
-            gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b) for a, b in gaps),
+            gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b, EXCHANGE_HOLE) for a, b in gaps),
             token=token,
             reply_to=self.actor_ref,
         )

@@ -26,7 +26,7 @@ def _package_folders() -> set[str]:
     out = set()
     for init in ROOT.rglob("__init__.py"):
         rel = init.parent.relative_to(ROOT)
-        if rel.parts and rel.parts[0] in ("tests", "bench", "examples", "build") or rel.parts[:1] == (".venv",):
+        if (rel.parts and rel.parts[0] in ("tests", "bench", "examples", "build")) or rel.parts[:1] == (".venv",):
             continue
         if any(part.startswith(".") for part in rel.parts):
             continue
@@ -48,7 +48,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     tree = ast.parse(path.read_text())
     top_level = {id(node) for node in tree.body}
     module_parts = path.relative_to(ROOT).with_suffix("").parts
-    package = module_parts[:-1] if module_parts[-1] != "__init__" else module_parts[:-1]
+    package = module_parts[:-1]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:

@@ -38,12 +38,27 @@ def test_schema_is_exact(store):
     ]
     gaps = store._conn.execute("PRAGMA table_info(gaps)").fetchall()
     assert [(c[1], c[5]) for c in gaps] == [
-        ("exchange", 1), ("symbol", 2), ("timeframe", 3), ("ts_from", 4), ("ts_to", 0)
+        ("exchange", 1), ("symbol", 2), ("timeframe", 3), ("ts_from", 4), ("ts_to", 0), ("reason", 0)
     ]
     series = store._conn.execute("PRAGMA table_info(series)").fetchall()
     assert [(c[1], c[5]) for c in series] == [
         ("exchange", 1), ("symbol", 2), ("timeframe", 3), ("added_at", 0), ("active", 0)
     ]
+
+
+def test_an_older_database_gets_the_gap_reason_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE gaps (exchange TEXT NOT NULL, symbol TEXT NOT NULL, timeframe TEXT NOT NULL,"
+                     " ts_from INTEGER NOT NULL, ts_to INTEGER NOT NULL,"
+                     " PRIMARY KEY (exchange, symbol, timeframe, ts_from))")
+        conn.execute("INSERT INTO gaps VALUES ('binance', 'BTC/USDT', '1m', 0, 60000)")
+    with Store(path) as store:
+        assert store.gap_reasons("binance", "BTC/USDT", "1m") == [(0, 60000, "exchange_hole")]
+        store.record_gap("binance", "BTC/USDT", "1m", 120000, 180000, "before_listing")
+        assert store.gap_reasons("binance", "BTC/USDT", "1m")[1] == (120000, 180000, "before_listing")
 
 
 def test_wal_and_synchronous_normal(store):

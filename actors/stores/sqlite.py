@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS gaps (
     timeframe TEXT NOT NULL,
     ts_from INTEGER NOT NULL,
     ts_to INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT 'exchange_hole',
     PRIMARY KEY (exchange, symbol, timeframe, ts_from)
 );
 CREATE TABLE IF NOT EXISTS series (
@@ -185,6 +186,7 @@ class Store:
                 conn.execute("PRAGMA journal_mode=WAL").fetchone()
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
+                _migrate(conn)
             self._identity = self._stat()
         except (sqlite3.Error, OSError) as exc:
             conn.close()
@@ -477,23 +479,28 @@ class Store:
     # -- genuine gaps ------------------------------------------------------
 
     def record_gap(
-        self, exchange: str, symbol: str, timeframe: str, ts_from: int, ts_to: int
+        self, exchange: str, symbol: str, timeframe: str, ts_from: int, ts_to: int, reason: str = "exchange_hole"
     ) -> None:
-        """Remember that the exchange has no candles in [ts_from, ts_to), so it is not refetched."""
+        """Remember that the exchange has no candles in [ts_from, ts_to), and why (see
+        `candlekeeper.actors.market.gaps`), so it is not refetched."""
         if ts_to <= ts_from:
             raise ValueError(f"empty gap [{ts_from}, {ts_to})")
         self._write(
-            "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
-            " DO UPDATE SET ts_to = max(ts_to, excluded.ts_to)",
-            (exchange, symbol, timeframe, ts_from, ts_to),
+            " DO UPDATE SET ts_to = max(ts_to, excluded.ts_to), reason = excluded.reason",
+            (exchange, symbol, timeframe, ts_from, ts_to, reason),
         )
 
     def gaps(self, exchange: str, symbol: str, timeframe: str) -> list[tuple[int, int]]:
-        """Recorded genuine gaps of a series as [from, to) ranges, oldest first."""
+        """Recorded confirmed gaps of a series as [from, to) ranges, oldest first."""
+        return [(a, b) for a, b, _ in self.gap_reasons(exchange, symbol, timeframe)]
+
+    def gap_reasons(self, exchange: str, symbol: str, timeframe: str) -> list[tuple[int, int, str]]:
+        """Recorded confirmed gaps of a series as (from, to, reason), oldest first."""
         with self._db() as conn:
             return conn.execute(
-                f"SELECT ts_from, ts_to FROM gaps WHERE {_SERIES} ORDER BY ts_from",
+                f"SELECT ts_from, ts_to, reason FROM gaps WHERE {_SERIES} ORDER BY ts_from",
                 (exchange, symbol, timeframe),
             ).fetchall()
 
@@ -606,6 +613,13 @@ def _subtract(
         if lo < hi:
             out.append((lo, hi))
     return out
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to this schema (additive changes only)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(gaps)")}
+    if "reason" not in columns:
+        conn.execute("ALTER TABLE gaps ADD COLUMN reason TEXT NOT NULL DEFAULT 'exchange_hole'")
 
 
 def _chunk_rows(conn: sqlite3.Connection, values_per_row: int) -> int:
