@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .catalogue import pair_level
+from .catalogue import pair_level, usd_level
 
 _MASK = (1 << 64) - 1
 _DAY_MS = 86_400_000
@@ -45,8 +45,10 @@ INTERVALS: dict[str, tuple[int, int]] = {
     "1w": (7 * _DAY_MS, _WEEK_OFFSET_MS),
 }
 
-# Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk.
+# Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk,
+# capped at ~4 days so prices stay near their catalogue level (typically within +-15%).
 _PERIODS_MIN = (7.0, 37.0, 181.0, 1009.0, 6121.0, 33_301.0, 140_009.0, 525_949.0)
+_AMP_PERIOD_CAP_MIN = 6_000.0
 _VOL_PER_SQRT_MIN = 0.0009
 _NOISE = 0.0004
 _WICK_PER_SQRT_MIN = 0.0006
@@ -144,8 +146,10 @@ def _make_market(symbol: str, seed: int) -> Market:
     if price is None:  # unknown asset: log-uniform level in [0.01, 50_000]
         price = 10.0 ** (-2 + 6.7 * ((h & 0xFFFFFFFF) / 4294967296.0))
     decimals = max(0, min(8, 5 - math.floor(math.log10(price))))
-    volume = 50_000.0 / price * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)
-    waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED), _VOL_PER_SQRT_MIN * math.sqrt(period))
+    base_usd = usd_level(base) or price * (usd_level(quote) or 1.0)
+    volume = 50_000.0 / base_usd * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)  # ~$50k a minute
+    waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED),
+                   _VOL_PER_SQRT_MIN * math.sqrt(min(period, _AMP_PERIOD_CAP_MIN)))
                   for i, period in enumerate(_PERIODS_MIN))
     return Market(symbol=f"{base}/{quote}", id=base + quote, base=base, quote=quote, seed=h,
                   base_price=price, price_decimals=decimals, base_volume=volume, waves=waves)

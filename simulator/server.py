@@ -478,9 +478,9 @@ class ExchangeSimulator:
             h.send_response(reply.status)
             h.send_header("Content-Type", reply.content_type)
             h.send_header("Content-Length", str(length))
-            for k, v in self.dialect.headers(path, ctx).items():
-                h.send_header(k, v)
-            for k, v in reply.headers.items():
+            headers = {k.lower(): (k, v) for k, v in self.dialect.headers(path, ctx).items()}
+            headers.update({k.lower(): (k, v) for k, v in reply.headers.items()})
+            for k, v in headers.values():
                 h.send_header(k, v)
             if fault is FaultKind.SHORT_READ:
                 h.send_header("Connection", "close")

@@ -52,3 +52,9 @@ def ddmmmyy(ms: int) -> str:
     """Bybit/Deribit style: 27MAR26 (day without leading zero)."""
     tm = time.gmtime(ms / 1000)
     return f"{tm.tm_mday}{_MONTHS[tm.tm_mon - 1]}{tm.tm_year % 100:02d}"
+
+
+def month_code(expiry_ms: int) -> str:
+    """Futures month letter + year: 2026-03-27 -> "H26"."""
+    tm = time.gmtime(expiry_ms / 1000)
+    return "FGHJKMNQUVXZ"[tm.tm_mon - 1] + f"{tm.tm_year % 100:02d}"
