@@ -324,10 +324,16 @@ class CandleHistory:
         return self._candle(self._require(symbol), INTERVALS[interval][0], open_ms, now_ms, {})
 
     def _flat(self, m: Market, ms: int, open_ms: int, prices: dict[int, float]) -> Candle:
-        """A candle without trades as filling exchanges send it: previous close, no volume."""
-        p = prices.get(open_ms)
+        """A candle without trades as filling exchanges send it: the last traded price (the
+        close before the run of quiet minutes it belongs to), no volume."""
+        minutes = self._no_trade[m.id]
+        first = self.start_ms(m.id)
+        t = open_ms - open_ms % _MINUTE
+        while t - _MINUTE >= first and minutes.empty(t - _MINUTE):
+            t -= _MINUTE
+        p = prices.get(t)
         if p is None:
-            p = prices[open_ms] = m.base_price * math.exp(self._log_price(m, open_ms))
+            p = prices[t] = m.base_price * math.exp(self._log_price(m, t))
         px = f"{round(p, m.price_decimals):.8f}"
         zero = "0.00000000"
         return Candle(open_time=open_ms, open=px, high=px, low=px, close=px, volume=zero,
