@@ -264,7 +264,7 @@ class ExchangeSimulator:
         self.stop()
 
     def _start_serving(self) -> None:
-        t = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+        t = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01},
                              name=f"sim-{self.name}-{self.port}", daemon=True)
         self._serve_thread = t
         t.start()
@@ -499,7 +499,7 @@ class ExchangeSimulator:
         whole response takes len/rate seconds. `stop()` cuts it short."""
         h.wfile.flush()
         rate = self.faults.trickle_bytes_per_s
-        step = max(1, int(rate / 20))  # at most ~20 writes per second
+        step = max(1, int(rate / 50))  # at most ~50 writes per second
         for i in range(0, len(body), step):
             if i and self._stopping.wait(step / rate):
                 h.close_connection = True
