@@ -246,14 +246,17 @@ def test_trickle_is_cut_short_by_stop(clock: FakeClock) -> None:
 
 
 @pytest.mark.parametrize("dialect", DIALECT_NAMES)
-def test_outage_http_503_in_dialect_shape(dialect: str, clock: FakeClock) -> None:
+@pytest.mark.parametrize("mode", list(OutageMode))
+def test_outage_modes(dialect: str, mode: OutageMode, clock: FakeClock) -> None:
     with running(dialect, clock) as sim:
         ex = client(sim, clock)
         ex.load_markets()
-        sim.set_outage(OutageMode.HTTP_503)
+        sim.set_outage(mode)
         with pytest.raises(ccxt.BaseError) as info:
             _fetch(ex, dialect)
-        assert type(info.value) is FAULT_TO_CCXT[dialect][FaultKind.HTTP_503]
+        expected = (FAULT_TO_CCXT[dialect][FaultKind.HTTP_503] if mode is OutageMode.HTTP_503
+                    else ccxt.NetworkError)
+        assert type(info.value) is expected
         sim.set_outage(None)
         assert len(_fetch(ex, dialect)) == 3
 
