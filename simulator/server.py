@@ -1,24 +1,22 @@
 """A loopback HTTP server speaking one exchange's public REST dialect, with injectable faults.
 
 One `ExchangeSimulator` = one exchange (one dialect) on one port; nothing is global, so soaks
-run several side by side. `BinanceSimulator` is the Binance one with the old defaults. Thread per connection (HTTP/1.1 keep-alive, as ccxt's requests session uses),
-so a stalled request never blocks the others. `stop()` wakes every thread (stalls included),
-resets open connections and joins them all.
+run several side by side. `BinanceSimulator` is the Binance one with the old defaults. Thread
+per connection (`transport`, HTTP/1.1 keep-alive as ccxt's requests session uses), so a
+stalled request never blocks the others. `stop()` wakes every thread (stalls and trickles
+included), resets open connections and joins them all. What a request means and how a failure
+looks is the dialect's business (`dialects`); whether it fails is the injector's (`faults`).
 """
 
 from __future__ import annotations
 
 import email.utils
 import errno
-import logging
 import socket
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from .catalogue import default_markets
@@ -27,12 +25,10 @@ from .faults import FaultInjector, FaultKind, Faults, OutageMode, PoisonKind
 from .history import CandleHistory, Market, NoTrade, align_down
 from .reply import Reply
 from .stats import RequestHook, Stats, StatsSnapshot
+from .transport import Handler, Server
 from .venue import Venue
 
-log = logging.getLogger(__name__)
-
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT", "ETH/BTC")
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def wall_clock_ms() -> int:
@@ -48,107 +44,6 @@ def synthetic_symbols(n: int, quote: str = "USDT") -> list[str]:
         out.append(f"S{i:04d}/{quote}")
         i += 1
     return out
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real thing behind a CDN
-    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms stalls
-    server: _Server
-
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout_s
-        super().setup()
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        self.server.sim._serve(self)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        """As the stdlib's, but the Date header follows the exchange's clock (or is left out)."""
-        self.log_request(code)
-        self.send_response_only(code, message)
-        self.send_header("Server", self.version_string())
-        date = self.server.sim._date_header()
-        if date is not None:
-            self.send_header("Date", date)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its open connections (to reset them) and its connection
-    threads (daemonic, so a forgotten simulator never blocks exit, yet joined by `join_all`:
-    the stdlib only joins non-daemon ones)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], sim: ExchangeSimulator, idle_timeout_s: float):
-        self.sim = sim
-        self.idle_timeout_s = idle_timeout_s
-        self._conn_lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._abort: set[socket.socket] = set()
-        self._workers: set[threading.Thread] = set()
-        super().__init__(addr, _Handler)
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        t = threading.Thread(target=self._work, args=(request, client_address), daemon=True,
-                             name=f"sim-{self.sim.name}-{self.sim.port}-conn")
-        with self._conn_lock:
-            self._conns.add(request)
-            self._workers.add(t)
-        t.start()
-
-    def _work(self, request, client_address) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._conn_lock:
-                self._workers.discard(threading.current_thread())
-
-    def join_all(self) -> None:
-        """Join every connection thread (call after `reset_all` so none is blocked)."""
-        with self._conn_lock:
-            workers = list(self._workers)
-        for t in workers:
-            t.join()
-
-    def shutdown_request(self, request) -> None:  # type: ignore[override]
-        with self._conn_lock:
-            self._conns.discard(request)
-            abort = request in self._abort
-            self._abort.discard(request)
-        if abort:  # RST: skip the FIN that shutdown(SHUT_WR) would send first
-            self.close_request(request)
-        else:
-            super().shutdown_request(request)
-
-    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
-        if isinstance(sys.exc_info()[1], OSError):  # client went away: routine
-            log.debug("connection %s ended with an error", client_address, exc_info=True)
-        else:  # a simulator bug: the client saw a dropped connection, make it visible
-            log.exception("simulator %s failed serving %s", self.sim.name, client_address)
-
-    def mark_abort(self, conn: socket.socket) -> None:
-        """Make the eventual close of `conn` a TCP RST."""
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
-            pass
-        with self._conn_lock:
-            self._abort.add(conn)
-
-    def reset_all(self) -> None:
-        """RST every open connection and wake threads blocked reading them."""
-        with self._conn_lock:
-            conns = list(self._conns)
-        for c in conns:
-            self.mark_abort(c)
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class ExchangeSimulator:
@@ -218,7 +113,7 @@ class ExchangeSimulator:
         self._serve_thread: threading.Thread | None = None
         self._listening = False
         self._started = False
-        self._httpd = _Server((host, port), self, idle_timeout_s)
+        self._httpd = Server((host, port), self, idle_timeout_s)
         self._listening = True
         self.host = host
         self.port: int = self._httpd.server_address[1]
@@ -423,7 +318,7 @@ class ExchangeSimulator:
             return None
         return email.utils.formatdate(self.now_ms() / 1000, usegmt=True)
 
-    def _serve(self, h: _Handler) -> None:
+    def _serve(self, h: Handler) -> None:
         split = urlsplit(h.path)
         path = split.path
         params = dict(parse_qsl(split.query, keep_blank_values=True))
@@ -462,7 +357,7 @@ class ExchangeSimulator:
     def _route(self, path: str, params: Mapping[str, str], ctx: Ctx) -> Reply:
         return self.dialect.route(path, params, ctx)
 
-    def _respond(self, h: _Handler, path: str, ctx: Ctx, params: Mapping[str, str],
+    def _respond(self, h: Handler, path: str, ctx: Ctx, params: Mapping[str, str],
                  reply: Reply, fault: FaultKind | None) -> None:
         if fault is None and reply.poisoned:
             fault = FaultKind.POISON
@@ -494,7 +389,7 @@ class ExchangeSimulator:
         except OSError:
             h.close_connection = True  # client went away (e.g. timed out); nothing to do
 
-    def _trickle(self, h: _Handler, body: bytes) -> None:
+    def _trickle(self, h: Handler, body: bytes) -> None:
         """Send `body` at `trickle_bytes_per_s`: every single read gets data soon enough, the
         whole response takes len/rate seconds. `stop()` cuts it short."""
         h.wfile.flush()
@@ -507,7 +402,7 @@ class ExchangeSimulator:
             h.wfile.write(body[i:i + step])
             h.wfile.flush()
 
-    def _reset(self, h: _Handler) -> None:
+    def _reset(self, h: Handler) -> None:
         h.close_connection = True
         self._httpd.mark_abort(h.connection)
 
