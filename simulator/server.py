@@ -228,7 +228,8 @@ class ExchangeSimulator:
         self.update_faults(outage=mode)
 
     def poison(self, symbol: str, kind: PoisonKind = PoisonKind.INVERTED) -> None:
-        """Make `symbol`'s candles garbage of the given kind; other symbols stay fine."""
+        """Make `symbol`'s candles garbage of the given kind; other symbols stay fine.
+        `symbol` is unified ("BTC/USDT") or the dialect's id ("XXBTZUSD")."""
         poisoned = dict(self.faults.poisoned)
         poisoned[symbol.replace("/", "").upper()] = kind
         self.update_faults(poisoned=poisoned)
@@ -311,7 +312,11 @@ class ExchangeSimulator:
                    caps=self._caps, omit_empty=self._omit_empty)
 
     def _poison_of(self, m: Market) -> PoisonKind | None:
-        return self._injector.poison_for(m.id)
+        """Poison keyed by unified symbol ("BTC/USDT") or by the dialect's id ("BTC-USDT")."""
+        kind = self._injector.poison_for(m.id)
+        if kind is None and self._injector.faults.poisoned:
+            kind = self._injector.poison_for(self.dialect.market_id(m))
+        return kind
 
     def _date_header(self) -> str | None:
         if not self.faults.date_header:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ccxt
 import pytest
 
+from simulator import PoisonKind
 from simulator.history import align_down
 
 from .test_sim_support import MIN, START, T0, FakeClock, Log, client, running
@@ -150,6 +151,15 @@ def test_kucoin_over_wide_window_keeps_the_newest_bars(clock: FakeClock) -> None
         assert parsed[1:5] == [float(raw[1]), float(raw[3]), float(raw[4]), float(raw[2])]
 
 
+def test_kucoin_limit_above_the_cap_skips_the_start_of_the_window(clock: FakeClock) -> None:
+    """ccxt turns `limit` into the window (endAt = since + limit bars) without capping it at
+    1500: the exchange keeps the newest 1500, so the page starts `limit - 1500` bars late."""
+    since = align_down(T0, "1m") - 4000 * MIN
+    with running("kucoin", clock, history_start_ms=T0 - 5 * 86_400_000) as sim:
+        rows = client(sim, clock).fetch_ohlcv("BTC/USDT", "1m", since=since, limit=2000)
+        assert len(rows) == 1500 and rows[0][0] == since + 500 * MIN
+
+
 # ------------------------------------------------------------------------------- Binance
 def test_binance_default_load_markets_also_loads_futures(clock: FakeClock) -> None:
     log = Log()
@@ -159,3 +169,14 @@ def test_binance_default_load_markets_also_loads_futures(clock: FakeClock) -> No
                                "/dapi/v1/exchangeInfo"]
         assert {m["type"] for m in markets.values()} == {"spot", "swap", "future"}
         assert markets["BTC/USDT:USDT"]["linear"] and markets["BTC/USD:BTC"]["inverse"]
+
+
+@pytest.mark.parametrize("dialect,key,symbol", [("okx", "BTC-USDT", "BTC/USDT"),
+                                                ("kraken", "XXBTZUSD", "BTC/USD")])
+def test_poison_by_the_dialects_own_id(dialect: str, key: str, symbol: str,
+                                       clock: FakeClock) -> None:
+    with running(dialect, clock) as sim:
+        sim.poison(key, PoisonKind.EMPTY)
+        assert client(sim, clock).fetch_ohlcv(symbol, "1m", since=START, limit=3) == []
+        sim.unpoison(key)
+        assert len(client(sim, clock).fetch_ohlcv(symbol, "1m", since=START, limit=3)) == 3
