@@ -1,25 +1,32 @@
-"""Loopback simulator of Binance's public spot REST API, for tests, --simulate and soaks.
+"""Loopback simulator of exchanges' public REST APIs (Binance, OKX, Bybit, Kraken, Coinbase,
+KuCoin), for tests, --simulate and soaks.
 
-The ccxt side (`binance_options`, `make_binance`) lives in `simulator.ccxt_client`, kept out of
-this import so a bare server does not pay for importing ccxt.
+The ccxt side (`make_client`, `binance_options`, `make_binance`) lives in
+`simulator.ccxt_client`, kept out of this import so a bare server does not pay for ccxt.
 """
 
+from .catalogue import DEFAULT_MARKETS, default_markets
+from .dialects import DIALECTS
 from .faults import FaultKind, Faults, OutageMode, PoisonKind
 from .history import INTERVALS, CandleHistory
-from .server import DEFAULT_SYMBOLS, BinanceSimulator, synthetic_symbols, wall_clock_ms
+from .server import DEFAULT_SYMBOLS, BinanceSimulator, ExchangeSimulator, synthetic_symbols, wall_clock_ms
 from .stats import RequestHook, StatsSnapshot
 
 __all__ = [
-    "DEFAULT_SYMBOLS",
-    "INTERVALS",
-    "BinanceSimulator",
-    "CandleHistory",
-    "FaultKind",
-    "Faults",
-    "OutageMode",
-    "PoisonKind",
-    "RequestHook",
-    "StatsSnapshot",
-    "synthetic_symbols",
-    "wall_clock_ms",
+                     "DEFAULT_MARKETS",
+                     "DEFAULT_SYMBOLS",
+                     "DIALECTS",
+                     "INTERVALS",
+                     "BinanceSimulator",
+                     "CandleHistory",
+                     "ExchangeSimulator",
+                     "FaultKind",
+                     "Faults",
+                     "OutageMode",
+                     "PoisonKind",
+                     "RequestHook",
+                     "StatsSnapshot",
+                     "default_markets",
+                     "synthetic_symbols",
+                     "wall_clock_ms",
 ]

@@ -8,13 +8,13 @@ https://developers.binance.com/docs/binance-spot-api-docs/rest-api and what ccxt
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 
 from .faults import PoisonKind
 from .history import INTERVALS, CandleHistory, Market
+from .reply import JSON_TYPE, Reply, dumps, gateway_page
 
-JSON_TYPE = "application/json;charset=UTF-8"
+__all__ = ["JSON_TYPE", "Reply", "dumps"]  # re-exported: older code imports them from here
 
 PATH_PING = "/api/v3/ping"
 PATH_TIME = "/api/v3/time"
@@ -34,20 +34,6 @@ RATE_LIMITS = [
     {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
     {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
 ]
-
-
-@dataclass
-class Reply:
-    """An HTTP response before it is written (headers beyond Content-* only)."""
-
-    status: int
-    body: bytes
-    content_type: str = JSON_TYPE
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def dumps(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def error(status: int, code: int, msg: str) -> Reply:
@@ -81,10 +67,7 @@ def server_error(status: int) -> Reply:
     if status == 503:
         # -1001 rather than -1008: ccxt maps -1008 only for api.binance.com URLs (see README)
         return error(503, -1001, "Internal error; unable to process your request. Please try again.")
-    reason = {502: "Bad Gateway", 504: "Gateway Time-out"}.get(status, "Error")
-    html = f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n" \
-           f"<center><h1>{status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n"
-    return Reply(status, html.encode(), content_type="text/html")
+    return gateway_page(status)
 
 
 def not_found() -> Reply:
@@ -134,8 +117,10 @@ class ExchangeInfo:
     """Caches the serialised symbol list once, so exchangeInfo with 1000 symbols costs a
     string join per request, not a re-encode."""
 
-    def __init__(self, history: CandleHistory) -> None:
-        self._entries = {m.id: dumps(_symbol_entry(m)) for m in history.markets}
+    def __init__(self, markets: CandleHistory | Iterable[Market]) -> None:
+        if isinstance(markets, CandleHistory):
+            markets = markets.markets
+        self._entries = {m.id: dumps(_symbol_entry(m)) for m in markets}
         self._all = b"[" + b",".join(self._entries.values()) + b"]"
         self._head = b'{"timezone":"UTC","serverTime":'
         self._mid = (b',"rateLimits":' + dumps(RATE_LIMITS) + b',"exchangeFilters":[],"symbols":')
@@ -169,8 +154,10 @@ def _int_param(params: Mapping[str, str], name: str) -> int | Reply | None:
 
 
 def klines(history: CandleHistory, params: Mapping[str, str], now_ms: int,
-           poison: PoisonKind | None = None) -> Reply:
-    """GET /api/v3/klines: validation order and errors as Binance does it."""
+           poison: PoisonKind | None = None, listed: Callable[[str], bool] | None = None,
+           omit_empty: bool = False) -> Reply:
+    """GET /api/v3/klines: validation order and errors as Binance does it. `listed` says
+    whether a known symbol is listed right now (default: all known symbols are)."""
     sym = params.get("symbol")
     if not sym:
         return error(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null,"
@@ -185,7 +172,8 @@ def klines(history: CandleHistory, params: Mapping[str, str], now_ms: int,
         if isinstance(v, Reply):
             return v
         parsed[name] = v
-    if history.market(sym) is None or sym != sym.upper() or "/" in sym:
+    if (history.market(sym) is None or sym != sym.upper() or "/" in sym
+            or (listed is not None and not listed(sym))):
         return invalid_symbol()
     if interval not in INTERVALS:
         return error(400, -1120, "Invalid interval.")
@@ -196,9 +184,12 @@ def klines(history: CandleHistory, params: Mapping[str, str], now_ms: int,
         return error(400, -1023, "Start time is greater than end time.")
     if poison is PoisonKind.BAD_SYMBOL:
         return invalid_symbol()
+    if poison is PoisonKind.BAD_SYMBOL_200:  # a listed symbol, a 200, and an error body
+        return Reply(200, invalid_symbol().body)
     if poison is PoisonKind.EMPTY:
         return Reply(200, b"[]")
-    candles = history.klines(sym, interval, now_ms, start_ms=start, end_ms=end, limit=limit)
+    candles = history.klines(sym, interval, now_ms, start_ms=start, end_ms=end, limit=limit,
+                             omit_empty=omit_empty)
     rows = [c.row() for c in candles]
     if poison is PoisonKind.INVERTED:
         for r in rows:

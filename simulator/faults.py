@@ -1,6 +1,6 @@
 """What can go wrong, and the thread-safe decision of what goes wrong for each request.
 
-`Faults` is an immutable description (swap it at run time with `BinanceSimulator.set_faults`);
+`Faults` is an immutable description (swap it at run time with `ExchangeSimulator.set_faults`);
 `FaultInjector` turns it into a per-request `Decision`. Random faults draw exactly one number
 from a seeded `random.Random` per eligible request, so for a given seed the n-th eligible
 request always gets the same fate: the schedule is deterministic, whatever the timing.
@@ -27,25 +27,36 @@ class FaultKind(str, enum.Enum):
     HTTP_502 = "http_502"
     HTTP_503 = "http_503"
     HTTP_504 = "http_504"
-    HTTP_429 = "http_429"  # random 429 with Retry-After and Binance body -1003
-    HTTP_418 = "http_418"  # random IP-ban 418 with Retry-After
+    HTTP_429 = "http_429"  # random rate-limit answer in the dialect's shape (Binance 429 -1003)
+    HTTP_418 = "http_418"  # random ban answer in the dialect's shape (Binance 418)
     RESET = "reset"  # TCP RST instead of a response
     STALL = "stall"  # hold the request for `stall_s`, then close without a response
     TRUNCATED = "truncated"  # 200 with a well-framed body cut in the middle (invalid JSON)
     SHORT_READ = "short_read"  # Content-Length promises the full body, half is sent, then close
+    TRICKLE = "trickle"  # full, valid response, body sent at `trickle_bytes_per_s`
     # not drawn at random; recorded when they happen:
     RATE_LIMIT = "rate_limit"  # server-side limiter said 429
     BAN = "ban"  # limiter escalated to 418 after the client ignored 429s
     OUTAGE = "outage"
     POISON = "poison"
+    LISTING = "listing"  # a market-type listing failed on purpose (`Faults.fail_listing`)
 
 
-#: Kinds that `Faults.rates` may contain.
+#: The random kinds every soak and "all faults" test iterates.
 RANDOM_KINDS: tuple[FaultKind, ...] = (
     FaultKind.HTTP_500, FaultKind.HTTP_502, FaultKind.HTTP_503, FaultKind.HTTP_504,
     FaultKind.HTTP_429, FaultKind.HTTP_418, FaultKind.RESET, FaultKind.STALL,
     FaultKind.TRUNCATED, FaultKind.SHORT_READ,
 )
+#: Random kinds that must be asked for by name: TRICKLE defeats per-read timeouts, so it stays
+#: out of RANDOM_KINDS until the daemon has a whole-request deadline.
+OPT_IN_KINDS: tuple[FaultKind, ...] = (FaultKind.TRICKLE,)
+#: Kinds that `Faults.rates` may contain, in draw order (new kinds go last: seeded schedules
+#: of the older kinds stay as they were).
+DRAWABLE_KINDS: tuple[FaultKind, ...] = RANDOM_KINDS + OPT_IN_KINDS
+
+#: Random kinds that hold a request for a long time; `Faults.uniform` leaves them out.
+SLOW_KINDS: tuple[FaultKind, ...] = (FaultKind.STALL, FaultKind.TRICKLE)
 
 
 class PoisonKind(str, enum.Enum):
@@ -53,7 +64,8 @@ class PoisonKind(str, enum.Enum):
 
     INVERTED = "inverted"  # high < low (high and low swapped)
     NULLS = "nulls"  # open/high/low/close/volume are JSON null
-    BAD_SYMBOL = "bad_symbol"  # HTTP 400 {"code": -1121, "msg": "Invalid symbol."}
+    BAD_SYMBOL = "bad_symbol"  # the dialect's unknown-symbol error (Binance: 400, -1121)
+    BAD_SYMBOL_200 = "bad_symbol_200"  # that error body with HTTP 200 (Binance: -1121)
     EMPTY = "empty"  # HTTP 200 []
 
 
@@ -80,6 +92,13 @@ class Faults:
         backing off from a limiter 429, answer 418 for `ban_s` seconds (Binance's IP ban).
     poisoned: symbol (unified or id) -> how its klines are broken.
     outage: if set, every request fails this way.
+    trickle_bytes_per_s: body rate of TRICKLE responses (slow enough that the whole response
+        outlasts any client timeout, fast enough that no single read waits long).
+    clock_skew_ms: the exchange's clock runs this far ahead (+) or behind (-) the wall clock
+        (its now, candles, `Date` header and server-time endpoint all follow it).
+    date_header: False omits the `Date` header entirely.
+    fail_listing: market-type listing (dialect's name, e.g. "option", "inverse") -> HTTP
+        status it answers with, in the dialect's error shape; see `Dialect.listing_kind`.
     """
 
     rates: Mapping[FaultKind, float] = field(default_factory=dict)
@@ -92,11 +111,15 @@ class Faults:
     ban_s: float = 10.0
     poisoned: Mapping[str, PoisonKind] = field(default_factory=dict)
     outage: OutageMode | None = None
+    trickle_bytes_per_s: float = 1.0
+    clock_skew_ms: int = 0
+    date_header: bool = True
+    fail_listing: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         rates = {FaultKind(k): float(v) for k, v in self.rates.items()}
         for k, v in rates.items():
-            if k not in RANDOM_KINDS:
+            if k not in DRAWABLE_KINDS:
                 raise ValueError(f"{k.value} is not a random fault kind")
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"rate of {k.value} must be in [0, 1]")
@@ -111,12 +134,17 @@ class Faults:
             object.__setattr__(self, "paths", frozenset(self.paths))
         if self.outage is not None:
             object.__setattr__(self, "outage", OutageMode(self.outage))
+        if self.trickle_bytes_per_s <= 0:
+            raise ValueError("trickle_bytes_per_s must be > 0")
+        object.__setattr__(self, "fail_listing",
+                           _frozen({str(k): int(v) for k, v in self.fail_listing.items()}))
 
     @classmethod
     def uniform(cls, total_rate: float, kinds: tuple[FaultKind, ...] | None = None,
                 **kwargs: Any) -> Faults:
-        """`total_rate` spread evenly over `kinds` (default: every random kind except STALL)."""
-        kinds = kinds or tuple(k for k in RANDOM_KINDS if k is not FaultKind.STALL)
+        """`total_rate` spread evenly over `kinds` (default: every random kind except the slow
+        ones, STALL and TRICKLE)."""
+        kinds = kinds or tuple(k for k in RANDOM_KINDS if k not in SLOW_KINDS)
         return cls(rates={k: total_rate / len(kinds) for k in kinds}, **kwargs)
 
 
@@ -133,7 +161,7 @@ _RANDOM_STATUS = {
     FaultKind.HTTP_500: 500, FaultKind.HTTP_502: 502, FaultKind.HTTP_503: 503,
     FaultKind.HTTP_504: 504, FaultKind.HTTP_429: 429, FaultKind.HTTP_418: 418,
     FaultKind.RESET: None, FaultKind.STALL: None, FaultKind.TRUNCATED: 200,
-    FaultKind.SHORT_READ: 200,
+    FaultKind.SHORT_READ: 200, FaultKind.TRICKLE: 200,
 }
 
 
@@ -221,7 +249,7 @@ class FaultInjector:
     def _draw(self, f: Faults) -> Decision | None:
         x = self._rng.random()
         acc = 0.0
-        for kind in RANDOM_KINDS:  # fixed order keeps the schedule stable
+        for kind in DRAWABLE_KINDS:  # fixed order keeps the schedule stable
             rate = f.rates.get(kind, 0.0)
             if rate <= 0.0:
                 continue
@@ -232,5 +260,6 @@ class FaultInjector:
         return None
 
     def poison_for(self, symbol_id: str) -> PoisonKind | None:
-        """How `symbol_id`'s klines are poisoned, if at all."""
-        return self._faults.poisoned.get(symbol_id)
+        """How `symbol_id`'s klines are poisoned, if at all (key: unified symbol without "/",
+        upper case, e.g. "BTCUSDT", whatever the dialect's own market id)."""
+        return self._faults.poisoned.get(symbol_id.replace("/", "").upper())

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .catalogue import pair_level, usd_level
+
 _MASK = (1 << 64) - 1
 _DAY_MS = 86_400_000
+_MINUTE = 60_000
 #: Binance aligns weekly candles to Monday 00:00 UTC; the epoch was a Thursday.
 _WEEK_OFFSET_MS = 4 * _DAY_MS
 
@@ -42,8 +45,10 @@ INTERVALS: dict[str, tuple[int, int]] = {
     "1w": (7 * _DAY_MS, _WEEK_OFFSET_MS),
 }
 
-# Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk.
+# Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk,
+# capped at ~4 days so prices stay near their catalogue level (typically within +-15%).
 _PERIODS_MIN = (7.0, 37.0, 181.0, 1009.0, 6121.0, 33_301.0, 140_009.0, 525_949.0)
+_AMP_PERIOD_CAP_MIN = 6_000.0
 _VOL_PER_SQRT_MIN = 0.0009
 _NOISE = 0.0004
 _WICK_PER_SQRT_MIN = 0.0006
@@ -137,11 +142,14 @@ def _make_market(symbol: str, seed: int) -> Market:
     if not base or not quote:
         raise ValueError(f"symbol must look like BASE/QUOTE, got {symbol!r}")
     h = _mix(_stable_hash(f"{base}/{quote}") ^ _mix(seed & _MASK))
-    # log-uniform base price in [0.01, 50_000]
-    price = 10.0 ** (-2 + 6.7 * ((h & 0xFFFFFFFF) / 4294967296.0))
+    price = pair_level(base, quote)
+    if price is None:  # unknown asset: log-uniform level in [0.01, 50_000]
+        price = 10.0 ** (-2 + 6.7 * ((h & 0xFFFFFFFF) / 4294967296.0))
     decimals = max(0, min(8, 5 - math.floor(math.log10(price))))
-    volume = 50_000.0 / price * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)
-    waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED), _VOL_PER_SQRT_MIN * math.sqrt(period))
+    base_usd = usd_level(base) or price * (usd_level(quote) or 1.0)
+    volume = 50_000.0 / base_usd * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)  # ~$50k a minute
+    waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED),
+                   _VOL_PER_SQRT_MIN * math.sqrt(min(period, _AMP_PERIOD_CAP_MIN)))
                   for i, period in enumerate(_PERIODS_MIN))
     return Market(symbol=f"{base}/{quote}", id=base + quote, base=base, quote=quote, seed=h,
                   base_price=price, price_decimals=decimals, base_volume=volume, waves=waves)
@@ -151,16 +159,52 @@ def _fmt(x: float, decimals: int) -> str:
     return f"{round(x, decimals):.8f}"
 
 
+#: Minute open times without trades: a set of open times, or a predicate on the open time.
+NoTrade = Iterable[int] | Callable[[int], bool]
+
+
+class _Minutes:
+    """One symbol's no-trade minutes, as a set (fast counting) or a predicate."""
+
+    def __init__(self, spec: NoTrade) -> None:
+        if callable(spec):
+            self.pred: Callable[[int], bool] | None = spec
+            self.set: frozenset[int] = frozenset()
+        else:
+            self.pred = None
+            self.set = frozenset(int(t) for t in spec)
+
+    def empty(self, minute_open: int) -> bool:
+        return self.pred(minute_open) if self.pred is not None else minute_open in self.set
+
+    def all_empty(self, start: int, end: int) -> bool:
+        """True if every minute opening in [start, end) has no trades (and there is one)."""
+        first = start - start % _MINUTE
+        n = -(-(end - first) // _MINUTE)
+        if n <= 0:
+            return False
+        if self.pred is None and len(self.set) < n:
+            return False
+        return all(self.empty(first + i * _MINUTE) for i in range(n))
+
+
 class CandleHistory:
     """The deterministic candle source behind one simulated exchange.
 
     `history_start_ms`: the first candle of every interval is the one containing this instant;
     nothing exists before it. `gaps`: per symbol (unified or id), open times the exchange
     genuinely has no candle for (any interval whose candle opens there omits it).
+    `listed_at`: per symbol, the listing instant; like `history_start_ms` but per symbol (the
+    later of the two wins). `no_trade`: per symbol, 1-minute open times without trades; a
+    candle of any interval is *empty* when every elapsed minute in it is one. Whether an empty
+    candle is omitted or served flat (O=H=L=C=previous close, volume 0) is the caller's choice
+    (`omit_empty`), because exchanges differ.
     """
 
     def __init__(self, symbols: Iterable[str], history_start_ms: int, *, seed: int = 0,
-                 gaps: Mapping[str, Iterable[int]] | None = None) -> None:
+                 gaps: Mapping[str, Iterable[int]] | None = None,
+                 listed_at: Mapping[str, int] | None = None,
+                 no_trade: Mapping[str, NoTrade] | None = None) -> None:
         self.history_start_ms = int(history_start_ms)
         self.seed = seed
         self._markets: dict[str, Market] = {}
@@ -171,20 +215,51 @@ class CandleHistory:
             self._markets[m.id] = m
         self._gaps: dict[str, frozenset[int]] = {}
         for key, times in (gaps or {}).items():
-            mid = symbol_id(key)
-            if mid not in self._markets:
-                raise ValueError(f"gap for unknown symbol {key!r}")
-            self._gaps[mid] = frozenset(int(t) for t in times)
+            self._gaps[self._known_id(key, "gap")] = frozenset(int(t) for t in times)
+        self._listed_at: dict[str, int] = {}
+        for key, t in (listed_at or {}).items():
+            self._listed_at[self._known_id(key, "listing time")] = int(t)
+        self._no_trade: dict[str, _Minutes] = {}
+        for key, spec in (no_trade or {}).items():
+            self._no_trade[self._known_id(key, "no-trade minutes")] = _Minutes(spec)
+
+    def _known_id(self, key: str, what: str) -> str:
+        mid = symbol_id(key)
+        if mid not in self._markets:
+            raise ValueError(f"{what} for unknown symbol {key!r}")
+        return mid
 
     # ----------------------------------------------------------------- markets
     @property
     def markets(self) -> list[Market]:
-        """Listed markets in configuration order."""
+        """Known markets in configuration order."""
         return list(self._markets.values())
 
     def market(self, symbol: str) -> Market | None:
-        """Market by unified symbol or exchange id, or None."""
+        """Market by unified symbol or Binance-style id, or None."""
         return self._markets.get(symbol_id(symbol))
+
+    def add_market(self, symbol: str) -> Market:
+        """Make `symbol` known (idempotent). Copy-on-write: readers never see a half update."""
+        m = self.market(symbol)
+        if m is not None:
+            return m
+        m = _make_market(symbol, self.seed)
+        self._markets = {**self._markets, m.id: m}
+        return m
+
+    def set_listed_at(self, symbol: str, listed_at_ms: int | None) -> None:
+        """Change (or clear, with None) when `symbol` started trading."""
+        mid = self._known_id(symbol, "listing time")
+        listed = dict(self._listed_at)
+        if listed_at_ms is None:
+            listed.pop(mid, None)
+        else:
+            listed[mid] = int(listed_at_ms)
+        self._listed_at = listed
+
+    def listed_at(self, symbol: str) -> int | None:
+        return self._listed_at.get(symbol_id(symbol))
 
     # ------------------------------------------------------------------ prices
     def _log_price(self, m: Market, t: int) -> float:
@@ -206,25 +281,64 @@ class CandleHistory:
         return m
 
     # ----------------------------------------------------------------- candles
-    def first_open(self, interval: str) -> int:
-        """Open time of the oldest candle of `interval`."""
-        return align_down(self.history_start_ms, interval)
+    def start_ms(self, symbol: str | None = None) -> int:
+        """First instant with trades: history start, or the symbol's listing if later."""
+        if symbol is None:
+            return self.history_start_ms
+        listed = self._listed_at.get(symbol_id(symbol))
+        return self.history_start_ms if listed is None else max(self.history_start_ms, listed)
+
+    def first_open(self, interval: str, symbol: str | None = None) -> int:
+        """Open time of the oldest candle of `interval` (of `symbol`, if given)."""
+        return align_down(self.start_ms(symbol), interval)
 
     def exists(self, symbol: str, interval: str, open_ms: int) -> bool:
-        """True if the exchange has a candle opening at `open_ms` (ignores 'now')."""
+        """True if the exchange has a candle opening at `open_ms` (ignores 'now' and no-trade
+        minutes)."""
         m = self._require(symbol)
-        return (open_ms >= self.first_open(interval) and align_down(open_ms, interval) == open_ms
+        return (open_ms >= self.first_open(interval, m.id)
+                and align_down(open_ms, interval) == open_ms
                 and open_ms not in self._gaps.get(m.id, ()))
+
+    def is_empty(self, symbol: str, interval: str, open_ms: int, now_ms: int) -> bool:
+        """True if no trade happened in the candle (so far, for the one in progress)."""
+        m = self._require(symbol)
+        return self._is_empty(m, INTERVALS[interval][0], open_ms, now_ms)
+
+    def _is_empty(self, m: Market, ms: int, open_ms: int, now_ms: int) -> bool:
+        minutes = self._no_trade.get(m.id)
+        if minutes is None:
+            return False
+        if ms < _MINUTE:
+            return minutes.empty(open_ms - open_ms % _MINUTE)
+        return minutes.all_empty(open_ms, min(open_ms + ms, max(now_ms, open_ms + 1)))
 
     def candle(self, symbol: str, interval: str, open_ms: int, now_ms: int) -> Candle:
         """The candle opening at `open_ms` as seen at `now_ms` (in progress if not yet closed).
 
-        Does not check existence; callers use `exists`/`klines`. Raises ValueError for a
-        candle that has not opened yet.
+        Does not check existence or no-trade minutes; callers use `select`/`klines`. Raises
+        ValueError for a candle that has not opened yet.
         """
         if now_ms < open_ms:
             raise ValueError("candle has not opened yet")
         return self._candle(self._require(symbol), INTERVALS[interval][0], open_ms, now_ms, {})
+
+    def _flat(self, m: Market, ms: int, open_ms: int, prices: dict[int, float]) -> Candle:
+        """A candle without trades as filling exchanges send it: the last traded price (the
+        close before the run of quiet minutes it belongs to), no volume."""
+        minutes = self._no_trade[m.id]
+        first = self.start_ms(m.id)
+        t = open_ms - open_ms % _MINUTE
+        while t - _MINUTE >= first and minutes.empty(t - _MINUTE):
+            t -= _MINUTE
+        p = prices.get(t)
+        if p is None:
+            p = prices[t] = m.base_price * math.exp(self._log_price(m, t))
+        px = f"{round(p, m.price_decimals):.8f}"
+        zero = "0.00000000"
+        return Candle(open_time=open_ms, open=px, high=px, low=px, close=px, volume=zero,
+                      close_time=open_ms + ms - 1, quote_volume=zero, trades=0,
+                      taker_base=zero, taker_quote=zero)
 
     def _candle(self, m: Market, ms: int, open_ms: int, now_ms: int,
                 prices: dict[int, float]) -> Candle:
@@ -267,52 +381,85 @@ class CandleHistory:
             taker_quote=_fmt(vol * taker * avg, 8),
         )
 
+    def _at(self, m: Market, ms: int, t: int, now_ms: int, prices: dict[int, float],
+            gaps: frozenset[int] | tuple, omit_empty: bool) -> Candle | None:
+        """The candle opening at `t` as served, or None if the exchange leaves it out."""
+        if t in gaps:
+            return None
+        if m.id in self._no_trade and self._is_empty(m, ms, t, now_ms):
+            return None if omit_empty else self._flat(m, ms, t, prices)
+        return self._candle(m, ms, t, now_ms, prices)
+
+    def select(self, symbol: str, interval: str, now_ms: int, *, lo: int | None = None,
+               hi: int | None = None, limit: int = 500, newest: bool = False,
+               omit_empty: bool = False, closed_only: bool = False) -> list[Candle]:
+        """Up to `limit` candles with open time in [lo, hi] (inclusive, either may be None),
+        ascending. `newest` keeps the newest ones when more qualify (else the oldest).
+
+        The in-progress candle qualifies unless `closed_only`. Nothing before the symbol's
+        first candle or after now. Gaps and (with `omit_empty`) empty candles are skipped
+        without shortening the page.
+        """
+        m = self._require(symbol)
+        ms, _ = INTERVALS[interval]
+        first = self.first_open(interval, m.id)
+        last = align_down(now_ms, interval) - (ms if closed_only else 0)
+        if hi is not None:
+            last = min(last, align_down(hi, interval))
+        start = first if lo is None else max(first, align_up(lo, interval))
+        out: list[Candle] = []
+        if limit <= 0 or last < start:
+            return out
+        gaps = self._gaps.get(m.id, ())
+        prices: dict[int, float] = {}
+        if not newest:
+            t = start
+            while t <= last and len(out) < limit:
+                c = self._at(m, ms, t, now_ms, prices, gaps, omit_empty)
+                if c is not None:
+                    out.append(c)
+                t += ms
+            return out
+        t = last
+        while t >= start and len(out) < limit:
+            c = self._at(m, ms, t, now_ms, prices, gaps, omit_empty)
+            if c is not None:
+                out.append(c)
+            t -= ms
+        out.reverse()
+        return out
+
     def klines(self, symbol: str, interval: str, now_ms: int, *, start_ms: int | None = None,
-               end_ms: int | None = None, limit: int = 500) -> list[Candle]:
+               end_ms: int | None = None, limit: int = 500,
+               omit_empty: bool = False) -> list[Candle]:
         """Candles as Binance's /api/v3/klines selects them.
 
         With `start_ms`: the first `limit` candles with open >= start (and <= end), ascending.
         Without: the last `limit` candles with open <= end (default now), i.e. ending with
         the in-progress candle. Gaps are skipped without shortening the page.
         """
-        m = self._require(symbol)
-        ms, _ = INTERVALS[interval]
-        gaps = self._gaps.get(m.id, frozenset())
-        first = self.first_open(interval)
-        last = align_down(now_ms, interval)
-        if end_ms is not None:
-            last = min(last, align_down(end_ms, interval))
-        out: list[Candle] = []
-        prices: dict[int, float] = {}
-        if limit <= 0 or last < first:
-            return out
-        if start_ms is not None:
-            t = max(first, align_up(start_ms, interval))
-            while t <= last and len(out) < limit:
-                if t not in gaps:
-                    out.append(self._candle(m, ms, t, now_ms, prices))
-                t += ms
-            return out
-        t = last
-        while t >= first and len(out) < limit:
-            if t not in gaps:
-                out.append(self._candle(m, ms, t, now_ms, prices))
-            t -= ms
-        out.reverse()
-        return out
+        return self.select(symbol, interval, now_ms, lo=start_ms, hi=end_ms, limit=limit,
+                           newest=start_ms is None, omit_empty=omit_empty)
 
     def expected_candles(self, symbol: str, interval: str, start_ms: int, end_ms: int,
-                         now_ms: int) -> list[tuple[int, float, float, float, float, float]]:
+                         now_ms: int, *, omit_empty: bool = False,
+                         reachable_from_ms: int | None = None,
+                         ) -> list[tuple[int, float, float, float, float, float]]:
         """Every *closed* candle (at `now_ms`) with open time in [start_ms, end_ms), as ccxt
-        parses it: (ts, open, high, low, close, volume). What a correct store must hold."""
+        parses it: (ts, open, high, low, close, volume). What a correct store must hold.
+
+        `omit_empty` leaves out candles without trades (exchanges that omit them);
+        `reachable_from_ms` leaves out older candles (exchanges with limited reach)."""
         m = self._require(symbol)
         ms, _ = INTERVALS[interval]
-        gaps = self._gaps.get(m.id, frozenset())
-        t = max(self.first_open(interval), align_up(start_ms, interval))
+        gaps = self._gaps.get(m.id, ())
+        lo = max(start_ms, reachable_from_ms) if reachable_from_ms is not None else start_ms
+        t = max(self.first_open(interval, m.id), align_up(lo, interval))
         out = []
         prices: dict[int, float] = {}
         while t < end_ms and t + ms <= now_ms:
-            if t not in gaps:
-                out.append(self._candle(m, ms, t, now_ms, prices).ohlcv())
+            c = self._at(m, ms, t, now_ms, prices, gaps, omit_empty)
+            if c is not None:
+                out.append(c.ohlcv())
             t += ms
         return out

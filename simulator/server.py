@@ -1,37 +1,35 @@
-"""A loopback HTTP server speaking Binance's public spot REST dialect, with injectable faults.
+"""A loopback HTTP server speaking one exchange's public REST dialect, with injectable faults.
 
-One `BinanceSimulator` = one exchange on one port; nothing is global, so soaks run several
-side by side. Thread per connection (HTTP/1.1 keep-alive, as ccxt's requests session uses),
-so a stalled request never blocks the others. `stop()` wakes every thread (stalls included),
-resets open connections and joins them all.
+One `ExchangeSimulator` = one exchange (one dialect) on one port; nothing is global, so soaks
+run several side by side. `BinanceSimulator` is the Binance one with the old defaults. Thread
+per connection (`transport`, HTTP/1.1 keep-alive as ccxt's requests session uses), so a
+stalled request never blocks the others. `stop()` wakes every thread (stalls and trickles
+included), resets open connections and joins them all. What a request means and how a failure
+looks is the dialect's business (`dialects`); whether it fails is the injector's (`faults`).
 """
 
 from __future__ import annotations
 
 import email.utils
 import errno
-import logging
 import socket
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from . import binance
-from .binance import Reply
+from .catalogue import default_markets
+from .dialects import Ctx, Dialect, make_dialect
 from .faults import FaultInjector, FaultKind, Faults, OutageMode, PoisonKind
-from .history import CandleHistory, align_down
+from .history import CandleHistory, Market, NoTrade, align_down
+from .reply import Reply
 from .stats import RequestHook, Stats, StatsSnapshot
-
-log = logging.getLogger(__name__)
+from .transport import Handler, Server
+from .venue import Venue
 
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT", "ETH/BTC")
-_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def wall_clock_ms() -> int:
@@ -49,147 +47,81 @@ def synthetic_symbols(n: int, quote: str = "USDT") -> list[str]:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real thing behind a CDN
-    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms stalls
-    server: _Server
+class ExchangeSimulator:
+    """One simulated exchange on loopback, speaking `dialect`'s public REST API.
 
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout_s  # type: ignore[misc]  # per connection, as the stdlib allows
-        super().setup()
-
-    def do_GET(self) -> None:
-        self.server.sim._serve(self)
-
-    def date_time_string(self, timestamp: float | None = None) -> str:
-        """The `Date` header from the exchange's own clock (`now_ms`), not the host's."""
-        if timestamp is None:
-            timestamp = self.server.sim.now_ms() / 1000
-        return email.utils.formatdate(timestamp, usegmt=True)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its open connections (to reset them) and its connection
-    threads (daemonic, so a forgotten simulator never blocks exit, yet joined by `join_all`:
-    the stdlib only joins non-daemon ones)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, addr: tuple[str, int], sim: BinanceSimulator, idle_timeout_s: float):
-        self.sim = sim
-        self.idle_timeout_s = idle_timeout_s
-        self._conn_lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._abort: set[socket.socket] = set()
-        self._workers: set[threading.Thread] = set()
-        super().__init__(addr, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        t = threading.Thread(target=self._work, args=(request, client_address), daemon=True,
-                             name=f"sim-{self.sim.name}-{self.sim.port}-conn")
-        with self._conn_lock:
-            self._conns.add(request)
-            self._workers.add(t)
-        t.start()
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            with self._conn_lock:
-                self._workers.discard(threading.current_thread())
-
-    def join_all(self) -> None:
-        """Join every connection thread (call after `reset_all` so none is blocked)."""
-        with self._conn_lock:
-            workers = list(self._workers)
-        for t in workers:
-            t.join()
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conn_lock:
-            self._conns.discard(request)
-            abort = request in self._abort
-            self._abort.discard(request)
-        if abort:  # RST: skip the FIN that shutdown(SHUT_WR) would send first
-            self.close_request(request)
-        else:
-            super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):  # client went away: routine
-            log.debug("connection %s ended with an error", client_address, exc_info=True)
-        else:  # a simulator bug: the client saw a dropped connection, make it visible
-            log.exception("simulator %s failed serving %s", self.sim.name, client_address)
-
-    def mark_abort(self, conn: socket.socket) -> None:
-        """Make the eventual close of `conn` a TCP RST."""
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
-            pass
-        with self._conn_lock:
-            self._abort.add(conn)
-
-    def reset_all(self) -> None:
-        """RST every open connection and wake threads blocked reading them."""
-        with self._conn_lock:
-            conns = list(self._conns)
-        for c in conns:
-            self.mark_abort(c)
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class BinanceSimulator:
-    """One simulated Binance spot exchange on loopback.
-
-    symbols: unified symbols ("BTC/USDT") to list.
+    symbols: unified symbols ("BTC/USDT") to list (always listed, whatever `catalogue`).
+    dialect: "binance", "okx", "bybit", "kraken", "coinbase" or "kucoin".
+    catalogue: also list the dialect's ~40 default markets (`simulator.catalogue`).
     port: 0 lets the OS choose; read `.url` / `.port` after construction.
     history_start_ms: first candle instant (default: start of yesterday, UTC).
-    now_ms: the exchange's clock (default wall clock); inject a fake one to fast-forward.
+    now_ms: the wall clock (default real time); inject a fake one to fast-forward. The
+        exchange's own clock is this plus `Faults.clock_skew_ms` (see `now_ms()`).
     seed: varies prices between exchanges that list the same symbol.
-    gaps: symbol -> open times the exchange genuinely has no candle for.
+    gaps: symbol -> open times the exchange genuinely has no candle for (all dialects).
+    listed_at: symbol -> listing instant; nothing trades before it.
+    no_trade: symbol -> 1-minute open times (set or predicate) without trades; the dialect
+        omits such candles or serves them flat (`empty_candles` overrides: "omit"/"fill").
+    unlisted: known symbols missing from the market list until `list_symbol`.
+    page_caps: endpoint name -> rows per page, overriding the dialect's (e.g. OKX
+        {"history-candles": 100}).
+    fail_listing: shorthand for `Faults.fail_listing` (e.g. {"option": 500}).
     faults: initial fault config (see `Faults`); change it later with `set_faults`.
     on_request: request hook, see `stats.RequestHook`.
     The socket is bound in the constructor; `start()` begins serving.
     """
 
-    def __init__(self, symbols: Sequence[str] = DEFAULT_SYMBOLS, *, host: str = "127.0.0.1",
-                 port: int = 0, history_start_ms: int | None = None,
+    def __init__(self, symbols: Sequence[str] | None = None, *, dialect: str = "binance",
+                 catalogue: bool = True, host: str = "127.0.0.1", port: int = 0,
+                 history_start_ms: int | None = None,
                  now_ms: Callable[[], int] = wall_clock_ms, seed: int = 0,
-                 gaps: Mapping[str, Iterable[int]] | None = None, faults: Faults | None = None,
-                 on_request: RequestHook | None = None, name: str = "binance",
-                 idle_timeout_s: float = 300.0,
+                 gaps: Mapping[str, Iterable[int]] | None = None,
+                 listed_at: Mapping[str, int] | None = None,
+                 no_trade: Mapping[str, NoTrade] | None = None,
+                 unlisted: Iterable[str] = (), empty_candles: str | None = None,
+                 page_caps: Mapping[str, int] | None = None,
+                 fail_listing: Mapping[str, int] | None = None,
+                 faults: Faults | None = None, on_request: RequestHook | None = None,
+                 name: str | None = None, idle_timeout_s: float = 300.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.name = name
-        self.now_ms = now_ms
-        if history_start_ms is None:
-            history_start_ms = align_down(now_ms(), "1d") - 86_400_000
-        self.history = CandleHistory(symbols, history_start_ms, seed=seed, gaps=gaps)
-        self._info = binance.ExchangeInfo(self.history)
+        self.dialect: Dialect = make_dialect(dialect)
+        self.name = name or dialect
+        self._clock = now_ms
+        faults = faults or Faults()
+        if fail_listing:
+            faults = replace(faults, fail_listing={**faults.fail_listing, **fail_listing})
         self._injector = FaultInjector(faults, monotonic=monotonic)
+        if history_start_ms is None:
+            history_start_ms = align_down(self.now_ms(), "1d") - 86_400_000
+        unlisted = list(unlisted)
+        wanted = list(symbols or ()) + [s for s in unlisted if s not in (symbols or ())]
+        if catalogue:
+            wanted = default_markets(dialect, wanted)
+        self.history = CandleHistory(wanted, history_start_ms, seed=seed, gaps=gaps,
+                                     listed_at=listed_at, no_trade=no_trade)
+        self.venue = Venue(self.history, self.dialect.market_id, self.dialect.aliases,
+                           hidden=unlisted)
+        if empty_candles not in (None, "omit", "fill"):
+            raise ValueError('empty_candles must be None, "omit" or "fill"')
+        self._omit_empty = (self.dialect.omit_empty if empty_candles is None
+                            else empty_candles == "omit")
+        self._caps = {**self.dialect.page_caps, **(page_caps or {})}
         self._stats = Stats()
         if on_request is not None:
             self._stats.add_hook(on_request)
-        self._weight_lock = threading.Lock()
-        self._weight_minute = -1
-        self._weight_used = 0
         self._stopping = threading.Event()
         self._lifecycle = threading.RLock()
         self._serve_thread: threading.Thread | None = None
         self._listening = False
         self._started = False
-        self._httpd = _Server((host, port), self, idle_timeout_s)
+        self._httpd = Server((host, port), self, idle_timeout_s)
         self._listening = True
         self.host = host
         self.port: int = self._httpd.server_address[1]
+
+    def now_ms(self) -> int:
+        """The exchange's clock: the wall clock plus the configured skew."""
+        return self._clock() + self._injector.faults.clock_skew_ms
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -197,7 +129,7 @@ class BinanceSimulator:
         """Base URL to give ccxt as `api_base`, e.g. "http://127.0.0.1:54321"."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> BinanceSimulator:
+    def start(self) -> ExchangeSimulator:
         """Begin serving (idempotent). Returns self for chaining."""
         with self._lifecycle:
             if self._stopping.is_set():
@@ -221,14 +153,14 @@ class BinanceSimulator:
             self._httpd.server_close()
             self._httpd.join_all()
 
-    def __enter__(self) -> BinanceSimulator:
+    def __enter__(self) -> ExchangeSimulator:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def _start_serving(self) -> None:
-        t = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+        t = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01},
                              name=f"sim-{self.name}-{self.port}", daemon=True)
         self._serve_thread = t
         t.start()
@@ -297,7 +229,8 @@ class BinanceSimulator:
         self.update_faults(outage=mode)
 
     def poison(self, symbol: str, kind: PoisonKind = PoisonKind.INVERTED) -> None:
-        """Make `symbol`'s klines garbage of the given kind; other symbols stay fine."""
+        """Make `symbol`'s candles garbage of the given kind; other symbols stay fine.
+        `symbol` is unified ("BTC/USDT") or the dialect's id ("XXBTZUSD")."""
         poisoned = dict(self.faults.poisoned)
         poisoned[symbol.replace("/", "").upper()] = kind
         self.update_faults(poisoned=poisoned)
@@ -310,6 +243,32 @@ class BinanceSimulator:
     def set_rate_limit(self, per_second: int | None) -> None:
         """Server-side limit: at most `per_second` requests per sliding second."""
         self.update_faults(rate_limit_per_s=per_second)
+
+    def set_clock_skew(self, skew_ms: int) -> None:
+        """Run the exchange's clock `skew_ms` ahead (+) or behind (-) the wall clock."""
+        self.update_faults(clock_skew_ms=int(skew_ms))
+
+    # ------------------------------------------------------------------- markets
+    def list_symbol(self, symbol: str, listed_at_ms: int | None = None) -> None:
+        """List `symbol` from now on (a new symbol, or one given as `unlisted`).
+
+        `listed_at_ms`: when it started trading (no candle before the one containing it).
+        Default: its configured listing time if it has one, else (for a symbol the
+        exchange never knew) the exchange's now."""
+        if listed_at_ms is None and self.history.market(symbol) is None:
+            listed_at_ms = self.now_ms()
+        self.venue.list_symbol(symbol, listed_at_ms)
+
+    def markets(self) -> list[str]:
+        """Unified symbols of the spot markets listed right now."""
+        return [m.symbol for m in self.venue.markets()]
+
+    def market_id(self, symbol: str) -> str:
+        """The dialect's id of `symbol` ("BTC/USDT" -> "BTC-USDT" on OKX)."""
+        m = self.history.market(symbol)
+        if m is None:
+            raise KeyError(symbol)
+        return self.dialect.market_id(m)
 
     # ---------------------------------------------------------------------- stats
     def stats(self) -> StatsSnapshot:
@@ -325,20 +284,60 @@ class BinanceSimulator:
         self._stats.remove_hook(hook)
 
     # -------------------------------------------------------------------- oracle
-    def expected_candles(self, symbol: str, interval: str, start_ms: int,
-                         end_ms: int) -> list[tuple[int, float, float, float, float, float]]:
-        """Closed candles with open time in [start_ms, end_ms) at the server's now, exactly as
-        ccxt returns them: what a correct store holds."""
-        return self.history.expected_candles(symbol, interval, start_ms, end_ms, self.now_ms())
+    def expected_candles(self, symbol: str, interval: str, start_ms: int, end_ms: int, *,
+                         reach_at_ms: int | None = None,
+                         ) -> list[tuple[int, float, float, float, float, float]]:
+        """What a correct store holds: closed candles (at the exchange's now) with open time in
+        [start_ms, end_ms), exactly as ccxt returns them, with this dialect's rules applied
+        (no-trade candles left out where the exchange omits them, nothing before listing).
+
+        Candles beyond the exchange's reach cannot be fetched and are left out: by default
+        the reach at the exchange's now; pass `reach_at_ms` (e.g. when the store began
+        polling) to use the reach at that instant instead (see `reachable_from`)."""
+        now = self.now_ms()
+        reach = self.reachable_from(symbol, interval, now if reach_at_ms is None else reach_at_ms)
+        return self.history.expected_candles(symbol, interval, start_ms, end_ms, now,
+                                             omit_empty=self._omit_empty,
+                                             reachable_from_ms=reach)
+
+    def reachable_from(self, symbol: str, interval: str, at_ms: int | None = None) -> int:
+        """Open time of the oldest candle of `symbol` a client can fetch at `at_ms` (default
+        the exchange's now): the listing/history start, or later where the exchange's
+        history is short (Kraken: the last 720 candles)."""
+        at = self.now_ms() if at_ms is None else at_ms
+        return self.dialect.reachable_from(self.venue, symbol, interval, at)
 
     # ------------------------------------------------------------------- serving
-    def _serve(self, h: _Handler) -> None:
+    def _ctx(self) -> Ctx:
+        return Ctx(venue=self.venue, now_ms=self.now_ms(), poison=self._poison_of,
+                   caps=self._caps, omit_empty=self._omit_empty)
+
+    def _poison_of(self, m: Market) -> PoisonKind | None:
+        """Poison keyed by unified symbol ("BTC/USDT") or by the dialect's id ("BTC-USDT")."""
+        kind = self._injector.poison_for(m.id)
+        if kind is None and self._injector.faults.poisoned:
+            kind = self._injector.poison_for(self.dialect.market_id(m))
+        return kind
+
+    def _date_header(self) -> str | None:
+        if not self.faults.date_header:
+            return None
+        return email.utils.formatdate(self.now_ms() / 1000, usegmt=True)
+
+    def _serve(self, h: Handler) -> None:
         split = urlsplit(h.path)
         path = split.path
         params = dict(parse_qsl(split.query, keep_blank_values=True))
         decision = self._injector.decide(path)
+        ctx = self._ctx()
         if decision is None:
-            self._respond(h, path, params, self._route(path, params), None)
+            listing = self.dialect.listing_kind(path, params)
+            status = self.faults.fail_listing.get(listing) if listing is not None else None
+            if status is not None:
+                self._respond(h, path, ctx, params, self.dialect.failing_listing(status, ctx),
+                              FaultKind.LISTING)
+            else:
+                self._respond(h, path, ctx, params, self._route(path, params, ctx), None)
             return
         kind = decision.kind
         if kind in (FaultKind.RESET, FaultKind.OUTAGE) and decision.status is None:
@@ -348,46 +347,25 @@ class BinanceSimulator:
             self._stats.record(path, params, None, kind)
             self._stopping.wait(self.faults.stall_s)
             h.close_connection = True
-        elif kind in (FaultKind.TRUNCATED, FaultKind.SHORT_READ):
-            reply = self._route(path, params)
-            self._respond(h, path, params, reply, kind)
+        elif kind in (FaultKind.TRUNCATED, FaultKind.SHORT_READ, FaultKind.TRICKLE):
+            self._respond(h, path, ctx, params, self._route(path, params, ctx), kind)
         elif kind in (FaultKind.HTTP_429, FaultKind.RATE_LIMIT):
-            self._respond(h, path, params, binance.too_many_requests(decision.retry_after_s or 1),
-                          kind)
+            self._respond(h, path, ctx, params,
+                          self.dialect.rate_limited(decision.retry_after_s or 1, ctx), kind)
         elif kind in (FaultKind.HTTP_418, FaultKind.BAN):
             retry = decision.retry_after_s or 1
-            self._respond(h, path, params,
-                          binance.banned(retry, self.now_ms() + retry * 1000), kind)
+            self._respond(h, path, ctx, params,
+                          self.dialect.banned(retry, ctx.now_ms + retry * 1000, ctx), kind)
         else:  # 5xx (random or outage)
-            self._respond(h, path, params, binance.server_error(decision.status or 503), kind)
+            self._respond(h, path, ctx, params,
+                          self.dialect.server_error(decision.status or 503, ctx), kind)
 
-    def _route(self, path: str, params: Mapping[str, str]) -> Reply:
-        if path == binance.PATH_KLINES:
-            sym = params.get("symbol", "")
-            poison = self._injector.poison_for(sym)
-            return binance.klines(self.history, params, self.now_ms(), poison)
-        if path == binance.PATH_EXCHANGE_INFO:
-            return self._info.reply(params, self.now_ms())
-        if path == binance.PATH_TIME:
-            return binance.server_time(self.now_ms())
-        if path == binance.PATH_PING:
-            return binance.ping()
-        return binance.not_found()
+    def _route(self, path: str, params: Mapping[str, str], ctx: Ctx) -> Reply:
+        return self.dialect.route(path, params, ctx)
 
-    def _used_weight(self, path: str) -> int:
-        minute = self.now_ms() // 60_000
-        with self._weight_lock:
-            if minute != self._weight_minute:
-                self._weight_minute = minute
-                self._weight_used = 0
-            self._weight_used += binance.WEIGHTS.get(path, 1)
-            return self._weight_used
-
-    def _respond(self, h: _Handler, path: str, params: Mapping[str, str], reply: Reply,
-                 fault: FaultKind | None) -> None:
-        poisoned = (fault is None and path == binance.PATH_KLINES
-                    and self._injector.poison_for(params.get("symbol", "")) is not None)
-        if poisoned:
+    def _respond(self, h: Handler, path: str, ctx: Ctx, params: Mapping[str, str],
+                 reply: Reply, fault: FaultKind | None) -> None:
+        if fault is None and reply.poisoned:
             fault = FaultKind.POISON
         self._stats.record(path, params, reply.status, fault)
         body = reply.body
@@ -397,24 +375,48 @@ class BinanceSimulator:
             length = len(body)
         elif fault is FaultKind.SHORT_READ:
             body = body[: len(body) // 2]
-        weight = str(self._used_weight(path))
         try:
             h.send_response(reply.status)
             h.send_header("Content-Type", reply.content_type)
             h.send_header("Content-Length", str(length))
-            h.send_header("x-mbx-used-weight", weight)
-            h.send_header("x-mbx-used-weight-1m", weight)
-            for k, v in reply.headers.items():
+            headers = {k.lower(): (k, v) for k, v in self.dialect.headers(path, ctx).items()}
+            headers.update({k.lower(): (k, v) for k, v in reply.headers.items()})
+            for k, v in headers.values():
                 h.send_header(k, v)
             if fault is FaultKind.SHORT_READ:
                 h.send_header("Connection", "close")
                 h.close_connection = True
             h.end_headers()
-            h.wfile.write(body)
+            if fault is FaultKind.TRICKLE:
+                self._trickle(h, body)
+            else:
+                h.wfile.write(body)
             h.wfile.flush()
         except OSError:
             h.close_connection = True  # client went away (e.g. timed out); nothing to do
 
-    def _reset(self, h: _Handler) -> None:
+    def _trickle(self, h: Handler, body: bytes) -> None:
+        """Send `body` at `trickle_bytes_per_s`: every single read gets data soon enough, the
+        whole response takes len/rate seconds. `stop()` cuts it short."""
+        h.wfile.flush()
+        rate = self.faults.trickle_bytes_per_s
+        step = max(1, int(rate / 50))  # at most ~50 writes per second
+        for i in range(0, len(body), step):
+            if i and self._stopping.wait(step / rate):
+                h.close_connection = True
+                return
+            h.wfile.write(body[i:i + step])
+            h.wfile.flush()
+
+    def _reset(self, h: Handler) -> None:
         h.close_connection = True
         self._httpd.mark_abort(h.connection)
+
+
+class BinanceSimulator(ExchangeSimulator):
+    """The Binance dialect with the original defaults: only `symbols` are listed (no
+    catalogue) and they default to `DEFAULT_SYMBOLS`."""
+
+    def __init__(self, symbols: Sequence[str] = DEFAULT_SYMBOLS, *, catalogue: bool = False,
+                 name: str = "binance", **kwargs: Any) -> None:
+        super().__init__(symbols, dialect="binance", catalogue=catalogue, name=name, **kwargs)

@@ -236,7 +236,7 @@ def test_poisoned_symbol(sim: BinanceSimulator, ex: ccxt.binance, kind: PoisonKi
     healthy = ex.fetch_ohlcv("ETH/USDT", "1m", since=START, limit=3)
     assert healthy == [list(c) for c in sim.expected_candles("ETH/USDT", "1m", START,
                                                              START + 3 * MIN)]
-    if kind is PoisonKind.BAD_SYMBOL:
+    if kind in (PoisonKind.BAD_SYMBOL, PoisonKind.BAD_SYMBOL_200):  # 200 or 400: BadSymbol
         with pytest.raises(ccxt.BadSymbol):
             ex.fetch_ohlcv("BTC/USDT", "1m", limit=3)
     else:
