@@ -122,8 +122,10 @@ class Session:
                 await self._on_text(msg.data)
             elif msg.type is WSMsgType.PING:
                 if self._stall() is not StallMode.SILENT:
+                    self.ctx.stats.add("pings_answered")
                     await self._send_frame(lambda: self.ws.pong(msg.data))
             elif msg.type is WSMsgType.PONG:
+                self.ctx.stats.add("pongs_received")
                 self._ping_outstanding_since = None
             if self._closing:
                 break
@@ -238,10 +240,14 @@ class Session:
         if self.ctx.prompt_finals and self._cursors:
             to_close = min(c.next_close_ms(now_ms) for c in self._cursors.values()) - now_ms
             wait = min(wait, max(0.0, to_close / 1000.0) + 0.002)
-        waiters = [asyncio.ensure_future(self._new_topics.wait()),
-                   asyncio.ensure_future(self.ctx.wake.wait())]
+        await self._wait_wake(wait, self._new_topics)
+
+    async def _wait_wake(self, timeout: float, *events: asyncio.Event) -> None:
+        """Sleep `timeout`, or less if the server wakes everyone (clock, rules or faults
+        changed) or one of `events` is set."""
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.ctx.wake, *events)]
         try:
-            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
@@ -297,10 +303,11 @@ class Session:
             if (rules.server_ping_s is not None and not silent
                     and now - self._last_server_ping >= rules.server_ping_s):
                 self._last_server_ping = now
+                self.ctx.stats.add("server_pings")
                 if self._ping_outstanding_since is None:
                     self._ping_outstanding_since = now
                 await self._send_frame(lambda: self.ws.ping(str(self.ctx.now_ms()).encode()))
-            await asyncio.sleep(self._watch_period(rules))
+            await self._wait_wake(self._watch_period(rules))
 
     @staticmethod
     def _watch_period(rules: Rules) -> float:

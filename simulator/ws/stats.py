@@ -27,7 +27,9 @@ class WsStats:
     refused: int  # subscription arguments refused, for any reason
     updates: int  # in-progress kline pushes sent
     finals: int  # closed kline pushes sent
-    pings_answered: int
+    pings_answered: int  # client pings (text/JSON or protocol) the server answered
+    server_pings: int  # protocol pings the server sent (Binance)
+    pongs_received: int  # protocol pongs the client sent back
     faults: Mapping[StreamFault, int]
 
 
@@ -72,7 +74,8 @@ class Stats:
             handshakes_refused=n["handshakes_refused"],
             subscribe_requests=n["subscribe_requests"], subscribed=n["subscribed"],
             refused=n["refused"], updates=n["updates"], finals=n["finals"],
-            pings_answered=n["pings_answered"],
+            pings_answered=n["pings_answered"], server_pings=n["server_pings"],
+            pongs_received=n["pongs_received"],
             faults=MappingProxyType(dict(self._faults)),
         )
 
