@@ -130,7 +130,7 @@ class StreamFaultInjector:
             if rng is None:
                 rng = self._push_rngs[conn_no] = random.Random(f"{f.seed}:{conn_no}:push")
             x = rng.random()
-            excluded = _NOT_FOR_UPDATE if closed else _NOT_FOR_FINAL
+            excluded = _NOT_FOR_FINAL if closed else _NOT_FOR_UPDATE
             acc = 0.0
             for kind in RANDOM_KINDS:
                 rate = f.rates.get(kind, 0.0)

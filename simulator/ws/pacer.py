@@ -1,8 +1,8 @@
 """Which kline pushes a stream owes at a given instant.
 
-A `KlineCursor` remembers the candle it last pushed. Asked at `now`, it owes the closed
-(final) update of every candle that closed since, then an in-progress update of the current
-candle. Candles that do not exist (before history starts, or a gap) are skipped. Values come
+A `KlineCursor` remembers the candle in progress when it last looked (or when the stream
+was subscribed). Asked at `now`, it owes the closed (final) update of every candle that closed
+since, then an in-progress update of the current candle. Candles that do not exist (before history starts, or a gap) are skipped. Values come
 from `CandleHistory`, so a candle's final push equals the REST simulator's closed candle.
 """
 
@@ -34,14 +34,16 @@ class KlineCursor:
     """Push bookkeeping of one (connection, topic); see the module docstring."""
 
     def __init__(self, history: CandleHistory, symbol_id: str, interval: str, ms: int,
-                 off: int) -> None:
+                 off: int, now_ms: int) -> None:
         self._history = history
         self._symbol = symbol_id
         self._interval = interval
         self._ms = ms
         self._off = off
         self._native = off == INTERVALS[interval][1]  # aligned as CandleHistory aligns
-        self._current: int | None = None  # open time of the candle last pushed in progress
+        # the candle in progress when subscribed: its final is owed even if no update of it
+        # was pushed before it closed
+        self._current = align_down(now_ms, ms, off)
 
     def next_close_ms(self, now_ms: int) -> int:
         """When the candle in progress at `now_ms` closes."""
@@ -54,11 +56,11 @@ class KlineCursor:
         if self._exists(cur):
             out.append(Due(self._history.candle(self._symbol, self._interval, cur, now_ms),
                            False))
-        self._current = cur if self._current is None else max(self._current, cur)
+        self._current = max(self._current, cur)
         return out
 
     def _finals(self, cur: int, now_ms: int) -> Iterator[Candle]:
-        if self._current is None or self._current >= cur:
+        if self._current >= cur:
             return
         t = max(self._current, cur - MAX_CATCH_UP * self._ms)
         while t < cur:

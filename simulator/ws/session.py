@@ -213,7 +213,7 @@ class Session:
         ms, off = self.ctx.dialect.align(t)
         self.view.topics[t.name] = t
         self._cursors[t.name] = KlineCursor(self.ctx.history, t.key.symbol_id, t.key.interval,
-                                            ms, off)
+                                            ms, off, self.ctx.now_ms())
 
     # --------------------------------------------------------------------- pushes
     async def _pusher(self) -> None:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from .ccxt_pro import KlineEvent, pro_client, tapped
+from .faults import StallMode
 from .server import WsSimulator
 
 EXCHANGES = ("binance", "okx", "bybit")
@@ -16,6 +17,7 @@ SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT")
 #: A minute boundary; the simulated "now" starts 50 s into that minute.
 T0 = 1_700_000_040_000 - 1_700_000_040_000 % 60_000
 PERIOD_S = 0.05  # in-progress update period used by the tests
+ANY: Callable[[list], bool] = lambda rows: True  # noqa: E731
 
 
 class Clock:
@@ -104,3 +106,59 @@ async def watch_until(ex: Any, symbol: str, timeframe: str,
 def run(coro: Any) -> Any:
     """Run one scenario in a fresh event loop (pytest-asyncio is not used)."""
     return asyncio.run(coro)
+
+
+async def first_error(call: Callable[[], Awaitable[Any]], attempts: int = 100) -> BaseException:
+    """Call until it raises (frames already in flight may still resolve a watch or two)."""
+    for _ in range(attempts):
+        try:
+            await asyncio.wait_for(call(), 5)
+        except Exception as e:  # noqa: BLE001 - the point is to see which one
+            return e
+    raise AssertionError("no error raised")
+
+
+async def quiet(ex: Any, symbol: str = "BTC/USDT", attempts: int = 20) -> None:
+    """Wait until watching `symbol` yields nothing for three update periods (frames sent before a stall
+    began are consumed first)."""
+    for _ in range(attempts):
+        try:
+            await asyncio.wait_for(ex.watch_ohlcv(symbol, "1m"), 3 * PERIOD_S)
+        except asyncio.TimeoutError:
+            return
+    raise AssertionError("the stream never went quiet")
+
+
+async def stats_wait(sim: Any, predicate: Callable[[Any], bool]) -> Any:
+    return await asyncio.to_thread(sim.wait_for, predicate)
+
+
+async def pending_watch(ex: Any, sim: Any, symbol: str = "BTC/USDT") -> asyncio.Future:
+    """A watch that is certainly waiting when the next thing happens: the feed is stalled
+    (pushes only) and the watch has registered its future with ccxt's client.
+
+    ccxt reports a connection failure only to watches pending at that moment: a drop between
+    two watches is never raised, the next watch just reconnects (see the drop test)."""
+    sim.update_faults(stall=StallMode.DATA)
+    await quiet(ex, symbol)
+    task = asyncio.ensure_future(ex.watch_ohlcv(symbol, "1m"))
+    for _ in range(100):  # markets are loaded: the watch reaches its future without I/O
+        if any(c.futures for c in ex.clients.values()):
+            return task
+        await asyncio.sleep(0)
+    raise AssertionError("the watch never registered")
+
+
+async def outcome(task: asyncio.Future) -> Any:
+    try:
+        return await asyncio.wait_for(task, 5)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll client-side state ccxt offers no event for."""
+    async def loop() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(loop(), timeout)
