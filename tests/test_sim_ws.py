@@ -142,3 +142,24 @@ def test_the_tap_is_the_real_ccxt_class() -> None:
         cls = tapped(exchange)
         assert issubclass(cls, getattr(ccxt.pro, exchange))
         assert cls().id == exchange
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_a_final_landing_between_watches_comes_back_only_with_the_next_frame(
+        exchange: str) -> None:
+    """ccxt resolves only watches that are pending: a final that lands between two
+    `watch_ohlcv` calls is returned by the next call, which waits for the next frame."""
+    with stream_sim(exchange) as (sim, clock):
+        async def scenario() -> None:
+            async with pro(exchange, sim) as ex:
+                await watch_until(ex, "BTC/USDT", "1m", lambda rows: True)
+                sim.update_rules(update_period_s=0.5)
+                advance(sim, clock, T0 + MIN + 1_000)
+                await ex.wait_kline(lambda e: e.ohlcv[0] == T0 + MIN)  # final and next seen
+                updates = sim.stats().updates
+                rows = [list(r) for r in await asyncio.wait_for(
+                    ex.watch_ohlcv("BTC/USDT", "1m"), 5)]
+                assert sim.stats().updates > updates  # it took one more frame
+                assert [r[0] for r in rows] == [T0, T0 + MIN]
+                assert tuple(rows[0]) == sim.expected_candles("BTC/USDT", "1m", T0, T0 + MIN)[0]
+        run(scenario())
