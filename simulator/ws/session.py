@@ -272,8 +272,8 @@ class Session:
             self._held = frame
             return
         held, self._held = self._held, None
+        ctx.stats.add("finals" if closed else "updates")  # counted before the client sees it
         await self._send(frame)
-        ctx.stats.add("finals" if closed else "updates")
         if kind is StreamFault.DUPLICATE:
             await self._send(frame)
         if held is not None:

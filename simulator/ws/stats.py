@@ -1,5 +1,7 @@
 """Thread-safe counters of what a stream server did, and a way to wait on them.
 
+Pushes are counted before they are written, so whatever a client has received is counted.
+
 Tests await the ccxt client for data; these counters are for the server's side of a story
 ("the client reconnected and subscribed again", "a final push was dropped") without sleeping.
 """
