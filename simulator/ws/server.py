@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -29,10 +29,14 @@ from .markets import market_routes
 from .session import ServerContext, Session
 from .stats import Stats, WsStats
 
-if TYPE_CHECKING:
-    from ..server import BinanceSimulator
-
 log = logging.getLogger(__name__)
+
+
+class HasHistory(Protocol):
+    """What `WsSimulator.sharing` needs of a REST simulator."""
+
+    history: CandleHistory
+    now_ms: Callable[[], int]
 
 
 class WsSimulator:
@@ -96,9 +100,10 @@ class WsSimulator:
         self.port: int = self._sock.getsockname()[1]
 
     @classmethod
-    def sharing(cls, rest: BinanceSimulator, exchange: str | Dialect = "binance",
+    def sharing(cls, rest: HasHistory, exchange: str | Dialect = "binance",
                 **kwargs: Any) -> WsSimulator:
-        """A stream server over the same candles and clock as the REST simulator `rest`."""
+        """A stream server over the same candles and clock as the REST simulator `rest` (any
+        simulator with `.history` and `.now_ms`, e.g. `BinanceSimulator`)."""
         return cls(exchange, history=rest.history, now_ms=rest.now_ms, **kwargs)
 
     # ------------------------------------------------------------------ addresses
