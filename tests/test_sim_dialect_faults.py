@@ -8,7 +8,6 @@ import pytest
 
 from candlekeeper.simulator import FaultKind, Faults, OutageMode, PoisonKind
 from candlekeeper.simulator.history import align_down
-
 from tests.test_sim_support import DIALECT_NAMES, MIN, SPECS, START, T0, FakeClock, FakeMonotonic, Log, client, running
 
 E = ccxt  # short alias for the tables

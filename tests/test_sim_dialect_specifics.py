@@ -7,7 +7,6 @@ import pytest
 
 from candlekeeper.simulator import PoisonKind
 from candlekeeper.simulator.history import align_down
-
 from tests.test_sim_support import MIN, START, T0, FakeClock, Log, client, running
 
 

@@ -14,7 +14,6 @@ import pytest
 from candlekeeper.simulator import DEFAULT_MARKETS, ExchangeSimulator
 from candlekeeper.simulator.__main__ import _parse
 from candlekeeper.simulator.history import align_down
-
 from tests.test_sim_support import DIALECT_NAMES, MIN, SPECS, START, T0, FakeClock, Log, client, running, walk
 
 pytestmark = pytest.mark.parametrize("dialect", DIALECT_NAMES)

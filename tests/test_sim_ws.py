@@ -9,11 +9,11 @@ import asyncio
 import ccxt
 import pytest
 
-from simulator import BinanceSimulator
-from simulator.ccxt_client import make_binance
-from simulator.ws import WsSimulator
-from simulator.ws.ccxt_pro import pro_client, tapped
-from simulator.ws.testing import EXCHANGES, T0, advance, pro, run, stream_sim, watch_until
+from candlekeeper.simulator import BinanceSimulator
+from candlekeeper.simulator.ccxt_client import make_binance
+from candlekeeper.simulator.ws import WsSimulator
+from candlekeeper.simulator.ws.ccxt_pro import pro_client, tapped
+from candlekeeper.simulator.ws.testing import EXCHANGES, T0, advance, pro, run, stream_sim, watch_until
 
 MIN = 60_000
 
@@ -60,7 +60,7 @@ def test_every_candle_closing_gets_its_final_push_after_a_clock_jump(exchange: s
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_watch_ohlcv_for_symbols_is_one_request_and_returns_one_series_per_call(
         exchange: str) -> None:
-    with stream_sim(exchange) as (sim, clock):
+    with stream_sim(exchange) as (sim, _clock):
         pairs = [["BTC/USDT", "1m"], ["ETH/USDT", "5m"]]
 
         async def scenario() -> None:

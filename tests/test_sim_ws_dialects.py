@@ -11,13 +11,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from simulator.history import INTERVALS
-from simulator.ws import StreamFault, StreamFaults
-from simulator.ws.dialects import dialect
-from simulator.ws.dialects.base import Topic
-from simulator.ws.faults import StreamFaultInjector
-from simulator.ws.pacer import KlineCursor
-from simulator.ws.testing import T0, run, stream_sim
+from candlekeeper.simulator.history import INTERVALS
+from candlekeeper.simulator.ws import StreamFault, StreamFaults
+from candlekeeper.simulator.ws.dialects import dialect
+from candlekeeper.simulator.ws.dialects.base import Topic
+from candlekeeper.simulator.ws.faults import StreamFaultInjector
+from candlekeeper.simulator.ws.pacer import KlineCursor
+from candlekeeper.simulator.ws.testing import T0, run, stream_sim
 
 MIN = 60_000
 HOUR = 3_600_000
@@ -26,20 +26,19 @@ HOUR = 3_600_000
 async def talk(url: str, frames: list[str], replies: int) -> list[Any]:
     """Send `frames`, collect the next `replies` text frames (JSON-decoded when possible)."""
     out: list[Any] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url) as ws:
-            for f in frames:
-                await ws.send_str(f)
-            while len(out) < replies:
-                msg = await asyncio.wait_for(ws.receive(), 5)
-                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                aiohttp.WSMsgType.ERROR):
-                    raise AssertionError(f"closed after {out}: {msg}")
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    try:
-                        out.append(json.loads(msg.data))
-                    except ValueError:
-                        out.append(msg.data)
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        for f in frames:
+            await ws.send_str(f)
+        while len(out) < replies:
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR):
+                raise AssertionError(f"closed after {out}: {msg}")
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                try:
+                    out.append(json.loads(msg.data))
+                except ValueError:
+                    out.append(msg.data)
     return out
 
 

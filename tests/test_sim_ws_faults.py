@@ -8,10 +8,23 @@ from typing import Any
 import ccxt
 import pytest
 
-from simulator.ws import StallMode, StreamFault, StreamFaults
-from simulator.ws.testing import (ANY, EXCHANGES, T0, advance, first_error, outcome,
-                                  pending_watch, pro, quiet, run, stats_wait, stream_sim,
-                                  until, watch_until)
+from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults
+from candlekeeper.simulator.ws.testing import (
+    ANY,
+    EXCHANGES,
+    T0,
+    advance,
+    first_error,
+    outcome,
+    pending_watch,
+    pro,
+    quiet,
+    run,
+    stats_wait,
+    stream_sim,
+    until,
+    watch_until,
+)
 
 MIN = 60_000
 
@@ -21,7 +34,7 @@ MIN = 60_000
 @pytest.mark.parametrize("reset", [True, False], ids=["rst", "close_frame"])
 def test_drop_is_a_networkerror_and_only_the_callers_next_watch_reconnects(
         exchange: str, reset: bool) -> None:
-    with stream_sim(exchange) as (sim, clock):
+    with stream_sim(exchange) as (sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 await watch_until(ex, "BTC/USDT", "1m", ANY)
@@ -50,7 +63,7 @@ def test_drop_is_a_networkerror_and_only_the_callers_next_watch_reconnects(
 # ------------------------------------------------------------------------------ stalls
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_data_stall_just_hangs_and_closing_the_client_is_the_way_out(exchange: str) -> None:
-    with stream_sim(exchange) as (sim, clock):
+    with stream_sim(exchange) as (sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 await watch_until(ex, "BTC/USDT", "1m", ANY)
@@ -70,7 +83,7 @@ def test_data_stall_just_hangs_and_closing_the_client_is_the_way_out(exchange: s
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_silent_peer_is_a_requesttimeout_from_the_keepalive(exchange: str) -> None:
-    with stream_sim(exchange) as (sim, clock):
+    with stream_sim(exchange) as (sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 ex.streaming["keepAlive"] = 100  # ms; read when the client is created
@@ -179,7 +192,7 @@ REFUSALS = {
 def test_refused_subscription(exchange: str) -> None:
     exc, words, rejects_all, resubscribes = REFUSALS[exchange]
     with stream_sim(exchange, faults=StreamFaults(refuse=frozenset({"ETH/USDT"}))) as (
-            sim, clock):
+            sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 await watch_until(ex, "BTC/USDT", "1m", ANY)
@@ -219,7 +232,7 @@ EXPIRY_WORDS = {
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_connections_expire_after_max_age_then_the_caller_reconnects(exchange: str) -> None:
-    with stream_sim(exchange) as (sim, clock):
+    with stream_sim(exchange) as (sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 await watch_until(ex, "BTC/USDT", "1m", ANY)

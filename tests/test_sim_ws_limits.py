@@ -9,14 +9,23 @@ from typing import Any
 import ccxt
 import pytest
 
-from simulator.server import synthetic_symbols
-from simulator.ws import StallMode, StreamFault, StreamFaults
-from simulator.ws.testing import (ANY, EXCHANGES, first_error, pro, run, stats_wait,
-                                  stream_sim, until, watch_until)
+from candlekeeper.simulator.server import synthetic_symbols
+from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults
+from candlekeeper.simulator.ws.testing import (
+    ANY,
+    EXCHANGES,
+    first_error,
+    pro,
+    run,
+    stats_wait,
+    stream_sim,
+    until,
+    watch_until,
+)
 
 
 def test_binance_puts_every_ohlcv_watch_on_one_connection_up_to_its_stream_limit() -> None:
-    with stream_sim("binance") as (sim, clock):
+    with stream_sim("binance") as (sim, _clock):
         sim.update_rules(max_streams_per_connection=2)  # Binance: 1024
 
         async def scenario() -> None:
@@ -31,7 +40,7 @@ def test_binance_puts_every_ohlcv_watch_on_one_connection_up_to_its_stream_limit
 
 def test_bybit_spot_refuses_more_than_ten_topics_in_one_request() -> None:
     symbols = tuple(synthetic_symbols(11))
-    with stream_sim("bybit", symbols=symbols) as (sim, clock):
+    with stream_sim("bybit", symbols=symbols) as (sim, _clock):
         async def scenario() -> None:
             async with pro("bybit", sim) as ex:
                 with pytest.raises(ccxt.ExchangeError, match="args size >10"):
@@ -47,7 +56,7 @@ def test_binance_closes_a_connection_sending_over_five_frames_a_second(throttled
     """Each watch_ohlcv of a new series is one SUBSCRIBE frame. Six at once break Binance's
     5 frames/s limit unless ccxt's own throttle (ws cost 5 x 50 ms) spaces them."""
     symbols = tuple(synthetic_symbols(6))
-    with stream_sim("binance", symbols=symbols) as (sim, clock):
+    with stream_sim("binance", symbols=symbols) as (sim, _clock):
         async def scenario() -> list[Any]:
             async with pro("binance", sim, enableRateLimit=throttled) as ex:
                 watches = [asyncio.wait_for(ex.watch_ohlcv(s, "1m"), 5) for s in symbols]
@@ -63,7 +72,7 @@ def test_binance_closes_a_connection_sending_over_five_frames_a_second(throttled
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_refused_handshake_is_a_networkerror_and_backs_off_the_next_dial(exchange: str) -> None:
-    with stream_sim(exchange, faults=StreamFaults(handshake_status=503)) as (sim, clock):
+    with stream_sim(exchange, faults=StreamFaults(handshake_status=503)) as (sim, _clock):
         async def scenario() -> None:
             async with pro(exchange, sim) as ex:
                 err = await first_error(lambda: ex.watch_ohlcv("BTC/USDT", "1m"), attempts=1)
@@ -76,7 +85,7 @@ def test_refused_handshake_is_a_networkerror_and_backs_off_the_next_dial(exchang
 
 
 def test_connection_rate_limit_answers_429_and_ccxt_honours_retry_after() -> None:
-    with stream_sim("okx") as (sim, clock):
+    with stream_sim("okx") as (sim, _clock):
         sim.update_rules(max_connections_per_window=(1, 60.0))  # OKX: 3 per second
 
         async def scenario() -> None:
@@ -92,7 +101,7 @@ def test_connection_rate_limit_answers_429_and_ccxt_honours_retry_after() -> Non
 
 
 def test_binance_server_pings_are_answered_by_ccxt() -> None:
-    with stream_sim("binance") as (sim, clock):
+    with stream_sim("binance") as (sim, _clock):
         sim.update_rules(server_ping_s=0.05, pong_timeout_s=0.5)  # Binance: 20 s / 60 s
 
         async def scenario() -> None:
@@ -106,7 +115,7 @@ def test_binance_server_pings_are_answered_by_ccxt() -> None:
 
 
 def test_okx_closes_a_stalled_connection_after_its_idle_time() -> None:
-    with stream_sim("okx") as (sim, clock):
+    with stream_sim("okx") as (sim, _clock):
         async def scenario() -> None:
             async with pro("okx", sim) as ex:
                 await watch_until(ex, "BTC/USDT", "1m", ANY)

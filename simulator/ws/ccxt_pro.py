@@ -22,8 +22,7 @@ from typing import Any
 
 import ccxt.pro
 
-from actors.ccxt_urls import rebase_urls
-
+from ...actors.sources.urls import rebase_urls
 from .server import WsSimulator
 
 OHLCV = tuple[int, float, float, float, float, float]
@@ -99,7 +98,7 @@ class KlineTap:
             stored = self.ohlcvs.get(symbol, {}).get(timeframe)  # type: ignore[attr-defined]
             row = stored.hashmap.get(ts) if stored is not None else None
             if row is not None:
-                self.on_kline(KlineEvent(symbol, timeframe, tuple(row), closed))  # type: ignore[arg-type]
+                self.on_kline(KlineEvent(symbol, timeframe, tuple(row), closed))
 
     def raw_klines(self, client: Any, message: Any) -> list[tuple[str, str, int, bool]]:
         raise NotImplementedError

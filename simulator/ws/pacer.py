@@ -2,7 +2,8 @@
 
 A `KlineCursor` remembers the candle in progress when it last looked (or when the stream
 was subscribed). Asked at `now`, it owes the closed (final) update of every candle that closed
-since, then an in-progress update of the current candle. Candles that do not exist (before history starts, or a gap) are skipped. Values come
+since, then an in-progress update of the current candle. Candles that do not exist (before
+history starts, or a gap) are skipped. Values come
 from `CandleHistory`, so a candle's final push equals the REST simulator's closed candle.
 """
 

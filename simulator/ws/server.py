@@ -23,7 +23,8 @@ from aiohttp import web
 from ..history import CandleHistory, align_down
 from ..ratelimit import SlidingWindowLimiter, retry_after_header
 from ..server import DEFAULT_SYMBOLS, wall_clock_ms
-from .dialects import Dialect, Rules, dialect as dialect_named
+from .dialects import Dialect, Rules
+from .dialects import dialect as dialect_named
 from .faults import StreamFaultInjector, StreamFaults
 from .markets import market_routes
 from .session import ServerContext, Session

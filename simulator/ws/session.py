@@ -87,8 +87,8 @@ class Session:
             await self._receive_loop()
         finally:
             self._closing = True
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self, code: int, reason: str = "") -> None:
@@ -123,7 +123,8 @@ class Session:
             elif msg.type is WSMsgType.PING:
                 if self._stall() is not StallMode.SILENT:
                     self.ctx.stats.add("pings_answered")
-                    await self._send_frame(lambda: self.ws.pong(msg.data))
+                    data = msg.data
+                    await self._send_frame(lambda: self.ws.pong(data))
             elif msg.type is WSMsgType.PONG:
                 self.ctx.stats.add("pongs_received")
                 self._ping_outstanding_since = None

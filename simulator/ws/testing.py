@@ -124,7 +124,7 @@ async def quiet(ex: Any, symbol: str = "BTC/USDT", attempts: int = 20) -> None:
     for _ in range(attempts):
         try:
             await asyncio.wait_for(ex.watch_ohlcv(symbol, "1m"), 3 * PERIOD_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
     raise AssertionError("the stream never went quiet")
 

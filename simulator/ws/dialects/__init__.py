@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Rules, Dialect, Op, Refusal, Request, Resolved, SessionView, StreamKey, Topic
+from .base import Dialect, Op, Refusal, Request, Resolved, Rules, SessionView, StreamKey, Topic
 from .binance import BinanceDialect
 from .bybit import BybitDialect
 from .okx import OkxDialect
@@ -21,6 +21,15 @@ def dialect(name: str) -> Dialect:
 
 
 __all__ = [
-    "DIALECTS", "Rules", "Dialect", "Op", "Refusal", "Request", "Resolved", "SessionView",
-    "StreamKey", "Topic", "dialect",
+    "DIALECTS",
+    "Dialect",
+    "Op",
+    "Refusal",
+    "Request",
+    "Resolved",
+    "Rules",
+    "SessionView",
+    "StreamKey",
+    "Topic",
+    "dialect",
 ]

@@ -15,8 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ...history import INTERVALS, Candle, CandleHistory, Market
-from .base import (Rules, Op, Refusal, Request, Resolved, SessionView, StreamKey, Topic,
-                   dumps, utc_align)
+from .base import Op, Refusal, Request, Resolved, Rules, SessionView, StreamKey, Topic, dumps, utc_align
 
 _METHODS = {
     "SUBSCRIBE": Op.SUBSCRIBE, "UNSUBSCRIBE": Op.UNSUBSCRIBE, "LIST_SUBSCRIPTIONS": Op.LIST,
@@ -94,7 +93,7 @@ class BinanceDialect:
         # Binance accepts any well-formed stream and pushes nothing for an unknown symbol;
         # the topic is kept (it counts towards the stream limit) but never resolves a market.
         symbol_id = market.id if market else m.group(1).upper()
-        return Resolved(arg, Topic(arg, StreamKey(symbol_id, m.group(2)), arg))
+        return Resolved(arg, Topic(str(arg), StreamKey(symbol_id, m.group(2)), arg))
 
     def align(self, topic: Topic) -> tuple[int, int]:
         return utc_align(topic.key.interval)

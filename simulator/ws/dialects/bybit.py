@@ -17,8 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ...history import Candle, CandleHistory, Market
-from .base import (Rules, Op, Refusal, Request, Resolved, SessionView, StreamKey, Topic,
-                   dumps, plain, utc_align)
+from .base import Op, Refusal, Request, Resolved, Rules, SessionView, StreamKey, Topic, dumps, plain, utc_align
 
 #: Bybit interval name -> history interval (Bybit has no 1s and no 8h; "M" is not modelled).
 _INTERVALS: dict[str, str] = {
@@ -80,7 +79,7 @@ class BybitDialect:
         market = history.market(m.group(2))
         if market is None or market.id != m.group(2):
             return Resolved(arg, None, Refusal.UNKNOWN_SYMBOL)
-        return Resolved(arg, Topic(arg, StreamKey(market.id, _INTERVALS[m.group(1)]), arg))
+        return Resolved(arg, Topic(str(arg), StreamKey(market.id, _INTERVALS[m.group(1)]), arg))
 
     def align(self, topic: Topic) -> tuple[int, int]:
         return utc_align(topic.key.interval)

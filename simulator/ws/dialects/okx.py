@@ -15,8 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from ...history import INTERVALS, Candle, CandleHistory, Market
-from .base import (Rules, Op, Refusal, Request, Resolved, SessionView, StreamKey, Topic,
-                   dumps, plain)
+from .base import Op, Refusal, Request, Resolved, Rules, SessionView, StreamKey, Topic, dumps, plain
 
 #: OKX bar name -> history interval. 6H and longer open at Hong Kong midnight (UTC+8) unless
 #: the "utc" variant is used; ccxt's timeframes map uses the HK ones ("1d" -> "1D").
