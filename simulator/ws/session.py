@@ -9,6 +9,7 @@ by the dialect; every decision about faults comes from the shared `StreamFaultIn
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -123,8 +124,7 @@ class Session:
             elif msg.type is WSMsgType.PING:
                 if self._stall() is not StallMode.SILENT:
                     self.ctx.stats.add("pings_answered")
-                    data = msg.data
-                    await self._send_frame(lambda: self.ws.pong(data))
+                    await self._send_frame(functools.partial(self.ws.pong, msg.data))
             elif msg.type is WSMsgType.PONG:
                 self.ctx.stats.add("pongs_received")
                 self._ping_outstanding_since = None
