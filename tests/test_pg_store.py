@@ -279,6 +279,33 @@ def test_missing_matches_naive_scan_on_large_series(store, monkeypatch):
     assert in_tf(missing(store, 0, 5000)) == want
 
 
+def test_missing_ranges_agree_with_the_sqlite_store(store, monkeypatch):
+    """Random series, bounds (aligned or not), recorded gaps and stretch sizes: the same
+    answer as the SQLite store's bisection."""
+    import random
+
+    from actors.store import Store
+
+    rnd = random.Random(11)
+    with Store(":memory:") as lite:
+        for case in range(40):
+            monkeypatch.setattr(mod, "_LEAF", rnd.choice([1, 3, 16, 2048]))
+            symbol = f"C{case}/USDT"
+            density = rnd.choice([0.0, 0.3, 0.9, 0.99, 1.0])
+            batch = rows([t * TF for t in range(300) if rnd.random() < density], symbol=symbol)
+            lite.upsert(batch)
+            store.upsert(batch)
+            for _ in range(rnd.randrange(3)):
+                g, length = rnd.randrange(300), rnd.randrange(1, 20)
+                for s_ in (lite, store):
+                    s_.record_gap("binance", symbol, "1m", g * TF, (g + length) * TF)
+            for _ in range(5):
+                a = rnd.randrange(-20, 320) * TF + rnd.choice([0, 0, 1, 30_000])
+                b = a + rnd.randrange(0, 340) * TF + rnd.choice([0, 0, 1, 59_999])
+                args = ("binance", symbol, "1m", TF, a, b)
+                assert store.missing_ranges(*args) == lite.missing_ranges(*args), (case, a, b)
+
+
 # -- run-time series -------------------------------------------------------------------------
 
 
