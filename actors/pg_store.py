@@ -1,294 +1,87 @@
 """PostgreSQL candle store: the same contract as the SQLite ``Store``, shared by many daemons.
 
 Same tables, columns, key and semantics as ``actors.store.Store`` (candles, gaps, series), plus
-``nodes`` and ``leases`` for clustering: each series is owned by one live daemon through a lease
-whose fencing token grows by one on every change of owner. A fenced ``upsert`` checks the tokens
-in the same transaction as the write, so a daemon that lost a lease (paused, partitioned, slow)
-can never overwrite the new owner's work. Expiry uses the database's clock only.
+``nodes`` and ``leases`` for clustering (``actors.pg_leases``): each series is owned by one live
+daemon through a lease whose fencing token grows by one on every change of owner, and a fenced
+``upsert`` checks the tokens in the write's own transaction, so a daemon that lost a lease
+(paused, partitioned, slow) can never overwrite the new owner's work.
 
-Like ``Store``, it never logs, never sleeps and never retries a fault. Faults map onto the
-store's exceptions so the storage actor can keep one policy for both back ends:
+Like ``Store``, it never logs, never sleeps and never retries a fault; reconnecting is
+``reopen()``. Faults map onto the store's exceptions (``actors.pg_errors``):
 
-* ``StoreUnavailable`` (a ``StoreError``): transient. Connection lost or refused, server
-  restarting or shutting down, read-only server (``default_transaction_read_only``, a standby),
-  disk full and other out-of-resources errors, lock or statement timeouts, serialization
-  failures and deadlocks. Nothing of the failed call was committed; answer the write with an
-  error, and ``reopen()`` to reconnect before writing again (a broken connection keeps raising
-  ``StoreUnavailable`` until then).
-* ``StoreGone``: a table we need was dropped while open. ``reopen()`` recreates it (and
-  ``check()`` notices a table recreated by someone else), as with a deleted SQLite file.
-* ``StoreError``: not open, a read-only store asked to write, bad URL or credentials, missing
-  database, or anything else the store cannot do.
-* Rows that break the schema (a NULL price) raise psycopg's ``IntegrityError`` unchanged, as the
-  SQLite store lets ``sqlite3.IntegrityError`` through: that is a bug, not a fault.
+* ``StoreUnavailable(StoreError)``: transient. Connection lost or refused, server restarting or
+  shutting down, read-only server (``default_transaction_read_only``, a standby), disk full and
+  other out-of-resources errors, lock timeout, serialization failure, deadlock. Nothing of the
+  failed call was committed: answer the write with an error, ``reopen()``, then write again (a
+  lost connection keeps raising ``StoreUnavailable`` until ``reopen()`` succeeds).
+* ``StoreGone``: a table was dropped while open. ``reopen()`` recreates it (and ``check()``
+  notices a candles table recreated by another daemon), as with a deleted SQLite file.
+* ``StoreError``: not open, a read-only store asked to write, bad URL, credentials or database.
+* A row that breaks the schema (a NULL price) raises psycopg's ``IntegrityError``, as the
+  SQLite store lets ``sqlite3.IntegrityError`` through: a bug, not a fault.
 
-The password (from the URL, ``PGPASSWORD`` or a ``.pgpass`` file, all handled by libpq) never
-appears in ``repr()``, ``url`` or any exception text: messages are redacted and an exception is
-chained to the driver's only when the driver's text holds no secret.
+The password (from the URL, ``PGPASSWORD`` or a ``.pgpass`` file, all read by libpq) never
+appears in ``repr()``, ``url`` or any exception text.
 
-TimescaleDB: when the server offers the extension (``pg_available_extensions``) and the candles
-table is created by this store, the table becomes a hypertable partitioned on ``ts`` (integer
-milliseconds, ``timescale_chunk_ms`` per chunk). If that fails (the extension is not preloaded,
-or no privilege) a plain table is used and ``hypertable_note`` says why; ``timescale=False``
-never tries, ``timescale=True`` makes failure a ``StoreError``.
+Bulk writes: "copy" (binary COPY; series with no stored candle in the batch's span go straight
+into candles, the others through a temporary staging table and INSERT ... SELECT ... ON
+CONFLICT) or "values" (multi-row INSERT ... ON CONFLICT, 1000 rows a statement). "auto", the
+default, uses values below ``COPY_FROM_ROWS`` rows and copy from there (bench/store.py).
+
+TimescaleDB: when the server offers the extension (``pg_available_extensions``) and this store
+creates the candles table, the table becomes a hypertable on ``ts`` (integer milliseconds,
+``timescale_chunk_ms`` per chunk). If that fails (extension not preloaded, no privilege) a plain
+table is used and ``hypertable_note`` says why; ``timescale=False`` never tries,
+``timescale=True`` makes failure a ``StoreError``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import re
-from itertools import groupby
-from operator import itemgetter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, overload
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import sql
 
-from actors.store import Candle, Row, StoreError, StoreGone, _append, _subtract
+from actors.pg_errors import Redactor, StoreUnavailable, connect_error, translate
+from actors.pg_leases import FencedWrite, Lease, LeasesMixin, fence_check
+from actors.pg_sql import (
+    CHUNK_ROWS,
+    COPY_CANDLES,
+    COPY_STAGE,
+    DDL,
+    OVERLAP,
+    SCHEMA_LOCK,
+    SERIES,
+    STAGE_DDL,
+    STAGE_UPSERT,
+    TABLES,
+    Conn,
+    Key,
+    copy_rows,
+    dedupe,
+    key_columns,
+    key_of,
+    spans,
+    values_sql,
+)
+from actors.store import Candle, Row, StoreError, _append, _subtract
 
-__all__ = [
-    "PostgresStore",
-    "StoreUnavailable",
-    "FencedWrite",
-    "Lease",
-    "Strategy",
-]
+__all__ = ["COPY_FROM_ROWS", "FencedWrite", "Lease", "PostgresStore", "StoreUnavailable", "Strategy"]
 
-Key = tuple[str, str, str]
 Strategy = Literal["auto", "copy", "values"]
-Conn = psycopg.Connection[tuple[Any, ...]]
 
-
-class StoreUnavailable(StoreError):
-    """The server cannot take this now (connection lost, restarting, read-only, disk full, lock
-    timeout): nothing was committed. Answer with an error; ``reopen()`` before writing again."""
-
-
-@dataclass(frozen=True)
-class FencedWrite:
-    """What a fenced ``upsert`` did: rows inserted or changed, and the fence keys refused
-    because their lease now has another owner or a newer token (nothing of those was stored)."""
-
-    changed: int
-    refused: frozenset[Any]
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One row of ``leases`` as ``ctl cluster`` shows it; ``remaining_s`` by the database clock
-    (negative once expired); ``owner`` None once released."""
-
-    exchange: str
-    symbol: str
-    timeframe: str
-    owner: str | None
-    token: int
-    expires_at: datetime
-    remaining_s: float
-
-    @property
-    def live(self) -> bool:
-        return self.owner is not None and self.remaining_s > 0
-
-
-# -- schema ------------------------------------------------------------------------------------
-
-_TABLES = ("candles", "gaps", "series", "nodes", "leases")
-
-# Exactly the SQLite contract (BIGINT for INTEGER, DOUBLE PRECISION for REAL).
-_DDL: dict[str, str] = {
-    "candles": """CREATE TABLE IF NOT EXISTS candles (
-    exchange TEXT NOT NULL,
-    symbol TEXT NOT NULL,
-    timeframe TEXT NOT NULL,
-    ts BIGINT NOT NULL,
-    open DOUBLE PRECISION NOT NULL,
-    high DOUBLE PRECISION NOT NULL,
-    low DOUBLE PRECISION NOT NULL,
-    close DOUBLE PRECISION NOT NULL,
-    volume DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe, ts))""",
-    "gaps": """CREATE TABLE IF NOT EXISTS gaps (
-    exchange TEXT NOT NULL,
-    symbol TEXT NOT NULL,
-    timeframe TEXT NOT NULL,
-    ts_from BIGINT NOT NULL,
-    ts_to BIGINT NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe, ts_from))""",
-    "series": """CREATE TABLE IF NOT EXISTS series (
-    exchange TEXT NOT NULL,
-    symbol TEXT NOT NULL,
-    timeframe TEXT NOT NULL,
-    added_at BIGINT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (exchange, symbol, timeframe))""",
-    # heartbeat_at/expires_at come from the database clock, never a node's
-    "nodes": """CREATE TABLE IF NOT EXISTS nodes (
-    node TEXT PRIMARY KEY,
-    rate_budget DOUBLE PRECISION NOT NULL,
-    heartbeat_at TIMESTAMPTZ NOT NULL,
-    expires_at TIMESTAMPTZ NOT NULL,
-    started_at TIMESTAMPTZ NOT NULL)""",
-    # rows are never deleted, so a series' token never goes back; owner NULL = released
-    "leases": """CREATE TABLE IF NOT EXISTS leases (
-    exchange TEXT NOT NULL,
-    symbol TEXT NOT NULL,
-    timeframe TEXT NOT NULL,
-    owner TEXT,
-    token BIGINT NOT NULL,
-    expires_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (exchange, symbol, timeframe))""",
-}
-
-# Serialises schema creation between daemons opening one empty database at once.
-_SCHEMA_LOCK = 0x636B_7363  # "ckcs"
-
-_TS = itemgetter(3)
-_SERIES_OF = itemgetter(0, 1, 2)
-_COLS = "exchange, symbol, timeframe, ts, open, high, low, close, volume"
-_TYPES = ["text", "text", "text", "int8", "float8", "float8", "float8", "float8", "float8"]
-_SERIES = "exchange = %s AND symbol = %s AND timeframe = %s"
-
-# Rewrite a row only when a value changed (the same rule as SQLite's IS NOT): re-fetched
-# closed candles then cost an index probe, not a new row version, and rowcount says how many
-# rows really changed.
-_ON_CONFLICT = (
-    " ON CONFLICT (exchange, symbol, timeframe, ts) DO UPDATE SET"
-    " open = excluded.open, high = excluded.high, low = excluded.low,"
-    " close = excluded.close, volume = excluded.volume"
-    " WHERE (candles.open, candles.high, candles.low, candles.close, candles.volume)"
-    " IS DISTINCT FROM (excluded.open, excluded.high, excluded.low, excluded.close, excluded.volume)"
-)
-
-# The COPY strategy. Series of the batch with no stored candle inside the batch's time span
-# cannot conflict: their rows are COPYed straight into candles (as fast as a raw COPY). The
-# rest go through a staging table (per connection, emptied by every commit) and one
-# INSERT ... SELECT ... ON CONFLICT. Measured in bench/store.py.
-_OVERLAP = (
-    "SELECT k.e, k.s, k.t FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::int8[])"
-    " AS k(e, s, t, lo, hi) WHERE EXISTS (SELECT 1 FROM candles c WHERE c.exchange = k.e"
-    " AND c.symbol = k.s AND c.timeframe = k.t AND c.ts >= k.lo AND c.ts <= k.hi)"
-)
-_COPY_CANDLES = f"COPY candles ({_COLS}) FROM STDIN (FORMAT BINARY)"
-_STAGE_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS _ck_stage (exchange TEXT, symbol TEXT, timeframe TEXT,"
-    " ts BIGINT, open DOUBLE PRECISION, high DOUBLE PRECISION, low DOUBLE PRECISION,"
-    " close DOUBLE PRECISION, volume DOUBLE PRECISION) ON COMMIT DELETE ROWS"
-)
-_COPY_STAGE = f"COPY _ck_stage ({_COLS}) FROM STDIN (FORMAT BINARY)"
-_STAGE_UPSERT = f"INSERT INTO candles ({_COLS}) SELECT {_COLS} FROM _ck_stage" + _ON_CONFLICT
-_IN_KEYS = "(exchange, symbol, timeframe) IN (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))"
-
-_CHUNK_ROWS = 1000  # rows per multi-row INSERT (9,000 parameters; the protocol allows 65,535)
-_COPY_FROM_ROWS = 200  # "auto": batches this large go through COPY (bench/store.py)
-
-# SQLSTATEs (class or full code) after which writing again later can succeed.
-_TRANSIENT_CLASSES = ("08", "53", "57", "40", "58")  # connection, resources, operator, rollback, system
-_TRANSIENT_CODES = {"25006", "55P03", "55006", "25P03", "XX000"}
-_GONE_CODES = {"42P01"}  # undefined_table: dropped while we ran
-_DUPLICATE_CODES = {"23505", "21000"}  # unique_violation, cardinality_violation (ON CONFLICT twice)
-# Connection failures without SQLSTATE that writing again will not fix.
-_PERMANENT_CONNECT = (
-    "password authentication failed",
-    "no password supplied",
-    "does not exist",
-    "pg_hba.conf",
-    "invalid port",
-    "invalid URI",
-    "invalid connection option",
-    "invalid sslmode",
-    "could not translate host name",
-)
+COPY_FROM_ROWS = 200  # "auto": batches this large go through COPY (bench/store.py)
+DUPLICATE_CODES = frozenset({"23505", "21000"})  # unique_violation; ON CONFLICT hit a row twice
 
 
 class _Duplicate(Exception):
     """The optimistic write met a duplicate key (inside the batch, or a racing writer)."""
 
 
-def _key(k: Any) -> Key:
-    if isinstance(k, tuple):
-        e, s, t = k
-        return (e, s, t)
-    return (k.exchange, k.symbol, k.timeframe)
-
-
-def _columns(keys: Iterable[Key]) -> tuple[list[str], list[str], list[str]]:
-    es: list[str] = []
-    ss: list[str] = []
-    ts: list[str] = []
-    for e, s, t in keys:
-        es.append(e)
-        ss.append(s)
-        ts.append(t)
-    return es, ss, ts
-
-
-@functools.lru_cache(maxsize=16)
-def _values_sql(n: int) -> str:
-    """A multi-row INSERT ... ON CONFLICT for n rows, with $n placeholders (no client parsing)."""
-    rows = ",".join("(" + ",".join(f"${i * 9 + j + 1}" for j in range(9)) + ")" for i in range(n))
-    return f"INSERT INTO candles ({_COLS}) VALUES {rows}{_ON_CONFLICT}"
-
-
-def _spans(rows: Sequence[Row]) -> dict[Key, tuple[int, int]]:
-    """{series: (min ts, max ts)} of a batch. Rows come in runs of one series (one write each),
-    so the work per row is done by C code (itemgetter, groupby, min, max), per run in Python."""
-    spans: dict[Key, tuple[int, int]] = {}
-    times = list(map(_TS, rows))
-    i = 0
-    for key, run in groupby(map(_SERIES_OF, rows)):
-        n = len(list(run))
-        lo, hi = min(times[i : i + n]), max(times[i : i + n])
-        if key in spans:
-            lo, hi = min(lo, spans[key][0]), max(hi, spans[key][1])
-        spans[key] = (lo, hi)
-        i += n
-    return spans
-
-
-def _copy(conn: Conn, statement: str, rows: Iterable[Row]) -> None:
-    with conn.cursor().copy(statement) as copy:  # type: ignore[arg-type]
-        copy.set_types(_TYPES)
-        for row in rows:
-            copy.write_row(row)
-
-
-def _dedupe(rows: Sequence[Row]) -> list[Row]:
-    """One row per key, the last one winning (what SQLite's row-by-row upsert leaves stored)."""
-    return list({(r[0], r[1], r[2], r[3]): r for r in rows}.values())
-
-
-# -- redaction ---------------------------------------------------------------------------------
-
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def _secrets(url: str) -> list[str]:
-    found: list[str] = []
-    try:
-        raw = urlsplit(url).password if "://" in url else None
-    except ValueError:
-        raw = None
-    if raw:
-        found += [raw, unquote(raw)]
-    m = _KV_PASSWORD.search(url)
-    if m:
-        found.append(m.group(2).strip("'"))
-    env = os.environ.get("PGPASSWORD")
-    if env:
-        found.append(env)
-    return sorted({s for s in found if s}, key=len, reverse=True)
-
-
-class PostgresStore:
+class PostgresStore(LeasesMixin):
     """Candles, genuine gaps, run-time series, nodes and leases in one PostgreSQL database.
 
     Not thread-safe: one ``PostgresStore`` (one connection) per thread, like ``Store``.
@@ -308,7 +101,7 @@ class PostgresStore:
         timescale_chunk_ms: int = 7 * 86_400_000,
     ) -> None:
         self._url = url
-        self._secrets = _secrets(url)
+        self._redact = Redactor(url)
         self.readonly = readonly
         self.strategy: Strategy = strategy
         self.lock_timeout_s = lock_timeout_s
@@ -317,12 +110,12 @@ class PostgresStore:
         self.timescale_chunk_ms = timescale_chunk_ms
         self.hypertable = False
         self.hypertable_note: str | None = None
-        #: fenced writes refused (series, rows) since this object was made
+        #: fenced writes refused since this object was made: series refused, rows not stored
         self.refused_writes = 0
         self.refused_rows = 0
         self._conn: Conn | None = None
         self._candles_oid: int | None = None
-        self._stage_ready = False
+        self._stage_ready = False  # the staging table exists on this connection
         self._stage_used = False
         self._opened_before = False
         self._wanted = False  # open() was asked for and close() was not: lost = unavailable
@@ -348,12 +141,6 @@ class PostgresStore:
     def is_open(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        text = _URL_PASSWORD.sub(r"\1***@", text)
-        return _KV_PASSWORD.sub(r"\1***", text)
-
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
         mode = "ro" if self.readonly else "rw"
@@ -378,7 +165,7 @@ class PostgresStore:
                 application_name="candlekeeper",
             )
         except psycopg.Error as exc:
-            failed = self._connect_error(exc)
+            failed = connect_error(exc, self.url, self._redact)
         if failed is not None:  # raised outside the handler: the driver's error (which may
             raise failed  # quote the connection string) is not even its __context__
         try:
@@ -392,7 +179,7 @@ class PostgresStore:
             self._candles_oid = int(row[0]) if row and row[0] is not None else None
         except psycopg.Error as exc:
             conn.close()
-            raise self._translate(exc, "cannot open") from None
+            raise translate(exc, self.url, "cannot open", self._redact, conn.broken) from None
         except StoreError:
             conn.close()
             raise
@@ -410,10 +197,10 @@ class PostgresStore:
         if self.readonly:
             raise StoreError(f"{self.url} has no candlekeeper schema (missing: {', '.join(missing)})")
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             missing = self._missing_tables(conn)  # another daemon may have just made them
             for table in missing:
-                conn.execute(_DDL[table])  # type: ignore[arg-type]
+                conn.execute(DDL[table])  # type: ignore[arg-type]
             if "candles" in missing and self.timescale is not False:
                 self._make_hypertable(conn)
         return tuple(missing)
@@ -421,7 +208,7 @@ class PostgresStore:
     @staticmethod
     def _missing_tables(conn: Conn) -> list[str]:
         rows = conn.execute(
-            "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", (list(_TABLES),)
+            "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL", (list(TABLES),)
         ).fetchall()
         return [r[0] for r in rows]
 
@@ -500,35 +287,6 @@ class PostgresStore:
             return f"recreated tables: {', '.join(self._recreated)}"
         return None
 
-    def _connect_error(self, exc: psycopg.Error) -> StoreError:
-        text = self._redact(str(exc)).strip()
-        if isinstance(exc, psycopg.OperationalError) and not any(m in text for m in _PERMANENT_CONNECT):
-            return StoreUnavailable(f"cannot connect to {self.url}: {text}")
-        return StoreError(f"cannot open {self.url}: {text}")
-
-    def _translate(self, exc: psycopg.Error, what: str) -> BaseException:
-        """The store exception for a driver error (or the error itself when it is a bug)."""
-        state = exc.sqlstate or ""
-        text = self._redact(str(exc)).strip()
-        if state in _GONE_CODES:
-            out: BaseException = StoreGone(f"{self.url}: {what}: a table was dropped while open ({text}); reopen() recreates it")
-        elif (
-            state[:2] in _TRANSIENT_CLASSES
-            or state in _TRANSIENT_CODES
-            or (isinstance(exc, psycopg.OperationalError) and not state)
-            or (self._conn is not None and self._conn.broken)
-        ):
-            out = StoreUnavailable(f"{self.url}: {what}: {text}")
-        elif isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)) and text == str(exc).strip():
-            return exc  # a bad row: a bug, as in the SQLite store
-        else:
-            out = StoreError(f"{self.url}: {what}: {text}")
-        if text == str(exc).strip():
-            out.__cause__ = exc  # keep the driver's error when it holds no secret
-        if state:
-            out.sqlstate = state  # type: ignore[attr-defined]
-        return out
-
     @contextmanager
     def _db(self, what: str = "query", write: bool = False) -> Iterator[Conn]:
         """The connection, with driver errors translated onto the store's exceptions."""
@@ -545,11 +303,9 @@ class PostgresStore:
             yield conn
         except psycopg.Error as exc:
             self._stage_ready = False
-            err = self._translate(exc, what)
+            err = translate(exc, self.url, what, self._redact, conn.broken)
             if err is exc:
                 raise
-            if err.__cause__ is None:  # the driver's text held a secret: scrub it there too
-                exc.args = (self._redact(str(exc)),)
             raise err from err.__cause__
 
     # -- candles -------------------------------------------------------------------------
@@ -581,9 +337,11 @@ class PostgresStore:
         how = strategy or self.strategy
         if how not in ("auto", "copy", "values"):
             raise ValueError(f"unknown strategy {how!r}")
-        fenced: dict[Key, tuple[int, Any]] | None = None
+        fenced: dict[Key, int] | None = None
+        given: dict[Key, Any] = {}
         if fence is not None:
-            fenced = {_key(k): (int(tok), k) for k, tok in fence.items()}
+            given = {key_of(k): k for k in fence}
+            fenced = {key_of(k): int(tok) for k, tok in fence.items()}
             unfenced = {(r[0], r[1], r[2]) for r in rows} - fenced.keys()
             if unfenced:
                 raise ValueError(f"fenced upsert has rows of series without a token: {sorted(unfenced)[:3]}")
@@ -591,48 +349,35 @@ class PostgresStore:
             try:
                 changed, refused = self._upsert_tx(conn, rows, fenced, how, safe=False)
             except _Duplicate:
-                changed, refused = self._upsert_tx(conn, _dedupe(rows), fenced, how, safe=True)
+                changed, refused = self._upsert_tx(conn, dedupe(rows), fenced, how, safe=True)
         if fenced is None:
             return changed
         self.refused_writes += len(refused)
         self.refused_rows += sum(1 for r in rows if (r[0], r[1], r[2]) in refused) if refused else 0
-        return FencedWrite(changed, frozenset(fenced[k][1] for k in refused))
+        return FencedWrite(changed, frozenset(given[k] for k in refused))
 
     def _upsert_tx(
-        self, conn: Conn, rows: Sequence[Row], fenced: dict[Key, tuple[int, Any]] | None, how: str, safe: bool
+        self, conn: Conn, rows: Sequence[Row], fenced: dict[Key, int] | None, how: str, safe: bool
     ) -> tuple[int, set[Key]]:
         refused: set[Key] = set()
         try:
             with conn.transaction():
                 if fenced:
-                    refused = self._fence_check(conn, fenced)
+                    refused = fence_check(conn, fenced)
                     if refused:
                         rows = [r for r in rows if (r[0], r[1], r[2]) not in refused]
                 if not rows:
                     return 0, refused
                 self._stage_used = False
-                copy = how == "copy" or (how == "auto" and len(rows) >= _COPY_FROM_ROWS)
+                copy = how == "copy" or (how == "auto" and len(rows) >= COPY_FROM_ROWS)
                 changed = self._write_copy(conn, rows, safe) if copy else self._write_values(conn, rows)
         except (psycopg.errors.UniqueViolation, psycopg.errors.CardinalityViolation) as exc:
-            if safe or exc.sqlstate not in _DUPLICATE_CODES:
+            if safe or exc.sqlstate not in DUPLICATE_CODES:
                 raise
             raise _Duplicate() from None
         if self._stage_used:
             self._stage_ready = True  # committed, so the temporary table exists from now on
         return changed, refused
-
-    def _fence_check(self, conn: Conn, fenced: dict[Key, tuple[int, Any]]) -> set[Key]:
-        """Series whose lease token is not the one given; their lease rows stay share-locked
-        until commit, so no owner change can slip between this check and the write."""
-        keys = sorted(fenced)
-        held = conn.execute(
-            "SELECT exchange, symbol, timeframe, token FROM leases"
-            f" WHERE owner IS NOT NULL AND {_IN_KEYS}"
-            " ORDER BY exchange, symbol, timeframe FOR SHARE",
-            _columns(keys),
-        ).fetchall()
-        current = {(e, s, t): tok for e, s, t, tok in held}
-        return {k for k in keys if current.get(k) != fenced[k][0]}
 
     def _write_copy(self, conn: Conn, rows: Sequence[Row], safe: bool) -> int:
         """COPY new series straight into candles, the others through the staging table.
@@ -643,21 +388,23 @@ class PostgresStore:
         """
         if safe:
             return self._copy_upsert(conn, rows)
-        spans = _spans(rows)
-        cols = _columns(spans)
+        span = spans(rows)
+        cols = key_columns(span)
         overlap = {(e, s, t) for e, s, t in conn.execute(
-            _OVERLAP, (*cols, [lo for lo, _ in spans.values()], [hi for _, hi in spans.values()])
+            OVERLAP, (*cols, [lo for lo, _ in span.values()], [hi for _, hi in span.values()])
         )}
+        fresh: Sequence[Row]
+        old: Sequence[Row]
         if not overlap:
             fresh, old = rows, ()
-        elif len(overlap) == len(spans):
+        elif len(overlap) == len(span):
             fresh, old = (), rows
         else:
             fresh = [r for r in rows if (r[0], r[1], r[2]) not in overlap]
             old = [r for r in rows if (r[0], r[1], r[2]) in overlap]
         changed = 0
         if fresh:
-            _copy(conn, _COPY_CANDLES, fresh)
+            copy_rows(conn, COPY_CANDLES, fresh)
             changed = len(fresh)
         if old:
             changed += self._copy_upsert(conn, old)
@@ -665,28 +412,28 @@ class PostgresStore:
 
     def _copy_upsert(self, conn: Conn, rows: Sequence[Row]) -> int:
         if not self._stage_ready:
-            conn.execute(_STAGE_DDL)
+            conn.execute(STAGE_DDL)
             self._stage_used = True
-        _copy(conn, _COPY_STAGE, rows)
-        return conn.execute(_STAGE_UPSERT).rowcount
+        copy_rows(conn, COPY_STAGE, rows)
+        return conn.execute(STAGE_UPSERT).rowcount
 
     def _write_values(self, conn: Conn, rows: Sequence[Row]) -> int:
         """Multi-row INSERT ... ON CONFLICT, 1000 rows a statement (prepared after a few)."""
         cur = psycopg.RawCursor(conn)
         changed = 0
-        for i in range(0, len(rows), _CHUNK_ROWS):
-            chunk = rows[i : i + _CHUNK_ROWS]
-            cur.execute(_values_sql(len(chunk)), [v for row in chunk for v in row])  # type: ignore[arg-type]
+        for i in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[i : i + CHUNK_ROWS]
+            cur.execute(values_sql(len(chunk)), [v for row in chunk for v in row])  # type: ignore[arg-type]
             changed += cur.rowcount
         return changed
 
     def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
         """Open time of the newest stored candle, or None."""
-        return self._one(f"SELECT max(ts) FROM candles WHERE {_SERIES}", (exchange, symbol, timeframe))
+        return self._one(f"SELECT max(ts) FROM candles WHERE {SERIES}", (exchange, symbol, timeframe))
 
     def first_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
         """Open time of the oldest stored candle, or None."""
-        return self._one(f"SELECT min(ts) FROM candles WHERE {_SERIES}", (exchange, symbol, timeframe))
+        return self._one(f"SELECT min(ts) FROM candles WHERE {SERIES}", (exchange, symbol, timeframe))
 
     def count(
         self,
@@ -700,7 +447,7 @@ class PostgresStore:
         lo = start_ms if start_ms is not None else -(2**63)
         hi = end_ms if end_ms is not None else 2**63 - 1
         return int(self._one(
-            f"SELECT count(*) FROM candles WHERE {_SERIES} AND ts >= %s AND ts < %s",
+            f"SELECT count(*) FROM candles WHERE {SERIES} AND ts >= %s AND ts < %s",
             (exchange, symbol, timeframe, lo, hi),
         ))
 
@@ -708,7 +455,7 @@ class PostgresStore:
         """Open times stored in [start_ms, end_ms)."""
         with self._db("stored_ts") as conn:
             return [r[0] for r in conn.execute(
-                f"SELECT ts FROM candles WHERE {_SERIES} AND ts >= %s AND ts < %s ORDER BY ts",
+                f"SELECT ts FROM candles WHERE {SERIES} AND ts >= %s AND ts < %s ORDER BY ts",
                 (exchange, symbol, timeframe, start_ms, end_ms),
             )]
 
@@ -734,7 +481,7 @@ class PostgresStore:
         """The ``n`` newest candles as (ts, open, high, low, close, volume), newest first."""
         with self._db("latest") as conn:
             return conn.execute(
-                f"SELECT ts, open, high, low, close, volume FROM candles WHERE {_SERIES}"
+                f"SELECT ts, open, high, low, close, volume FROM candles WHERE {SERIES}"
                 " ORDER BY ts DESC LIMIT %s",
                 (exchange, symbol, timeframe, n),
             ).fetchall()  # type: ignore[return-value]
@@ -752,7 +499,7 @@ class PostgresStore:
         hi = end_ms if end_ms is not None else 2**63 - 1
         with self._db("candles") as conn:
             return conn.execute(
-                f"SELECT ts, open, high, low, close, volume FROM candles WHERE {_SERIES}"
+                f"SELECT ts, open, high, low, close, volume FROM candles WHERE {SERIES}"
                 " AND ts >= %s AND ts < %s ORDER BY ts",
                 (exchange, symbol, timeframe, lo, hi),
             ).fetchall()  # type: ignore[return-value]
@@ -778,10 +525,12 @@ class PostgresStore:
             return []
         key = (exchange, symbol, timeframe)
         with self._db("missing_ranges") as conn:
+            first: int | None
+            last: int
             first, last = conn.execute(  # two index probes
-                f"SELECT min(ts), max(ts) FROM candles WHERE {_SERIES} AND ts >= %s AND ts < %s",
+                f"SELECT min(ts), max(ts) FROM candles WHERE {SERIES} AND ts >= %s AND ts < %s",
                 (*key, start_ms, end_ms),
-            ).fetchone() or (None, None)
+            ).fetchone() or (None, 0)
             if first is None:
                 missing = [(start_ms, end_ms)]
             else:
@@ -794,7 +543,7 @@ class PostgresStore:
             if not missing:
                 return []
             known = conn.execute(
-                f"SELECT ts_from, ts_to FROM gaps WHERE {_SERIES} AND ts_to > %s AND ts_from < %s ORDER BY ts_from",
+                f"SELECT ts_from, ts_to FROM gaps WHERE {SERIES} AND ts_to > %s AND ts_from < %s ORDER BY ts_from",
                 (*key, start_ms, end_ms),
             ).fetchall()
         return _subtract(missing, known) if known else missing  # type: ignore[arg-type]
@@ -817,7 +566,7 @@ class PostgresStore:
         """Recorded genuine gaps of a series as [from, to) ranges, oldest first."""
         with self._db("gaps") as conn:
             return conn.execute(
-                f"SELECT ts_from, ts_to FROM gaps WHERE {_SERIES} ORDER BY ts_from", (exchange, symbol, timeframe)
+                f"SELECT ts_from, ts_to FROM gaps WHERE {SERIES} ORDER BY ts_from", (exchange, symbol, timeframe)
             ).fetchall()  # type: ignore[return-value]
 
     # -- run-time series -----------------------------------------------------------------
@@ -854,120 +603,12 @@ class PostgresStore:
                 )
             ]
 
-    # -- cluster: nodes and leases -------------------------------------------------------
-
-    def db_now(self) -> datetime:
-        """The database's clock: the only clock leases and heartbeats are judged by."""
-        return self._one("SELECT clock_timestamp()")  # type: ignore[no-any-return]
-
-    def heartbeat(self, node: str, rate_budget: float, lease_seconds: float) -> None:
-        """Say ``node`` is alive for ``lease_seconds`` more (database clock), with its budget."""
-        _check_seconds(lease_seconds)
-        with self._db("heartbeat", write=True) as conn:
-            conn.execute(
-                "INSERT INTO nodes (node, rate_budget, heartbeat_at, expires_at, started_at)"
-                " VALUES (%s, %s, clock_timestamp(), clock_timestamp() + make_interval(secs => %s::float8), clock_timestamp())"
-                " ON CONFLICT (node) DO UPDATE SET rate_budget = excluded.rate_budget,"
-                " heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
-                (node, rate_budget, lease_seconds),
-            )
-
-    def live_nodes(self, now: datetime | None = None) -> dict[str, float]:
-        """{node: rate_budget} of the nodes whose heartbeat has not expired at ``now``
-        (default: the database's clock now)."""
-        with self._db("live_nodes") as conn:
-            rows = conn.execute(
-                "SELECT node, rate_budget FROM nodes WHERE expires_at > COALESCE(%s, clock_timestamp()) ORDER BY node",
-                (now,),
-            ).fetchall()
-        return {n: float(b) for n, b in rows}
-
-    def leave(self, node: str) -> int:
-        """A graceful goodbye: the node stops counting as live and its leases are released.
-        Returns how many leases it held."""
-        with self._db("leave", write=True) as conn, conn.transaction():
-            conn.execute("UPDATE nodes SET expires_at = clock_timestamp() WHERE node = %s", (node,))
-            return conn.execute(
-                "UPDATE leases SET owner = NULL, expires_at = clock_timestamp() WHERE (exchange, symbol, timeframe) IN"
-                " (SELECT exchange, symbol, timeframe FROM leases WHERE owner = %s"
-                " ORDER BY exchange, symbol, timeframe FOR UPDATE)",
-                (node,),
-            ).rowcount
-
-    def acquire(self, key: Any, node: str, lease_seconds: float) -> int | None:
-        """Take (or extend) the lease of a series; its fencing token, or None while another node
-        holds it unexpired. The token grows by one on every change of owner (a release counts:
-        the next holder, even the same node, gets a new token) and is never reused."""
-        _check_seconds(lease_seconds)
-        e, s, t = _key(key)
-        with self._db("acquire", write=True) as conn:
-            row = conn.execute(
-                "INSERT INTO leases AS l (exchange, symbol, timeframe, owner, token, expires_at)"
-                " VALUES (%s, %s, %s, %s, 1, clock_timestamp() + make_interval(secs => %s::float8))"
-                " ON CONFLICT (exchange, symbol, timeframe) DO UPDATE SET owner = excluded.owner,"
-                " token = l.token + CASE WHEN l.owner IS NOT DISTINCT FROM excluded.owner THEN 0 ELSE 1 END,"
-                " expires_at = excluded.expires_at"
-                " WHERE l.owner IS NULL OR l.owner = excluded.owner OR l.expires_at <= clock_timestamp()"
-                " RETURNING token",
-                (e, s, t, node, lease_seconds),
-            ).fetchone()
-        return None if row is None else int(row[0])
-
-    def renew(self, keys: Iterable[Any], node: str, lease_seconds: float) -> set[Any]:
-        """Extend the leases ``node`` still owns among ``keys``; returns those keys. A lease
-        that expired but was not taken by anyone is renewed with its token unchanged (no
-        other node can have written with a newer one)."""
-        _check_seconds(lease_seconds)
-        wanted = {_key(k): k for k in keys}
-        if not wanted:
-            return set()
-        with self._db("renew", write=True) as conn:
-            rows = conn.execute(
-                "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => %s::float8)"
-                " WHERE (exchange, symbol, timeframe) IN (SELECT exchange, symbol, timeframe FROM leases"
-                f" WHERE owner = %s AND {_IN_KEYS} ORDER BY exchange, symbol, timeframe FOR UPDATE)"
-                " RETURNING exchange, symbol, timeframe",
-                (lease_seconds, node, *_columns(sorted(wanted))),
-            ).fetchall()
-        return {wanted[(e, s, t)] for e, s, t in rows}
-
-    def release(self, keys: Iterable[Any], node: str) -> set[Any]:
-        """Give up ``node``'s leases among ``keys`` (they become free at once); returns the keys
-        that were released. The token stays: the next owner gets token + 1."""
-        wanted = {_key(k): k for k in keys}
-        if not wanted:
-            return set()
-        with self._db("release", write=True) as conn:
-            rows = conn.execute(
-                "UPDATE leases SET owner = NULL, expires_at = clock_timestamp()"
-                " WHERE (exchange, symbol, timeframe) IN (SELECT exchange, symbol, timeframe FROM leases"
-                f" WHERE owner = %s AND {_IN_KEYS} ORDER BY exchange, symbol, timeframe FOR UPDATE)"
-                " RETURNING exchange, symbol, timeframe",
-                (node, *_columns(sorted(wanted))),
-            ).fetchall()
-        return {wanted[(e, s, t)] for e, s, t in rows}
-
-    def leases(self) -> list[Lease]:
-        """Every lease row (held, expired or released), by series."""
-        with self._db("leases") as conn:
-            rows = conn.execute(
-                "SELECT exchange, symbol, timeframe, owner, token, expires_at,"
-                " extract(epoch FROM expires_at - clock_timestamp())::float8"
-                " FROM leases ORDER BY exchange, symbol, timeframe"
-            ).fetchall()
-        return [Lease(*r) for r in rows]
-
-    # -- helpers -------------------------------------------------------------------------
+    # -- helpers ---------------------------------------------------------------------------
 
     def _one(self, query: str, params: Sequence[Any] = (), what: str = "query") -> Any:
         with self._db(what) as conn:
             row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
         return None if row is None else row[0]
-
-
-def _check_seconds(s: float) -> None:
-    if not s >= 0:
-        raise ValueError(f"lease_seconds must be >= 0, not {s!r}")
 
 
 _LEAF = 2048  # candle times per counted stretch; stretches short of candles are scanned
@@ -982,7 +623,7 @@ def _holes(conn: Conn, key: Key, tf: int, lo: int, hi: int, out: list[tuple[int,
     """
     width = _LEAF * tf
     counts = conn.execute(
-        f"SELECT (ts - %s) / %s AS b, count(*) FROM candles WHERE {_SERIES} AND ts >= %s AND ts < %s"
+        f"SELECT (ts - %s) / %s AS b, count(*) FROM candles WHERE {SERIES} AND ts >= %s AND ts < %s"
         " GROUP BY b ORDER BY b",
         (lo, width, *key, lo, hi),
     ).fetchall()
@@ -1002,7 +643,7 @@ def _holes(conn: Conn, key: Key, tf: int, lo: int, hi: int, out: list[tuple[int,
     for s_lo, s_hi in scan:
         prev = s_lo - tf
         for (ts,) in conn.execute(
-            f"SELECT ts FROM candles WHERE {_SERIES} AND ts >= %s AND ts < %s ORDER BY ts", (*key, s_lo, s_hi)
+            f"SELECT ts FROM candles WHERE {SERIES} AND ts >= %s AND ts < %s ORDER BY ts", (*key, s_lo, s_hi)
         ):
             if ts - prev > tf:
                 found.append((prev + tf, ts))

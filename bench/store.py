@@ -28,10 +28,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psycopg  # noqa: E402
+import psycopg
 
-from actors.pg_store import _COLS, _TYPES, PostgresStore  # noqa: E402
-from actors.store import _SCHEMA, Store  # noqa: E402
+from actors.pg_sql import COLS as _COLS
+from actors.pg_sql import TYPES as _TYPES
+from actors.pg_store import PostgresStore
+from actors.store import _SCHEMA, Store
 
 TF = 60_000
 TARGET_RATIO = 0.70  # store >= 70 % of raw COPY
@@ -83,7 +85,7 @@ def pg_figures(url: str, rows: list[Any], batch: int, repeat: int) -> dict[str, 
     def store_upsert(strategy: str) -> Callable[[], None]:
         def run() -> None:
             for part in parts:
-                store.upsert(part, strategy=strategy)  # type: ignore[arg-type]
+                store.upsert(part, strategy=strategy)  # type: ignore[call-overload]
         return run
 
     out: dict[str, float] = {}
@@ -105,7 +107,7 @@ def pg_figures(url: str, rows: list[Any], batch: int, repeat: int) -> dict[str, 
         for strategy in ("copy", "values"):
             def run(calls: list[Any] = calls, strategy: str = strategy) -> None:
                 for c in calls:
-                    store.upsert(c, strategy=strategy)  # type: ignore[arg-type]
+                    store.upsert(c, strategy=strategy)  # type: ignore[call-overload]
             t = best(repeat, truncate, run)
             out[f"pg_{strategy}_batch{size}_calls_per_s"] = len(calls) / t
 

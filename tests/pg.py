@@ -112,7 +112,7 @@ class PgCluster:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self._owner is not None:
             cmd = ["runuser", "-u", self._owner.pw_name, "--", *cmd]
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
         if check and proc.returncode != 0:
             raise PgUnavailable(
                 f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"

@@ -15,7 +15,12 @@ import pytest
 import actors.pg_store as mod
 from actors.pg_store import FencedWrite, PostgresStore, StoreUnavailable
 from actors.store import StoreError, StoreGone
-from tests.pg import PASSWORD, PASSWORD_USER, PgDatabase, pg_cluster, pg_db  # noqa: F401
+pytest.register_assert_rewrite("tests.pg")  # it is also loaded as a plugin, below
+
+from tests.pg import PASSWORD, PASSWORD_USER, PgDatabase  # noqa: E402
+
+# the server fixtures (pg_cluster, pg_db); tests/conftest.py may load this plugin for every file
+pytest_plugins = ["tests.pg"]
 
 TF = 60_000
 KEY = ("binance", "BTC/USDT", "1m")

@@ -43,7 +43,7 @@ def test_a_joining_node_only_takes_series(nodes, keys, new, weight):
 
 @given(clusters, series)
 def test_a_leaving_node_only_gives_up_its_own_series(nodes, keys):
-    gone = sorted(nodes)[0]
+    gone = min(nodes)
     before = placement(keys, nodes)
     rest = {n: w for n, w in nodes.items() if n != gone}
     after = placement(keys, rest)
@@ -56,7 +56,7 @@ def test_a_leaving_node_only_gives_up_its_own_series(nodes, keys):
 
 @given(clusters, series, st.floats(min_value=1.01, max_value=100))
 def test_raising_a_weight_only_pulls_series_to_that_node(nodes, keys, factor):
-    node = sorted(nodes)[-1]
+    node = max(nodes)
     before = placement(keys, nodes)
     after = placement(keys, {**nodes, node: nodes[node] * factor})
     for k in keys:
