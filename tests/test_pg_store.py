@@ -677,3 +677,13 @@ def test_owner_change_waits_for_a_fenced_write_in_flight(store, pg_db):
         assert taker.result() == t_a + 1
     assert store.count(*KEY) == 300
     assert store.upsert(rows([400 * TF]), fence={KEY: t_a}).refused == {KEY}
+
+
+def test_missing_server_binaries_fail_loudly(monkeypatch):
+    import tests.pg as pg
+
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    monkeypatch.setattr(pg.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
+    with pytest.raises(pg.PgUnavailable, match=r"apt-get install -y postgresql"):
+        pg.find_bindir()
