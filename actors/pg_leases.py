@@ -78,7 +78,7 @@ class LeasesMixin:
         with self._db("db_now") as conn:
             row = conn.execute("SELECT clock_timestamp()").fetchone()
         assert row is not None
-        return row[0]  # type: ignore[no-any-return]
+        return row[0]
 
     def heartbeat(self, node: str, rate_budget: float, lease_seconds: float) -> None:
         """Say ``node`` is alive for ``lease_seconds`` more (database clock), with its budget."""

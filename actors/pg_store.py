@@ -200,7 +200,7 @@ class PostgresStore(LeasesMixin):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             missing = self._missing_tables(conn)  # another daemon may have just made them
             for table in missing:
-                conn.execute(DDL[table])  # type: ignore[arg-type]
+                conn.execute(DDL[table])
             if "candles" in missing and self.timescale is not False:
                 self._make_hypertable(conn)
         return tuple(missing)
@@ -314,7 +314,9 @@ class PostgresStore(LeasesMixin):
     def upsert(self, rows: Sequence[Row], fence: None = None, *, strategy: Strategy | None = None) -> int: ...
 
     @overload
-    def upsert(self, rows: Sequence[Row], fence: Mapping[Any, int], *, strategy: Strategy | None = None) -> FencedWrite: ...
+    def upsert(
+        self, rows: Sequence[Row], fence: Mapping[Any, int], *, strategy: Strategy | None = None
+    ) -> FencedWrite: ...
 
     def upsert(
         self,
@@ -423,7 +425,7 @@ class PostgresStore(LeasesMixin):
         changed = 0
         for i in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[i : i + CHUNK_ROWS]
-            cur.execute(values_sql(len(chunk)), [v for row in chunk for v in row])  # type: ignore[arg-type]
+            cur.execute(values_sql(len(chunk)), [v for row in chunk for v in row])
             changed += cur.rowcount
         return changed
 
@@ -466,7 +468,7 @@ class PostgresStore(LeasesMixin):
             return set()
         cols: list[list[Any]] = [[], [], [], [], []]
         for r in ranges:
-            for c, v in zip(cols, r):
+            for c, v in zip(cols, r, strict=True):
                 c.append(v)
         with self._db("stored_keys") as conn:
             return set(conn.execute(
@@ -484,7 +486,7 @@ class PostgresStore(LeasesMixin):
                 f"SELECT ts, open, high, low, close, volume FROM candles WHERE {SERIES}"
                 " ORDER BY ts DESC LIMIT %s",
                 (exchange, symbol, timeframe, n),
-            ).fetchall()  # type: ignore[return-value]
+            ).fetchall()
 
     def candles(
         self,
@@ -502,7 +504,7 @@ class PostgresStore(LeasesMixin):
                 f"SELECT ts, open, high, low, close, volume FROM candles WHERE {SERIES}"
                 " AND ts >= %s AND ts < %s ORDER BY ts",
                 (exchange, symbol, timeframe, lo, hi),
-            ).fetchall()  # type: ignore[return-value]
+            ).fetchall()
 
     def missing_ranges(
         self,
@@ -546,7 +548,7 @@ class PostgresStore(LeasesMixin):
                 f"SELECT ts_from, ts_to FROM gaps WHERE {SERIES} AND ts_to > %s AND ts_from < %s ORDER BY ts_from",
                 (*key, start_ms, end_ms),
             ).fetchall()
-        return _subtract(missing, known) if known else missing  # type: ignore[arg-type]
+        return _subtract(missing, known) if known else missing
 
     # -- genuine gaps --------------------------------------------------------------------
 
@@ -567,7 +569,7 @@ class PostgresStore(LeasesMixin):
         with self._db("gaps") as conn:
             return conn.execute(
                 f"SELECT ts_from, ts_to FROM gaps WHERE {SERIES} ORDER BY ts_from", (exchange, symbol, timeframe)
-            ).fetchall()  # type: ignore[return-value]
+            ).fetchall()
 
     # -- run-time series -----------------------------------------------------------------
 
@@ -607,7 +609,7 @@ class PostgresStore(LeasesMixin):
 
     def _one(self, query: str, params: Sequence[Any] = (), what: str = "query") -> Any:
         with self._db(what) as conn:
-            row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+            row = conn.execute(query, params).fetchone()
         return None if row is None else row[0]
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -15,9 +15,9 @@ import pytest
 import actors.pg_store as mod
 from actors.pg_store import FencedWrite, PostgresStore, StoreUnavailable
 from actors.store import StoreError, StoreGone
-pytest.register_assert_rewrite("tests.pg")  # it is also loaded as a plugin, below
 
-from tests.pg import PASSWORD, PASSWORD_USER, PgDatabase  # noqa: E402
+if TYPE_CHECKING:  # imported by pytest as a plugin, below (importing it here first would
+    from tests.pg import PgDatabase  # keep pytest from rewriting its asserts)
 
 # the server fixtures (pg_cluster, pg_db); tests/conftest.py may load this plugin for every file
 pytest_plugins = ["tests.pg"]
@@ -364,6 +364,8 @@ def all_text(exc: BaseException) -> str:
 
 
 def test_password_from_url_env_or_pgpass_never_shown(pg_db, pg_cluster, tmp_path, monkeypatch):
+    from tests.pg import PASSWORD, PASSWORD_USER
+
     admin_sql(pg_db, f"GRANT ALL ON SCHEMA public TO {PASSWORD_USER}")
     secret_url = pg_db.password_url()
     assert "s3cr" in secret_url  # percent-encoded, special characters and all
@@ -680,7 +682,7 @@ def test_owner_change_waits_for_a_fenced_write_in_flight(store, pg_db):
 
 
 def test_missing_server_binaries_fail_loudly(monkeypatch):
-    import tests.pg as pg
+    from tests import pg
 
     monkeypatch.delenv("PG_BINDIR", raising=False)
     monkeypatch.setattr(pg.shutil, "which", lambda name: None)
