@@ -73,7 +73,7 @@ __all__ = ["COPY_FROM_ROWS", "FencedWrite", "Lease", "PostgresStore", "StoreUnav
 
 Strategy = Literal["auto", "copy", "values"]
 
-COPY_FROM_ROWS = 200  # "auto": batches this large go through COPY (bench/store.py)
+COPY_FROM_ROWS = 100  # "auto": batches this large go through COPY (the crossover in bench/store.py)
 DUPLICATE_CODES = frozenset({"23505", "21000"})  # unique_violation; ON CONFLICT hit a row twice
 
 

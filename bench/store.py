@@ -33,10 +33,11 @@ import psycopg
 from actors.pg_sql import COLS as _COLS
 from actors.pg_sql import TYPES as _TYPES
 from actors.pg_store import PostgresStore
-from actors.store import _SCHEMA, Store
+from actors.store import Store
 
 TF = 60_000
 TARGET_RATIO = 0.70  # store >= 70 % of raw COPY
+SIZES = (1, 10, 50, 100, 200, 1000)  # candles per call, for the "auto" switch-over
 
 
 def make_rows(n: int, series: int, offset: int = 0) -> list[tuple[Any, ...]]:
@@ -101,7 +102,7 @@ def pg_figures(url: str, rows: list[Any], batch: int, repeat: int) -> dict[str, 
         out[f"pg_{strategy}_rewrite_per_s"] = n / t
 
     # small batches: calls/s, each call its own transaction (the follow-the-market case)
-    for size in (1, 10, 50, 200, 1000):
+    for size in SIZES:
         sample = make_rows(size * 200, max(1, size * 200 // 50))
         calls = batches(sample, size)[:200]
         for strategy in ("copy", "values"):
@@ -156,7 +157,6 @@ def sqlite_figures(rows: list[Any], batch: int, repeat: int) -> dict[str, float]
             for part in parts:
                 store.upsert(part)
 
-        assert "candles" in _SCHEMA
         out: dict[str, float] = {}
         for _ in range(repeat):
             for name, fn in [("raw_executemany", raw_many), ("store", store_upsert)]:
@@ -213,7 +213,7 @@ def main() -> None:
     for strategy in ("copy", "values"):
         line(f"PostgresStore.upsert, {strategy}, stored unchanged candles/s",
              f"{figures[f'pg_{strategy}_rewrite_per_s']:,.0f}")
-    for size in (1, 10, 50, 200, 1000):
+    for size in SIZES:
         c, v = figures[f"pg_copy_batch{size}_calls_per_s"], figures[f"pg_values_batch{size}_calls_per_s"]
         line(f"upsert calls/s, {size} candles per call", f"copy {c:,.0f}, values {v:,.0f}",
              "", "", "values" if v > c else "copy")
