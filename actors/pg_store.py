@@ -74,6 +74,7 @@ __all__ = ["COPY_FROM_ROWS", "FencedWrite", "Lease", "PostgresStore", "StoreUnav
 Strategy = Literal["auto", "copy", "values"]
 
 COPY_FROM_ROWS = 100  # "auto": batches this large go through COPY (the crossover in bench/store.py)
+TIMESCALE = "timescaledb"  # the extension whose hypertables the candles table becomes, if offered
 DUPLICATE_CODES = frozenset({"23505", "21000"})  # unique_violation; ON CONFLICT hit a row twice
 
 
@@ -177,6 +178,8 @@ class PostgresStore(LeasesMixin):
             created = self._ensure_schema(conn)
             row = conn.execute("SELECT to_regclass('candles')::oid").fetchone()
             self._candles_oid = int(row[0]) if row and row[0] is not None else None
+            if "candles" not in created and self.timescale is not False:
+                self.hypertable = self._is_hypertable(conn)
         except psycopg.Error as exc:
             conn.close()
             raise translate(exc, self.url, "cannot open", self._redact, conn.broken) from None
@@ -212,17 +215,27 @@ class PostgresStore(LeasesMixin):
         ).fetchall()
         return [r[0] for r in rows]
 
+    @staticmethod
+    def _is_hypertable(conn: Conn) -> bool:
+        """Whether another daemon (or an earlier run) made candles a hypertable."""
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = %s", (TIMESCALE,)).fetchone() is None:
+            return False
+        row = conn.execute(
+            "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'candles'"
+        ).fetchone()
+        return row is not None
+
     def _make_hypertable(self, conn: Conn) -> None:
         """Turn the new candles table into a TimescaleDB hypertable where the server offers it."""
-        avail = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+        avail = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", (TIMESCALE,)).fetchone()
         if avail is None:
-            self.hypertable_note = "timescaledb is not available on this server"
+            self.hypertable_note = f"{TIMESCALE} is not available on this server"
             if self.timescale:
                 raise StoreError(f"{self.url}: timescale=True but {self.hypertable_note}")
             return
         try:
             with conn.transaction():  # a savepoint: failure leaves the plain table
-                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(TIMESCALE)))
                 conn.execute(
                     "SELECT create_hypertable('candles', 'ts', chunk_time_interval => %s::bigint,"
                     " if_not_exists => TRUE, migrate_data => TRUE)",
@@ -230,7 +243,7 @@ class PostgresStore(LeasesMixin):
                 )
             self.hypertable, self.hypertable_note = True, None
         except psycopg.Error as exc:
-            self.hypertable_note = f"plain table: timescaledb failed: {self._redact(str(exc)).strip()}"
+            self.hypertable_note = f"plain table: {TIMESCALE} failed: {self._redact(str(exc)).strip()}"
             if self.timescale:
                 raise StoreError(f"{self.url}: {self.hypertable_note}") from None
 

@@ -118,6 +118,22 @@ def test_schema_is_exact(store, pg_db):
     assert not store.hypertable and "not available" in (store.hypertable_note or "")
 
 
+def test_timescale_path_falls_back_to_a_plain_table(pg_db, monkeypatch):
+    """TimescaleDB is not installed here: the detection says so; and where an extension is
+    offered but making the hypertable fails (played by plpgsql, which has no create_hypertable),
+    the candles table stays a plain one, or the open fails when timescale=True."""
+    with pytest.raises(StoreError, match="timescaledb is not available"):
+        PostgresStore(pg_db.url, timescale=True).open()
+    monkeypatch.setattr(mod, "TIMESCALE", "plpgsql")
+    with pytest.raises(StoreError, match="create_hypertable"):
+        PostgresStore(pg_db.url, timescale=True).open()
+    with PostgresStore(pg_db.url) as store:
+        assert not store.hypertable and "create_hypertable" in (store.hypertable_note or "")
+        assert store.upsert(rows([0, TF])) == 2
+    with PostgresStore(pg_db.url, timescale=False) as store:
+        assert store.hypertable_note is None and store.count(*KEY) == 2
+
+
 def test_open_is_idempotent_keeps_data_and_races_safely(pg_db):
     stores = [PostgresStore(pg_db.url) for _ in range(4)]
     barrier = threading.Barrier(len(stores))
