@@ -83,11 +83,15 @@ def _ensure_os_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
+        # another test worker may be creating it at the same moment: judge by the result
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
+            check=False, capture_output=True,
         )
-        return pwd.getpwnam(name)
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            raise PgUnavailable(f"cannot create the unprivileged user {name!r} to run PostgreSQL as") from None
 
 
 class PgCluster:
