@@ -168,7 +168,8 @@ class PostgresStore(LeasesMixin):
         except psycopg.Error as exc:
             failed = connect_error(exc, self.url, self._redact)
         if failed is not None:  # raised outside the handler: the driver's error (which may
-            raise failed  # quote the connection string) is not even its __context__
+            self._wanted = isinstance(failed, StoreUnavailable)  # quote the URL) is not even
+            raise failed  # its __context__
         try:
             conn.execute("SET jit = off")  # JIT compiles big upserts for longer than they run
             conn.execute("SET temp_buffers = '64MB'")  # COPY staging stays in memory
