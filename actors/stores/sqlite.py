@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 from ..market.candles import Candle, Row
 from .errors import StoreCorrupt, StoreError, StoreGone
+from .ranges import append_range, subtract_ranges
 
 __all__ = ["Store", "StoreCorrupt", "StoreError", "StoreGone"]
 
@@ -474,7 +475,7 @@ class Store:
                 " ORDER BY ts_from",
                 (*key, start_ms, end_ms),
             ).fetchall()
-        return _subtract(missing, known) if known else missing
+        return subtract_ranges(missing, known) if known else missing
 
     # -- genuine gaps ------------------------------------------------------
 
@@ -566,7 +567,7 @@ def _holes(
     if n == expected:
         return
     if n == 0:
-        _append(out, lo, hi)
+        append_range(out, lo, hi)
         return
     if expected <= _LEAF:
         prev = lo - tf
@@ -575,10 +576,10 @@ def _holes(
             (*key, lo, hi),
         ):
             if ts - prev > tf:
-                _append(out, prev + tf, ts)
+                append_range(out, prev + tf, ts)
             prev = ts
         if hi - prev > tf:
-            _append(out, prev + tf, hi)
+            append_range(out, prev + tf, hi)
         return
     mid = lo + (expected // 2) * tf
     left = conn.execute(
@@ -586,33 +587,6 @@ def _holes(
     ).fetchone()[0]
     _holes(conn, key, tf, lo, mid, left, out)
     _holes(conn, key, tf, mid, hi, n - left, out)
-
-
-def _append(out: list[tuple[int, int]], lo: int, hi: int) -> None:
-    """Append [lo, hi), merging with the previous range where a bisection split a hole."""
-    if out and out[-1][1] == lo:
-        out[-1] = (out[-1][0], hi)
-    else:
-        out.append((lo, hi))
-
-
-def _subtract(
-    ranges: list[tuple[int, int]], holes: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """``ranges`` minus ``holes`` (both lists of half-open ranges, holes sorted)."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in ranges:
-        for h_lo, h_hi in holes:
-            if h_hi <= lo or h_lo >= hi:
-                continue
-            if h_lo > lo:
-                out.append((lo, h_lo))
-            lo = max(lo, h_hi)
-            if lo >= hi:
-                break
-        if lo < hi:
-            out.append((lo, hi))
-    return out
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,178 @@
+"""Nodes and leases: the database part of clustering, shared by every daemon of one store.
+
+Each series is owned by at most one node through a lease row. A lease is free when released
+(owner NULL) or expired; expiry is judged by the database's clock only (``clock_timestamp()``),
+so nodes with skewed clocks agree. The fencing token of a series grows by one on every change
+of owner and lease rows are never deleted, so a token is never reused: a write fenced with an
+older token is refused (``PostgresStore.upsert(rows, fence=...)``, checked in the write's own
+transaction under a share lock on the lease rows, see ``fence_check``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .postgres_sql import IN_KEYS, Conn, Key, key_columns, key_of
+
+__all__ = ["FencedWrite", "Lease", "LeasesMixin", "fence_check"]
+
+
+@dataclass(frozen=True)
+class FencedWrite:
+    """What a fenced ``upsert`` did: rows inserted or changed, and the fence keys refused
+    because their lease now has another owner or a newer token (nothing of those was stored)."""
+
+    changed: int
+    refused: frozenset[Any]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One row of ``leases`` as ``ctl cluster`` shows it; ``remaining_s`` by the database clock
+    (negative once expired); ``owner`` None once released."""
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    owner: str | None
+    token: int
+    expires_at: datetime
+    remaining_s: float
+
+    @property
+    def live(self) -> bool:
+        return self.owner is not None and self.remaining_s > 0
+
+
+def fence_check(conn: Conn, fenced: dict[Key, int]) -> set[Key]:
+    """The series whose lease does not carry the given token (taken by another node, released,
+    or never leased). Run inside the write's transaction: the lease rows stay share-locked
+    until it ends, so no change of owner can commit between this check and the write."""
+    keys = sorted(fenced)
+    held = conn.execute(
+        f"SELECT exchange, symbol, timeframe, token FROM leases WHERE owner IS NOT NULL AND {IN_KEYS}"
+        " ORDER BY exchange, symbol, timeframe FOR SHARE",
+        key_columns(keys),
+    ).fetchall()
+    current = {(e, s, t): tok for e, s, t, tok in held}
+    return {k for k in keys if current.get(k) != fenced[k]}
+
+
+def _check_seconds(s: float) -> None:
+    if not s >= 0:
+        raise ValueError(f"lease_seconds must be >= 0, not {s!r}")
+
+
+class LeasesMixin:
+    """Node heartbeats and series leases, for a store class providing ``_db``."""
+
+    def _db(self, what: str = "query", write: bool = False) -> AbstractContextManager[Conn]:
+        raise NotImplementedError
+
+    def db_now(self) -> datetime:
+        """The database's clock: the only clock leases and heartbeats are judged by."""
+        with self._db("db_now") as conn:
+            row = conn.execute("SELECT clock_timestamp()").fetchone()
+        assert row is not None
+        return row[0]
+
+    def heartbeat(self, node: str, rate_budget: float, lease_seconds: float) -> None:
+        """Say ``node`` is alive for ``lease_seconds`` more (database clock), with its budget."""
+        _check_seconds(lease_seconds)
+        with self._db("heartbeat", write=True) as conn:
+            conn.execute(
+                "INSERT INTO nodes (node, rate_budget, heartbeat_at, expires_at, started_at) VALUES"
+                " (%s, %s, clock_timestamp(), clock_timestamp() + make_interval(secs => %s::float8), clock_timestamp())"
+                " ON CONFLICT (node) DO UPDATE SET rate_budget = excluded.rate_budget,"
+                " heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
+                (node, rate_budget, lease_seconds),
+            )
+
+    def live_nodes(self, now: datetime | None = None) -> dict[str, float]:
+        """{node: rate_budget} of the nodes whose heartbeat has not expired at ``now``
+        (default: the database's clock now): the weights for ``placement.rendezvous_owner``."""
+        with self._db("live_nodes") as conn:
+            rows = conn.execute(
+                "SELECT node, rate_budget FROM nodes WHERE expires_at > COALESCE(%s, clock_timestamp()) ORDER BY node",
+                (now,),
+            ).fetchall()
+        return {n: float(b) for n, b in rows}
+
+    def leave(self, node: str) -> int:
+        """A graceful goodbye: the node stops counting as live and its leases are released at
+        once. Returns how many leases it held."""
+        with self._db("leave", write=True) as conn, conn.transaction():
+            conn.execute("UPDATE nodes SET expires_at = clock_timestamp() WHERE node = %s", (node,))
+            return conn.execute(
+                "UPDATE leases SET owner = NULL, expires_at = clock_timestamp() WHERE (exchange, symbol, timeframe) IN"
+                " (SELECT exchange, symbol, timeframe FROM leases WHERE owner = %s"
+                " ORDER BY exchange, symbol, timeframe FOR UPDATE)",
+                (node,),
+            ).rowcount
+
+    def acquire(self, key: Any, node: str, lease_seconds: float) -> int | None:
+        """Take (or extend) the lease of a series: its fencing token, or None while another node
+        holds it unexpired. The token grows by one on every change of owner (after a release
+        the next holder, even the same node, gets a new token) and is never reused."""
+        _check_seconds(lease_seconds)
+        e, s, t = key_of(key)
+        with self._db("acquire", write=True) as conn:
+            row = conn.execute(
+                "INSERT INTO leases AS l (exchange, symbol, timeframe, owner, token, expires_at)"
+                " VALUES (%s, %s, %s, %s, 1, clock_timestamp() + make_interval(secs => %s::float8))"
+                " ON CONFLICT (exchange, symbol, timeframe) DO UPDATE SET owner = excluded.owner,"
+                " token = l.token + CASE WHEN l.owner IS NOT DISTINCT FROM excluded.owner THEN 0 ELSE 1 END,"
+                " expires_at = excluded.expires_at"
+                " WHERE l.owner IS NULL OR l.owner = excluded.owner OR l.expires_at <= clock_timestamp()"
+                " RETURNING token",
+                (e, s, t, node, lease_seconds),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def renew(self, keys: Iterable[Any], node: str, lease_seconds: float) -> set[Any]:
+        """Extend the leases ``node`` still owns among ``keys``; returns those keys. A lease
+        that expired but was taken by nobody is renewed with its token unchanged (no other
+        node can have written with a newer one)."""
+        _check_seconds(lease_seconds)
+        wanted = {key_of(k): k for k in keys}
+        if not wanted:
+            return set()
+        with self._db("renew", write=True) as conn:
+            rows = conn.execute(
+                "UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => %s::float8)"
+                " WHERE (exchange, symbol, timeframe) IN (SELECT exchange, symbol, timeframe FROM leases"
+                f" WHERE owner = %s AND {IN_KEYS} ORDER BY exchange, symbol, timeframe FOR UPDATE)"
+                " RETURNING exchange, symbol, timeframe",
+                (lease_seconds, node, *key_columns(sorted(wanted))),
+            ).fetchall()
+        return {wanted[(e, s, t)] for e, s, t in rows}
+
+    def release(self, keys: Iterable[Any], node: str) -> set[Any]:
+        """Give up ``node``'s leases among ``keys`` (free at once); returns the keys released.
+        The token stays with the row: the next owner gets token + 1."""
+        wanted = {key_of(k): k for k in keys}
+        if not wanted:
+            return set()
+        with self._db("release", write=True) as conn:
+            rows = conn.execute(
+                "UPDATE leases SET owner = NULL, expires_at = clock_timestamp()"
+                " WHERE (exchange, symbol, timeframe) IN (SELECT exchange, symbol, timeframe FROM leases"
+                f" WHERE owner = %s AND {IN_KEYS} ORDER BY exchange, symbol, timeframe FOR UPDATE)"
+                " RETURNING exchange, symbol, timeframe",
+                (node, *key_columns(sorted(wanted))),
+            ).fetchall()
+        return {wanted[(e, s, t)] for e, s, t in rows}
+
+    def leases(self) -> list[Lease]:
+        """Every lease row (held, expired or released), by series: what ``ctl cluster`` shows."""
+        with self._db("leases") as conn:
+            rows = conn.execute(
+                "SELECT exchange, symbol, timeframe, owner, token, expires_at,"
+                " extract(epoch FROM expires_at - clock_timestamp())::float8"
+                " FROM leases ORDER BY exchange, symbol, timeframe"
+            ).fetchall()
+        return [Lease(*r) for r in rows]
