@@ -1,101 +1,100 @@
-"""The exchange actor: owns the ccxt client, the rate-limit bucket and the circuit breaker.
+"""The exchange actor: owns one exchange's source of candles, its rate governor and its breaker.
 
-Every request to an exchange goes through `ExchangeActor`, which admits it only when the
-breaker allows (none while open, `breaker_half_open_calls` probes while half-open) and the
-bucket has a token, then runs it on a small thread pool it owns. Its own mailbox never blocks
-on the network, so `reset`, `stop` and status questions are answered at once, even while every
-worker is stuck in a request timing out.
+Every request to an exchange goes through its `ExchangeActor`, which admits it only when the
+breaker allows (none while open, `breaker_half_open_calls` probes while half-open) and the rate
+governor has budget, then runs it on the asyncio loop thread it owns (`sources.loop.LoopThread`),
+under a whole-request deadline. Its own mailbox never waits on the network, so `reset`, `stop`
+and status questions are answered at once, and a stop ends every request in flight.
 
-Series keep at most one request here; a resend from the same series replaces the queued one.
-While the breaker is open, requests wait in that queue instead of failing, so the series do not
-spin, and the moment a probe succeeds (or an operator resets the breaker) the queue drains at
-the rate limit.
+Series keep at most one request here (a resend from the same series replaces the queued one, and
+never runs beside its first copy). While the breaker is open, requests wait in the queue instead
+of failing, so the series do not spin; the moment a probe succeeds (or an operator resets the
+breaker) the queue drains at the rate budget.
+
+Between a series' requests the actor keeps the exchange under watch: a heartbeat (the exchange's
+cheapest request, its server time where it has one) every `heartbeat` seconds when nothing else
+was sent, feeding the same breaker, so an exchange that goes down is noticed between candles and
+so is its recovery; and the exchange's clock, measured from its answers, decides which candles
+are closed. The market list is refreshed on a schedule and when a series asks for a symbol it
+does not know, so a new listing is picked up within minutes.
 
 The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
-restart (of this actor or of a series) must not reset an open breaker, or restarts would bypass
-it.
+restart (of this actor or of a series) must not reset an open breaker.
 """
 
 from __future__ import annotations
 
-import email.utils
-import threading
+import concurrent.futures
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
 import ccxt
 import pykka
-import structlog
 
 from ..resilience.breaker import CircuitBreaker
-from ..resilience.bucket import TokenBucket
-from ..resilience.retry import RetryConfig, parse_retry_after
+from ..resilience.governor import RateGovernor
+from ..resilience.retry import RetryConfig
 from ..supervisors.child import Child
-from ..supervisors.clock import wall_ms
-from .market.candles import closed, timeframe_ms, validate
-from .market.errors import BadResponse, classify, is_retryable
+from ..supervisors.clock import WallClock
+from .market.candles import timeframe_ms
+from .market.closing import ServerClock, close_rows
+from .market.errors import EmptyAnswer, classify
+from .market.paging import served, window_end
 from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
-from .sources.ccxt_client import make_client
+from .sources.base import Answer, MarketInfo, Source, SourceFailure
+from .sources.loop import LoopThread
 
-log = structlog.get_logger("candlekeeper.exchange")
+SourceFactory = Callable[[WallClock], Source]
 
-# Fraction of rate_limit actually used: the margin absorbs timer and network jitter.
-PACING = 0.97
-
-# How far ahead of our clock a candle may be stamped before it counts as "in the future".
-FUTURE_TOLERANCE_MS = 60_000
-
-
-@dataclass(frozen=True)
-class _Done:
-    request: FetchRequest
-    result: FetchResult
-    duration: float
-
-
-@dataclass(frozen=True)
-class _MarketsDone:
-    markets: dict[str, Any] | None
-    error: BaseException | None
-    duration: float
-    state: dict[str, Any] | None = None  # the loading client's parsed market tables, see _client
-
-
-# What ccxt's set_markets builds from the markets: each pool thread's client gets these tables
-# by reference from the client that loaded them. set_markets per client would deep-copy every
-# market again: with 1000 markets, 50 ms of CPU and 3.5 MB per client (8 per exchange). They are
-# never mutated in place (a reload builds new ones), and requests only read them.
-_MARKET_TABLES = ("markets", "markets_by_id", "symbols", "ids", "currencies", "currencies_by_id", "codes",
-                  "baseCurrencies", "quoteCurrencies")
+MIN_REFRESH_S = 60.0  # an unknown symbol triggers a market refresh at most this often
 
 
 @dataclass(frozen=True)
 class ExchangeSettings:
     """What the exchange actor needs, built from `[exchanges.NAME]` by `candlekeeper.app.settings`.
 
-    `retry` paces market-list reloads after a failure (its `attempts` are unbounded there: a
-    market list is needed, so it is retried until it comes)."""
+    `source` builds the exchange's client (`CcxtSource`, `OandaSource`...) given the wall clock.
+    `rate_limit`, when set, replaces the exchange's own budget: that many requests a second, each
+    costing one. `retry` paces market-list reloads after a failure (unbounded attempts there)."""
 
     name: str  # the config's name for the exchange (`[exchanges.NAME]`)
-    exchange: str  # ccxt id
-    rate_limit: float = 10.0  # requests per second
+    source: SourceFactory
+    rate_limit: float | None = None
     timeout: float = 10.0
-    api_base: str | None = None
+    page_limit: int | None = None  # candles per request; None: the exchange's own maximum
+    heartbeat: float = 30.0
+    markets_refresh: float = 300.0
     retry: RetryConfig = RetryConfig()
+
+
+@dataclass(frozen=True)
+class _Done:
+    kind: str  # "ohlcv", "markets", "heartbeat"
+    request: FetchRequest | None
+    result: Any
+    error: BaseException | None
+    retry_after: float | None
+    answer: Answer
+    sent_at: float  # local monotonic
+    sent_wall: float
+    duration: float
 
 
 class _Pump:
     pass
 
 
-class _LoadMarkets:
+class _Load:
     pass
 
 
-_PUMP = _Pump()
-_LOAD = _LoadMarkets()
+class _Beat:
+    pass
+
+
+_PUMP, _LOAD, _BEAT = _Pump(), _Load(), _Beat()
 
 
 class ExchangeActor(Child):
@@ -103,53 +102,62 @@ class ExchangeActor(Child):
         self, settings: ExchangeSettings, breaker: CircuitBreaker, status: Any = None, metrics: Any = None
     ) -> None:
         super().__init__()
-        self.metrics = metrics
-        self._held_since: float | None = None  # since when the queue head waits for the rate limiter
-        self.config = settings
+        self.settings = settings
         self.log = self.log.bind(exchange=settings.name)
         self.breaker = breaker
         self.status_to = status  # the status fan-out (health, notifier)
-        self.bucket = self._new_bucket()
-        self.concurrency = max(1, min(8, int(settings.rate_limit * settings.timeout)))
+        self.metrics = metrics
+        self.clock = ServerClock()
+        self.source: Source | None = None
+        self.loop: LoopThread | None = None
+        self.governor: RateGovernor | None = None
         self._queue: OrderedDict[SeriesKey, FetchRequest] = OrderedDict()
-        self._in_flight = 0
+        self._in_flight: set[SeriesKey] = set()
+        self._busy = 0  # requests of any kind in flight
+        self.concurrency = 1
         self._pump_timer: Any = None
-        self._markets_retry_at = 0.0  # monotonic time before which markets are not reloaded
-        self._markets: dict[str, Any] | None = None
-        self._market_state: dict[str, Any] | None = None
-        self._markets_version = 0
+        self._beat_timer: Any = None
+        self._markets: dict[str, MarketInfo] | None = None
         self._loading = False
         self._load_attempt = 0
-        self._load_retry = replace(settings.retry, attempts=10**9).policy(rng=self.runtime.rng, retryable=is_retryable)
-        self._local = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
-        self._last_report: tuple[str, str] | None = None
+        self._markets_retry_at = 0.0
+        self._last_load = -1e18  # monotonic time of the last market load that completed
+        self._refresh_due = False
+        # a market list is needed whatever went wrong: reloads back off, never give up
+        self._load_retry = replace(settings.retry, attempts=10**9).policy(rng=self.runtime.rng)
+        self._last_sent = 0.0
+        self._held_since: float | None = None
+        self._last_report: tuple[Any, ...] | None = None
         self.requests_sent = 0
-
-    def _new_bucket(self) -> TokenBucket:
-        """Requests paced evenly (burst 1) at PACING x rate_limit: an exchange counting requests in
-        a sliding window then never sees rate + 1 in one window, whatever the network jitter."""
-        return TokenBucket(rate=self.config.rate_limit * PACING, burst=1.0, clock=self.runtime.clock)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"{self.path}/io")
+        self.source = self.settings.source(self.runtime.wall)
+        profile = self.source.profile
+        if self.settings.rate_limit is not None:
+            rate, burst = self.settings.rate_limit, 1.0
+        else:
+            rate, burst = profile.rate, max(profile.costs.values(), default=1.0)
+        self.governor = RateGovernor(rate, clock=self.runtime.clock, burst=burst)
+        per_request = rate / (1.0 if self.settings.rate_limit is not None else profile.cost("ohlcv"))
+        self.concurrency = max(1, min(16, int(per_request * self.settings.timeout)))
+        self.loop = LoopThread(f"{self.path}/io")
+        self._last_sent = self.runtime.clock()
         self.actor_ref.tell(_LOAD)
         self._report(force=True)
 
     def on_stop(self) -> None:
-        # a graceful stop waits for requests in flight (at most one request timeout), so no
-        # worker thread outlives the system
-        self._shutdown_pool(wait=True)
+        self._close_loop()
 
     def on_failure(self, *_: Any) -> None:
-        self._shutdown_pool(wait=False)  # a crash must not wait: its replacement starts now
+        self._close_loop()
 
-    def _shutdown_pool(self, *, wait: bool) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+    def _close_loop(self) -> None:
+        loop, source = self.loop, self.source
+        self.loop = None
+        if loop is not None:
+            loop.stop(source.close if source is not None else None, timeout=min(5.0, self.settings.timeout))
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, FetchRequest):
@@ -160,9 +168,11 @@ class ExchangeActor(Child):
         elif isinstance(message, _Done):
             self._on_done(message)
         elif message is _LOAD:
-            self._load_markets()
-        elif isinstance(message, _MarketsDone):
-            self._on_markets(message)
+            self._refresh_due = True
+            self._pump()
+        elif message is _BEAT:
+            self._beat_timer = None
+            self._heartbeat()
         elif isinstance(message, Reset):
             self.reset()
         else:
@@ -172,9 +182,11 @@ class ExchangeActor(Child):
     # -- public API (asked through the proxy) --------------------------------------------
 
     def reset(self) -> dict[str, Any]:
-        """Operator reset: close the breaker and lift any rate-limit penalty, then drain the queue."""
+        """Operator reset: close the breaker and lift any rate-limit hold, then drain the queue."""
         self.breaker.reset()
-        self.bucket = self._new_bucket()
+        if self.governor is not None:
+            self.governor = RateGovernor(self.governor.rate, clock=self.runtime.clock,
+                                         burst=max(1.0, self._burst()))
         self._markets_retry_at = 0.0
         self._load_attempt = 0
         if self._pump_timer is not None:
@@ -191,32 +203,54 @@ class ExchangeActor(Child):
 
     def status(self) -> dict[str, Any]:
         return {
-            "name": self.config.name,
+            "name": self.settings.name,
             "breaker": self.breaker.state,
             "status": self._status_word(),
             "markets_loaded": self._markets is not None,
             "queued": len(self._queue),
-            "in_flight": self._in_flight,
+            "in_flight": self._busy,
             "requests_sent": self.requests_sent,
+            "clock_offset_ms": self.clock.offset_ms,
+            "rate_held_s": round(self.governor.held_for, 3) if self.governor is not None else 0.0,
             "breaker_detail": self.breaker.snapshot(),
         }
 
     # -- admission -----------------------------------------------------------------------
 
+    def _burst(self) -> float:
+        if self.source is None or self.settings.rate_limit is not None:
+            return 1.0
+        return max(self.source.profile.costs.values(), default=1.0)
+
+    def _cost(self, kind: str) -> float:
+        if self.settings.rate_limit is not None or self.source is None:
+            return 1.0
+        return self.source.profile.cost(kind)
+
     def _enqueue(self, req: FetchRequest) -> None:
-        if self._markets is not None and req.key.symbol not in self._markets:
-            req.reply_to.tell(
-                FetchResult(req.req_id, error=ccxt.BadSymbol(f"{self.config.name} does not list {req.key.symbol}"))
-            )
-            return
+        markets = self._markets
+        if markets is not None and req.key.symbol not in markets:
+            if self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
+                self._refresh_due = True  # a new listing, perhaps: look before saying no
+            else:
+                self._refuse(req, f"{self.settings.name} does not list {req.key.symbol}")
+                return
         self._queue[req.key] = req
         if req.priority:
             self._queue.move_to_end(req.key, last=False)
         self._pump()
 
-    def _admit(self) -> bool:
-        """Take a bucket token and a breaker admission, or schedule the next try."""
-        wait = self.bucket.time_until(1.0)
+    def _refuse(self, req: FetchRequest, why: str) -> None:
+        try:
+            req.reply_to.tell(FetchResult(req.req_id, error=ccxt.BadSymbol(why)))
+        except pykka.ActorDeadError:
+            self.log.debug("reply_dropped", series=str(req.key))
+
+    def _admit(self, kind: str) -> bool:
+        """Take budget and a breaker admission for one request, or schedule the next try."""
+        assert self.governor is not None
+        cost = self._cost(kind)
+        wait = self.governor.time_until(cost)
         if wait > 0:
             if self._held_since is None:
                 self._held_since = self.runtime.clock()
@@ -229,167 +263,241 @@ class ExchangeActor(Child):
                 self._pump_later(probe_in)
             self._report()
             return False
-        granted = self.bucket.try_acquire(1.0)
-        assert granted == 0.0, "bucket refused right after time_until said yes"
+        self.governor.take(cost)
         self.requests_sent += 1
+        self._last_sent = self.runtime.clock()
         return True
 
     def _pump(self) -> None:
-        if self._pool is None:
+        if self.loop is None:
             return
-        if self._markets is None:
-            wait = self._markets_retry_at - self.runtime.clock()
-            if wait > 0:
-                self._pump_later(wait)
-            elif not self._loading:
-                self._load_markets()
-            return
-        while self._queue and self._in_flight < self.concurrency:
-            if not self._admit():
+        if self._refresh_due or self._markets is None:
+            self._load_markets()
+            if self._markets is None:
+                return
+        for key in list(self._queue):
+            if self._busy >= self.concurrency:
                 break
-            _, req = self._queue.popitem(last=False)
-            self._in_flight += 1
-            self._pool.submit(self._fetch, req)
+            req = self._queue[key]
+            if key in self._in_flight:
+                continue  # its first copy is still out: one request per series at a time
+            if self._markets is not None and key.symbol not in self._markets:
+                if self._loading or self._waiting_for_listing(key.symbol):
+                    continue  # the (re)load will tell
+                del self._queue[key]
+                self._refuse(req, f"{self.settings.name} does not list {key.symbol}")
+                continue
+            if not self._admit("ohlcv"):
+                break
+            del self._queue[key]
+            self._in_flight.add(key)
+            self._submit("ohlcv", self._fetch(req), req)
+        self._schedule_heartbeat()
         self._report()
+
+    def _waiting_for_listing(self, symbol: str) -> bool:
+        """Its market type's listing failed: reload it (paced by the retry policy) and wait."""
+        if self.source is None or not self.source.pending(symbol):
+            return False
+        self._refresh_due = True
+        return True
 
     def _end_rate_limit_wait(self) -> None:
         if self._held_since is not None:
             if self.metrics is not None:
-                self.metrics.rate_limit_wait.labels(self.config.name).inc(self.runtime.clock() - self._held_since)
+                self.metrics.rate_limit_wait.labels(self.settings.name).inc(self.runtime.clock() - self._held_since)
             self._held_since = None
 
     def _pump_later(self, delay: float) -> None:
         self._pump_timer = self.schedule_soonest(self._pump_timer, delay, _PUMP)
 
+    # -- running requests ----------------------------------------------------------------
+
+    def _submit(self, kind: str, coro: Coroutine[Any, Any, Any], req: FetchRequest | None) -> None:
+        assert self.loop is not None
+        self._busy += 1
+        sent_at, sent_wall = self.runtime.clock(), self.runtime.wall()
+        future = self.loop.submit(coro)
+        ref, clock = self.actor_ref, self.runtime.clock
+
+        def done(f: concurrent.futures.Future[Any]) -> None:
+            error: BaseException | None = None
+            retry_after: float | None = None
+            answer = Answer()
+            result: Any = None
+            try:
+                result, answer = f.result()
+            except SourceFailure as failure:
+                error, retry_after, answer = failure.error, failure.retry_after, failure.answer
+            except concurrent.futures.CancelledError:
+                error = ccxt.RequestTimeout("cancelled: the exchange actor stopped")
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
+                error = exc
+            try:
+                ref.tell(_Done(kind, req, result, error, retry_after, answer, sent_at, sent_wall, clock() - sent_at))
+            except pykka.ActorDeadError:
+                pass  # stopped meanwhile: the series ask the next incarnation
+
+        future.add_done_callback(done)
+
+    async def _fetch(self, req: FetchRequest) -> tuple[FetchResult, Answer]:
+        """One page, validated, closed by the exchange's clock, with what it proves (runs on the loop)."""
+        assert self.source is not None
+        source, key = self.source, req.key
+        tf = timeframe_ms(key.timeframe)
+        profile = source.profile
+        limit = min(req.limit, self.settings.page_limit or profile.page_limit)
+        until = window_end(profile, req.since, limit, tf, req.until)
+        if until is not None:
+            limit = max(1, min(limit, -(-(until - req.since) // tf)))
+        page = await source.fetch_ohlcv(key.symbol, key.timeframe, req.since, limit, until)
+        local_ms = int(self.runtime.wall() * 1000)
+        closed = close_rows(page.rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
+        opens = [ts for ts in closed.opens if ts >= req.since]
+        if not opens and profile.paging == "cursor" and req.since + tf + profile.settle_ms <= closed.horizon_ms:
+            # "the first candles from `since`" cannot be none at all for a listed market
+            raise SourceFailure(EmptyAnswer(f"no candles at all from {req.since} on (a glitch, a trading halt?)"),
+                                answer=page.answer)
+        cover = served(profile, since=req.since, limit=limit, until=until, opens=opens, tf_ms=tf,
+                       horizon_ms=closed.horizon_ms)
+        candles = tuple(c for c in closed.candles if req.since <= c[0] < cover.end)
+        market = (self._markets or {}).get(key.symbol)
+        result = FetchResult(
+            req.req_id, candles=candles, horizon_ms=closed.horizon_ms, served=cover, settle_ms=profile.settle_ms,
+            now_ms=closed.now_ms, market_reopens_ms=source.closed_until(key.symbol, closed.horizon_ms),
+            listed_ms=market.listed_ms if market is not None else None,
+            closed_spans=_closed_spans(source, key.symbol, req.since, cover.end, tf),
+        )
+        return result, page.answer
+
+    async def _markets_call(self) -> tuple[dict[str, MarketInfo], Answer]:
+        assert self.source is not None
+        return await self.source.load_markets(), Answer()
+
+    async def _heartbeat_call(self) -> tuple[None, Answer]:
+        assert self.source is not None
+        return None, await self.source.heartbeat()
+
     # -- markets -------------------------------------------------------------------------
 
     def _load_markets(self) -> None:
-        if self._loading or self._pool is None or self._in_flight >= self.concurrency:
+        if self._loading or self.loop is None or self._busy >= self.concurrency:
             return
-        if not self._admit():
+        wait = self._markets_retry_at - self.runtime.clock()
+        if wait > 0:
+            self._pump_later(wait)
+            return
+        if not self._admit("markets"):
             return
         self._loading = True
-        self._in_flight += 1
-        self._pool.submit(self._fetch_markets)
+        self._refresh_due = False
+        self._submit("markets", self._markets_call(), None)
 
-    def _on_markets(self, done: _MarketsDone) -> None:
+    def _on_markets(self, done: _Done) -> None:
         self._loading = False
-        self._in_flight -= 1
-        if self.metrics is not None:
-            self.metrics.request(self.config.name, done.error, done.duration)
-        if done.error is None and done.markets is not None:
-            self.breaker.record_success(done.duration)
-            self._markets = done.markets
-            self._market_state = done.state
-            self._markets_version += 1
+        if done.error is None and done.result:
+            fresh = self._markets is None
+            added = set(done.result) - set(self._markets or {})
+            self._markets = done.result
+            self._last_load = self.runtime.clock()
             self._load_attempt = 0
-            self.log.info("markets_loaded", markets=len(done.markets))
-            # requests for symbols the exchange does not list are answered now
-            for key in [k for k in self._queue if k.symbol not in done.markets]:
-                self._enqueue(self._queue.pop(key))
-            self._pump()
+            if fresh:
+                self.log.info("markets_loaded", markets=len(done.result))
+                self.actor_ref.tell(_BEAT)  # measure the exchange's clock before the first close
+            elif added:
+                self.log.info("markets_refreshed", markets=len(done.result), new=sorted(added)[:20])
+            failed = getattr(self.source, "failed_types", None)
+            if failed:  # some market types did not load: their series wait, the rest go on
+                self._load_attempt += 1
+                delay = getattr(self._load_retry.decide(self._load_attempt, next(iter(failed.values()))), "delay", 60.0)
+                self.log.warning("market_types_failed", types=sorted(failed), retry_in=round(delay, 2))
+                self._markets_retry_at = self.runtime.clock() + delay
+                self.schedule(delay, _LOAD)
+            else:
+                self.schedule(self.settings.markets_refresh, _LOAD)
         else:
-            assert done.error is not None
-            self._record_outcome(done.error, done.duration)
+            error = done.error or ccxt.BadResponse("exchange listed no markets")
             self._load_attempt += 1
-            decision = self._load_retry.decide(self._load_attempt, done.error)
+            decision = self._load_retry.decide(self._load_attempt, error)
             delay = getattr(decision, "delay", 60.0)
-            self.log.warning("markets_failed", error=repr(done.error), retry_in=round(delay, 2))
+            self.log.warning("markets_failed", error=_why(error), retry_in=round(delay, 2))
             self._markets_retry_at = self.runtime.clock() + delay
-            self._pump_later(delay)
-        self._report()
+            if self._markets is not None:
+                self.schedule(delay, _LOAD)  # the old list serves meanwhile
+            else:
+                self._pump_later(delay)
+
+    # -- heartbeat -----------------------------------------------------------------------
+
+    def _schedule_heartbeat(self) -> None:
+        if self.settings.heartbeat <= 0 or self._beat_timer is not None:
+            return
+        idle_for = self.runtime.clock() - self._last_sent
+        self._beat_timer = self.schedule(max(0.0, self.settings.heartbeat - idle_for), _BEAT)
+
+    def _heartbeat(self) -> None:
+        """Nothing was sent for `heartbeat` seconds: ask the exchange how it is (and what time)."""
+        if self.loop is None or self._markets is None:
+            return
+        idle_for = self.runtime.clock() - self._last_sent
+        idle = idle_for >= self.settings.heartbeat - 0.001 and self._busy == 0 and not self._queue
+        if idle and self._admit("heartbeat"):
+            self._submit("heartbeat", self._heartbeat_call(), None)
+            return
+        self._schedule_heartbeat()
 
     # -- results -------------------------------------------------------------------------
 
     def _on_done(self, done: _Done) -> None:
-        self._in_flight -= 1
-        error = done.result.error
+        self._busy -= 1
+        if done.request is not None:
+            self._in_flight.discard(done.request.key)
+        self._learn(done)
         if self.metrics is not None:
-            self.metrics.request(self.config.name, error, done.duration)
-        if error is None:
-            self.breaker.record_success(done.duration)
-        else:
-            self._record_outcome(error, done.duration, done.result.retry_after)
-        try:
-            done.request.reply_to.tell(done.result)
-        except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
-            self.log.debug("reply_dropped", series=str(done.request.key))
+            self.metrics.request(self.settings.name, done.error, done.duration)
+        self._record_outcome(done.error, done.duration, done.retry_after)
+        if done.kind == "markets":
+            self._on_markets(done)
+        elif done.kind == "ohlcv":
+            assert done.request is not None
+            result = done.result if done.error is None else FetchResult(
+                done.request.req_id, error=done.error, retry_after=done.retry_after)
+            try:
+                done.request.reply_to.tell(result)
+            except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
+                self.log.debug("reply_dropped", series=str(done.request.key))
+        elif done.error is not None:
+            self.log.info("heartbeat_failed", error=_why(done.error))
         self._pump()
 
-    def _record_outcome(self, error: BaseException, duration: float, retry_after: float | None = None) -> None:
+    def _learn(self, done: _Done) -> None:
+        """What the answer said of the exchange's clock and budget."""
+        answer = done.answer
+        if answer.server_ms is not None:
+            precise = done.kind == "heartbeat"
+            mid_ms = (done.sent_wall + done.duration / 2) * 1000
+            self.clock.measure(answer.server_ms, mid_ms, precise=precise, rtt_ms=done.duration * 1000)
+        rate = answer.rate
+        if rate is not None and self.governor is not None:
+            remaining = rate.remaining
+            if remaining is None and rate.used is not None and rate.limit is not None:
+                remaining = rate.limit - rate.used
+            now_ms = self.runtime.wall() * 1000
+            reset_in = (rate.reset_ms - now_ms) / 1000 if rate.reset_ms is not None else None
+            if self.governor.report(remaining=remaining, limit=rate.limit, reset_in=reset_in):
+                self.log.warning("rate_budget_nearly_spent", remaining=remaining, limit=rate.limit,
+                                 hold_s=round(reset_in or 0.0, 2))
+
+    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None) -> None:
         kind = classify(error)
-        if kind.rate_limited:
+        if kind.rate_limited and self.governor is not None:
             penalty = retry_after if retry_after is not None else 1.0
-            self.bucket.penalize(penalty)
+            self.governor.penalize(penalty)
             self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
         if kind.against_exchange:
             self.breaker.record_failure(duration)
         else:
             self.breaker.record_success(duration)
-
-    # -- worker side (runs on the pool's threads, never touches actor state) -------------
-
-    def _client(self) -> ccxt.Exchange:
-        local = self._local
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = make_client(
-                self.config.exchange, api_base=self.config.api_base, timeout=self.config.timeout
-            )
-            local.version = -1
-        if self._markets is not None and local.version != self._markets_version:
-            state = self._market_state
-            if state is not None:
-                for attr, value in state.items():
-                    setattr(client, attr, value)
-            else:
-                client.set_markets(self._markets)
-            local.version = self._markets_version
-        return client
-
-    def _fetch_markets(self) -> None:
-        t0 = self.runtime.clock()
-        try:
-            client = self._client()
-            markets = client.load_markets(reload=True)
-            if not markets:  # ccxt parses a truncated exchangeInfo into {} without raising
-                raise BadResponse("exchange listed no markets: truncated or garbled response")
-            state = {attr: getattr(client, attr) for attr in _MARKET_TABLES if hasattr(client, attr)}
-            result = _MarketsDone(dict(markets), None, self.runtime.clock() - t0, state)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
-            result = _MarketsDone(None, exc, self.runtime.clock() - t0)
-        try:
-            self.actor_ref.tell(result)
-        except pykka.ActorDeadError:
-            log.debug("markets_dropped_actor_stopped")
-
-    def _fetch(self, req: FetchRequest) -> None:
-        t0 = self.runtime.clock()
-        client = None
-        try:
-            client = self._client()
-            # ccxt keeps the last response's headers when a request gets no response (reset,
-            # timeout): without this, a stale Retry-After (say a 418 ban's) would be applied to it
-            client.last_response_headers = None
-            tf_ms = timeframe_ms(req.key.timeframe)
-            raw = client.fetch_ohlcv(req.key.symbol, req.key.timeframe, since=req.since, limit=req.limit)
-            local_ms = wall_ms(self.runtime.wall)
-            if not raw and req.since + tf_ms <= local_ms - FUTURE_TOLERANCE_MS:
-                # An exchange answers `since` in the past with at least its in-progress candle;
-                # ccxt turns a truncated JSON body into [] without raising, so [] is not "no news".
-                raise BadResponse(f"empty page for since={req.since}: truncated or garbled response")
-            candles = validate(raw, tf_ms, local_ms + FUTURE_TOLERANCE_MS)
-            now_ms = _closed_clock_ms(client, local_ms)
-            done = closed(candles, tf_ms, now_ms)
-            horizon = (now_ms // tf_ms) * tf_ms  # open time of the first candle not surely closed
-            result = FetchResult(req.req_id, candles=tuple(done), horizon_ms=horizon)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
-            retry_after = _retry_after(client, self.runtime.wall()) if isinstance(exc, ccxt.OperationFailed) else None
-            result = FetchResult(req.req_id, error=exc, retry_after=retry_after)
-        try:
-            self.actor_ref.tell(_Done(req, result, self.runtime.clock() - t0))
-        except pykka.ActorDeadError:
-            log.debug("result_dropped_actor_stopped", series=str(req.key))
 
     # -- status --------------------------------------------------------------------------
 
@@ -404,34 +512,39 @@ class ExchangeActor(Child):
         return "ok"
 
     def _report(self, *, force: bool = False) -> None:
-        now = (self.breaker.state, self._status_word())
+        offset = self.clock.offset_ms
+        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000))
         if (now != self._last_report or force) and self.status_to is not None:
             if self._last_report is not None and now[0] != self._last_report[0]:
                 self.log.warning("breaker_" + now[0], previous=self._last_report[0])
             self._last_report = now
-            self.status_to.tell(
-                ExchangeStatus(name=self.config.name, breaker=now[0], status=now[1], detail=self.breaker.snapshot())
-            )
+            detail = {**self.breaker.snapshot(), "clock_offset_ms": offset}
+            self.status_to.tell(ExchangeStatus(name=self.settings.name, breaker=now[0], status=now[1], detail=detail))
 
 
-def _closed_clock_ms(client: ccxt.Exchange, local_ms: int) -> int:
-    """The clock that decides whether a candle has closed: ours, but never ahead of the server's.
-
-    The response's `Date` header is the server's time truncated to the second, so every candle
-    whose close is at or before it is closed by the server's own clock, whatever our skew.
-    """
-    headers = getattr(client, "last_response_headers", None) or {}
-    date = headers.get("Date") or headers.get("date")
-    if date:
-        try:
-            server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
-            return min(local_ms, server_ms)
-        except (TypeError, ValueError):
-            pass
-    return local_ms - 2000  # no server time: a documented 2 s skew margin
+def _closed_spans(source: Source, symbol: str, lo: int, hi: int, tf_ms: int) -> tuple[tuple[int, int], ...]:
+    """When the market was closed within [lo, hi), as the source tells it (none for crypto)."""
+    spans: list[tuple[int, int]] = []
+    t = lo
+    while t < hi:
+        reopens = source.closed_until(symbol, t)
+        if reopens is None:
+            t += tf_ms
+            continue
+        end = max(t + tf_ms, -(-reopens // tf_ms) * tf_ms)
+        spans.append((t, min(end, hi)))
+        t = end
+    return tuple(spans)
 
 
-def _retry_after(client: ccxt.Exchange | None, now: float) -> float | None:
-    headers = getattr(client, "last_response_headers", None) or {}
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    return parse_retry_after(value, now) if value else None
+def _why(error: BaseException) -> str:
+    """An error with its root cause (a DNS failure under ccxt's NetworkError, say)."""
+    text = f"{type(error).__name__}: {error}"
+    cause = error.__cause__ or error.__context__
+    seen = 0
+    while cause is not None and seen < 3:
+        text += f" <- {type(cause).__name__}: {cause}"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return text[:500]
+

@@ -12,6 +12,7 @@ from typing import Any
 import pykka
 
 from .market.candles import Candle, Row
+from .market.paging import Served
 
 __all__ = [
     "Candle", "ExchangeStatus", "FetchRequest", "FetchResult", "ForgetSeries", "Pause", "Reset", "ResumePoint",
@@ -35,7 +36,8 @@ class SeriesKey:
 
 @dataclass(frozen=True)
 class FetchRequest:
-    """Fetch up to `limit` candles from `since`; one outstanding per series (a resend replaces it)."""
+    """Fetch up to `limit` candles from `since` (and before `until`, when asking for a hole);
+    one outstanding per series (a resend replaces it)."""
 
     key: SeriesKey
     since: int
@@ -43,17 +45,26 @@ class FetchRequest:
     req_id: int
     reply_to: pykka.ActorRef[Any]
     priority: bool = False
+    until: int | None = None
 
 
 @dataclass(frozen=True)
 class FetchResult:
-    """Answer to a `FetchRequest`: closed, validated candles, or the error and what the server said."""
+    """Answer to a `FetchRequest`: closed, validated candles at or after `since`, what the answer
+    proves (`served`: the stretch it covers completely, see `market.paging`), or the error and
+    what the server said."""
 
     req_id: int
     candles: tuple[Candle, ...] = ()
     error: BaseException | None = None
     retry_after: float | None = None
     horizon_ms: int = 0  # open time of the first candle that is not closed yet
+    served: Served | None = None
+    settle_ms: int = 60_000  # a missing candle younger than this may still be published
+    now_ms: int = 0  # the exchange's time when it answered, as best known
+    market_reopens_ms: int | None = None  # the market is closed until then (forex weekends)
+    listed_ms: int | None = None  # when the exchange says the market was listed, if it says
+    closed_spans: tuple[tuple[int, int], ...] = ()  # [from, to) when the market was closed, in the answer's stretch
 
 
 @dataclass(frozen=True)

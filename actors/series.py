@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import ccxt
@@ -30,8 +31,9 @@ from ..resilience.retry import GiveUp, RetryConfig
 from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from .market.candles import timeframe_ms
-from .market.errors import is_retryable
-from .market.gaps import EXCHANGE_HOLE
+from .market.errors import EmptyAnswer, is_retryable
+from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE
+from .market.progress import Gap, ListingSearch, Outcome, take
 from .messages import (
     Candle,
     FetchRequest,
@@ -123,7 +125,9 @@ class SeriesActor(Child):
         self._tokens = itertools.count(1)
         self._waiting_for: int | None = None  # token of the outstanding request/write/query
         self._outstanding: Any = None  # the message to resend if the watchdog fires
-        self._pending: tuple[tuple[Candle, ...], int, bool, int] | None = None  # rows, next cursor, more?, horizon
+        self._pending: tuple[tuple[Candle, ...], int, FetchResult] | None = None  # rows, next cursor, answer
+        self._stored_any = False  # this incarnation stored a candle (first_ever then no longer holds)
+        self.search: ListingSearch | None = None
         self._timer: Any = None
         self._watchdog: Any = None
         self._reported: tuple[Any, ...] | None = None
@@ -238,69 +242,105 @@ class SeriesActor(Child):
     def _next(self, *, priority: bool = False) -> None:
         if self.paused or self._waiting_for is not None:
             return
-        since = self.gaps_todo[0][0] if self.gaps_todo else self.cursor
+        until: int | None = None
+        if self.gaps_todo:
+            since, until = self.gaps_todo[0]
+        elif self.search is not None:
+            since = self.search.probe()
+        else:
+            since = self.cursor
         token = next(self._tokens)
-        req = FetchRequest(self.key, since, self.settings.page_limit, token, self.actor_ref, priority=priority)
+        req = FetchRequest(self.key, since, self.settings.page_limit, token, self.actor_ref, priority=priority,
+                           until=until)
         self._await(token, req, self.exchange)
 
     def _on_result(self, res: FetchResult) -> None:
-        if res.req_id != self._waiting_for:
+        if res.req_id != self._waiting_for or self._outstanding is None:
             return  # an answer to a request we already gave up on
+        req = self._outstanding[0]
         self._clear_wait()
         if res.error is not None:
             self._on_failure(res.error, res.retry_after)
             return
-        self._on_success(res)
+        self._on_success(req, res)
 
-    def _on_success(self, res: FetchResult) -> None:
+    def _on_success(self, req: FetchRequest, res: FetchResult) -> None:
+        assert res.served is not None
         tf = self.tf_ms
-        if self.gaps_todo:
-            lo, hi = self.gaps_todo[0]
-            rows = [c for c in res.candles if lo <= c[0] < hi]
-            # The page stopped inside the hole without showing a candle after it: a full page,
-            # or one cut at the exchange's own maximum (which may be below page_limit). The rest
-            # of the hole is fetched next; only what the exchange skipped before a later candle
-            # it did return is a gap it genuinely has.
-            more_in_hole = bool(rows) and rows[-1][0] + tf < hi and all(c[0] < hi for c in res.candles)
-            end = rows[-1][0] + tf if more_in_hole else min(hi, res.horizon_ms)
-            gaps = _holes(rows, lo, end, tf)
-            next_cursor = end
-        else:
-            lo = self.cursor
-            rows = [c for c in res.candles if c[0] >= lo]
-            if not rows:
-                self._caught_up(res.horizon_ms)
-                return
-            end = rows[-1][0] + tf
-            gaps = _holes(rows, lo, end, tf)
-            more_in_hole = False
-            next_cursor = end
-        if rows or gaps:
-            self._write(rows, gaps, next_cursor, more_in_hole, res.horizon_ms)
-        else:
-            self._advance(next_cursor, more_in_hole, res.horizon_ms)
+        in_hole = bool(self.gaps_todo) and req.until is not None
+        if self.search is not None and not in_hole:
+            self._on_probe(req, res)
+            return
+        # nothing stored before `since`, the series' start: what precedes the first candle is a listing
+        first_ever = req.since == self.start_ms and (in_hole or (self.last_ts is None and not self._stored_any))
+        if not res.candles and not first_ever and res.served.missing == EXCHANGE_HOLE \
+                and req.since + tf + res.settle_ms <= res.horizon_ms:
+            # an exchange that fills quiet minutes answered nothing for a stretch it has: not a gap
+            self._on_failure(EmptyAnswer(f"no candles from {_iso(req.since)} on, where the exchange has some"
+                                         " (a glitch, a trading halt or a delisting?)"), None)
+            return
+        out = take(res.candles, res.served, since=req.since, bound=req.until if in_hole else None, tf_ms=tf,
+                   now_ms=res.now_ms, settle_ms=res.settle_ms, first_ever=first_ever, closed_spans=res.closed_spans)
+        if in_hole:
+            lo, hi = self.gaps_todo.pop(0)
+            rest = [(out.covered_to, hi)] if out.progressed and out.covered_to < hi else []
+            if not out.progressed:
+                self.log.info("hole_not_served_yet", hole_from=_iso(lo), hole_to=_iso(hi))
+            self.gaps_todo[:0] = out.refetch + rest
+            self._commit(out, self.cursor, res)
+            return
+        self.gaps_todo[:0] = out.refetch
+        if (first_ever and not out.rows and out.gaps and not out.refetch
+                and out.covered_to + res.served.end - req.since < res.horizon_ms):
+            # a whole window before the market's first candle: find it, do not page to it
+            if res.listed_ms is not None and res.listed_ms > out.covered_to:
+                listed = res.listed_ms // tf * tf
+                out = replace(out, gaps=[*out.gaps, (out.covered_to, listed, BEFORE_LISTING)], covered_to=listed)
+            else:
+                self.search = ListingSearch(out.covered_to, res.horizon_ms, max(tf, res.served.end - req.since))
+        self._commit(out, max(self.cursor, out.covered_to), res)
 
-    def _write(
-        self, rows: list[Candle], gaps: list[tuple[int, int]], next_cursor: int, more: bool, horizon_ms: int
-    ) -> None:
+    def _on_probe(self, req: FetchRequest, res: FetchResult) -> None:
+        """An answer to a listing-search probe: narrow the search; when found, page from there."""
+        assert self.search is not None and res.served is not None
+        first = res.candles[0][0] if res.candles else None
+        self.search.record(req.since, first, res.served.end)
+        if not self.search.done:
+            self._succeeded()
+            self._next()
+            return
+        start, found = self.start_ms, self.search.empty_to
+        self.search = None
+        self.log.info("listing_found", listed_from=_iso(found), searched_from=_iso(start))
+        gaps = [(start, found, BEFORE_LISTING)] if found > start else []
+        self._commit(Outcome(gaps=gaps, covered_to=found), max(self.cursor, found), res)
+
+    def _commit(self, out: Outcome, next_cursor: int, res: FetchResult) -> None:
+        if out.rows or out.gaps:
+            self._write(out.rows, out.gaps, next_cursor, res)
+        else:
+            self._advance(next_cursor, res)
+
+    def _write(self, rows: list[Candle], gaps: list[Gap], next_cursor: int, res: FetchResult) -> None:
         k = self.key
         token = next(self._tokens)
         msg = Write(
             rows=tuple((k.exchange, k.symbol, k.timeframe, *c) for c in rows),
-            gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b, EXCHANGE_HOLE) for a, b in gaps),
+            gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b, why) for a, b, why in gaps),
             token=token,
             reply_to=self.actor_ref,
         )
         if gaps:
-            self.log.info("exchange_gaps_recorded", gaps=[(a, b) for a, b in gaps][:5], count=len(gaps))
-        self._pending = (tuple(rows), next_cursor, more, horizon_ms)
+            self.log.info("exchange_gaps_recorded", count=len(gaps),
+                          gaps=[f"{_iso(a)} to {_iso(b)} ({why})" for a, b, why in gaps[:5]])
+        self._pending = (tuple(rows), next_cursor, res)
         self._await(token, msg, self.storage)
 
     def _on_written(self, ack: Written) -> None:
         if ack.token != self._waiting_for or self._pending is None:
             return
         self._clear_wait()
-        rows, next_cursor, more, horizon_ms = self._pending
+        rows, next_cursor, res = self._pending
         self._pending = None
         if ack.error is not None:
             self.detail = f"store: {ack.error}"
@@ -312,32 +352,29 @@ class SeriesActor(Child):
             self._resume()
             return
         if rows:
+            self._stored_any = True
             self.last_ts = max(self.last_ts or rows[-1][0], rows[-1][0])
-        self._advance(next_cursor, more, horizon_ms)
+        self._advance(next_cursor, res)
 
-    def _advance(self, next_cursor: int, more_in_hole: bool, horizon_ms: int) -> None:
+    def _advance(self, next_cursor: int, res: FetchResult) -> None:
         self._succeeded()
-        if self.gaps_todo:
-            hi = self.gaps_todo[0][1]
-            if more_in_hole and next_cursor < hi:
-                self.gaps_todo[0] = (next_cursor, hi)
-            else:
-                self.gaps_todo.pop(0)
-            self._next()
-            return
+        progressed = next_cursor > self.cursor
         self.cursor = max(self.cursor, next_cursor)
-        if self.cursor < horizon_ms:
+        if self.gaps_todo or self.search is not None or (self.cursor < res.horizon_ms and progressed):
             self._set_status("backfilling")
             self._next()
         else:
-            self._caught_up(horizon_ms)
+            self._caught_up(res)
 
-    def _caught_up(self, horizon_ms: int) -> None:
-        """Nothing more is closed: poll again a little after the next candle closes."""
+    def _caught_up(self, res: FetchResult) -> None:
+        """Nothing more is closed: poll again a little after the next candle closes (or when the
+        market reopens)."""
         self._succeeded()
         self._set_status("ok")
         now_ms = self.runtime.wall() * 1000
-        next_close = self.cursor + self.tf_ms
+        next_close = max(self.cursor, res.horizon_ms) + self.tf_ms
+        if res.market_reopens_ms is not None and res.market_reopens_ms > next_close:
+            next_close = res.market_reopens_ms + self.tf_ms  # a closed market: no candle before it reopens
         if next_close <= now_ms:
             # that candle is closed by our clock but the exchange has not published it yet
             delay = self.settings.poll_interval
@@ -440,15 +477,6 @@ class SeriesActor(Child):
             self.alerts.tell(report)
 
 
-def _holes(rows: list[Candle], lo: int, hi: int, tf: int) -> list[tuple[int, int]]:
-    """Ranges in [lo, hi) the exchange returned no candle for, although it returned later ones:
-    gaps the exchange genuinely has, recorded so they are not refetched forever."""
-    out: list[tuple[int, int]] = []
-    expected = lo
-    for c in rows:
-        if c[0] > expected:
-            out.append((expected, c[0]))
-        expected = c[0] + tf
-    if expected < hi:
-        out.append((expected, hi))
-    return out
+def _iso(ms: int) -> str:
+    """An open time as a UTC timestamp for log lines (not raw epoch ms)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

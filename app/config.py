@@ -100,9 +100,11 @@ class ExchangeConfig:
     exchange: str
     symbols: tuple[str, ...]
     api_base: str | None = None
-    rate_limit: float = 10.0
+    rate_limit: float | None = None  # requests/s; None: the exchange's own budget (ccxt's metadata)
     timeout: float = 10.0
-    page_limit: int = 1000
+    page_limit: int | None = None  # None: the exchange's own maximum page
+    heartbeat: float = 30.0
+    markets_refresh: float = 300.0
     ingest: IngestConfig = IngestConfig()
     resilience: ResilienceConfig = ResilienceConfig()
 
@@ -244,6 +246,10 @@ def _breaker_mode(value: Any) -> str:
     return str(value)
 
 
+def _heartbeat(value: Any) -> float:
+    return 0.0 if value == "off" else _duration(strict=False)(value)
+
+
 def _off_or_duration(value: Any) -> float | None:
     if value == "off":
         return None
@@ -328,6 +334,9 @@ def _ccxt_id(value: Any) -> str:
 
     if not isinstance(value, str) or value not in ccxt.exchanges:
         raise _Invalid("expected a ccxt exchange id (see ccxt.exchanges)")
+    if not getattr(ccxt, value)().has.get("fetchOHLCV"):
+        raise _Invalid(f"{value} has no candles in ccxt (fetchOHLCV is not supported): it cannot be collected",
+                       whole=False)
     return value
 
 
@@ -366,6 +375,8 @@ _EXCHANGE_OWN: _Spec = {
     "rate_limit": _positive_float,
     "timeout": _duration(),
     "page_limit": _int(1),
+    "heartbeat": _heartbeat,
+    "markets_refresh": _duration(),
 }
 _EXCHANGE: _Spec = {**_EXCHANGE_OWN, **_INGEST, **_RESILIENCE}
 _METRICS: _Spec = {"listen": _host_port}
@@ -602,9 +613,10 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"exchange": ex.exchange, "symbols": list(ex.symbols)}
         if ex.api_base is not None:
             body["api_base"] = ex.api_base
-        body["rate_limit"] = ex.rate_limit
-        body["timeout"] = ex.timeout
-        body["page_limit"] = ex.page_limit
+        for key in ("rate_limit", "timeout", "page_limit", "heartbeat", "markets_refresh"):
+            value = getattr(ex, key)
+            if value is not None:
+                body[key] = value
         e_ingest = _ingest_dict(ex.ingest)
         body.update({k: v for k, v in e_ingest.items() if g_ingest.get(k) != v})
         body.update(

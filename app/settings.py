@@ -7,13 +7,22 @@ here, into the resilience layer's own configs; no key silently drives another.
 
 from __future__ import annotations
 
+import functools
+
 from ..actors.exchange import ExchangeSettings
 from ..actors.notifier import NotifierSettings
 from ..actors.series import SeriesSettings
+from ..actors.sources.base import Source
+from ..actors.sources.ccxt_source import CcxtSource
+from ..actors.sources.profiles import profile
 from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
+from ..supervisors.clock import WallClock
 from .config import AlertsConfig, ExchangeConfig, ResilienceConfig
+
+#: A series asks for as many candles as the exchange serves; the exchange actor caps it.
+ANY_PAGE = 1_000_000
 
 
 def retry_config(r: ResilienceConfig) -> RetryConfig:
@@ -43,26 +52,45 @@ def quarantine_config(r: ResilienceConfig) -> QuarantineConfig:
     )
 
 
+def _ccxt_source(ex: ExchangeConfig, wall: WallClock) -> Source:
+    return CcxtSource(ex.exchange, symbols=list(ex.symbols), timeout=ex.timeout, wall=wall, api_base=ex.api_base)
+
+
 def exchange_settings(ex: ExchangeConfig) -> ExchangeSettings:
     return ExchangeSettings(
         name=ex.name,
-        exchange=ex.exchange,
+        source=functools.partial(_ccxt_source, ex),
         rate_limit=ex.rate_limit,
         timeout=ex.timeout,
-        api_base=ex.api_base,
+        page_limit=ex.page_limit,
+        heartbeat=ex.heartbeat,
+        markets_refresh=ex.markets_refresh,
         retry=retry_config(ex.resilience),
     )
 
 
+@functools.lru_cache(maxsize=64)
+def requests_per_second(exchange_id: str, rate_limit: float | None) -> float:
+    """How many candle requests a second the exchange allows: `rate_limit` when configured, else
+    its own budget over the cost of one candle request (ccxt's metadata, corrected by `KNOWN`)."""
+    if rate_limit is not None:
+        return rate_limit
+    import ccxt
+
+    p = profile(exchange_id, getattr(ccxt, exchange_id)())
+    return p.rate / p.cost("ohlcv")
+
+
 def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
     """`series_count`: how many series the exchange serves, over which polls are spread."""
+    per_second = requests_per_second(ex.exchange, ex.rate_limit)
     return SeriesSettings(
         lookback=ex.ingest.lookback,
         since_ms=ex.ingest.since_ms,
         poll_interval=ex.ingest.poll_interval,
-        page_limit=ex.page_limit,
+        page_limit=ex.page_limit or ANY_PAGE,
         request_timeout=ex.timeout,
-        poll_spread=min(ex.ingest.poll_interval, series_count / ex.rate_limit),
+        poll_spread=min(ex.ingest.poll_interval, series_count / per_second),
         retry=retry_config(ex.resilience),
         quarantine=quarantine_config(ex.resilience),
     )

@@ -28,11 +28,11 @@ import ccxt
 import structlog
 
 from candlekeeper.actors.messages import Write, Written
-from candlekeeper.actors.sources.ccxt_client import make_client
 from candlekeeper.actors.storage import StorageActor
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
+from candlekeeper.simulator.ccxt_client import make_client
 from candlekeeper.simulator.faults import Faults
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.supervisors.child import Child, Runtime
@@ -95,7 +95,7 @@ def bench_plain_loop(rate: int, candles: int, symbols: list[str]) -> dict[str, A
     """What a user writes: ccxt with its own rate limiter, a loop, a sleep on errors."""
     start = history_start(candles)
     with BinanceSimulator(symbols, history_start_ms=start, faults=Faults(rate_limit_per_s=rate)) as sim:
-        client = make_client("binance", api_base=sim.url)
+        client = make_client("binance", sim.url)
         client.enableRateLimit = True  # ccxt's own limiter, as shipped
         t0 = time.perf_counter()
         client.load_markets()

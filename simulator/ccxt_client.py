@@ -8,7 +8,7 @@ from typing import Any
 
 import ccxt
 
-from ..actors.sources.ccxt_client import EXCHANGE_OPTIONS
+from ..actors.sources.profiles import client_options
 from ..actors.sources.urls import rebase_urls
 
 
@@ -21,7 +21,7 @@ def binance_options() -> dict[str, Any]:
     - fetchMargins=False: with keys, spot market loading also calls sapi margin pair lists.
     - adjustForTimeDifference=False: would call /api/v3/time on every load_markets.
     """
-    return copy.deepcopy(EXCHANGE_OPTIONS["binance"])
+    return client_options("binance", ["spot"])
 
 
 def make_binance(api_base: str | None = None, *, timeout_ms: int = 10_000,
@@ -48,7 +48,7 @@ def make_binance(api_base: str | None = None, *, timeout_ms: int = 10_000,
 #: README's per-exchange table. Coinbase and Kraken have no such option (Coinbase's futures
 #: listing failure is swallowed by ccxt's sync client anyway; Kraken lists spot only).
 SPOT_ONLY_OPTIONS: dict[str, dict[str, Any]] = {
-    "binance": EXCHANGE_OPTIONS["binance"],
+    "binance": client_options("binance", ["spot"]),
     "okx": {"fetchMarkets": {"types": ["spot"]}},
     "bybit": {"fetchMarkets": {"types": ["spot"]}},
     "kucoin": {"fetchMarkets": {"types": ["spot"], "fetchTickersFees": False}},

@@ -12,10 +12,10 @@ from candlekeeper.actors.market.candles import (
     TIMEFRAME_MS,
     InvalidCandles,
     alignment_ms,
-    closed,
     timeframe_ms,
     validate,
 )
+from candlekeeper.actors.market.closing import close_rows
 from candlekeeper.actors.market.errors import BadResponse
 
 TF = 60_000
@@ -162,20 +162,39 @@ def test_weekly_candles_open_on_monday():
     assert validate([[monday, 1.0, 2.0, 0.5, 1.5, 3.0]], week, monday + week)[0][0] == monday
 
 
-def test_closed_drops_open_candle():
+def _row(ts: int) -> list[float]:
+    return [ts, 1.0, 2.0, 0.5, 1.5, 3.0]
+
+
+def test_closed_by_the_exchange_showing_a_later_candle_or_by_its_clock():
     t = NOW - NOW % TF  # the candle that opened at t is still open at NOW
-    rows = [(t - 2 * TF, 1.0), (t - TF, 1.0), (t, 1.0)]
-    assert closed(rows, TF, NOW) == rows[:2]
-    assert closed(rows, TF, t) == rows[:2]  # closes exactly at t + TF
-    assert closed(rows, TF, t + TF) == rows
-    assert closed(rows, TF, t + TF, skew_ms=1) == rows[:2]
-    assert closed([], TF, NOW) == []
+    rows = [_row(t - 2 * TF), _row(t - TF), _row(t)]
+    out = close_rows(rows, TF, NOW, margin_ms=0)
+    assert [c[0] for c in out.candles] == [t - 2 * TF, t - TF] and out.horizon_ms == t
+    assert out.opens == [t - 2 * TF, t - TF, t]
+    # the last row closes only by the clock, and with the margin
+    assert len(close_rows(rows, TF, t + TF, margin_ms=0).candles) == 3
+    assert len(close_rows(rows, TF, t + TF, margin_ms=1).candles) == 2
+    assert close_rows([], TF, NOW, margin_ms=0).horizon_ms == t
+
+
+def test_a_slow_clock_loses_nothing_and_a_fast_one_stores_nothing_open():
+    """Our clock 60 s behind the exchange: its current candle looks like the future, yet every
+    candle before it is closed (the exchange shows a later one). Our clock ahead: the newest
+    candle is not taken as closed unless the exchange's clock says so."""
+    t = NOW - NOW % TF
+    rows = [_row(t - 3 * TF), _row(t - 2 * TF), _row(t - TF), _row(t)]
+    slow = close_rows(rows, TF, NOW - 60_000, margin_ms=2_000)
+    assert [c[0] for c in slow.candles] == [t - 3 * TF, t - 2 * TF, t - TF]
+    ahead = close_rows(rows[:-1], TF, t + 500, margin_ms=2_000)  # the exchange's t - TF is 0.5 s from closing
+    assert [c[0] for c in ahead.candles] == [t - 3 * TF, t - 2 * TF] and ahead.horizon_ms == t - TF
 
 
 @FAST
 @given(batches())
 def test_closed_keeps_exactly_finished_candles(batch):
     rows, _ = batch
-    out = closed(validate(rows, TF, NOW), TF, NOW)
-    assert all(r[0] + TF <= NOW for r in out)
-    assert len(out) == sum(1 for r in rows if r[0] + TF <= NOW)
+    valid = validate(rows, TF, NOW)
+    out = close_rows(rows, TF, NOW, margin_ms=0)
+    if valid:
+        assert out.candles == [c for c in valid[:-1]] + ([valid[-1]] if valid[-1][0] + TF <= NOW else [])

@@ -105,7 +105,7 @@ def test_defaults():
         exchange="binance",
         symbols=("BTC/USDT",),
         api_base=None,
-        rate_limit=10.0,
+        rate_limit=None,
         timeout=10.0,
         ingest=c.ingest,
         resilience=c.resilience,
@@ -169,6 +169,9 @@ symbols = ["BTC/USD"]
 api_base = "http://127.0.0.1:8080/"
 rate_limit = 50
 timeout = "3s"
+page_limit = 500
+heartbeat = "off"
+markets_refresh = "10m"
 since = 2024-01-02T03:04:05Z
 poll_interval = 1
 timeframes = ["1m"]
@@ -204,6 +207,8 @@ def test_every_key_from_toml(tmp_path):
     assert sim.name == "sim" and sim.exchange == "kraken"
     assert sim.api_base == "http://127.0.0.1:8080"
     assert sim.rate_limit == 50.0 and isinstance(sim.rate_limit, float)
+    assert sim.page_limit == 500 and sim.heartbeat == 0.0 and sim.markets_refresh == 600.0
+    assert binance.rate_limit is None and binance.page_limit is None and binance.heartbeat == 30.0
     assert sim.timeout == 3.0
     since = int(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC).timestamp() * 1000)
     assert sim.ingest == cfg.IngestConfig(172800.0, since, 1.0, ("1m",))
@@ -330,6 +335,9 @@ def test_config_is_frozen():
         ({**MIN, "storag": {}}, "config.toml: unknown section [storag]"),
         (with_exchange(symbol=["BTC/USDT"]), 'config.toml: [exchanges.binance] unknown key "symbol"'),
         (with_exchange(rate_limit=0), "config.toml: [exchanges.binance] rate_limit: expected a number > 0, got 0"),
+        ({"exchanges": {"cc": {"exchange": "coincheck", "symbols": ["BTC/JPY"]}}},
+         "config.toml: [exchanges.cc] exchange: coincheck has no candles in ccxt (fetchOHLCV is not supported): "
+         "it cannot be collected"),
         (with_exchange(rate_limit=True), "config.toml: [exchanges.binance] rate_limit: expected a number > 0, got true"),
         (with_exchange(rate_limit=float("nan")), "config.toml: [exchanges.binance] rate_limit: expected a number > 0, got nan"),
         (with_section("resilience", retry_attempts=True),

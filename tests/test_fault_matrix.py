@@ -347,7 +347,7 @@ def test_outage(tmp_path, mode: OutageMode) -> None:
 POISON_CASES = [
     (PoisonKind.INVERTED, "quarantined", "InvalidCandles"),
     (PoisonKind.NULLS, "quarantined", "InvalidCandles"),
-    (PoisonKind.EMPTY, "quarantined", "BadResponse"),
+    (PoisonKind.EMPTY, "quarantined", "EmptyAnswer"),  # the detail says which: not "garbled"
     (PoisonKind.BAD_SYMBOL, "invalid", "BadSymbol"),
 ]
 

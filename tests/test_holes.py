@@ -12,11 +12,13 @@ import pykka
 
 from candlekeeper.actors.exchange import ExchangeActor, ExchangeSettings
 from candlekeeper.actors.messages import FetchRequest, FetchResult, SeriesKey
+from candlekeeper.actors.sources.ccxt_source import CcxtSource
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.resilience.breaker import CircuitBreaker
 from candlekeeper.simulator.binance import KLINES_MAX_LIMIT
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.clock import WallClock
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
 from tests.test_ingest import TF, assert_exact, complete, make_config, now_ms, running, stored, wait_until
 
@@ -77,7 +79,10 @@ def test_a_reset_series_request_jumps_the_exchange_queue() -> None:
         runtime = Runtime()
         runtime.start()
         # 2 requests/s: the markets load takes the first token, the queue then drains one by one
-        cfg = ExchangeSettings(name="binance", exchange="binance", api_base=sim.url, rate_limit=2, timeout=5.0)
+        def source(wall: WallClock) -> CcxtSource:
+            return CcxtSource("binance", symbols=symbols, timeout=5.0, wall=wall, api_base=sim.url)
+
+        cfg = ExchangeSettings(name="binance", source=source, rate_limit=2, timeout=5.0, heartbeat=0)
         ref, _ = start_root(runtime, [ChildSpec("exchange", ExchangeActor, args=(cfg, CircuitBreaker()))])
         order: list[int] = []
         done = threading.Event()

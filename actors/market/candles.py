@@ -9,7 +9,7 @@ gap from the refill logic forever.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import BadResponse
@@ -20,7 +20,6 @@ __all__ = [
     "InvalidCandles",
     "Row",
     "alignment_ms",
-    "closed",
     "timeframe_ms",
     "validate",
 ]
@@ -89,7 +88,7 @@ def _bad(index: int, row: Any, why: str) -> InvalidCandles:
     return InvalidCandles(f"row {index} {_short(row)}: {why}")
 
 
-def validate(rows: Iterable[Any], timeframe_ms: int, now_ms: int) -> list[Candle]:
+def validate(rows: Iterable[Any], timeframe_ms: int, latest_ms: int) -> list[Candle]:
     """Check a ccxt OHLCV batch and return it as clean, sorted tuples.
 
     Each row must be a list/tuple of at least 6 finite numbers (extra columns
@@ -116,8 +115,8 @@ def validate(rows: Iterable[Any], timeframe_ms: int, now_ms: int) -> list[Candle
                 raise _bad(i, row, f"timestamp must be an integer, got {ts!r}")
         if ts % align:
             raise _bad(i, row, f"timestamp {ts} is not aligned to {timeframe_ms} ms")
-        if ts > now_ms:
-            raise _bad(i, row, f"timestamp {ts} is in the future (now {now_ms})")
+        if ts > latest_ms:
+            raise _bad(i, row, f"timestamp {ts} is in the future (later than {latest_ms})")
         if ts < 0:
             raise _bad(i, row, f"timestamp {ts} is before 1970")
         values = []
@@ -146,16 +145,3 @@ def validate(rows: Iterable[Any], timeframe_ms: int, now_ms: int) -> list[Candle
         elif seen != candle:
             raise _bad(i, row, f"timestamp {ts} appears twice with different values")
     return [out[ts] for ts in sorted(out)]
-
-
-def closed(
-    rows: Sequence[Any], timeframe_ms: int, now_ms: int, skew_ms: int = 0
-) -> list[Any]:
-    """Keep only candles that had closed by ``now_ms - skew_ms``.
-
-    The newest candle an exchange returns is usually still open and would be
-    stored with numbers that later change; ``skew_ms`` covers clock drift
-    between us and the exchange.
-    """
-    cutoff = now_ms - skew_ms - timeframe_ms
-    return [r for r in rows if r[0] <= cutoff]

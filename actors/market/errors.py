@@ -25,6 +25,11 @@ class BadResponse(Exception):
     """An exchange answered, but the answer is unusable (garbage, truncated, inconsistent)."""
 
 
+class EmptyAnswer(BadResponse):
+    """No candles where the exchange must have some: it fills minutes without trades, the market
+    is listed, and the stretch asked for is closed (a glitch, a trading halt, a delisting)."""
+
+
 @dataclass(frozen=True)
 class ErrorClass:
     """The answers to every question asked of one failure.
