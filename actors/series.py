@@ -433,7 +433,7 @@ class SeriesActor(Child):
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
-        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail)
+        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms)
         if self.health is not None:
             self.health.tell(report)
         if self.alerts is not None and status_changed:
