@@ -162,8 +162,8 @@ class Backfill:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
-        columns = [TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("candles  {task.percentage:>5.1f}%  {task.fields[rate]}  ETA {task.fields[eta]}"),
+        columns = [TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                   TextColumn("candles {task.percentage:>3.0f}% {task.fields[rate]} ETA {task.fields[eta]}"),
                    TimeElapsedColumn(), TextColumn("[dim]{task.fields[slowest]}")]
         with Progress(*columns, console=console, redirect_stderr=True, redirect_stdout=False) as bars:
             tasks: dict[str, Any] = {}
@@ -172,7 +172,8 @@ class Backfill:
                     f = self._fields(p)
                     shown = {"rate": f"{f['rate_per_s']:.0f}/s" if f["rate_per_s"] is not None else "-",
                              "eta": _duration(f["eta_s"]),
-                             "slowest": f"slowest {p.slowest} ({p.slowest_left} left)" if p.slowest else ""}
+                             "slowest": f"slowest {p.slowest.partition(':')[2]} ({p.slowest_left} left)"
+                             if p.slowest else ""}
                     if name not in tasks:
                         tasks[name] = bars.add_task(name, total=max(p.expected, 1), rate="-", eta="-", slowest="")
                     bars.update(tasks[name], completed=p.done, total=max(p.expected, 1), rate=shown["rate"],

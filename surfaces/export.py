@@ -45,9 +45,9 @@ def run_export(args: argparse.Namespace) -> int:
     except (Usage, ValueError, config_mod.ConfigError, MissingDependency, StorageUnusable) as exc:
         print(f"candlekeeper export: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    db, series, fmt, start, end = plan
+    db, target, series, fmt, start, end = plan
     if not series:
-        print(f"candlekeeper export: refused: no series matches {args.target} in {db}", file=sys.stderr)
+        print(f"candlekeeper export: refused: no series matches {target} in {db}", file=sys.stderr)
         return EXIT_FAILED
     try:
         with data.open_store(db) as store:
@@ -70,8 +70,9 @@ def _report(key: tuple[str, str, str], n: int, where: str) -> None:
     print(f"candlekeeper export: {n} candles of {key[0]}:{key[1]}@{key[2]} to {where}", file=sys.stderr)
 
 
-def _plan(args: argparse.Namespace) -> tuple[str, list[tuple[str, str, str]], str, int | None, int | None]:
-    """(database, series, format, start, end) from the command line; Usage when it makes no sense."""
+def _plan(args: argparse.Namespace) -> tuple[str, data.Target, list[tuple[str, str, str]], str, int | None, int | None]:
+    """(database, target, series, format, start, end) from the command line; Usage when it makes
+    no sense."""
     path = args.sub_config or args.config
     cfg = config_mod.load(path) if path else None
     db = args.db or (cfg.storage.path if cfg is not None else config_mod.default().storage.path)
@@ -104,7 +105,7 @@ def _plan(args: argparse.Namespace) -> tuple[str, list[tuple[str, str, str]], st
         series = series[:1]
     else:
         os.makedirs(args.output, exist_ok=True)
-    return db, series, fmt, start, end
+    return db, target, series, fmt, start, end
 
 
 # -- writers ---------------------------------------------------------------------------------
