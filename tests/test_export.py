@@ -12,9 +12,9 @@ import sys
 import tracemalloc
 from pathlib import Path
 
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import feather
 
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import data
@@ -239,7 +239,7 @@ class _Counting(io.TextIOBase):
 # -- the embedding API -----------------------------------------------------------------------
 
 
-def test_embedded_range_read_rows_table_and_coverage(tmp_path, sim, sim_start, clock) -> None:  # noqa: F811
+def test_embedded_range_read_rows_table_and_coverage(tmp_path, sim, sim_start, clock) -> None:
     cfg = make_config(tmp_path, sim, sim_start, page_limit=500)
     system = System(cfg, runtime=Runtime(wall=clock)).start()
     try:
