@@ -174,3 +174,33 @@ def test_simulate_also_lists_markets_beyond_the_configured_ones() -> None:
     finally:
         for s in sims:
             s.stop()
+
+
+def test_describe_carries_the_root_cause_of_a_network_error() -> None:
+    """ccxt's NetworkError names only the request; `describe` adds what actually failed (the real
+    ccxt client, pointed at a loopback port nobody listens on)."""
+    import socket
+
+    from candlekeeper.actors.market.errors import describe
+    from candlekeeper.actors.sources.ccxt_client import make_client
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    client = make_client("binance", api_base=f"http://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(Exception) as caught:
+        client.load_markets()
+    text = describe(caught.value)
+    assert text.startswith("NetworkError: binance GET") and "Connection refused" in text
+    assert describe(ValueError("plain")) == "ValueError: plain"
+
+
+def test_the_sample_config_is_valid_and_documents_every_section() -> None:
+    sample = Path(__file__).resolve().parent.parent / "examples" / "candlekeeper.toml"
+    cfg = config_mod.load(sample)
+    assert [e.name for e in cfg.exchanges] and cfg.storage.path and cfg.control.socket
+    text = sample.read_text()
+    for section in ("[storage]", "[control]", "[ingest]", "[resilience]", "[metrics]", "[alerts]", "[exchanges."):
+        assert section in text, section
+    assert config_mod.to_dict(cfg)  # round-trips through the dumper
