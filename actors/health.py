@@ -22,7 +22,7 @@ from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 from .progress import BackfillLog
 
 DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
-PROGRESS_S = 30.0  # how often a backfilling exchange's progress is logged
+PROGRESS_S = 10.0  # how often a backfilling exchange's progress is logged
 INTERNAL = ("start_ms",)  # kept for progress, not part of the health report
 
 
