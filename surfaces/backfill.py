@@ -99,8 +99,10 @@ def with_since(cfg: Config, since_ms: int) -> Config:
 class Backfill:
     """One run: start the system, watch it, stop it, say how it went."""
 
-    def __init__(self, cfg: Config, until_ms: int, *, stall: float, bars: bool, simulate: bool = False) -> None:
+    def __init__(self, cfg: Config, until_ms: int, *, stall: float, bars: bool, simulate: bool = False,
+                 runtime: Any = None) -> None:
         self.cfg = cfg
+        self.runtime = runtime  # tests: a runtime on their clock
         self.until_ms = until_ms
         self.stall = stall
         self.bars = bars
@@ -120,7 +122,7 @@ class Backfill:
             cfg, sims = _simulated(cfg)
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        system = System(cfg, surfaces=[ControlSurface(cfg.control)], on_shutdown=self.stop.set)
+        system = System(cfg, runtime=self.runtime, surfaces=[ControlSurface(cfg.control)], on_shutdown=self.stop.set)
         began = time.monotonic()
         try:
             system.start()

@@ -127,7 +127,7 @@ def test_backfill_usage_errors(workdir: Path, args: list[str], needle: str) -> N
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr
 
 
-def test_backfill_progress_lines_in_process(tmp_path, sim, sim_start, monkeypatch) -> None:
+def test_backfill_progress_lines_in_process(tmp_path, sim, sim_start, clock, monkeypatch) -> None:
     """Without a terminal: one `backfill_progress` line per exchange every LINE_EVERY seconds,
     counted against the end of the run."""
     monkeypatch.setattr(backfill_mod, "LINE_EVERY", 0.2)
@@ -136,7 +136,7 @@ def test_backfill_progress_lines_in_process(tmp_path, sim, sim_start, monkeypatc
                                 "control": {"socket": str(tmp_path / "c.sock")}})
     until = (sim.now_ms() // TF) * TF
     with capture_logs() as logs:
-        rc = backfill_mod.Backfill(cfg, until, stall=60, bars=False).run()
+        rc = backfill_mod.Backfill(cfg, until, stall=60, bars=False, runtime=Runtime(wall=clock)).run()
     assert rc == 0
     lines = [e for e in logs if e["event"] == "backfill_progress"]
     assert lines and all(e["exchange"] == "binance" and e["expected"] == 2 * 3 * 60 for e in lines)
