@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .actors.messages import SeriesKey, StoredCandle
     from .app.config import Config, ConfigError
-    from .app.errors import CommandError, SocketInUse, StorageUnusable
+    from .app.errors import CommandError, MissingDependency, SocketInUse, SocketUnusable, StartupError, StorageUnusable
     from .app.system import System
     from .surfaces.embedding import start
 
@@ -32,8 +32,11 @@ __all__ = [
     "CommandError",
     "Config",
     "ConfigError",
+    "MissingDependency",
     "SeriesKey",
     "SocketInUse",
+    "SocketUnusable",
+    "StartupError",
     "StorageUnusable",
     "StoredCandle",
     "System",
@@ -44,8 +47,11 @@ _HOMES = {
     "CommandError": ".app.errors",
     "Config": ".app.config",
     "ConfigError": ".app.config",
+    "MissingDependency": ".app.errors",
     "SeriesKey": ".actors.messages",
     "SocketInUse": ".app.errors",
+    "SocketUnusable": ".app.errors",
+    "StartupError": ".app.errors",
     "StorageUnusable": ".app.errors",
     "StoredCandle": ".actors.messages",
     "System": ".app.system",

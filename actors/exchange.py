@@ -40,7 +40,7 @@ from ..supervisors.child import Child
 from ..supervisors.clock import WallClock
 from .market.candles import timeframe_ms
 from .market.closing import ServerClock, close_rows
-from .market.errors import EmptyAnswer, classify
+from .market.errors import EmptyAnswer, classify, describe
 from .market.paging import served, window_end
 from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
 from .sources.base import Answer, MarketInfo, Source, SourceFailure
@@ -420,7 +420,7 @@ class ExchangeActor(Child):
             self._load_attempt += 1
             decision = self._load_retry.decide(self._load_attempt, error)
             delay = getattr(decision, "delay", 60.0)
-            self.log.warning("markets_failed", error=_why(error), retry_in=round(delay, 2))
+            self.log.warning("markets_failed", error=describe(error), retry_in=round(delay, 2))
             self._markets_retry_at = self.runtime.clock() + delay
             if self._markets is not None:
                 self.schedule(delay, _LOAD)  # the old list serves meanwhile
@@ -467,7 +467,7 @@ class ExchangeActor(Child):
             except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
                 self.log.debug("reply_dropped", series=str(done.request.key))
         elif done.error is not None:
-            self.log.info("heartbeat_failed", error=_why(done.error))
+            self.log.info("heartbeat_failed", error=describe(done.error))
         self._pump()
 
     def _learn(self, done: _Done) -> None:
@@ -535,16 +535,3 @@ def _closed_spans(source: Source, symbol: str, lo: int, hi: int, tf_ms: int) -> 
         spans.append((t, min(end, hi)))
         t = end
     return tuple(spans)
-
-
-def _why(error: BaseException) -> str:
-    """An error with its root cause (a DNS failure under ccxt's NetworkError, say)."""
-    text = f"{type(error).__name__}: {error}"
-    cause = error.__cause__ or error.__context__
-    seen = 0
-    while cause is not None and seen < 3:
-        text += f" <- {type(cause).__name__}: {cause}"
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return text[:500]
-

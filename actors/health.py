@@ -11,14 +11,26 @@ stopped; `ok` otherwise. Paused series are an operator's choice and do not degra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..supervisors.child import Child
+from ..supervisors.clock import wall_ms
 from ..supervisors.events import LifecycleEvent
 from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
+from .progress import BackfillLog
 
 DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
+PROGRESS_S = 10.0  # how often a backfilling exchange's progress is logged
+INTERNAL = ("start_ms",)  # kept for progress, not part of the health report
+
+
+class _ProgressTick:
+    pass
+
+
+_PROGRESS_TICK = _ProgressTick()
 
 
 @dataclass
@@ -35,8 +47,14 @@ class HealthState:
 
 
 class HealthActor(Child):
-    def __init__(self, exchanges: list[str], state: HealthState | None = None) -> None:
+    """Also logs backfill progress (`candlekeeper.actors.progress.BackfillLog`): one line per
+    backfilling exchange every `progress_every` seconds, and one when its backfill completes."""
+
+    def __init__(self, exchanges: list[str], state: HealthState | None = None, *,
+                 progress_every: float = PROGRESS_S) -> None:
         super().__init__()
+        self.progress_every = progress_every
+        self.backfills = BackfillLog(self._log_info, self._rows)
         state = state if state is not None else HealthState()
         for name in exchanges:
             state.exchanges.setdefault(name, {"name": name, "breaker": "closed", "status": "starting"})
@@ -45,6 +63,9 @@ class HealthActor(Child):
         self.restarts = state.restarts
         self.restarts_by_kind = state.restarts_by_kind
         self.storage = state.storage
+
+    def on_start(self) -> None:
+        self.schedule(self.progress_every, _PROGRESS_TICK)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, SeriesStatus):
@@ -58,7 +79,9 @@ class HealthActor(Child):
                 "restarts": self.restarts.get(message.path, 0),
                 "failures": message.failures,
                 "detail": message.detail,
+                "start_ms": message.start_ms,
             }
+            self._backfill_status(k.exchange, message.path, message.status)
         elif isinstance(message, ExchangeStatus):
             row = self.exchanges.setdefault(message.name, {"name": message.name})
             row.update(breaker=message.breaker, status=message.status)
@@ -69,7 +92,12 @@ class HealthActor(Child):
         elif isinstance(message, LifecycleEvent):
             self._on_event(message)
         elif isinstance(message, ForgetSeries):
-            self.series.pop(message.path, None)
+            gone = self.series.pop(message.path, {})
+            if gone:
+                self._backfill_status(gone["exchange"], message.path, None)
+        elif message is _PROGRESS_TICK or isinstance(message, _ProgressTick):
+            self.schedule(self.progress_every, _PROGRESS_TICK)
+            self.backfills.tick(wall_ms(self.runtime.wall), self.runtime.clock())
         else:
             return super().on_receive(message)
         return None
@@ -81,13 +109,31 @@ class HealthActor(Child):
             if ev.path in self.series:
                 self.series[ev.path]["restarts"] = ev.restarts
         elif ev.kind == "stopped" and ev.path in self.series:
+            exchange = self.series[ev.path]["exchange"]
             if ev.reason == "deleted":
                 del self.series[ev.path]
+                self._backfill_status(exchange, ev.path, None)
             else:
                 self.series[ev.path]["status"] = "stopped"
+                self._backfill_status(exchange, ev.path, "stopped")
         elif ev.kind == "crashed" and ev.path in self.series:
             self.series[ev.path]["status"] = "stopped"
             self.series[ev.path]["detail"] = ev.reason
+            self._backfill_status(self.series[ev.path]["exchange"], ev.path, "stopped")
+
+    def _log_info(self, event: str, **fields: Any) -> None:
+        self.log.info(event, **fields)
+
+    def _backfill_status(self, exchange: str, path: str, status: str | None) -> None:
+        self.backfills.status(exchange, path, status, wall_ms(self.runtime.wall), self.runtime.clock())
+
+    def _rows(self, exchange: str | None = None) -> list[Mapping[str, Any]]:
+        return [r for r in self.series.values() if exchange is None or r["exchange"] == exchange]
+
+    def progress(self) -> dict[str, Any]:
+        """Every series' row with where its backfill starts (`start_ms`): what backfill progress
+        is computed from (`candlekeeper.actors.progress`)."""
+        return {"series": [dict(r) for _, r in sorted(self.series.items())]}
 
     def health(self) -> dict[str, Any]:
         """The health report: the public JSON contract of `ctl health --json`.
@@ -100,7 +146,7 @@ class HealthActor(Child):
         down = {e["name"] for e in exchanges if e.get("breaker") == "open"}
         series = []
         for _, row in sorted(self.series.items()):
-            s = dict(row)
+            s = {k: v for k, v in row.items() if k not in INTERNAL}
             if s.get("detail") is None:
                 s.pop("detail", None)
             s["exchange_down"] = s["exchange"] in down

@@ -154,6 +154,7 @@ class SeriesStatus:
     last_ts: int | None
     failures: int
     detail: str | None = None
+    start_ms: int | None = None  # where its backfill starts: what backfill progress counts from
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ..resilience.retry import GiveUp, RetryConfig
 from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from .market.candles import timeframe_ms
-from .market.errors import EmptyAnswer, is_retryable
+from .market.errors import EmptyAnswer, describe, is_retryable
 from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE
 from .market.progress import Gap, ListingSearch, Outcome, take
 from .messages import (
@@ -232,7 +232,8 @@ class SeriesActor(Child):
         """Resync now when idle; a request or write in flight resyncs on its ack's generation."""
         if self.generation is None or msg.generation == self.generation or self._waiting_for is not None:
             return
-        self.log.warning("store_recreated_resyncing", generation=msg.generation)
+        self.log.info("store_generation_changed_resyncing", generation=msg.generation,
+                      reason="storage restarted or the database was recreated: re-reading where to resume")
         self.generation = None
         self._cancel_timer()
         self._resume()
@@ -347,7 +348,8 @@ class SeriesActor(Child):
             self._schedule(STORE_RETRY_S)  # refetch and rewrite: idempotent
             return
         if self.generation is not None and ack.generation != self.generation:
-            self.log.warning("store_recreated_resyncing", generation=ack.generation)
+            self.log.info("store_generation_changed_resyncing", generation=ack.generation,
+                          reason="storage restarted or the database was recreated: re-reading where to resume")
             self.generation = None
             self._resume()
             return
@@ -396,7 +398,7 @@ class SeriesActor(Child):
 
     def _on_failure(self, error: BaseException, retry_after: float | None) -> None:
         self.failures += 1
-        self.detail = f"{type(error).__name__}: {str(error)[:200]}"
+        self.detail = describe(error)[:300]
         if isinstance(error, ccxt.BadSymbol):
             self.log.error("symbol_not_listed", error=self.detail)
             self._set_status("invalid")
@@ -470,7 +472,7 @@ class SeriesActor(Child):
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
-        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail)
+        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms)
         if self.health is not None:
             self.health.tell(report)
         if self.alerts is not None and status_changed:

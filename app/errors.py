@@ -7,11 +7,25 @@ class CommandError(Exception):
     """A control command that was refused (unknown target, bad arguments): its message is the reason."""
 
 
-class StorageUnusable(Exception):
-    """The database cannot be opened at all (a bad path, no permission): a mistake to report at
-    start, not a crash loop of the storage actor that ends with the root giving up."""
+class StartupError(Exception):
+    """Something the system needs at start cannot be had; the message is one line naming it. A
+    mistake to report at start (the daemon exits 2), not a crash loop ending in the root giving up."""
 
 
-class SocketInUse(Exception):
+class StorageUnusable(StartupError):
+    """The database cannot be opened at all (a bad path, no permission, a file that is not a
+    SQLite database)."""
+
+
+class SocketInUse(StartupError):
     """A socket or port the daemon must listen on is taken (another daemon, or anything else): a
     supervisor restarting the listener could not fix that, so start-up refuses."""
+
+
+class SocketUnusable(StartupError):
+    """The control socket cannot be created at its path (no such directory, no permission, a path
+    longer than a Unix socket allows)."""
+
+
+class MissingDependency(Exception):
+    """An optional dependency is not installed; the message names the extra that installs it."""

@@ -13,27 +13,29 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pykka
 import structlog
 
-from ..actors.market.candles import timeframe_ms
+from ..actors.market.candles import Candle, timeframe_ms
 from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
 from ..actors.metrics import Metrics
-from ..actors.stores.errors import StoreError, StoreGone
+from ..actors.stores.errors import StoreCorrupt, StoreError, StoreGone
 from ..actors.stores.sqlite import Store
 from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 from . import config as config_mod
+from . import data
 from .config import Config, ExchangeConfig, parse_host_port
-from .errors import CommandError, SocketInUse, StorageUnusable
+from .errors import CommandError, SocketInUse, SocketUnusable, StartupError, StorageUnusable
 from .tree import Blueprint, SeriesChange, series_id
 
-__all__ = ["CommandError", "SocketInUse", "StorageUnusable", "Surface", "System", "as_config"]
+__all__ = ["CommandError", "SocketInUse", "SocketUnusable", "StartupError", "StorageUnusable", "Surface", "System",
+           "as_config"]
 
 ASK_TIMEOUT = 10.0
 
@@ -45,7 +47,8 @@ class Surface(Protocol):
     then started as a child of the root."""
 
     def preflight(self) -> None:
-        """Raise `SocketInUse` when what it listens on is taken."""
+        """Raise `SocketInUse` when what it listens on is taken, `SocketUnusable` when it cannot
+        be created (both `StartupError`s)."""
 
     def spec(self, system: System) -> ChildSpec:
         """Its child spec, serving `system`."""
@@ -129,11 +132,28 @@ class System:
 
     # -- asking --------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
+    def health(self, *, counts: bool = False) -> dict[str, Any]:
+        """The health report; `counts=True` adds each series' stored candle count (`candles`),
+        read from the store on the caller's thread (a read-only connection, not the writer)."""
         try:
-            return self.health_address.proxy().health().get(timeout=ASK_TIMEOUT)
+            report: dict[str, Any] = self.health_address.proxy().health().get(timeout=ASK_TIMEOUT)
         except pykka.ActorDeadError:
             return {"status": "down", "exchanges": [], "series": [], "error": "health actor restarting"}
+        if counts:
+            try:
+                with data.open_store(self.config.storage.path) as store:
+                    for s in report.get("series", []):
+                        s["candles"] = store.count(s["exchange"], s["symbol"], s["timeframe"])
+            except (StorageUnusable, StoreError) as exc:
+                report.setdefault("errors", []).append(f"candle counts unavailable: {exc}")
+        return report
+
+    def progress(self) -> dict[str, Any]:
+        """Backfill progress by exchange and by series (see `candlekeeper.actors.progress`)."""
+        try:
+            return self.health_address.proxy().progress().get(timeout=ASK_TIMEOUT)
+        except pykka.ActorDeadError:
+            return {"exchanges": {}, "series": []}
 
     def tree(self) -> dict[str, Any]:
         if self._root is None:
@@ -178,12 +198,17 @@ class System:
                     if ref is not None:
                         out.append(ref)
         if symbol is not None and not out:
-            raise CommandError(f"no running series {exchange} {symbol}" + (f"@{timeframe}" if timeframe else ""))
+            name = f"{exchange}:{symbol}" + (f"@{timeframe}" if timeframe else "")
+            if any(r["id"].rpartition("@")[0] == symbol and (timeframe is None or r["id"].endswith("@" + timeframe))
+                   for r in rows):
+                raise CommandError(f"series {name} is not running right now (restarting); try again")
+            raise CommandError(f"no series {name}")
         return out
 
     def reset(self, exchange: str, symbol: str | None = None, timeframe: str | None = None) -> dict[str, Any]:
         """Reset the breaker of an exchange (and every series' retry state and quarantine), or one series'."""
         targets = self._series_targets(exchange, symbol, timeframe)
+        _audit("reset", target=_name(exchange, symbol, timeframe), series=len(targets))
         # Asked, not told: when the reply comes, the new states have been reported to health, so
         # a `health` right after a `reset` already shows them.
         futures = [ref.proxy().reset() for ref in targets]
@@ -197,7 +222,12 @@ class System:
                 future.get(timeout=ASK_TIMEOUT)
             except pykka.ActorDeadError:
                 pass  # that series crashed meanwhile; its replacement starts with a clean state
-        return {"exchange": exchange, "symbol": symbol, "series_reset": len(targets)}
+        result: dict[str, Any] = {"exchange": exchange, "series_reset": len(targets)}
+        if symbol is not None:
+            result["symbol"] = symbol
+        if timeframe is not None:
+            result["timeframe"] = timeframe
+        return result
 
     def pause(
         self, exchange: str, symbol: str | None = None, timeframe: str | None = None, *, paused: bool = True
@@ -205,7 +235,13 @@ class System:
         targets = self._series_targets(exchange, symbol, timeframe)
         for ref in targets:
             ref.tell(Pause(paused))
-        return {"exchange": exchange, "symbol": symbol, "series": len(targets), "paused": paused}
+        _audit("pause" if paused else "resume", target=_name(exchange, symbol, timeframe), series=len(targets))
+        result: dict[str, Any] = {"exchange": exchange, "series": len(targets), "paused": paused}
+        if symbol is not None:
+            result["symbol"] = symbol
+        if timeframe is not None:
+            result["timeframe"] = timeframe
+        return result
 
     def latest(self, exchange: str, symbol: str, timeframe: str = "1m", n: int = 1) -> dict[str, Any]:
         """The newest stored candles and how stale the series is: answered from the store, so it
@@ -241,6 +277,7 @@ class System:
         except ValueError as exc:
             raise CommandError(f"bad symbol: {exc}") from None
         sid = series_id(symbol, timeframe)
+        _audit("add", target=f"{exchange}:{sid}")
         with self._lock:
             specs = self.blueprint.series_specs[ex.name]
             if any(s.id == sid for s in specs):
@@ -261,6 +298,7 @@ class System:
         """Stop a series and persist its removal; its stored candles stay."""
         ex = self._exchange_config(exchange)
         sid = series_id(symbol, timeframe)
+        _audit("remove", target=f"{exchange}:{sid}")
         with self._lock:
             specs = self.blueprint.series_specs[ex.name]
             spec = next((s for s in specs if s.id == sid), None)
@@ -280,6 +318,9 @@ class System:
         """The supervisor of the actor at `target` (its path below the root) and its child row."""
         if not isinstance(target, str) or not target.strip("/"):
             raise CommandError(f"{verb} needs a target path, e.g. binance/series/BTC/USDT@1m")
+        if target.strip("/") == "root":
+            raise CommandError(f"cannot {verb} the root supervisor: it is the daemon itself "
+                               "(stop it with `shutdown` and start it again)")
         remaining = target.strip("/").removeprefix("root/")
         parent = self._root
         if parent is None:
@@ -289,7 +330,8 @@ class System:
             matches = sorted((r for r in rows if remaining == r["id"] or remaining.startswith(r["id"] + "/")),
                              key=lambda r: len(r["id"]), reverse=True)
             if not matches:
-                raise CommandError(f"no actor at {target!r}")
+                raise CommandError(f"no actor at {target!r} (paths as `ctl tree` shows them, below root: "
+                                   "e.g. storage, binance, binance/exchange, binance/series/BTC/USDT@1m)")
             row = matches[0]
             remaining = remaining[len(row["id"]) + 1 :]
             if not remaining:
@@ -303,6 +345,7 @@ class System:
         """Restart an actor through its supervisor; `target` is its path below the root, e.g.
         ``binance/exchange``, ``binance/series/BTC/USDT@1m``, ``storage``, or ``binance``."""
         parent, row = self._locate(target, "restart")
+        _audit("restart", target=row["path"])
         parent.proxy().restart_child(row["id"]).get(timeout=ASK_TIMEOUT)
         return {"restarted": row["path"]}
 
@@ -314,16 +357,68 @@ class System:
         ref = parent.proxy().child_ref(row["id"]).get(timeout=ASK_TIMEOUT)
         if ref is None:
             raise CommandError(f"{row['path']} is not running")
+        _audit("crash", target=row["path"], reason=reason)
         ref.tell(Crash(reason))
         return {"crashed": row["path"]}
 
     def shutdown(self) -> dict[str, Any]:
         """Stop the whole system (after this reply is sent)."""
+        _audit("shutdown")
         if self._on_shutdown is not None:
             self._on_shutdown()
         else:
             threading.Thread(target=self.stop, name="candlekeeper-shutdown", daemon=True).start()
         return {"stopping": True}
+
+    # -- data out ------------------------------------------------------------------------
+
+    def read_candles(self, exchange: str, symbol: str, timeframe: str = "1m", since: Any = None, until: Any = None,
+                     *, batch: int = 50_000) -> Iterator[Candle]:
+        """Stored candles with open time in [since, until), oldest first, as (ts, open, high, low,
+        close, volume) tuples. A generator over a read-only connection of its own, reading
+        `batch` rows at a time: any range in constant memory, and the writer is never blocked.
+        `since`/`until`: epoch ms, a datetime, an ISO 8601 string (naive = UTC), or a duration
+        ago such as "30d"; None for no bound."""
+        start, end = self._range(timeframe, since, until)  # refused here, not at the first row
+        store = data.open_store(self.config.storage.path)
+
+        def rows() -> Iterator[Candle]:
+            with store:
+                yield from data.iter_rows(store, exchange, symbol, timeframe, start, end, batch=batch)
+
+        return rows()
+
+    def read_table(self, exchange: str, symbol: str, timeframe: str = "1m", since: Any = None,
+                   until: Any = None) -> Any:
+        """The same range as a `pyarrow.Table`: `time` timestamp[ms, UTC], `open`..`volume` float64
+        (needs the `parquet` extra; `MissingDependency` otherwise)."""
+        start, end = self._range(timeframe, since, until)
+        data.require_pyarrow()
+        with data.open_store(self.config.storage.path) as store:
+            return data.arrow_table(store, exchange, symbol, timeframe, start, end)
+
+    def coverage(self, exchange: str | None = None, symbol: str | None = None,
+                 timeframe: str | None = None) -> list[dict[str, Any]]:
+        """Per series: first and last stored candle, the count, the missing stretches and the
+        confirmed exchange gaps with their reasons (see `candlekeeper.app.data.series_coverage`)."""
+        if timeframe is not None:
+            _timeframe(timeframe)
+        target = data.Target(exchange, symbol, timeframe)
+        try:
+            return data.coverage_report(self.config.storage.path, target, config=self.config,
+                                        now_ms=int(self.runtime.wall() * 1000))
+        except StorageUnusable as exc:
+            raise CommandError(str(exc)) from None
+
+    def _range(self, timeframe: str, since: Any, until: Any) -> tuple[int | None, int | None]:
+        _timeframe(timeframe)
+        now = int(self.runtime.wall() * 1000)
+        try:
+            start = None if since is None else data.parse_time(since, now_ms=now)
+            end = None if until is None else data.parse_time(until, now_ms=now)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return start, end
 
     def subscribe(self, subscriber: Any) -> None:
         """Receive each newly stored candle (`candlekeeper.StoredCandle`): a callable (called on
@@ -352,16 +447,30 @@ def check_port_free(listen: str) -> None:
 
 def stored_series_changes(path: str) -> list[SeriesChange]:
     """The series added and removed at run time, from the database; opening it is also the
-    start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created. A
-    corrupt file is no reason: the storage actor moves it aside and starts a fresh one."""
+    start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created, or is
+    not a SQLite database at all: at start that is the user's file, which is never moved aside
+    (the storage actor does that only to a database that goes bad while running)."""
     try:
         with Store(path) as store:
             return store.list_series()
-    except StoreGone as exc:  # corrupt, or replaced meanwhile: the storage actor recovers it
+    except StoreCorrupt as exc:
+        raise StorageUnusable(f"[storage] path: {path} is not a usable SQLite database ({exc.__cause__ or exc}); "
+                              "move it away or point [storage] path elsewhere") from None
+    except StoreGone as exc:  # replaced meanwhile: the storage actor recovers it
         log.warning("series_changes_unreadable", error=str(exc))
         return []
     except StoreError as exc:
         raise StorageUnusable(f"[storage] path: {exc}") from None
+
+
+def _name(exchange: str, symbol: str | None, timeframe: str | None) -> str:
+    return exchange + (f":{symbol}" if symbol else "") + (f"@{timeframe}" if timeframe else "")
+
+
+def _audit(command: str, **args: Any) -> None:
+    """Every operator command that changes something is one log line, whoever sent it (the
+    control socket, the CLI, an embedding app)."""
+    log.info("operator_command", command=command, **args)
 
 
 def _timeframe(timeframe: Any) -> int:

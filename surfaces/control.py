@@ -15,6 +15,10 @@ tests/test_control_fuzz.py fuzzes the framing; tests/test_control.py the timeout
 An optional TCP listener (`[control] tcp`, loopback unless configured otherwise) serves the same
 protocol to remote clients, but only requests carrying `"token": "<[control] token>"`; a request
 without a valid token gets an error reply and the connection is closed. The token is never logged.
+A TCP connection must authenticate with its first message within `AUTH_TIMEOUT` seconds or it is
+closed. Connections that have not authenticated yet have their own `MAX_CONNECTIONS` slots, the
+oldest dropped to make room for a new one, so connections that never send a token can neither
+fill the listener nor make an authenticated client be refused.
 
 The listener and each connection run on their own threads (they block on sockets), never in
 an actor's mailbox; commands reach the actors through `System`'s asks.
@@ -35,7 +39,7 @@ from typing import Any
 import msgpack
 
 from ..app.config import ControlConfig, parse_host_port
-from ..app.errors import SocketInUse
+from ..app.errors import SocketInUse, SocketUnusable
 from ..app.system import System
 from ..supervisors.child import Child
 from ..supervisors.supervisor import ChildSpec
@@ -44,6 +48,7 @@ MAX_MESSAGE = 1 << 20
 MAX_CONNECTIONS = 32  # per listener: the Unix socket and the TCP listener each have their own
 MESSAGE_TIMEOUT = 10.0  # seconds for a message to arrive whole (or a reply to be taken): no slowloris
 IDLE_TIMEOUT = 60.0  # seconds a connection may stay silent between messages before it is closed
+AUTH_TIMEOUT = 5.0  # seconds a TCP connection has to send its first message, with a valid token
 LISTENERS = ("unix", "tcp")
 
 
@@ -71,8 +76,10 @@ class ControlSurface:
 
 def check_free(config: ControlConfig) -> None:
     """Fail fast, before the tree starts, when another daemon holds the socket or the TCP port:
-    a supervisor restarting the control server could not fix that."""
+    a supervisor restarting the control server could not fix that. Nor a socket that cannot be
+    created at its path (`SocketUnusable`)."""
     claim_unix_socket_path(config.socket)
+    check_bindable(config.socket)
     if config.tcp:
         host, port = parse_host_port(config.tcp)
         try:
@@ -95,6 +102,32 @@ def claim_unix_socket_path(path: str) -> None:
             raise SocketInUse(f"another candlekeeper is listening on {path}")
         finally:
             probe.close()
+
+
+def check_bindable(path: str) -> None:
+    """Fail fast, with the path in the message, when the socket cannot be created there at all
+    (no such directory, no permission, longer than a Unix socket path may be): a bind, undone."""
+    if os.path.exists(path):
+        return  # a stale socket file, removed by claim_unix_socket_path, or a live one (refused there)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(path)
+    except OSError as exc:
+        where = os.path.dirname(os.path.abspath(path))
+        if isinstance(exc, FileNotFoundError):
+            why = f"directory {where} does not exist"
+        elif isinstance(exc, PermissionError):
+            why = f"no permission to create it in {where}"
+        elif "too long" in str(exc):
+            why = (f"the path is {len(os.fsencode(path))} bytes, longer than a Unix socket path may be; "
+                   "use a shorter one")
+        else:
+            why = exc.strerror or str(exc)
+        raise SocketUnusable(f"[control] socket {path}: cannot create it: {why}") from None
+    else:
+        os.unlink(path)
+    finally:
+        probe.close()
 
 
 def prepare_unix_socket(path: str) -> socket.socket:
@@ -138,6 +171,19 @@ def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
                                                        name="candlekeeper-restart-control").start())
         return system.restart(target)
 
+    def coverage(req: dict[str, Any]) -> Any:
+        exchange = text(req, "exchange", required=False)
+        symbol = text(req, "symbol", required=False)
+        if symbol is not None and exchange is None:
+            raise ValueError("'symbol' needs 'exchange'")
+        return system.coverage(exchange, symbol, text(req, "timeframe", required=False))
+
+    def health(req: dict[str, Any]) -> Any:
+        counts = req.get("counts", False)
+        if not isinstance(counts, bool):
+            raise ValueError("'counts' must be a boolean")
+        return system.health(counts=counts)
+
     def count(req: dict[str, Any]) -> int:
         n = req.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool):
@@ -145,7 +191,8 @@ def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return n
 
     return {
-        "health": lambda req: system.health(),
+        "health": health,
+        "coverage": coverage,
         "tree": lambda req: system.tree(),
         "reset": lambda req: system.reset(*target(req)),
         "pause": lambda req: system.pause(*target(req), paused=True),
@@ -171,6 +218,8 @@ class ControlServer(Child):
         self.tcp_port: int | None = None
         self._threads: set[threading.Thread] = set()
         self._conns: dict[str, set[socket.socket]] = {name: set() for name in LISTENERS}  # each its own limit
+        # TCP connections that have not authenticated yet, oldest first: slots of their own
+        self._pending: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
 
@@ -224,7 +273,7 @@ class ControlServer(Child):
             except FileNotFoundError:
                 self.log.debug("control_socket_file_gone")
         with self._lock:
-            for conn in [c for conns in self._conns.values() for c in conns]:
+            for conn in [c for conns in self._conns.values() for c in conns] + list(self._pending):
                 try:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -249,10 +298,24 @@ class ControlServer(Child):
                 self.log.warning("control_accept_failed", error=str(exc))
                 time.sleep(0.05)  # sleep-ok: the accept thread, not a mailbox
                 continue
+            evicted = None
             with self._lock:
-                full = len(conns) >= MAX_CONNECTIONS
-                if not full:
-                    conns.add(conn)
+                if listener == "tcp":  # not counted until it authenticates (see _authenticated)
+                    full = False
+                    if len(self._pending) >= MAX_CONNECTIONS:
+                        evicted = next(iter(self._pending))
+                        del self._pending[evicted]
+                    self._pending[conn] = time.monotonic()
+                else:
+                    full = len(conns) >= MAX_CONNECTIONS
+                    if not full:
+                        conns.add(conn)
+            if evicted is not None:
+                self.log.info("control_unauthenticated_dropped", listener=listener, limit=MAX_CONNECTIONS)
+                try:
+                    evicted.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and closes it
+                except OSError:
+                    pass
             if full:
                 if not saturated:
                     self.log.warning("control_connections_full", listener=listener, limit=MAX_CONNECTIONS)
@@ -270,6 +333,7 @@ class ControlServer(Child):
                 with self._lock:
                     self._threads.discard(t)
                     conns.discard(conn)
+                    self._pending.pop(conn, None)
                 _refuse(conn, f"cannot serve: {exc}")
 
     def _serve(self, conn: socket.socket, listener: str = "unix") -> None:
@@ -279,11 +343,20 @@ class ControlServer(Child):
         too_large = {"id": None, "ok": False, "error": f"message larger than {MAX_MESSAGE} bytes"}
         received = start = 0  # bytes received so far; where the current message began
         began: float | None = None  # when the current, incomplete message started to be waited for
+        authenticated = listener != "tcp"
+        auth_deadline = time.monotonic() + AUTH_TIMEOUT
         try:
             while not self._closing.is_set():
                 deadline = time.monotonic() + IDLE_TIMEOUT if began is None else began + MESSAGE_TIMEOUT
+                if not authenticated:
+                    deadline = min(deadline, auth_deadline)
                 data = _receive(conn, deadline)
                 if data is None:
+                    if not authenticated:
+                        self.log.info("control_auth_timeout", listener=listener, timeout=AUTH_TIMEOUT)
+                        _send(conn, {"id": None, "ok": False, "error": "unauthorized: no request with a valid token "
+                                                                      f"within {AUTH_TIMEOUT:g} s"}, timeout=1.0)
+                        return
                     self._timed_out(conn, listener, incomplete=began is not None)
                     return
                 if not data:
@@ -314,6 +387,10 @@ class ControlServer(Child):
                         _send(conn, {"id": _request_id(request), "ok": False,
                                      "error": "unauthorized: a valid token is required"})
                         return
+                    if not authenticated:
+                        if not self._authenticated(conn, listener):
+                            return
+                        authenticated = True
                     reply, then = self._answer(request)
                     try:
                         _send(conn, reply)
@@ -331,8 +408,26 @@ class ControlServer(Child):
         finally:
             with self._lock:
                 self._conns[listener].discard(conn)
+                self._pending.pop(conn, None)
                 self._threads.discard(threading.current_thread())
             conn.close()
+
+    def _authenticated(self, conn: socket.socket, listener: str) -> bool:
+        """Move a TCP connection that just sent a valid token from the unauthenticated slots to the
+        listener's own; False (and a refusal) when it was dropped meanwhile or those are full."""
+        with self._lock:
+            if conn not in self._pending:
+                return False  # dropped to make room for a newer unauthenticated one
+            del self._pending[conn]
+            conns = self._conns[listener]
+            full = len(conns) >= MAX_CONNECTIONS
+            if not full:
+                conns.add(conn)
+        if full:
+            self.log.warning("control_connections_full", listener=listener, limit=MAX_CONNECTIONS)
+            _send(conn, {"id": None, "ok": False, "error": "too many connections"}, timeout=1.0)
+            return False
+        return True
 
     def _timed_out(self, conn: socket.socket, listener: str, *, incomplete: bool) -> None:
         """An incomplete message gets an error reply (it answers that request); an idle

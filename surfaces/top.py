@@ -13,7 +13,8 @@ back by itself when the daemon does.
 Drawn with rich (`rich.live.Live`); keys are read with `select` from the terminal in cbreak
 mode (no echo, no line buffering, Ctrl-C still interrupts), and the terminal's mode is restored
 on the way out, whatever the way out is. Without a terminal on stdin it just refreshes until
-Ctrl-C.
+Ctrl-C. With stdout not a terminal (a pipe, a file) `ctl top` prints one frame (`print_frame`)
+and exits; `ctl top --json` prints one JSON snapshot of the same data.
 """
 
 from __future__ import annotations
@@ -402,6 +403,12 @@ def run_top(
                     error = str(exc) or type(exc).__name__
     except KeyboardInterrupt:
         return 0
+
+
+def print_frame(fetch: Callable[[str], Any], *, console: Console | None = None) -> None:
+    """One frame, no live view, no colours: for a pipe or a file. `fetch` as for `run_top`."""
+    console = console or Console(width=140, no_color=True, highlight=False)
+    console.print(render(fetch("health"), time.time(), tree=_tree(fetch), width=console.size.width))
 
 
 def _tree(fetch: Callable[[str], Any]) -> dict[str, Any] | None:

@@ -234,7 +234,7 @@ TOKEN = "t0ken-for-tests"
 class _FakeSystem:
     """Just enough of `System` to answer `health`: these tests are about the listeners."""
 
-    def health(self) -> dict[str, Any]:
+    def health(self, *, counts: bool = False) -> dict[str, Any]:
         return {"status": "ok", "exchanges": [], "series": []}
 
 
@@ -288,14 +288,15 @@ def _health(conn: socket.socket, **extra: Any) -> dict[str, Any]:
 
 def test_tcp_clients_cannot_lock_out_the_unix_socket(served: tuple[str, tuple[str, int]],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """MAX_CONNECTIONS idle or half-sent, unauthenticated TCP clients fill the TCP listener; the
-    next TCP client is refused, and the Unix socket, with slots of its own, still serves."""
+    """MAX_CONNECTIONS authenticated TCP clients fill the TCP listener; the next authenticated TCP
+    client is refused, and the Unix socket, with slots of its own, still serves."""
     path, tcp = served
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 4)
     held = [socket.create_connection(tcp, timeout=5) for _ in range(4)]
     try:
-        held[0].sendall(msgpack.packb({"id": 1, "cmd": "health", "token": "x" * 100})[:20])  # half-sent
+        assert all(_health(c, token=TOKEN)["ok"] is True for c in held)  # authenticated: they count
         with socket.create_connection(tcp, timeout=5) as extra:
+            extra.sendall(msgpack.packb({"id": 1, "cmd": "health", "token": TOKEN}))
             assert _until_closed(extra) == [{"id": None, "ok": False, "error": "too many connections"}]
         assert ok(request(path, "health", timeout=5))["status"] == "ok"
         local = [_unix(path) for _ in range(4)]  # the Unix socket's own MAX_CONNECTIONS
@@ -307,6 +308,45 @@ def test_tcp_clients_cannot_lock_out_the_unix_socket(served: tuple[str, tuple[st
     finally:
         for c in held:
             c.close()
+
+
+def test_unauthenticated_tcp_clients_cannot_lock_out_authorised_ones(served: tuple[str, tuple[str, int]],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 connections that never send a token (idle, or half a message) do not make a client with
+    the right token get "too many connections": they have slots of their own, the oldest dropped
+    for each newcomer, and each is closed if it has not authenticated within AUTH_TIMEOUT."""
+    _, tcp = served
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 4)
+    idle = [socket.create_connection(tcp, timeout=5) for _ in range(100)]
+    try:
+        idle[-1].sendall(msgpack.packb({"id": 1, "cmd": "health", "token": TOKEN})[:10])  # half-sent
+        with socket.create_connection(tcp, timeout=5) as good:
+            assert _health(good, token=TOKEN)["ok"] is True
+            assert _health(good, token=TOKEN)["ok"] is True  # and it stays served
+        dropped = [c for c in idle[:90] if _until_closed(c) == []]
+        assert len(dropped) == 90  # the oldest were closed to make room, without a reply
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_tcp_connection_must_authenticate_promptly(served: tuple[str, tuple[str, int]],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _, tcp = served
+    monkeypatch.setattr(control, "AUTH_TIMEOUT", 0.5)
+    with socket.create_connection(tcp, timeout=5) as silent:
+        began = time.monotonic()
+        replies = _until_closed(silent)
+        waited = time.monotonic() - began
+    assert replies == [{"id": None, "ok": False, "error": "unauthorized: no request with a valid token within 0.5 s"}]
+    assert 0.3 <= waited < 4, waited
+    with socket.create_connection(tcp, timeout=5) as conn:  # authenticated in time: the idle timeout applies
+        assert _health(conn, token=TOKEN)["ok"] is True
+        time.sleep(1.0)  # past AUTH_TIMEOUT, within IDLE_TIMEOUT: still open
+        assert _health(conn, token=TOKEN)["ok"] is True
+    with socket.create_connection(tcp, timeout=5) as bad:
+        bad.sendall(msgpack.packb({"id": 7, "cmd": "health", "token": "wrong"}))
+        assert _until_closed(bad) == [{"id": 7, "ok": False, "error": "unauthorized: a valid token is required"}]
 
 
 @pytest.mark.parametrize("listener", ["unix", "tcp"])

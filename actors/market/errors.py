@@ -93,3 +93,22 @@ def counts_against_exchange(error: BaseException) -> bool:
 
 def is_rate_limited(error: BaseException) -> bool:
     return classify(error).rate_limited
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message`, followed by the root cause when the message leaves it out: ccxt's
+    NetworkError says `binance GET https://...` and keeps `Name or service not known` or
+    `Connection refused` only in its `__cause__` chain, which a log line must carry."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    seen: set[int] = set()
+    cause = error.__cause__ or error.__context__
+    root: BaseException | None = None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        root = cause
+        cause = cause.__cause__ or cause.__context__
+    if root is None:
+        return text
+    reason = root.args[0] if len(root.args) == 1 and isinstance(root.args[0], BaseException) else root
+    detail = str(getattr(reason, "reason", None) or reason)
+    return f"{text} (cause: {detail})" if detail and detail not in text else text

@@ -32,10 +32,11 @@ from typing import Any
 from urllib.parse import quote
 
 from ..market.candles import Candle, Row
+from .coverage import Coverage
 from .errors import StoreCorrupt, StoreError, StoreGone
 from .ranges import append_range, subtract_ranges
 
-__all__ = ["Store", "StoreCorrupt", "StoreError", "StoreGone"]
+__all__ = ["Coverage", "Store", "StoreCorrupt", "StoreError", "StoreGone"]
 
 
 # WITHOUT ROWID: the primary key *is* the table, so inserts touch one b-tree
@@ -476,6 +477,89 @@ class Store:
                 (*key, start_ms, end_ms),
             ).fetchall()
         return subtract_ranges(missing, known) if known else missing
+
+    def iter_candles(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        batch: int = 50_000,
+    ) -> Iterator[list[Candle]]:
+        """Candles with open time in [start_ms, end_ms), oldest first, in lists of at most
+        ``batch``: memory stays constant whatever the range.
+
+        Keyset pages (``ts >= last + 1 ... LIMIT batch``), each its own short statement: no read
+        transaction stays open across a long export, so the writer's checkpoints go on, and any
+        database pages the same way."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        lo = start_ms if start_ms is not None else -(2**63)
+        hi = end_ms if end_ms is not None else 2**63 - 1
+        while lo < hi:
+            with self._db() as conn:
+                rows = conn.execute(
+                    "SELECT ts, open, high, low, close, volume FROM candles"
+                    f" WHERE {_SERIES} AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?",
+                    (exchange, symbol, timeframe, lo, hi, batch),
+                ).fetchall()
+            if not rows:
+                return
+            yield rows
+            if len(rows) < batch:
+                return
+            lo = rows[-1][0] + 1
+
+    def coverage(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        timeframe_ms: int,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> Coverage:
+        """What is stored of a series and what is not: first and last stored candle, the count,
+        the missing stretches in [start_ms, end_ms) (``missing_ranges``: confirmed gaps left out)
+        and every confirmed gap with its reason. ``start_ms`` defaults to the first stored candle;
+        without an ``end_ms`` nothing is reported missing after the last stored candle."""
+        with self._db() as conn:
+            first, last, n = conn.execute(
+                f"SELECT min(ts), max(ts), count(*) FROM candles WHERE {_SERIES}", (exchange, symbol, timeframe)
+            ).fetchone()
+        lo = start_ms if start_ms is not None else first
+        hi = end_ms if end_ms is not None else (None if last is None else last + timeframe_ms)
+        missing = (
+            self.missing_ranges(exchange, symbol, timeframe, timeframe_ms, lo, hi)
+            if lo is not None and hi is not None
+            else []
+        )
+        return Coverage(
+            first_ts=first,
+            last_ts=last,
+            count=n,
+            missing=tuple(missing),
+            gaps=tuple(self.gap_reasons(exchange, symbol, timeframe)),
+        )
+
+    def series_keys(self) -> list[tuple[str, str, str]]:
+        """Every (exchange, symbol, timeframe) with stored candles or recorded gaps, sorted. One
+        index seek per series (a skip scan), not a pass over every candle."""
+        out: set[tuple[str, str, str]] = set()
+        with self._db() as conn:
+            key = conn.execute(
+                "SELECT exchange, symbol, timeframe FROM candles ORDER BY exchange, symbol, timeframe LIMIT 1"
+            ).fetchone()
+            while key is not None:
+                out.add(tuple(key))
+                key = conn.execute(
+                    "SELECT exchange, symbol, timeframe FROM candles WHERE (exchange, symbol, timeframe) > (?, ?, ?)"
+                    " ORDER BY exchange, symbol, timeframe LIMIT 1",
+                    tuple(key),
+                ).fetchone()
+            out.update(conn.execute("SELECT DISTINCT exchange, symbol, timeframe FROM gaps"))
+        return sorted(out)
 
     # -- genuine gaps ------------------------------------------------------
 
