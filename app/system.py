@@ -214,7 +214,7 @@ class System:
         if not isinstance(n, int) or not 1 <= n <= 1000:
             raise CommandError("n must be an integer from 1 to 1000")
         tf_ms = _timeframe(timeframe)
-        rows = self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
+        rows = self._from_storage(self.storage.proxy().latest(exchange, symbol, timeframe, n))
         configured = self.blueprint.series_specs.get(ex.name, [])
         if not rows and not any(s.id == series_id(symbol, timeframe) for s in configured):
             raise CommandError(f"no series {exchange}:{symbol}@{timeframe}")
@@ -248,7 +248,7 @@ class System:
             listed = self._listed(ex.name, symbol)
             if listed is False:
                 raise CommandError(f"{exchange} does not list {symbol}")
-            self.storage.proxy().set_series_active(exchange, symbol, timeframe, True).get(timeout=ASK_TIMEOUT)
+            self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, True))
             spec = self.blueprint.series_spec(ex, symbol, timeframe)
             specs.append(spec)
         try:
@@ -266,7 +266,7 @@ class System:
             spec = next((s for s in specs if s.id == sid), None)
             if spec is None:
                 raise CommandError(f"no series {exchange}:{sid}")
-            self.storage.proxy().set_series_active(exchange, symbol, timeframe, False).get(timeout=ASK_TIMEOUT)
+            self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, False))
             specs.remove(spec)
         try:
             self._sup(ex.name, "series").delete_child(sid).get(timeout=ASK_TIMEOUT)
@@ -332,6 +332,13 @@ class System:
 
     def unsubscribe(self, subscriber: Any) -> None:
         self.candles.unsubscribe(subscriber)
+
+    def _from_storage(self, future: Any) -> Any:
+        """The storage actor's answer; a store that cannot answer now is a refusal that says why."""
+        try:
+            return future.get(timeout=ASK_TIMEOUT)
+        except StoreError as exc:
+            raise CommandError(f"storage unavailable: {exc}") from None
 
     def _listed(self, exchange: str, symbol: str) -> bool | None:
         """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""

@@ -16,6 +16,7 @@ import structlog
 from candlekeeper.actors.health import LAG_MARGIN_S, STALL_PAGES, HealthActor, HealthSettings, HealthState, Pace
 from candlekeeper.actors.messages import SeriesKey, SeriesStatus, StorageStatus
 from candlekeeper.actors.metrics import Metrics
+from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.settings import health_settings
 from candlekeeper.app.system import System
@@ -24,6 +25,7 @@ from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import FakeClock, ShiftedClock
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
+from tests.faults_fs import Immutable
 from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
 
@@ -259,3 +261,37 @@ def test_a_418_ban_shows_lagging_within_the_bound_while_the_breaker_stays_closed
     assert system.health()["status"] == "ok"
     for symbol in SYMBOLS:
         assert_exact(sim, db, symbol, sim_start)
+
+
+def test_a_read_only_database_at_start_shows_storage_failing_and_lagging_series(
+    tmp_path: Path, sim: BinanceSimulator, sim_start: int, running: Callable[[config_mod.Config], System],
+) -> None:
+    cfg = make_config(tmp_path, sim, sim_start)
+    db = cfg.storage.path
+    with Store(db) as store:  # an earlier run stored the first hour
+        for symbol in SYMBOLS:
+            store.upsert([("binance", symbol, "1m", *c) for c in sim.expected_candles(symbol, "1m", sim_start,
+                                                                                      sim_start + 3600_000)])
+    frozen = Immutable(db)
+    try:
+        system = running(cfg)
+        wait_until(lambda: not system.health()["storage"]["ok"], timeout=10, what="storage failing")
+        wait_until(lambda: all(s["status"] == "lagging" for s in by_symbol(system).values()), timeout=30,
+                   what="series lagging")
+        health = system.health()
+        assert health["status"] == "down"
+        assert "read-only" in health["storage"]["detail"]
+        for s in health["series"]:
+            assert s["detail"].startswith("storage failing: ") and "read-only" in s["detail"], s
+            assert s["lag_seconds"] > 3600
+        assert any(r.startswith("2 series lagging: ") for r in health["reasons"]), health["reasons"]
+        assert len(stored(db, "BTC/USDT")) == 60
+    finally:
+        frozen.release()
+    wait_until(lambda: system.health()["storage"]["ok"], timeout=20, what="storage recovered by itself")
+    wait_until(complete(system, db, sim, sim_start, SYMBOLS), timeout=30, what="the rest stored")
+    wait_until(lambda: system.health()["status"] == "ok", timeout=30, what="health ok")
+    for symbol in SYMBOLS:
+        assert_exact(sim, db, symbol, sim_start)
+    assert system.health()["restarts_by_kind"].get("storage", 0) == 0
+
