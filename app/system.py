@@ -24,6 +24,7 @@ from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
 from ..actors.metrics import Metrics
 from ..actors.stores.errors import StoreError, StoreGone
+from ..actors.stores.lock import DatabaseLock
 from ..actors.stores.sqlite import Store
 from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
@@ -78,18 +79,28 @@ class System:
         self.exited = threading.Event()
         self.exit: Exit | None = None
         self._root: pykka.ActorRef[Supervisor] | None = None
+        self.db_lock = DatabaseLock(config.storage.path,  # names this daemon to a second one
+                                    control_socket=os.path.abspath(config.control.socket) if self.surfaces else None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> System:
         """Start the tree. Raises `SocketInUse` when another daemon holds the control socket (or a
-        TCP or metrics port is taken), `StorageUnusable` when the database cannot be opened at all
-        (see `stored_series_changes`)."""
-        for surface in self.surfaces:
-            surface.preflight()
-        if self.config.metrics.listen:
-            check_port_free(self.config.metrics.listen)
-        self.blueprint.plan(stored_series_changes(self.config.storage.path))
+        TCP or metrics port is taken), `StorageUnusable` when another daemon uses the database or
+        it cannot be opened at all (see `stored_series_changes`)."""
+        try:  # before anything is opened or written; held until `stop`
+            self.db_lock.acquire()
+        except StoreError as exc:
+            raise StorageUnusable(f"[storage] path: {exc}") from None
+        try:
+            for surface in self.surfaces:
+                surface.preflight()
+            if self.config.metrics.listen:
+                check_port_free(self.config.metrics.listen)
+            self.blueprint.plan(stored_series_changes(self.config.storage.path))
+        except BaseException:
+            self.db_lock.release()
+            raise
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
         self.runtime.events.subscribe(self.metrics.on_event)
@@ -116,6 +127,7 @@ class System:
         self.runtime.events.unsubscribe(self._forward_event)
         self.runtime.events.unsubscribe(self.metrics.on_event)
         self.runtime.stop()
+        self.db_lock.release()  # last: the store is closed by now
 
     def wait(self, timeout: float | None = None) -> Exit | None:
         self.exited.wait(timeout)
