@@ -41,6 +41,7 @@ DEGRADING = {"retrying", "lagging", "quarantined", "invalid", "stopped"}
 LAG_MARGIN_S = 5.0  # the fixed part of the margin (see the module docstring)
 STALL_PAGES = 5  # a backfill storing nothing new for this many pages' time is lagging
 TICK_S = 1.0  # how often lag is judged without any report arriving
+MAX_LOGGED = 10  # lagging transitions logged one line each per judgement; more are one line
 
 # statuses judged by lag, and those judged by progress; the rest are left as reported
 _BY_LAG = {"ok", "retrying", "starting"}
@@ -190,10 +191,24 @@ class HealthActor(Child):
     # -- judging by outcome ----------------------------------------------------------------
 
     def _judge_all(self, now: float) -> None:
+        changed: list[tuple[str, dict[str, Any], str]] = []
         for path, row in self.series.items():
-            self._judge(path, row, now)
+            before = row["status"]
+            self._judge(path, row, now, log=False)
+            if (row["status"] == "lagging") != (before == "lagging"):
+                changed.append((path, row, before))
+        if len(changed) <= MAX_LOGGED:
+            for path, row, before in changed:
+                self._log_change(path, row, before)
+            return
+        lagging = [path for path, row, _ in changed if row["status"] == "lagging"]
+        recovered = [path for path, row, _ in changed if row["status"] != "lagging"]
+        if lagging:  # storage failing or an exchange ban can make thousands lag at once: one line
+            self.log.warning("series_lagging", count=len(lagging), series=lagging[:MAX_LOGGED])
+        if recovered:
+            self.log.info("series_lag_recovered", count=len(recovered), series=recovered[:MAX_LOGGED])
 
-    def _judge(self, path: str, row: dict[str, Any], now: float) -> None:
+    def _judge(self, path: str, row: dict[str, Any], now: float, *, log: bool = True) -> None:
         """Set the row's `lag_seconds` and its status: the reported one, or `lagging`."""
         last = row.get("last_ts")
         lag = None if last is None else max(0.0, now - (last / 1000 + row["_tf_s"]))
@@ -207,15 +222,18 @@ class HealthActor(Child):
             lagging = lag is not None and lag > pace.lag_bound(row["_tf_s"])
         else:
             lagging = False
-        status = "lagging" if lagging else reported
-        if status != row["status"]:
-            if status == "lagging":
-                self.log.warning("series_lagging", series=path, lag_seconds=row["lag_seconds"],
-                                 no_progress_for=round(stalled_s, 1), reported=reported)
-            elif row["status"] == "lagging":
-                self.log.info("series_lag_recovered", series=path, lag_seconds=row["lag_seconds"], status=status)
-        row["status"] = status
+        before = row["status"]
+        row["status"] = "lagging" if lagging else reported
         row["_stalled_s"] = stalled_s
+        if log and (row["status"] == "lagging") != (before == "lagging"):
+            self._log_change(path, row, before)
+
+    def _log_change(self, path: str, row: dict[str, Any], before: str) -> None:
+        if row["status"] == "lagging":
+            self.log.warning("series_lagging", series=path, lag_seconds=row["lag_seconds"],
+                             no_progress_for=round(row["_stalled_s"], 1), reported=row.get("_reported"))
+        else:
+            self.log.info("series_lag_recovered", series=path, lag_seconds=row["lag_seconds"], status=row["status"])
 
     # -- the report ------------------------------------------------------------------------
 

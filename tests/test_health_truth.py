@@ -184,6 +184,21 @@ def test_lag_is_judged_on_a_schedule_without_any_report_or_question() -> None:
             h.stop()
 
 
+def test_many_series_lagging_at_once_are_one_log_line() -> None:
+    watch = LogWatch()
+    with structlog.testing.capture_logs(processors=[watch]):
+        h = Health(tick=0.02)
+        try:
+            keys = [SeriesKey("binance", f"S{i:02d}/USDT", "1m") for i in range(12)]
+            h.tell(*(status(k, "ok", last_closed_ts(T0)) for k in keys))
+            h.report()
+            h.wall.advance(40)  # all twelve cross the bound in the same tick
+            [entry] = watch.wait("series_lagging", timeout=5)
+            assert entry["count"] == 12 and len(entry["series"]) == 10
+        finally:
+            h.stop()
+
+
 def test_metrics_know_lagging(health: Health) -> None:
     health.tell(status(BTC, "ok", last_closed_ts(T0)), status(ETH, "ok", last_closed_ts(T0)))
     health.wall.advance(100)
