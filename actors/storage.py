@@ -150,27 +150,29 @@ class StorageActor(Child):
     # the asker's, not a crash of this actor).
 
     def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[tuple[Any, ...]]:
-        return self._ask(lambda: self.store.latest(exchange, symbol, timeframe, n))
+        return self._with_store(lambda: self.store.latest(exchange, symbol, timeframe, n))
 
     def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
-        return self._ask(lambda: self.store.last_ts(exchange, symbol, timeframe))
+        return self._with_store(lambda: self.store.last_ts(exchange, symbol, timeframe))
 
     def count(self, exchange: str, symbol: str, timeframe: str) -> int:
-        return self._ask(lambda: self.store.count(exchange, symbol, timeframe))
+        return self._with_store(lambda: self.store.count(exchange, symbol, timeframe))
 
     def set_series_active(self, exchange: str, symbol: str, timeframe: str, active: bool) -> bool:
         """Persist a run-time `add` (active) or `remove` so a restart keeps it."""
         at = wall_ms(self.runtime.wall)
         if active:
-            return self._ask(lambda: self.store.add_series(exchange, symbol, timeframe, at))
-        return self._ask(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
+            return self._ask_write(lambda: self.store.add_series(exchange, symbol, timeframe, at))
+        return self._ask_write(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
 
     def status(self) -> dict[str, Any]:
         """Whether the store can write now, and why not."""
         return {"ok": self.failing is None, "detail": self.failing, "held_writes": len(self._held),
                 "generation": self.generation}
 
-    def _ask(self, fn: Callable[[], T]) -> T:
+    def _ask_write(self, fn: Callable[[], T]) -> T:
+        """An operator's write: refused with the store's error, which is also storage failing (a
+        read that fails is only the asker's answer: the next write or probe judges the store)."""
         try:
             return self._with_store(fn)
         except StoreUnavailable as exc:
