@@ -23,18 +23,19 @@ class StoreUnavailable(StoreError):
     """The store cannot write (or read) right now, for a reason outside the process that may go
     away by itself: keep the data, retry later, nothing needs recreating.
 
-    ``reason`` is one of ``full`` (disk or quota full), ``locked`` (another process holds a
-    lock), ``readonly`` (the file, directory or filesystem became read-only), ``io`` (an I/O
-    error on a file that is still ours). For ``readonly`` and ``io`` a retry should reopen the
-    connection: SQLite does not notice on its own that a file became writable again.
+    ``reason`` says which: ``full`` (disk or quota full), ``locked`` (another process holds a
+    lock), ``readonly`` (the file, directory, filesystem or server became read-only), ``io`` (an
+    I/O error on a file that is still ours), ``unavailable`` (anything else that passes: a lost
+    connection, a server restarting). Unless full or locked, a retry reopens first: SQLite keeps
+    a read-only connection read-only, a lost server connection stays lost.
     """
 
-    REASONS = ("full", "locked", "readonly", "io")
+    REASONS = ("full", "locked", "readonly", "io", "unavailable")
 
-    def __init__(self, message: str, reason: str = "io") -> None:
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
         super().__init__(message)
-        self.reason = reason if reason in self.REASONS else "io"
+        self.reason = reason if reason in self.REASONS else "unavailable"
 
     @property
     def needs_reopen(self) -> bool:
-        return self.reason in ("readonly", "io")
+        return self.reason not in ("full", "locked")
