@@ -4,9 +4,26 @@ Every exchange and series actor tells it status changes; supervisors' lifecycle 
 about restarts and stops. It never asks anyone, so answering `health` costs one mailbox turn
 whatever the rest of the system is doing.
 
+Signals are not enough: a series can say `ok` while its exchange bans it, or while nothing it
+fetches can be stored. So health also judges each series by its outcome, the newest candle in
+the store, on the runtime's wall clock, every second (a stalled series sends no reports):
+
+- lag = now - close time of the newest stored candle (`last_ts` + timeframe);
+- a series that says `ok` or `retrying` is `lagging` when lag > timeframe + poll_interval +
+  margin, where margin = 5 s + the exchange's poll spread (its series / rate_limit, at most
+  poll_interval: when each series' poll comes) + one request timeout. A caught-up series
+  stores each candle within min(1 s, poll_interval) + its poll offset + a request of its close,
+  or one poll_interval later when the exchange publishes late, so this never fires on a
+  healthy series;
+- a series that is `backfilling` (or retrying during a backfill) is `lagging` when its newest
+  stored candle has not changed for 5 pages' time, a page being what the exchange needs to
+  serve one request of each of its series at its rate limit, plus one request timeout;
+- `paused` and `invalid` series are never lagging (nothing is expected of them); `quarantined`
+  and `stopped` keep their own status, which says more; every series shows its `lag_seconds`.
+
 Roll-up: `down` when storage is failing or no exchange is reachable (every breaker open);
-`degraded` when any breaker is not closed or any series is retrying, quarantined, invalid or
-stopped; `ok` otherwise. Paused series are an operator's choice and do not degrade it.
+`degraded` when any breaker is not closed or any series is retrying, lagging, quarantined,
+invalid or stopped; `ok` otherwise. Paused series are an operator's choice and do not degrade it.
 """
 
 from __future__ import annotations
@@ -18,10 +35,58 @@ from typing import Any
 from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import LifecycleEvent
+from .market.candles import timeframe_ms
 from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 from .progress import BackfillLog
 
-DEGRADING = {"retrying", "quarantined", "invalid", "stopped"}
+DEGRADING = {"retrying", "lagging", "quarantined", "invalid", "stopped"}
+LAG_MARGIN_S = 5.0  # the fixed part of the margin (see the module docstring)
+STALL_PAGES = 5  # a backfill storing nothing new for this many pages' time is lagging
+TICK_S = 1.0  # how often lag is judged without any report arriving
+MAX_LOGGED = 10  # lagging transitions logged one line each per judgement; more are one line
+
+# statuses judged by lag, and those judged by progress; the rest are left as reported
+_BY_LAG = {"ok", "retrying", "starting"}
+_NO_PROGRESS_EXPECTED = {"paused", "invalid"}
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How soon an exchange's series are expected to store each candle (see the module docstring)."""
+
+    poll_interval: float = 10.0
+    margin: float = LAG_MARGIN_S + 10.0  # on top of timeframe + poll_interval
+    page_s: float = 10.0  # expected time between two pages of one series' backfill
+
+    @classmethod
+    def of(cls, *, poll_interval: float, rate_limit: float, series: int, timeout: float) -> Pace:
+        """`series`: how many the exchange serves; `rate_limit` its requests per second."""
+        serve_all = max(1, series) / rate_limit  # one request for each of its series
+        return cls(
+            poll_interval=poll_interval,
+            margin=LAG_MARGIN_S + min(poll_interval, serve_all) + timeout,
+            page_s=serve_all + timeout,
+        )
+
+    def lag_bound(self, timeframe_s: float) -> float:
+        """The most a series that is not backfilling may lag before it is `lagging`."""
+        return timeframe_s + self.poll_interval + self.margin
+
+    @property
+    def stall_bound(self) -> float:
+        """The longest a backfilling series may store nothing newer before it is `lagging`."""
+        return STALL_PAGES * self.page_s
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Each exchange's `Pace` (built from the config by `candlekeeper.app.settings`)."""
+
+    pace: Mapping[str, Pace] = field(default_factory=dict)
+    tick: float = TICK_S
+
+    def pace_of(self, exchange: str) -> Pace:
+        return self.pace.get(exchange) or Pace()
 PROGRESS_S = 10.0  # how often a backfilling exchange's progress is logged
 INTERNAL = ("start_ms",)  # kept for progress, not part of the health report
 
@@ -37,7 +102,12 @@ _PROGRESS_TICK = _ProgressTick()
 class HealthState:
     """What the health actor knows, owned by the system rather than by one incarnation of the
     actor: a crash of the health actor loses neither restart counts nor the last reported
-    states (only a report told in the instant between two incarnations)."""
+    states (only a report told in the instant between two incarnations).
+
+    A series row holds the public fields of the health JSON, plus private ones (names starting
+    with `_`, never shown): `_reported` (the series' own status), `_phase` (the last of `ok` or
+    `backfilling` it reported), `_progress_at` (wall time its newest candle last changed, or it
+    was last resumed) and `_tf_s`."""
 
     exchanges: dict[str, dict[str, Any]] = field(default_factory=dict)
     series: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -46,18 +116,28 @@ class HealthState:
     storage: dict[str, Any] = field(default_factory=lambda: {"ok": True, "detail": None})
 
 
+class _Tick:
+    pass
+
+
+_TICK = _Tick()
+
+
 class HealthActor(Child):
     """Also logs backfill progress (`candlekeeper.actors.progress.BackfillLog`): one line per
     backfilling exchange every `progress_every` seconds, and one when its backfill completes."""
 
-    def __init__(self, exchanges: list[str], state: HealthState | None = None, *,
-                 progress_every: float = PROGRESS_S) -> None:
+    def __init__(
+        self, exchanges: list[str], state: HealthState | None = None, settings: HealthSettings | None = None, *,
+        progress_every: float = PROGRESS_S,
+    ) -> None:
         super().__init__()
         self.progress_every = progress_every
         self.backfills = BackfillLog(self._log_info, self._rows)
         state = state if state is not None else HealthState()
         for name in exchanges:
             state.exchanges.setdefault(name, {"name": name, "breaker": "closed", "status": "starting"})
+        self.settings = settings or HealthSettings()
         self.exchanges = state.exchanges
         self.series = state.series
         self.restarts = state.restarts
@@ -65,23 +145,16 @@ class HealthActor(Child):
         self.storage = state.storage
 
     def on_start(self) -> None:
+        self.schedule(self.settings.tick, _TICK)
         self.schedule(self.progress_every, _PROGRESS_TICK)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, SeriesStatus):
-            k = message.key
-            self.series[message.path] = {
-                "exchange": k.exchange,
-                "symbol": k.symbol,
-                "timeframe": k.timeframe,
-                "status": message.status,
-                "last_ts": message.last_ts,
-                "restarts": self.restarts.get(message.path, 0),
-                "failures": message.failures,
-                "detail": message.detail,
-                "start_ms": message.start_ms,
-            }
-            self._backfill_status(k.exchange, message.path, message.status)
+            self._on_series(message)
+            self._backfill_status(message.key.exchange, message.path, message.status)
+        elif message is _TICK:
+            self.schedule(self.settings.tick, _TICK)
+            self._judge_all(self.runtime.wall())
         elif isinstance(message, ExchangeStatus):
             row = self.exchanges.setdefault(message.name, {"name": message.name})
             row.update(breaker=message.breaker, status=message.status)
@@ -102,6 +175,29 @@ class HealthActor(Child):
             return super().on_receive(message)
         return None
 
+    def _on_series(self, message: SeriesStatus) -> None:
+        k = message.key
+        now = self.runtime.wall()
+        row = self.series.get(message.path)
+        if row is None:
+            row = self.series[message.path] = {
+                "exchange": k.exchange, "symbol": k.symbol, "timeframe": k.timeframe, "status": message.status,
+                "_tf_s": timeframe_ms(k.timeframe) / 1000, "_progress_at": now,
+            }
+        elif message.last_ts != row["last_ts"] or row.get("_reported") in _NO_PROGRESS_EXPECTED:
+            row["_progress_at"] = now  # a newer candle stored, or resumed after a pause
+        row.update(
+            last_ts=message.last_ts,
+            restarts=self.restarts.get(message.path, 0),
+            failures=message.failures,
+            detail=message.detail,
+            start_ms=message.start_ms,
+            _reported=message.status,
+        )
+        if message.status in ("ok", "backfilling"):
+            row["_phase"] = message.status
+        self._judge(message.path, row, now)
+
     def _on_event(self, ev: LifecycleEvent) -> None:
         if ev.kind == "restarted":
             self.restarts[ev.path] = ev.restarts
@@ -114,10 +210,10 @@ class HealthActor(Child):
                 del self.series[ev.path]
                 self._backfill_status(exchange, ev.path, None)
             else:
-                self.series[ev.path]["status"] = "stopped"
+                self.series[ev.path]["status"] = self.series[ev.path]["_reported"] = "stopped"
                 self._backfill_status(exchange, ev.path, "stopped")
         elif ev.kind == "crashed" and ev.path in self.series:
-            self.series[ev.path]["status"] = "stopped"
+            self.series[ev.path]["status"] = self.series[ev.path]["_reported"] = "stopped"
             self.series[ev.path]["detail"] = ev.reason
             self._backfill_status(self.series[ev.path]["exchange"], ev.path, "stopped")
 
@@ -135,23 +231,81 @@ class HealthActor(Child):
         is computed from (`candlekeeper.actors.progress`)."""
         return {"series": [dict(r) for _, r in sorted(self.series.items())]}
 
+    # -- judging by outcome ----------------------------------------------------------------
+
+    def _judge_all(self, now: float) -> None:
+        changed: list[tuple[str, dict[str, Any], str]] = []
+        for path, row in self.series.items():
+            before = row["status"]
+            self._judge(path, row, now, log=False)
+            if (row["status"] == "lagging") != (before == "lagging"):
+                changed.append((path, row, before))
+        if len(changed) <= MAX_LOGGED:
+            for path, row, before in changed:
+                self._log_change(path, row, before)
+            return
+        lagging = [path for path, row, _ in changed if row["status"] == "lagging"]
+        recovered = [path for path, row, _ in changed if row["status"] != "lagging"]
+        if lagging:  # storage failing or an exchange ban can make thousands lag at once: one line
+            self.log.warning("series_lagging", count=len(lagging), series=lagging[:MAX_LOGGED])
+        if recovered:
+            self.log.info("series_lag_recovered", count=len(recovered), series=recovered[:MAX_LOGGED])
+
+    def _judge(self, path: str, row: dict[str, Any], now: float, *, log: bool = True) -> None:
+        """Set the row's `lag_seconds` and its status: the reported one, or `lagging`."""
+        last = row.get("last_ts")
+        lag = None if last is None else max(0.0, now - (last / 1000 + row["_tf_s"]))
+        row["lag_seconds"] = None if lag is None else round(lag, 1)
+        reported = row.get("_reported", row["status"])
+        pace = self.settings.pace_of(row["exchange"])
+        stalled_s = now - row["_progress_at"]
+        if reported == "backfilling" or (reported == "retrying" and row.get("_phase") == "backfilling"):
+            lagging = stalled_s > pace.stall_bound
+        elif reported in _BY_LAG:
+            lagging = lag is not None and lag > pace.lag_bound(row["_tf_s"])
+        else:
+            lagging = False
+        before = row["status"]
+        row["status"] = "lagging" if lagging else reported
+        row["_stalled_s"] = stalled_s
+        if log and (row["status"] == "lagging") != (before == "lagging"):
+            self._log_change(path, row, before)
+
+    def _log_change(self, path: str, row: dict[str, Any], before: str) -> None:
+        if row["status"] == "lagging":
+            self.log.warning("series_lagging", series=path, lag_seconds=row["lag_seconds"],
+                             no_progress_for=round(row["_stalled_s"], 1), reported=row.get("_reported"))
+        else:
+            self.log.info("series_lag_recovered", series=path, lag_seconds=row["lag_seconds"], status=row["status"])
+
+    # -- the report ------------------------------------------------------------------------
+
     def health(self) -> dict[str, Any]:
         """The health report: the public JSON contract of `ctl health --json`.
 
         Graceful degradation: while an exchange's breaker is open its series carry
         `"exchange_down": true` (their stored candles are still served by `latest`, read-only),
-        and `reasons` says in words why the roll-up is not ok.
+        and `reasons` says in words why the roll-up is not ok. While storage is failing, every
+        series' `detail` says so (whatever it is doing, nothing it fetches can be stored).
         """
+        self._judge_all(self.runtime.wall())
         exchanges = [dict(e) for e in self.exchanges.values()]
         down = {e["name"] for e in exchanges if e.get("breaker") == "open"}
+        storage_error = None if self.storage["ok"] else f"storage failing: {self.storage.get('detail')}"
         series = []
+        stalled: dict[str, float] = {}
         for _, row in sorted(self.series.items()):
-            s = {k: v for k, v in row.items() if k not in INTERNAL}
+            s = {k: v for k, v in row.items() if not k.startswith("_") and k not in INTERNAL}
+            s.setdefault("lag_seconds", None)
+            if storage_error is not None:
+                own = s.get("detail")
+                s["detail"] = storage_error if not own or own.startswith("store:") else f"{storage_error}; {own}"
             if s.get("detail") is None:
                 s.pop("detail", None)
             s["exchange_down"] = s["exchange"] in down
             series.append(s)
-        reasons = self._reasons(exchanges, series)
+            stalled[_name(s)] = row.get("_stalled_s", 0.0)
+        reasons = self._reasons(exchanges, series, stalled)
         return {
             "status": self._rollup(exchanges, series),
             "exchanges": exchanges,
@@ -161,7 +315,9 @@ class HealthActor(Child):
             "reasons": reasons,
         }
 
-    def _reasons(self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]]) -> list[str]:
+    def _reasons(
+        self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]], stalled: dict[str, float]
+    ) -> list[str]:
         out = []
         if not self.storage["ok"]:
             out.append(f"storage failing: {self.storage.get('detail')}")
@@ -173,7 +329,14 @@ class HealthActor(Child):
         by_status: dict[str, list[str]] = {}
         for s in series:
             if s["status"] in DEGRADING and not s["exchange_down"]:
-                by_status.setdefault(s["status"], []).append(f"{s['exchange']}:{s['symbol']}@{s['timeframe']}")
+                name = _name(s)
+                if s["status"] == "lagging":
+                    lag = s.get("lag_seconds")
+                    name += " (nothing stored yet" if lag is None else f" ({_seconds(lag)} behind"
+                    if stalled.get(_name(s), 0.0) >= 1.0:
+                        name += f", nothing newer for {_seconds(stalled[_name(s)])}"
+                    name += ")"
+                by_status.setdefault(s["status"], []).append(name)
         for status, names in sorted(by_status.items()):
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             out.append(f"{len(names)} series {status}: {shown}")
@@ -189,3 +352,11 @@ class HealthActor(Child):
         if any(s["status"] in DEGRADING for s in series):
             return "degraded"
         return "ok"
+
+
+def _name(s: dict[str, Any]) -> str:
+    return f"{s['exchange']}:{s['symbol']}@{s['timeframe']}"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s"

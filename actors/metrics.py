@@ -24,7 +24,7 @@ from .market.candles import timeframe_ms
 from .market.errors import classify
 
 BREAKER_STATES = ("closed", "half_open", "open")
-SERIES_STATES = ("ok", "backfilling", "retrying", "quarantined", "paused", "invalid", "stopped")
+SERIES_STATES = ("ok", "backfilling", "retrying", "lagging", "quarantined", "paused", "invalid", "stopped")
 
 
 def outcome(error: BaseException | None) -> str:
@@ -117,10 +117,11 @@ class _HealthCollector:
         now_ms = self.wall() * 1000
         for s in report.get("series", []):
             counts[(s["exchange"], s["status"])] = counts.get((s["exchange"], s["status"]), 0) + 1
-            last = s.get("last_ts")
-            if last is not None:
-                closed_at = last + timeframe_ms(s["timeframe"])
-                lag.add_metric([s["exchange"], s["symbol"], s["timeframe"]], max(0.0, (now_ms - closed_at) / 1000))
+            seconds = s.get("lag_seconds")  # the health actor's own judgement, when it gives one
+            if seconds is None and s.get("last_ts") is not None:
+                seconds = max(0.0, (now_ms - s["last_ts"] - timeframe_ms(s["timeframe"])) / 1000)
+            if seconds is not None:
+                lag.add_metric([s["exchange"], s["symbol"], s["timeframe"]], seconds)
         exchanges = {s["exchange"] for s in report.get("series", [])}
         for ex_name in sorted(exchanges):
             for status in SERIES_STATES:

@@ -6,19 +6,31 @@ Series tell it `Write`s; it batches every write already in its mailbox into one 
 fetched again. The ack carries the store's generation: it changes whenever the database had
 to be recreated (file deleted or corrupt) or this actor restarted, and a series that sees it
 change re-reads its resume point, so the store is refilled instead of left with holes.
+
+When the store cannot write (disk full, another process holding the lock, a read-only file,
+an I/O error: `StoreUnavailable`, or any other `StoreError`) nothing crashes: the batch is
+answered with the error (each series keeps its place and writes again), health is told
+storage is failing (the notifier's alert follows from that), and the actor probes on a
+backoff (0.5 s doubling to 5 s, scheduled messages, never a sleep). Writes that arrive while
+failing wait for the next probe, which writes them for real: they are answered with the
+outcome, so the first probe that succeeds stores them and ends the failure by itself. A resume
+query that cannot be read waits for the next probe too; `latest` and the other questions get
+the error at once.
 """
 
 from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pykka
 
 from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
+from ..supervisors.scheduler import Timer
 from .messages import (
     ResumePoint,
     ResumeQuery,
@@ -30,8 +42,10 @@ from .messages import (
     Write,
     Written,
 )
-from .stores.errors import StoreError, StoreGone
-from .stores.sqlite import Store
+from .stores.errors import StoreError, StoreGone, StoreUnavailable
+from .stores.sqlite import BUSY_TIMEOUT_S, Store
+
+T = TypeVar("T")
 
 
 class _Flush:
@@ -42,9 +56,19 @@ class _CheckFile:
     pass
 
 
+class _Probe:
+    pass
+
+
 _FLUSH = _Flush()
 _CHECK_FILE = _CheckFile()
+_PROBE = _Probe()
 CHECK_FILE_S = 2.0  # how often the database file is checked while idle (one stat)
+PROBE_FIRST_S = 0.5  # first retry after the store failed; doubles while it keeps failing
+PROBE_MAX_S = 5.0  # the longest wait between retries: how late recovery is noticed at most
+# While failing, a write waits this long (not BUSY_TIMEOUT_S) for another process's lock, so
+# the mailbox keeps answering resume queries and `latest` between probes.
+PROBE_BUSY_S = 1.0
 
 
 class StorageActor(Child):
@@ -57,22 +81,42 @@ class StorageActor(Child):
         self._pending: list[Write] = []
         self._generations = itertools.count()
         self.generation = f"{uuid.uuid4().hex[:8]}-0"
-        self.healthy = True
+        self.healthy = True  # what health was last told
         # the series this incarnation has heard from, told when the store is recreated
         self._series: dict[SeriesKey, pykka.ActorRef[Any]] = {}
+        # -- while the store fails --
+        self.failing: str | None = None  # the error, while the store cannot write
+        self._probe_delay = PROBE_FIRST_S
+        self._probe_timer: Timer | None = None
+        self._held: dict[tuple[str | None, int], Write] = {}  # writes for the next probe, by writer and token
+        self._held_queries: dict[SeriesKey, ResumeQuery] = {}  # resume queries that could not be read
+        self._reopen = False  # the next probe reopens the connection first (read-only, I/O, closed)
+        self._resync = False  # the file was lost: the next open store is a new generation
 
     def on_start(self) -> None:
         try:
             self.store.open()
         except StoreGone as exc:  # corrupt at start: move it aside and start a fresh file
             self.store.close()
-            self._recover(exc)
-        self._report(True, force=True)
+            try:
+                self._recover(exc)
+            except StoreError as err:
+                self._fail(err)
+        except StoreError as exc:  # e.g. locked or full while the schema is checked: probe later
+            self._fail(exc)
+        if self.failing is None:
+            try:  # a read-only or full store opens fine: find out now, not at the first write
+                self._briefly(self.store.probe_write)
+            except StoreError as exc:
+                self._fail(exc)
+        self._report(force=True)
         self.schedule(CHECK_FILE_S, _CHECK_FILE)
 
     def on_stop(self) -> None:
-        if self._pending:
-            self._flush()
+        writes = list(self._held.values()) + self._pending
+        self._held, self._pending = {}, []
+        if writes:
+            self._attempt(writes)  # one last try; every writer is answered either way
         self.store.close()
 
     def on_failure(self, *_: Any) -> None:
@@ -87,22 +131,23 @@ class StorageActor(Child):
             self._flush()
         elif isinstance(message, ResumeQuery):
             self._series[message.key] = message.reply_to
-            try:
-                message.reply_to.tell(self._resume_point(message))
-            except pykka.ActorDeadError:
-                # the series stopped or restarted while its query waited here (a long queue at
-                # start with 10,000 series, or a stop during start): its replacement asks again.
-                # Raising would crash the store and make every series resync.
-                self._series.pop(message.key, None)
+            self._answer_resume(message)
+        elif message is _PROBE:
+            self._probe()
         elif message is _CHECK_FILE:
             self.schedule(CHECK_FILE_S, _CHECK_FILE)
-            if not self.store.check():
-                self._recover(StoreGone(f"{self.store.path} was deleted or replaced while open"))
+            if self.store.is_open and not self.store.check():
+                try:
+                    self._recover(StoreGone(f"{self.store.path} was deleted or replaced while open"))
+                except StoreError as exc:
+                    self._fail(exc)
         else:
             return super().on_receive(message)
         return None
 
     # -- queries (asked through the proxy by the control plane and tests) -----------------
+    # A store that cannot answer raises a StoreError back to the asker (an ask's failure is
+    # the asker's, not a crash of this actor).
 
     def latest(self, exchange: str, symbol: str, timeframe: str, n: int = 1) -> list[tuple[Any, ...]]:
         return self._with_store(lambda: self.store.latest(exchange, symbol, timeframe, n))
@@ -117,10 +162,43 @@ class StorageActor(Child):
         """Persist a run-time `add` (active) or `remove` so a restart keeps it."""
         at = wall_ms(self.runtime.wall)
         if active:
-            return self._with_store(lambda: self.store.add_series(exchange, symbol, timeframe, at))
-        return self._with_store(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
+            return self._ask_write(lambda: self.store.add_series(exchange, symbol, timeframe, at))
+        return self._ask_write(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
 
-    # -- internals -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Whether the store can write now, and why not."""
+        return {"ok": self.failing is None, "detail": self.failing, "held_writes": len(self._held),
+                "generation": self.generation}
+
+    def _ask_write(self, fn: Callable[[], T]) -> T:
+        """An operator's write: refused with the store's error, which is also storage failing (a
+        read that fails is only the asker's answer: the next write or probe judges the store)."""
+        try:
+            return self._with_store(fn)
+        except StoreUnavailable as exc:
+            self._fail(exc)
+            raise
+
+    # -- resume points ---------------------------------------------------------------------
+
+    def _answer_resume(self, q: ResumeQuery) -> bool:
+        """Answer a resume query, or keep it for the next probe when the store cannot be read.
+        False when it could not be read."""
+        try:
+            point = self._resume_point(q)
+        except StoreError as exc:
+            self._held_queries[q.key] = q
+            self._fail(exc)
+            return False
+        self._held_queries.pop(q.key, None)
+        try:
+            q.reply_to.tell(point)
+        except pykka.ActorDeadError:
+            # the series stopped or restarted while its query waited here (a long queue at
+            # start with 10,000 series, or a stop during start): its replacement asks again.
+            # Raising would crash the store and make every series resync.
+            self._series.pop(q.key, None)
+        return True
 
     def _resume_point(self, q: ResumeQuery) -> ResumePoint:
         k = q.key
@@ -136,7 +214,9 @@ class StorageActor(Child):
 
         return self._with_store(read)
 
-    def _with_store(self, fn: Any) -> Any:
+    # -- the store lost, recreated ---------------------------------------------------------
+
+    def _with_store(self, fn: Callable[[], T]) -> T:
         """Run a store call; if the file vanished or is corrupt, reopen a fresh one and retry once."""
         try:
             return fn()
@@ -145,27 +225,54 @@ class StorageActor(Child):
             return fn()
 
     def _recover(self, exc: Exception) -> None:
-        moved = self.store.reopen()
+        """Reopen after the file was lost (a fresh file, or the corrupt one moved aside): a new
+        generation. Raises StoreError when no file can be opened; the probe tries again."""
+        try:
+            moved = self.store.reopen()
+        except StoreError:
+            self._resync = True  # whatever the probe opens later is not what series remember
+            raise
+        self._new_generation(str(exc), moved)
+
+    def _new_generation(self, reason: str, moved: str | None) -> None:
+        self._resync = False
         self.generation = f"{self.generation.split('-')[0]}-{next(self._generations) + 1}"
-        self.log.error("store_recreated", reason=str(exc), moved_aside=moved, generation=self.generation)
+        self.log.error("store_recreated", reason=reason, moved_aside=moved, generation=self.generation)
         for key, ref in list(self._series.items()):
             try:
                 ref.tell(StoreChanged(self.generation))
             except pykka.ActorDeadError:
                 del self._series[key]  # restarted: its replacement resumes from the store anyway
 
+    # -- writing ---------------------------------------------------------------------------
+
     def _flush(self) -> None:
         writes, self._pending = self._pending, []
+        if not writes:
+            return
+        if self.failing is not None:
+            for w in writes:  # written for real by the next probe; a resent write is kept once
+                self._held[(w.reply_to.actor_urn if w.reply_to is not None else None, w.token)] = w
+            return
+        self._attempt(writes)
+
+    def _attempt(self, writes: list[Write]) -> bool:
+        """Write these in one batch and answer each writer; True when stored."""
         rows: list[Row] = []
         for w in writes:
             rows.extend(w.rows)
         error: str | None = None
         try:
             self._with_store(lambda: self._write(rows, writes))
-        except (StoreError, OSError) as exc:  # e.g. disk full or read-only: ack with the error, series retry
-            error = f"{type(exc).__name__}: {exc}"
+        except StoreError as exc:  # disk full, locked, read-only...: ack with the error, series retry
+            error = self._fail(exc)
             self.log.error("store_write_failed", error=error, rows=len(rows))
-        self._report(error is None, error)
+        else:
+            self._recovered()
+        self._answer(writes, error)
+        return error is None
+
+    def _answer(self, writes: list[Write], error: str | None) -> None:
         for w in writes:
             if w.reply_to is not None:
                 try:
@@ -195,7 +302,86 @@ class StorageActor(Child):
         have = self.store.stored_keys(ranges)
         return [r for w in writes for r in w.rows if r[:4] not in have]
 
-    def _report(self, ok: bool, detail: str | None = None, *, force: bool = False) -> None:
+    # -- failing and recovering ------------------------------------------------------------
+
+    def _fail(self, exc: StoreError) -> str:
+        """The store cannot do its job: say so once, and probe on a backoff. Returns the error text."""
+        error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, StoreUnavailable) or exc.needs_reopen or not self.store.is_open:
+            self._reopen = True  # SQLite keeps a read-only connection read-only: open a new one
+        first = self.failing is None
+        self.failing = error
+        if first:
+            self.log.error("storage_failing", error=error)
+            self._probe_delay = PROBE_FIRST_S
+            self._set_busy_timeout(PROBE_BUSY_S)
+        if self._probe_timer is None:
+            # Said again at every probe, not only on the change: a report told before health was
+            # up (a store failing at start) or while it restarted is not lost for long.
+            self._report(force=True)
+            self._probe_timer = self.schedule(self._probe_delay, _PROBE)
+            self._probe_delay = min(PROBE_MAX_S, self._probe_delay * 2)
+        return error
+
+    def _recovered(self) -> None:
+        if self.failing is None:
+            return
+        self.log.info("storage_recovered", was=self.failing)
+        self.failing = None
+        self._probe_delay = PROBE_FIRST_S
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        self._set_busy_timeout(BUSY_TIMEOUT_S)
+        self._report()
+
+    def _probe(self) -> None:
+        """Try again: reopen if needed, write what waited (or a no-op write), answer what waited."""
+        self._probe_timer = None
+        if self.failing is None:
+            return
+        writes = list(self._held.values())
+        self._held = {}
+        if self._reopen or not self.store.is_open:
+            try:
+                old = self.store.identity
+                moved = self.store.reopen()
+                self._reopen = False
+                if self._resync or moved is not None or (old is not None and self.store.identity != old):
+                    self._new_generation("reopened after failing", moved)
+            except StoreError as exc:
+                error = self._fail(exc)
+                self._answer(writes, error)
+                return
+        if writes:
+            self._attempt(writes)
+        else:
+            try:
+                self._with_store(self.store.probe_write)
+            except StoreError as exc:
+                self._fail(exc)
+            else:
+                self._recovered()
+        for q in list(self._held_queries.values()):
+            if not self._answer_resume(q):
+                break
+
+    def _briefly(self, fn: Callable[[], T]) -> T:
+        """Run a store call with the short busy timeout: a lock held elsewhere fails it in a second."""
+        self._set_busy_timeout(PROBE_BUSY_S)
+        try:
+            return fn()
+        finally:
+            self._set_busy_timeout(BUSY_TIMEOUT_S if self.failing is None else PROBE_BUSY_S)
+
+    def _set_busy_timeout(self, seconds: float) -> None:
+        try:
+            self.store.set_busy_timeout(seconds)
+        except StoreError:
+            pass  # the connection is in trouble anyway; the next open uses the new value
+
+    def _report(self, *, force: bool = False) -> None:
+        ok = self.failing is None
         if (ok != self.healthy or force) and self.health is not None:
-            self.health.tell(StorageStatus(ok=ok, detail=detail))
+            self.health.tell(StorageStatus(ok=ok, detail=self.failing))
         self.healthy = ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 from ..actors.exchange import ExchangeSettings
+from ..actors.health import HealthSettings, Pace
 from ..actors.notifier import NotifierSettings
 from ..actors.series import SeriesSettings
 from ..actors.sources.base import Source
@@ -19,7 +20,7 @@ from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
 from ..supervisors.clock import WallClock
-from .config import AlertsConfig, ExchangeConfig, ResilienceConfig
+from .config import AlertsConfig, Config, ExchangeConfig, ResilienceConfig
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
 ANY_PAGE = 1_000_000
@@ -94,6 +95,18 @@ def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
         retry=retry_config(ex.resilience),
         quarantine=quarantine_config(ex.resilience),
     )
+
+
+def health_settings(cfg: Config) -> HealthSettings:
+    """How soon each exchange's series should store each candle: from its poll_interval, the
+    candle requests a second it allows over its configured series, and its request timeout
+    (see `Pace`)."""
+    return HealthSettings(pace={
+        ex.name: Pace.of(poll_interval=ex.ingest.poll_interval,
+                         rate_limit=requests_per_second(ex.exchange, ex.rate_limit),
+                         series=len(ex.symbols) * len(ex.ingest.timeframes), timeout=ex.timeout)
+        for ex in cfg.exchanges
+    })
 
 
 def notifier_settings(alerts: AlertsConfig) -> NotifierSettings:

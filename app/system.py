@@ -24,6 +24,7 @@ from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
 from ..actors.metrics import Metrics
 from ..actors.stores.errors import StoreCorrupt, StoreError, StoreGone
+from ..actors.stores.lock import DatabaseLock
 from ..actors.stores.sqlite import Store
 from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
@@ -81,18 +82,28 @@ class System:
         self.exited = threading.Event()
         self.exit: Exit | None = None
         self._root: pykka.ActorRef[Supervisor] | None = None
+        self.db_lock = DatabaseLock(config.storage.path,  # names this daemon to a second one
+                                    control_socket=os.path.abspath(config.control.socket) if self.surfaces else None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> System:
         """Start the tree. Raises `SocketInUse` when another daemon holds the control socket (or a
-        TCP or metrics port is taken), `StorageUnusable` when the database cannot be opened at all
-        (see `stored_series_changes`)."""
-        for surface in self.surfaces:
-            surface.preflight()
-        if self.config.metrics.listen:
-            check_port_free(self.config.metrics.listen)
-        self.blueprint.plan(stored_series_changes(self.config.storage.path))
+        TCP or metrics port is taken), `StorageUnusable` when another daemon uses the database or
+        it cannot be opened at all (see `stored_series_changes`)."""
+        try:  # before anything is opened or written; held until `stop`
+            self.db_lock.acquire()
+        except StoreError as exc:
+            raise StorageUnusable(f"[storage] path: {exc}") from None
+        try:
+            for surface in self.surfaces:
+                surface.preflight()
+            if self.config.metrics.listen:
+                check_port_free(self.config.metrics.listen)
+            self.blueprint.plan(stored_series_changes(self.config.storage.path))
+        except BaseException:
+            self.db_lock.release()
+            raise
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
         self.runtime.events.subscribe(self.metrics.on_event)
@@ -119,6 +130,7 @@ class System:
         self.runtime.events.unsubscribe(self._forward_event)
         self.runtime.events.unsubscribe(self.metrics.on_event)
         self.runtime.stop()
+        self.db_lock.release()  # last: the store is closed by now
 
     def wait(self, timeout: float | None = None) -> Exit | None:
         self.exited.wait(timeout)
@@ -250,7 +262,7 @@ class System:
         if not isinstance(n, int) or not 1 <= n <= 1000:
             raise CommandError("n must be an integer from 1 to 1000")
         tf_ms = _timeframe(timeframe)
-        rows = self.storage.proxy().latest(exchange, symbol, timeframe, n).get(timeout=ASK_TIMEOUT)
+        rows = self._from_storage(self.storage.proxy().latest(exchange, symbol, timeframe, n))
         configured = self.blueprint.series_specs.get(ex.name, [])
         if not rows and not any(s.id == series_id(symbol, timeframe) for s in configured):
             raise CommandError(f"no series {exchange}:{symbol}@{timeframe}")
@@ -285,7 +297,7 @@ class System:
             listed = self._listed(ex.name, symbol)
             if listed is False:
                 raise CommandError(f"{exchange} does not list {symbol}")
-            self.storage.proxy().set_series_active(exchange, symbol, timeframe, True).get(timeout=ASK_TIMEOUT)
+            self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, True))
             spec = self.blueprint.series_spec(ex, symbol, timeframe)
             specs.append(spec)
         try:
@@ -304,7 +316,7 @@ class System:
             spec = next((s for s in specs if s.id == sid), None)
             if spec is None:
                 raise CommandError(f"no series {exchange}:{sid}")
-            self.storage.proxy().set_series_active(exchange, symbol, timeframe, False).get(timeout=ASK_TIMEOUT)
+            self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, False))
             specs.remove(spec)
         try:
             self._sup(ex.name, "series").delete_child(sid).get(timeout=ASK_TIMEOUT)
@@ -427,6 +439,13 @@ class System:
 
     def unsubscribe(self, subscriber: Any) -> None:
         self.candles.unsubscribe(subscriber)
+
+    def _from_storage(self, future: Any) -> Any:
+        """The storage actor's answer; a store that cannot answer now is a refusal that says why."""
+        try:
+            return future.get(timeout=ASK_TIMEOUT)
+        except StoreError as exc:
+            raise CommandError(f"storage unavailable: {exc}") from None
 
     def _listed(self, exchange: str, symbol: str) -> bool | None:
         """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""

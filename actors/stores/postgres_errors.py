@@ -14,14 +14,13 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 
-from .errors import StoreError, StoreGone
+from .errors import StoreError, StoreGone, StoreUnavailable
 
 __all__ = ["Redactor", "StoreUnavailable", "connect_error", "translate"]
 
-
-class StoreUnavailable(StoreError):
-    """The server cannot take this now (connection lost, restarting, read-only, disk full, lock
-    timeout): nothing was committed. Answer with an error; ``reopen()`` before writing again."""
+# StoreUnavailable (the one every store raises): the server cannot take this now (connection
+# lost, restarting, read-only, disk full, lock timeout): nothing was committed. Answer with an
+# error; ``reopen()`` before writing again (its default reason asks for that).
 
 
 # SQLSTATE classes and codes after which the same write can succeed later:

@@ -5,10 +5,11 @@ thread that wants to read (health checks, ``latest``) opens its own
 ``Store(path, readonly=True)``. WAL mode lets those readers run while the
 writer commits.
 
-The store never logs and never retries by itself: it raises ``StoreGone``
-(the file was deleted or replaced under us) or its subclass ``StoreCorrupt``
-(the file is not a usable database), and the actor decides to call
-``reopen()``, which starts a fresh file so ingestion can refill it::
+The store never logs and never retries by itself, and no ``sqlite3`` error
+ever leaves it: each is mapped onto ``candlekeeper.actors.stores.errors``.
+``StoreGone`` (the file was deleted or replaced under us) or its subclass
+``StoreCorrupt`` (the file is not a usable database) ask for ``reopen()``,
+which starts a fresh file so ingestion can refill it::
 
     try:
         store.upsert(rows)
@@ -16,10 +17,17 @@ The store never logs and never retries by itself: it raises ``StoreGone``
         moved = store.reopen()        # path of the corrupt file moved aside, or None
         log.error("store_reopened", reason=str(exc), moved_to=moved)
         store.upsert(rows)
+
+``StoreUnavailable`` (disk full, locked by another process, read-only, an I/O
+error on a file that is still ours) means "not now": nothing needs
+recreating, the same write succeeds once the cause goes away (its ``reason``
+says which, and whether the connection should be reopened first).
+Anything else is a plain ``StoreError``.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sqlite3
@@ -33,10 +41,10 @@ from urllib.parse import quote
 
 from ..market.candles import Candle, Row
 from .coverage import Coverage
-from .errors import StoreCorrupt, StoreError, StoreGone
+from .errors import StoreCorrupt, StoreError, StoreGone, StoreUnavailable
 from .ranges import append_range, subtract_ranges
 
-__all__ = ["Coverage", "Store", "StoreCorrupt", "StoreError", "StoreGone"]
+__all__ = ["Coverage", "Store", "StoreCorrupt", "StoreError", "StoreGone", "StoreUnavailable"]
 
 
 # WITHOUT ROWID: the primary key *is* the table, so inserts touch one b-tree
@@ -112,26 +120,81 @@ def _stored_many(n: int) -> str:
     return " UNION ALL ".join([one] * n)
 
 # SQLite primary result codes (extended codes carry them in the low byte).
+_SQLITE_ERROR = 1
+_SQLITE_PERM = 3
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_NOMEM = 7
 _SQLITE_READONLY = 8
 _SQLITE_IOERR = 10
 _SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_PROTOCOL = 15
+_SQLITE_NOLFS = 22
 _SQLITE_NOTADB = 26
 _SQLITE_READONLY_DBMOVED = 1032
 
+# Failures that are about the world outside the process and may pass by themselves: the data
+# is kept and written again later (see StoreUnavailable).
+_UNAVAILABLE = {
+    _SQLITE_FULL: "full",
+    _SQLITE_BUSY: "locked",  # another connection holds the write lock past our busy timeout
+    _SQLITE_LOCKED: "locked",
+    _SQLITE_PROTOCOL: "locked",  # WAL lock protocol race with another process
+    _SQLITE_READONLY: "readonly",
+    _SQLITE_PERM: "readonly",
+    _SQLITE_IOERR: "io",
+    _SQLITE_CANTOPEN: "io",  # e.g. the -wal or -shm file cannot be opened
+    _SQLITE_NOMEM: "io",
+    _SQLITE_NOLFS: "io",
+}
+_WHY = {
+    "full": "cannot grow: disk or quota full",
+    "locked": "is locked by another process",
+    "readonly": "is read-only",
+    "io": "had an I/O error",
+}
+# By message, for a library that does not say its error code.
+_BY_TEXT = (
+    ("disk is full", "full"),
+    ("database is locked", "locked"),
+    ("table is locked", "locked"),
+    ("readonly database", "readonly"),
+    ("disk I/O error", "io"),
+    ("unable to open", "io"),
+)
+
+#: How long a write waits for another connection's lock before it fails as ``locked``.
+BUSY_TIMEOUT_S = 5.0
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    return getattr(exc, "sqlite_errorcode", None)
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "full"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "readonly"
+    return "io"
+
 
 def _is_corrupt(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
+    code = _code(exc)
     if code is not None:
         return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
     text = str(exc)
     return "not a database" in text or "malformed" in text
 
 
-def _is_moved(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
+def _unavailable_reason(exc: sqlite3.Error) -> str | None:
+    code = _code(exc)
     if code is not None:
-        return code == _SQLITE_READONLY_DBMOVED or code & 0xFF == _SQLITE_IOERR
-    return "disk I/O error" in str(exc)
+        return _UNAVAILABLE.get(code & 0xFF)
+    text = str(exc)
+    return next((reason for needle, reason in _BY_TEXT if needle in text), None)
 
 
 class Store:
@@ -142,9 +205,12 @@ class Store:
     never creates or changes anything.
     """
 
-    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], readonly: bool = False, *, busy_timeout: float = BUSY_TIMEOUT_S
+    ) -> None:
         self.path = os.fspath(path)
         self.readonly = readonly
+        self.busy_timeout = busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._corrupt = False
@@ -163,7 +229,8 @@ class Store:
         """Connect and create the schema idempotently.
 
         Raises StoreCorrupt if the file is not a database (``reopen()`` then
-        moves it aside), StoreError if it cannot be opened at all.
+        moves it aside), StoreUnavailable if it cannot be opened for a reason
+        that may pass (full, locked, I/O), StoreError if it cannot be opened.
         """
         if self._conn is not None:
             return self
@@ -172,13 +239,13 @@ class Store:
             if self.readonly:
                 uri = "file:" + quote(str(Path(self.path).absolute())) + "?mode=ro"
                 conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                                       check_same_thread=False, timeout=5.0)
+                                       check_same_thread=False, timeout=self.busy_timeout)
             else:
                 if not self.memory:
                     parent = os.path.dirname(os.path.abspath(self.path))
                     os.makedirs(parent, exist_ok=True)
                 conn = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False, timeout=5.0)
+                                       check_same_thread=False, timeout=self.busy_timeout)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
         try:
@@ -195,6 +262,9 @@ class Store:
             if isinstance(exc, sqlite3.Error) and _is_corrupt(exc):
                 self._corrupt = True
                 raise StoreCorrupt(f"{self.path} is not a usable database: {exc}") from exc
+            reason = _unavailable_reason(exc) if isinstance(exc, sqlite3.Error) else None
+            if reason is not None:
+                raise StoreUnavailable(f"cannot open {self.path}: {exc}", reason) from exc
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
         self._conn = conn
         return self
@@ -207,6 +277,21 @@ class Store:
                 conn.close()
             except sqlite3.Error:
                 pass
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file as it was opened: changes when it is replaced."""
+        return self._identity
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a statement waits for another connection's lock before failing as
+        ``locked``; for this connection and the next ones this store opens."""
+        self.busy_timeout = seconds
+        if self._conn is not None:
+            try:
+                self._conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
 
     def __enter__(self) -> Store:
         return self.open()
@@ -250,7 +335,15 @@ class Store:
         file was deleted or replaced, the old database's ``-wal``/``-shm`` are
         removed first: SQLite would otherwise replay our stale WAL into the
         new file. A replacement must therefore be a cleanly closed database.
+        Raises what ``open()`` raises, and StoreUnavailable when the files
+        cannot be moved or removed (a read-only or full filesystem).
         """
+        try:
+            return self._reopen()
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot reopen {self.path}: {exc}", _os_reason(exc)) from exc
+
+    def _reopen(self) -> str | None:
         old = self._identity
         self.close()
         moved = None
@@ -316,14 +409,26 @@ class Store:
         try:
             yield conn
         except sqlite3.Error as exc:
-            if _is_corrupt(exc):
-                self._corrupt = True
-                raise StoreCorrupt(f"{self.path} is corrupt: {exc}") from exc
-            if _is_moved(exc):
-                raise StoreGone(f"{self.path} is gone: {exc}") from exc
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_READONLY:
-                raise StoreError(f"{self.path} is read-only: {exc}") from exc
-            raise
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: sqlite3.Error) -> StoreError:
+        """The store's exception for a SQLite error: what the caller can do about it."""
+        if _is_corrupt(exc):
+            self._corrupt = True
+            return StoreCorrupt(f"{self.path} is corrupt: {exc}")
+        code = _code(exc)
+        if code == _SQLITE_READONLY_DBMOVED:
+            return StoreGone(f"{self.path} is gone: {exc}")
+        if "no such table" in str(exc):  # emptied or replaced by a database without our schema
+            return StoreGone(f"{self.path} lost its schema: {exc}")
+        reason = _unavailable_reason(exc)
+        if reason is not None and self.readonly:
+            return StoreError(f"{self.path}: this store is read-only: {exc}")
+        if reason in ("io", "readonly") and not self.memory and not self.check():
+            return StoreGone(f"{self.path} is gone: {exc}")  # the error came from losing the file
+        if reason is not None:
+            return StoreUnavailable(f"{self.path} {_WHY[reason]}: {exc}", reason)
+        return StoreError(f"{self.path}: {exc}")
 
     def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         with self._db() as conn:
@@ -339,20 +444,13 @@ class Store:
         """
         if not rows:
             return 0
-        with self._db() as conn:
-            conn.execute("BEGIN")
-            try:
-                changed = 0
-                step = _chunk_rows(conn, 9)
-                for i in range(0, len(rows), step):
-                    chunk = rows[i : i + step]
-                    cur = conn.execute(_upsert_many(len(chunk)), [v for row in chunk for v in row])
-                    changed += cur.rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._db() as conn, _transaction(conn):
+            changed = 0
+            step = _chunk_rows(conn, 9)
+            for i in range(0, len(rows), step):
+                chunk = rows[i : i + step]
+                cur = conn.execute(_upsert_many(len(chunk)), [v for row in chunk for v in row])
+                changed += cur.rowcount
         # SQLite writes on into a deleted file's WAL without complaint, so look
         # again: if the file went away during the batch, the batch is lost.
         if not self.memory and not self.check():
@@ -361,6 +459,13 @@ class Store:
                 " write again after reopen()"
             )
         return changed
+
+    def probe_write(self) -> None:
+        """Commit a write that changes nothing (the header's user_version, rewritten as it is):
+        raises StoreUnavailable when the store cannot write now (read-only, locked, full)."""
+        with self._db() as conn, _transaction(conn, "BEGIN IMMEDIATE"):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")
 
     def last_ts(self, exchange: str, symbol: str, timeframe: str) -> int | None:
         """Open time of the newest stored candle, or None."""
@@ -671,6 +776,25 @@ def _holes(
     ).fetchone()[0]
     _holes(conn, key, tf, lo, mid, left, out)
     _holes(conn, key, tf, mid, hi, n - left, out)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """One transaction: committed, or rolled back whatever went wrong (the original error is
+    the one raised, also when the rollback fails too)."""
+    if conn.in_transaction:  # left open by a failed rollback: start clean
+        conn.execute("ROLLBACK")
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        raise
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
