@@ -38,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    + ", ".join(k.value for k in PoisonKind))
     p.add_argument("--fail-listing", default=None,
                    help="KIND:STATUS, e.g. option:500 (a market-type listing that fails)")
+    p.add_argument("--token", default=None,
+                   help="oanda: the Bearer token accepted (default: any non-empty one)")
     p.add_argument("--history-days", type=float, default=None,
                    help="history starts this many days ago (default: start of yesterday)")
     return p.parse_args(argv)
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     start = None
     if a.history_days is not None:
         start = int((time.time() - a.history_days * 86400) * 1000)
+    options = {"token": a.token} if a.dialect == "oanda" else {}
     sim = ExchangeSimulator(symbols, dialect=a.dialect, catalogue=not a.no_catalogue,
                             host=a.host, port=a.port, seed=a.seed, faults=faults,
-                            history_start_ms=start)
+                            history_start_ms=start, dialect_options=options)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with sim:

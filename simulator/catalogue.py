@@ -1,8 +1,9 @@
 """Realistic price levels and each exchange's default spot market list.
 
-Prices are USD levels of late 2025, only meant to make numbers look like the real thing (BTC
-near 90,000 USDT, DOGE near 0.15): the history module scales its deterministic path around
-them. A pair's level is ``usd(base) / usd(quote)``; unknown assets fall back to a hashed level.
+Prices are USD levels of late 2025 (forex and metals: those of the OANDA story), only meant
+to make numbers look like the real thing (BTC near 90,000 USDT, DOGE near 0.15, EUR/USD near
+1.08): the history module scales its deterministic path around them. A pair's level is
+``usd(base) / usd(quote)``; unknown assets fall back to a hashed level.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ USD_PRICE: dict[str, float] = {
     "XMR": 250.0, "ALGO": 0.2, "MKR": 1_500.0, "GRT": 0.15,
     # quote assets
     "USDT": 1.0, "USDC": 1.0, "USD": 1.0, "DAI": 1.0, "EUR": 1.08, "GBP": 1.27,
+    # forex and metals (OANDA): USD/JPY ~150, AUD/USD ~0.66, USD/CHF ~0.88, USD/CAD ~1.37
+    "JPY": 1 / 150.0, "AUD": 0.66, "NZD": 0.60, "CHF": 1.13, "CAD": 0.73, "SGD": 0.75,
+    "XAU": 2_400.0, "XAG": 30.0, "SPX500": 5_900.0,
 }
 
 #: Thirty liquid bases every default list quotes against its main stable/fiat.
@@ -42,6 +46,10 @@ DEFAULT_MARKETS: dict[str, tuple[str, ...]] = {
                                                                              "ADA/BTC"),
     "coinbase": tuple(f"{b}/USD" for b in MAJOR_BASES) + _USD_VENUE_EXTRA,
     "kraken": tuple(f"{b}/USD" for b in MAJOR_BASES) + _USD_VENUE_EXTRA + ("XMR/USD",),
+    # OANDA names them EUR_USD...: majors, crosses, two metals and one index CFD
+    "oanda": ("EUR/USD", "USD/JPY", "GBP/USD", "AUD/USD", "USD/CHF", "USD/CAD", "NZD/USD",
+              "EUR/GBP", "EUR/JPY", "GBP/JPY", "EUR/CHF", "AUD/JPY", "EUR/AUD", "GBP/CHF",
+              "CAD/JPY", "USD/SGD", "XAU/USD", "XAG/USD", "XAU/EUR", "SPX500/USD"),
 }
 
 
@@ -67,3 +75,19 @@ def default_markets(dialect: str, also: tuple[str, ...] | list[str] = ()) -> lis
             out.append(s)
             seen.add(s.upper())
     return out
+
+
+#: Currencies (ISO codes) and metals: pairs of these move far less than crypto pairs.
+FIAT: frozenset[str] = frozenset({"USD", "EUR", "GBP", "JPY", "AUD", "NZD", "CHF", "CAD", "SGD"})
+METALS: frozenset[str] = frozenset({"XAU", "XAG", "XPT", "XPD"})
+
+
+def volatility(base: str, quote: str) -> float:
+    """Volatility of BASE/QUOTE relative to a crypto pair: a currency pair ~0.1 (EUR/USD moves
+    a pip or two a minute), a metal ~0.3, anything else 1."""
+    b, q = base.upper(), quote.upper()
+    if b in FIAT and q in FIAT:
+        return 0.1
+    if b in METALS and q in FIAT:
+        return 0.3
+    return 1.0

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .catalogue import pair_level, usd_level
+from .catalogue import pair_level, usd_level, volatility
 
 _MASK = (1 << 64) - 1
 _DAY_MS = 86_400_000
@@ -129,6 +129,7 @@ class Market:
     price_decimals: int
     base_volume: float  # mean volume of a 1-minute candle
     waves: tuple[tuple[float, float, float], ...]  # (angular freq per minute, phase, amplitude)
+    calm: float = 1.0  # volatility relative to a crypto pair (forex moves far less)
 
     @property
     def tick_size(self) -> str:
@@ -148,11 +149,13 @@ def _make_market(symbol: str, seed: int) -> Market:
     decimals = max(0, min(8, 5 - math.floor(math.log10(price))))
     base_usd = usd_level(base) or price * (usd_level(quote) or 1.0)
     volume = 50_000.0 / base_usd * (0.5 + ((h >> 32) & 0xFFFF) / 65536.0)  # ~$50k a minute
+    calm = volatility(base, quote)
     waves = tuple((_TAU / period, _TAU * _unit(h, i, 0x5EED),
-                   _VOL_PER_SQRT_MIN * math.sqrt(min(period, _AMP_PERIOD_CAP_MIN)))
+                   calm * _VOL_PER_SQRT_MIN * math.sqrt(min(period, _AMP_PERIOD_CAP_MIN)))
                   for i, period in enumerate(_PERIODS_MIN))
     return Market(symbol=f"{base}/{quote}", id=base + quote, base=base, quote=quote, seed=h,
-                  base_price=price, price_decimals=decimals, base_volume=volume, waves=waves)
+                  base_price=price, price_decimals=decimals, base_volume=volume, waves=waves,
+                  calm=calm)
 
 
 def _fmt(x: float, decimals: int) -> str:
@@ -161,6 +164,9 @@ def _fmt(x: float, decimals: int) -> str:
 
 #: Minute open times without trades: a set of open times, or a predicate on the open time.
 NoTrade = Iterable[int] | Callable[[int], bool]
+#: A market's trading hours: market -> predicate "the market is closed at this minute open", or
+#: None for a market that never closes (every crypto exchange).
+MarketHours = Callable[["Market"], Callable[[int], bool] | None]
 
 
 class _Minutes:
@@ -188,6 +194,10 @@ class _Minutes:
         return all(self.empty(first + i * _MINUTE) for i in range(n))
 
 
+def _either(a: Callable[[int], bool], b: Callable[[int], bool]) -> Callable[[int], bool]:
+    return lambda t: a(t) or b(t)
+
+
 class CandleHistory:
     """The deterministic candle source behind one simulated exchange.
 
@@ -198,15 +208,19 @@ class CandleHistory:
     later of the two wins). `no_trade`: per symbol, 1-minute open times without trades; a
     candle of any interval is *empty* when every elapsed minute in it is one. Whether an empty
     candle is omitted or served flat (O=H=L=C=previous close, volume 0) is the caller's choice
-    (`omit_empty`), because exchanges differ.
+    (`omit_empty`), because exchanges differ. `market_hours`: per market, the minutes the market
+    is closed (forex weekends); a candle whose every elapsed minute is closed does not exist on
+    any exchange (never served flat), and closed minutes count as quiet for `no_trade`.
     """
 
     def __init__(self, symbols: Iterable[str], history_start_ms: int, *, seed: int = 0,
                  gaps: Mapping[str, Iterable[int]] | None = None,
                  listed_at: Mapping[str, int] | None = None,
-                 no_trade: Mapping[str, NoTrade] | None = None) -> None:
+                 no_trade: Mapping[str, NoTrade] | None = None,
+                 market_hours: MarketHours | None = None) -> None:
         self.history_start_ms = int(history_start_ms)
         self.seed = seed
+        self._market_hours = market_hours
         self._markets: dict[str, Market] = {}
         for s in symbols:
             m = _make_market(s, seed)
@@ -222,6 +236,19 @@ class CandleHistory:
         self._no_trade: dict[str, _Minutes] = {}
         for key, spec in (no_trade or {}).items():
             self._no_trade[self._known_id(key, "no-trade minutes")] = _Minutes(spec)
+        self._closed: dict[str, _Minutes] = {}
+        for m in self._markets.values():
+            self._add_hours(m)
+
+    def _add_hours(self, m: Market) -> None:
+        """Register `m`'s trading hours: closed minutes are also quiet ones (copy-on-write)."""
+        closed = self._market_hours(m) if self._market_hours is not None else None
+        if closed is None:
+            return
+        self._closed = {**self._closed, m.id: _Minutes(closed)}
+        quiet = self._no_trade.get(m.id)
+        combined = _Minutes(closed) if quiet is None else _Minutes(_either(closed, quiet.empty))
+        self._no_trade = {**self._no_trade, m.id: combined}
 
     def _known_id(self, key: str, what: str) -> str:
         mid = symbol_id(key)
@@ -245,6 +272,7 @@ class CandleHistory:
         if m is not None:
             return m
         m = _make_market(symbol, self.seed)
+        self._add_hours(m)
         self._markets = {**self._markets, m.id: m}
         return m
 
@@ -267,7 +295,7 @@ class CandleHistory:
         s = 0.0
         for freq, phase, amp in m.waves:
             s += amp * math.sin(freq * minutes + phase)
-        return s + _NOISE * (2.0 * _unit(m.seed, t, 1) - 1.0)
+        return s + m.calm * _NOISE * (2.0 * _unit(m.seed, t, 1) - 1.0)
 
     def price(self, symbol: str, t_ms: int) -> float:
         """The (unrounded) price path at `t_ms`."""
@@ -304,6 +332,18 @@ class CandleHistory:
         """True if no trade happened in the candle (so far, for the one in progress)."""
         m = self._require(symbol)
         return self._is_empty(m, INTERVALS[interval][0], open_ms, now_ms)
+
+    def is_closed(self, symbol: str, interval: str, open_ms: int, now_ms: int) -> bool:
+        """True if the market was closed throughout the candle (so far, for the one in
+        progress): no exchange has such a candle."""
+        m = self._require(symbol)
+        return m.id in self._closed and self._is_closed(m, INTERVALS[interval][0], open_ms, now_ms)
+
+    def _is_closed(self, m: Market, ms: int, open_ms: int, now_ms: int) -> bool:
+        hours = self._closed[m.id]
+        if ms < _MINUTE:
+            return hours.empty(open_ms - open_ms % _MINUTE)
+        return hours.all_empty(open_ms, min(open_ms + ms, max(now_ms, open_ms + 1)))
 
     def _is_empty(self, m: Market, ms: int, open_ms: int, now_ms: int) -> bool:
         minutes = self._no_trade.get(m.id)
@@ -354,7 +394,7 @@ class CandleHistory:
         if c is None:
             c = prices[c_t] = m.base_price * math.exp(self._log_price(m, c_t))
         minutes = ms / 60_000.0
-        wick = _WICK_PER_SQRT_MIN * math.sqrt(minutes) * frac
+        wick = m.calm * _WICK_PER_SQRT_MIN * math.sqrt(minutes) * frac
         bits = _mix(m.seed ^ _mix((open_ms * 0x100000001B3 + ms) & _MASK))  # interval-specific
         u_hi = (bits & 0xFFFF) / 65536.0
         u_lo = ((bits >> 16) & 0xFFFF) / 65536.0
@@ -385,6 +425,8 @@ class CandleHistory:
             gaps: frozenset[int] | tuple, omit_empty: bool) -> Candle | None:
         """The candle opening at `t` as served, or None if the exchange leaves it out."""
         if t in gaps:
+            return None
+        if m.id in self._closed and self._is_closed(m, ms, t, now_ms):
             return None
         if m.id in self._no_trade and self._is_empty(m, ms, t, now_ms):
             return None if omit_empty else self._flat(m, ms, t, prices)
@@ -444,12 +486,15 @@ class CandleHistory:
     def expected_candles(self, symbol: str, interval: str, start_ms: int, end_ms: int,
                          now_ms: int, *, omit_empty: bool = False,
                          reachable_from_ms: int | None = None,
+                         row: Callable[[Market, Candle], tuple[int, float, float, float, float, float]]
+                         | None = None,
                          ) -> list[tuple[int, float, float, float, float, float]]:
         """Every *closed* candle (at `now_ms`) with open time in [start_ms, end_ms), as ccxt
         parses it: (ts, open, high, low, close, volume). What a correct store must hold.
 
         `omit_empty` leaves out candles without trades (exchanges that omit them);
-        `reachable_from_ms` leaves out older candles (exchanges with limited reach)."""
+        `reachable_from_ms` leaves out older candles (exchanges with limited reach); `row`
+        shapes each candle as the exchange's client returns it (default `Candle.ohlcv`)."""
         m = self._require(symbol)
         ms, _ = INTERVALS[interval]
         gaps = self._gaps.get(m.id, ())
@@ -460,6 +505,6 @@ class CandleHistory:
         while t < end_ms and t + ms <= now_ms:
             c = self._at(m, ms, t, now_ms, prices, gaps, omit_empty)
             if c is not None:
-                out.append(c.ohlcv())
+                out.append(c.ohlcv() if row is None else row(m, c))
             t += ms
         return out

@@ -51,7 +51,9 @@ class ExchangeSimulator:
     """One simulated exchange on loopback, speaking `dialect`'s public REST API.
 
     symbols: unified symbols ("BTC/USDT") to list (always listed, whatever `catalogue`).
-    dialect: "binance", "okx", "bybit", "kraken", "coinbase" or "kucoin".
+    dialect: "binance", "okx", "bybit", "kraken", "coinbase", "kucoin" or "oanda".
+    dialect_options: keyword arguments of the dialect's constructor (OANDA: `token`, the
+        Bearer token it accepts; `account_id`; `complete_lag_ms`).
     catalogue: also list the dialect's ~40 default markets (`simulator.catalogue`).
     port: 0 lets the OS choose; read `.url` / `.port` after construction.
     history_start_ms: first candle instant (default: start of yesterday, UTC).
@@ -83,8 +85,9 @@ class ExchangeSimulator:
                  fail_listing: Mapping[str, int] | None = None,
                  faults: Faults | None = None, on_request: RequestHook | None = None,
                  name: str | None = None, idle_timeout_s: float = 300.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.dialect: Dialect = make_dialect(dialect)
+                 monotonic: Callable[[], float] = time.monotonic,
+                 dialect_options: Mapping[str, Any] | None = None) -> None:
+        self.dialect: Dialect = make_dialect(dialect, **(dialect_options or {}))
         self.name = name or dialect
         self._clock = now_ms
         faults = faults or Faults()
@@ -98,7 +101,8 @@ class ExchangeSimulator:
         if catalogue:
             wanted = default_markets(dialect, wanted)
         self.history = CandleHistory(wanted, history_start_ms, seed=seed, gaps=gaps,
-                                     listed_at=listed_at, no_trade=no_trade)
+                                     listed_at=listed_at, no_trade=no_trade,
+                                     market_hours=self.dialect.market_hours)
         self.venue = Venue(self.history, self.dialect.market_id, self.dialect.aliases,
                            hidden=unlisted)
         if empty_candles not in (None, "omit", "fill"):
@@ -285,20 +289,24 @@ class ExchangeSimulator:
 
     # -------------------------------------------------------------------- oracle
     def expected_candles(self, symbol: str, interval: str, start_ms: int, end_ms: int, *,
-                         reach_at_ms: int | None = None,
+                         reach_at_ms: int | None = None, price: str | None = None,
                          ) -> list[tuple[int, float, float, float, float, float]]:
         """What a correct store holds: closed candles (at the exchange's now) with open time in
         [start_ms, end_ms), exactly as ccxt returns them, with this dialect's rules applied
-        (no-trade candles left out where the exchange omits them, nothing before listing).
+        (no-trade candles left out where the exchange omits them, nothing before listing,
+        nothing while the market is closed).
 
         Candles beyond the exchange's reach cannot be fetched and are left out: by default
         the reach at the exchange's now; pass `reach_at_ms` (e.g. when the store began
-        polling) to use the reach at that instant instead (see `reachable_from`)."""
+        polling) to use the reach at that instant instead (see `reachable_from`). `price`:
+        the price component, where the dialect has several (OANDA: "M" default, "B", "A")."""
         now = self.now_ms()
         reach = self.reachable_from(symbol, interval, now if reach_at_ms is None else reach_at_ms)
+        dialect = self.dialect
         return self.history.expected_candles(symbol, interval, start_ms, end_ms, now,
                                              omit_empty=self._omit_empty,
-                                             reachable_from_ms=reach)
+                                             reachable_from_ms=reach,
+                                             row=lambda m, c: dialect.ohlcv(m, c, price))
 
     def reachable_from(self, symbol: str, interval: str, at_ms: int | None = None) -> int:
         """Open time of the oldest candle of `symbol` a client can fetch at `at_ms` (default
@@ -308,9 +316,9 @@ class ExchangeSimulator:
         return self.dialect.reachable_from(self.venue, symbol, interval, at)
 
     # ------------------------------------------------------------------- serving
-    def _ctx(self) -> Ctx:
+    def _ctx(self, headers: Mapping[str, str] | None = None) -> Ctx:
         return Ctx(venue=self.venue, now_ms=self.now_ms(), poison=self._poison_of,
-                   caps=self._caps, omit_empty=self._omit_empty)
+                   caps=self._caps, omit_empty=self._omit_empty, headers=headers or {})
 
     def _poison_of(self, m: Market) -> PoisonKind | None:
         """Poison keyed by unified symbol ("BTC/USDT") or by the dialect's id ("BTC-USDT")."""
@@ -329,7 +337,7 @@ class ExchangeSimulator:
         path = split.path
         params = dict(parse_qsl(split.query, keep_blank_values=True))
         decision = self._injector.decide(path)
-        ctx = self._ctx()
+        ctx = self._ctx({k.lower(): v for k, v in h.headers.items()})
         if decision is None:
             listing = self.dialect.listing_kind(path, params)
             status = self.faults.fail_listing.get(listing) if listing is not None else None

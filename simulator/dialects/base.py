@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..faults import PoisonKind
@@ -27,6 +27,8 @@ class Ctx:
     poison: Callable[[Market], PoisonKind | None]
     caps: Mapping[str, int]  # page caps by endpoint name (dialect defaults + overrides)
     omit_empty: bool  # leave candles without trades out (else serve them flat)
+    #: request headers, names in lower case (authenticating dialects read Authorization)
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Dialect:
@@ -93,6 +95,18 @@ class Dialect:
     def reachable_from(self, venue: Venue, symbol: str, interval: str, at_ms: int) -> int:
         """Open time of the oldest candle a client can still fetch at `at_ms`."""
         return venue.history.first_open(interval, symbol)
+
+    def market_hours(self, m: Market) -> Callable[[int], bool] | None:
+        """When `m` is closed (a predicate on minute open times), or None: crypto never closes."""
+        return None
+
+    def ohlcv(self, m: Market, c: Candle, price: str | None = None,
+              ) -> tuple[int, float, float, float, float, float]:
+        """`c` as this exchange's client returns it (what `expected_candles` lists). `price`
+        picks a price component where the exchange has several (OANDA: M, B, A)."""
+        if price is not None:
+            raise ValueError(f"the {self.name} dialect has no price components")
+        return c.ohlcv()
 
     # ---------------------------------------------------------------- helpers
     def count(self, key: str, window_ms: int, cost: int, now_ms: int) -> tuple[int, int]:
