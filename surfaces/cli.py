@@ -180,19 +180,26 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
 
 
 def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
-    """Point every exchange at its own in-process simulated Binance, with light random faults,
-    and keep the data apart from a real database (`<path>.simulate.db`). Each lists the
-    simulator's default markets and, also, the configured symbols, so `ctl add` of a listed
-    market works as it would against the real exchange."""
+    """Point every exchange at its own in-process simulated exchange speaking its dialect (Binance,
+    OKX, Bybit, Kraken, Coinbase, KuCoin), with light random faults, and keep the data apart from a
+    real database (`<path>.simulate.db`). Each lists the dialect's default markets and, also, the
+    configured symbols, so `ctl add` of a listed market works as it would against the real
+    exchange. An exchange with no dialect is simulated as Binance, and the log says so."""
+    from ..simulator.dialects import DIALECTS
     from ..simulator.faults import Faults
-    from ..simulator.server import DEFAULT_SYMBOLS, BinanceSimulator
+    from ..simulator.server import ExchangeSimulator
 
+    log = structlog.get_logger("candlekeeper")
     sims, exchanges = [], []
     for i, ex in enumerate(cfg.exchanges):
-        listed = list(dict.fromkeys([*ex.symbols, *DEFAULT_SYMBOLS]))
-        sim = BinanceSimulator(listed, name=ex.name, seed=i, faults=Faults.uniform(0.03, seed=i)).start()
+        dialect = ex.exchange if ex.exchange in DIALECTS else "binance"
+        if dialect != ex.exchange:
+            log.warning("simulate_no_dialect", exchange=ex.name, ccxt_id=ex.exchange, simulated_as=dialect)
+        sim = ExchangeSimulator(list(ex.symbols), dialect=dialect, name=ex.name, seed=i,
+                                faults=Faults.uniform(0.03, seed=i)).start()
         sims.append(sim)
-        exchanges.append(dataclasses.replace(ex, exchange="binance", api_base=sim.url))
+        log.info("simulating", exchange=ex.name, dialect=dialect, url=sim.url)
+        exchanges.append(dataclasses.replace(ex, exchange=dialect, api_base=sim.url))
     root, _ = os.path.splitext(cfg.storage.path)
     storage = dataclasses.replace(cfg.storage, path=f"{root}.simulate.db")
     return dataclasses.replace(cfg, exchanges=tuple(exchanges), storage=storage), sims
