@@ -229,7 +229,7 @@ class ExchangeActor(Child):
 
     def _enqueue(self, req: FetchRequest) -> None:
         markets = self._markets
-        if markets is not None and req.key.symbol not in markets:
+        if markets is not None and req.key.symbol not in markets and not self._waiting_for_listing(req.key.symbol):
             if self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
                 self._refresh_due = True  # a new listing, perhaps: look before saying no
             else:
@@ -400,7 +400,6 @@ class ExchangeActor(Child):
             added = set(done.result) - set(self._markets or {})
             self._markets = done.result
             self._last_load = self.runtime.clock()
-            self._load_attempt = 0
             if fresh:
                 self.log.info("markets_loaded", markets=len(done.result))
                 self.actor_ref.tell(_BEAT)  # measure the exchange's clock before the first close
@@ -414,6 +413,7 @@ class ExchangeActor(Child):
                 self._markets_retry_at = self.runtime.clock() + delay
                 self.schedule(delay, _LOAD)
             else:
+                self._load_attempt = 0
                 self.schedule(self.settings.markets_refresh, _LOAD)
         else:
             error = done.error or ccxt.BadResponse("exchange listed no markets")

@@ -125,7 +125,8 @@ class SeriesActor(Child):
         self._tokens = itertools.count(1)
         self._waiting_for: int | None = None  # token of the outstanding request/write/query
         self._outstanding: Any = None  # the message to resend if the watchdog fires
-        self._pending: tuple[tuple[Candle, ...], int, FetchResult] | None = None  # rows, next cursor, answer
+        # rows, next cursor, the answer, and whether the backfill goes on at once
+        self._pending: tuple[tuple[Candle, ...], int, FetchResult, bool] | None = None
         self._stored_any = False  # this incarnation stored a candle (first_ever then no longer holds)
         self.search: ListingSearch | None = None
         self._timer: Any = None
@@ -272,8 +273,8 @@ class SeriesActor(Child):
         if self.search is not None and not in_hole:
             self._on_probe(req, res)
             return
-        # nothing stored before `since`, the series' start: what precedes the first candle is a listing
-        first_ever = req.since == self.start_ms and (in_hole or (self.last_ts is None and not self._stored_any))
+        # nothing stored before `since`: what precedes the first candle the exchange shows is a listing
+        first_ever = req.since == self.start_ms if in_hole else (self.last_ts is None and not self._stored_any)
         if not res.candles and not first_ever and res.served.missing == EXCHANGE_HOLE \
                 and req.since + tf + res.settle_ms <= res.horizon_ms:
             # an exchange that fills quiet minutes answered nothing for a stretch it has: not a gap
@@ -288,7 +289,7 @@ class SeriesActor(Child):
             if not out.progressed:
                 self.log.info("hole_not_served_yet", hole_from=_iso(lo), hole_to=_iso(hi))
             self.gaps_todo[:0] = out.refetch + rest
-            self._commit(out, self.cursor, res)
+            self._commit(out, self.cursor, res, more=True)  # the next hole, or the cursor's turn
             return
         self.gaps_todo[:0] = out.refetch
         if (first_ever and not out.rows and out.gaps and not out.refetch
@@ -299,7 +300,7 @@ class SeriesActor(Child):
                 out = replace(out, gaps=[*out.gaps, (out.covered_to, listed, BEFORE_LISTING)], covered_to=listed)
             else:
                 self.search = ListingSearch(out.covered_to, res.horizon_ms, max(tf, res.served.end - req.since))
-        self._commit(out, max(self.cursor, out.covered_to), res)
+        self._commit(out, max(self.cursor, out.covered_to), res, more=out.covered_to > self.cursor or out.progressed)
 
     def _on_probe(self, req: FetchRequest, res: FetchResult) -> None:
         """An answer to a listing-search probe: narrow the search; when found, page from there."""
@@ -314,15 +315,17 @@ class SeriesActor(Child):
         self.search = None
         self.log.info("listing_found", listed_from=_iso(found), searched_from=_iso(start))
         gaps = [(start, found, BEFORE_LISTING)] if found > start else []
-        self._commit(Outcome(gaps=gaps, covered_to=found), max(self.cursor, found), res)
+        self._commit(Outcome(gaps=gaps, covered_to=found), max(self.cursor, found), res, more=True)
 
-    def _commit(self, out: Outcome, next_cursor: int, res: FetchResult) -> None:
+    def _commit(self, out: Outcome, next_cursor: int, res: FetchResult, *, more: bool) -> None:
+        """Store what the answer gave, then move on: at once while `more` (the backfill goes on),
+        else poll after the next close."""
         if out.rows or out.gaps:
-            self._write(out.rows, out.gaps, next_cursor, res)
+            self._write(out.rows, out.gaps, next_cursor, res, more)
         else:
-            self._advance(next_cursor, res)
+            self._advance(next_cursor, res, more)
 
-    def _write(self, rows: list[Candle], gaps: list[Gap], next_cursor: int, res: FetchResult) -> None:
+    def _write(self, rows: list[Candle], gaps: list[Gap], next_cursor: int, res: FetchResult, more: bool) -> None:
         k = self.key
         token = next(self._tokens)
         msg = Write(
@@ -334,14 +337,14 @@ class SeriesActor(Child):
         if gaps:
             self.log.info("exchange_gaps_recorded", count=len(gaps),
                           gaps=[f"{_iso(a)} to {_iso(b)} ({why})" for a, b, why in gaps[:5]])
-        self._pending = (tuple(rows), next_cursor, res)
+        self._pending = (tuple(rows), next_cursor, res, more)
         self._await(token, msg, self.storage)
 
     def _on_written(self, ack: Written) -> None:
         if ack.token != self._waiting_for or self._pending is None:
             return
         self._clear_wait()
-        rows, next_cursor, res = self._pending
+        rows, next_cursor, res, more = self._pending
         self._pending = None
         if ack.error is not None:
             self.detail = f"store: {ack.error}"
@@ -356,13 +359,12 @@ class SeriesActor(Child):
         if rows:
             self._stored_any = True
             self.last_ts = max(self.last_ts or rows[-1][0], rows[-1][0])
-        self._advance(next_cursor, res)
+        self._advance(next_cursor, res, more)
 
-    def _advance(self, next_cursor: int, res: FetchResult) -> None:
+    def _advance(self, next_cursor: int, res: FetchResult, more: bool) -> None:
         self._succeeded()
-        progressed = next_cursor > self.cursor
         self.cursor = max(self.cursor, next_cursor)
-        if self.gaps_todo or self.search is not None or (self.cursor < res.horizon_ms and progressed):
+        if self.gaps_todo or self.search is not None or (self.cursor < res.horizon_ms and more):
             self._set_status("backfilling")
             self._next()
         else:

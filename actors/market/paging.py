@@ -46,11 +46,15 @@ def served(profile: Profile, *, since: int, limit: int, until: int | None, opens
     n = len(opens)
     full = n >= limit or n in profile.caps
     if profile.paging == "recent":
-        # Only the newest `reach` candles are served: a full answer starting after `since` means
-        # the history before its first row is out of reach.
-        if opens and opens[0] > since and (full or (profile.reach is not None and n >= profile.reach - 1)):
-            return Served(opens[0], horizon_ms, BEYOND_REACH, missing)
-        return Served(since, horizon_ms, None, missing)
+        # Only the newest `reach` candles are served: an answer starting after `since` with the
+        # exchange's whole reach in it means the history before its first row is out of reach. A
+        # page cut at `limit` (ccxt trims it) covers only up to its last row.
+        end = min(opens[-1] + tf_ms, horizon_ms) if opens and n >= limit else horizon_ms
+        # the oldest candle the exchange still serves (its `reach` counts the one in progress)
+        at_reach = profile.reach is not None and bool(opens) and opens[0] <= horizon_ms - (profile.reach - 2) * tf_ms
+        if opens and opens[0] > since and at_reach:
+            return Served(opens[0], max(opens[0], end), BEYOND_REACH, missing)
+        return Served(since, max(since, end), None, missing)
     end = horizon_ms if until is None else min(until, horizon_ms)
     if not full or not opens:
         # nothing was cut: everything the exchange has in [since, end) is here

@@ -115,7 +115,7 @@ class ListingSearch:
 
     @property
     def done(self) -> bool:
-        return self.data_at - self.empty_to <= self.window_ms
+        return self.data_at - self.empty_to < self.window_ms  # one window from empty_to shows it
 
     def probe(self) -> int:
         """The `since` of the next window to ask for (aligned to the window's own grid)."""
