@@ -35,7 +35,7 @@ import structlog
 from ..resilience.retry import GiveUp, Retry, parse_retry_after
 from ..supervisors.child import Child
 from ..supervisors.events import LifecycleEvent
-from .alerting.alerts import (
+from .alerting import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
     AlertState,

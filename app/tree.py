@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..actors.alerting.alerts import AlertState
+from ..actors.alerting import AlertState
 from ..actors.exchange import ExchangeActor
 from ..actors.health import HealthActor, HealthState
 from ..actors.messages import SeriesKey

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import candlekeeper
-from candlekeeper.actors.alerting.alerts import (
+from candlekeeper.actors.alerting import (
     DEFAULT_PAGERDUTY_URL,
     Alert,
     AlertState,
