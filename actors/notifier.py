@@ -1,7 +1,7 @@
 """The notifier actor: status reports in, alerts out (log lines always, webhooks when configured).
 
 It receives what the health actor receives (`System.status` is a fanout of both): exchange,
-series and storage status and the supervisors' lifecycle events. `candlekeeper.actors.alerting.alerts` decides what
+series and storage status and the supervisors' lifecycle events. `candlekeeper.actors.alerting` decides what
 is an alert transition (with dedup) and how each destination is paced and retried; this actor
 only does what it says:
 
