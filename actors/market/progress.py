@@ -50,7 +50,8 @@ def take(
 
     first_ever: the series has no candle stored before `since` and `since` is its start, so a
     stretch before the first candle the exchange shows is `before_listing`. closed_spans: when
-    the market was closed (forex weekends): a missing stretch inside one is `market_closed`."""
+    the market was closed (forex weekends): a missing stretch inside one is `market_closed`, and
+    one at the end of the answer need not settle (see `_open_until`)."""
     end = served.end if bound is None else min(served.end, bound)
     rows = [c for c in candles if since <= c[0] < end]
     gaps: list[Gap] = []
@@ -76,12 +77,23 @@ def take(
         listing = False
         expected = c[0] + tf_ms
     covered_to = expected
-    if expected < end and end + settle_ms <= now_ms:
+    if expected < end and _open_until(expected, end, closed_spans) + settle_ms <= now_ms:
         missing(expected, end)  # old enough: the exchange has nothing more there
         covered_to = end
     elif not rows and refetch:
         covered_to = max(covered_to, start)
     return Outcome(rows, gaps, refetch, covered_to)
+
+
+def _open_until(lo: int, hi: int, spans: Sequence[tuple[int, int]]) -> int:
+    """Where the market was last open in [lo, hi): `hi`, less a closed stretch ending there. Only
+    the open part must wait `settle_ms` for late candles: none can come while the market is closed,
+    and a window ending in a weekend would otherwise never be old enough while the weekend lasts."""
+    end = hi
+    for a, b in sorted(spans, reverse=True):
+        if a < end <= b:
+            end = a
+    return max(lo, end)
 
 
 def _split(lo: int, hi: int, spans: Sequence[tuple[int, int]], reason: GapReason) -> list[Gap]:
