@@ -20,6 +20,15 @@ does not know, so a new listing is picked up within minutes.
 
 The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
 restart (of this actor or of a series) must not reset an open breaker.
+
+Credentials the exchange refuses (an OANDA token it answers 401 or 403 to) are a configuration
+problem, not a transient one: asking again gets the same answer. When a market load or a
+heartbeat is refused so, the actor stops asking (`_credentials_refused`): its status is `invalid` with the
+reason, every candle request is answered with that error at once (its series turn `invalid`),
+and the credentials are re-checked with one market load after `AUTH_RECHECK_S`, doubling up to
+an hour, or at once on an operator `reset`. A candle request refused so first has the
+credentials checked with one market load before any other is sent: a symbol the token may not
+read is that series' problem, a token the exchange refuses is everyone's.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from .sources.loop import LoopThread
 SourceFactory = Callable[[WallClock], Source]
 
 MIN_REFRESH_S = 60.0  # an unknown symbol triggers a market refresh at most this often
+AUTH_RECHECK_S = (300.0, 3600.0)  # refused credentials: re-checked after 5 min, doubling up to 1 h
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,10 @@ class ExchangeActor(Child):
         self._held_since: float | None = None
         self._last_report: tuple[Any, ...] | None = None
         self.requests_sent = 0
+        # credentials refused (see the module docstring): the error, and how many checks failed
+        self._refused: BaseException | None = None
+        self._refused_checks = 0
+        self._verify = False  # a candle request was refused for its credentials: check them first
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -189,6 +203,9 @@ class ExchangeActor(Child):
                                          burst=max(1.0, self._burst()))
         self._markets_retry_at = 0.0
         self._load_attempt = 0
+        if self._refused is not None or self._verify:
+            self._refused, self._refused_checks, self._verify = None, 0, False
+            self._refresh_due = True  # check the credentials again now
         if self._pump_timer is not None:
             self._pump_timer.cancel()
             self._pump_timer = None
@@ -213,6 +230,7 @@ class ExchangeActor(Child):
             "clock_offset_ms": self.clock.offset_ms,
             "rate_held_s": round(self.governor.held_for, 3) if self.governor is not None else 0.0,
             "breaker_detail": self.breaker.snapshot(),
+            "detail": self._refused_reason(),
         }
 
     # -- admission -----------------------------------------------------------------------
@@ -271,10 +289,18 @@ class ExchangeActor(Child):
     def _pump(self) -> None:
         if self.loop is None:
             return
+        if self._refused is not None:
+            self._refuse_queued()
+            if self._refresh_due:
+                self._load_markets()  # the re-check, when it is due
+            self._report()
+            return
         if self._refresh_due or self._markets is None:
             self._load_markets()
             if self._markets is None:
                 return
+        if self._verify:
+            return  # the market load under way says whether the credentials still work
         for key in list(self._queue):
             if self._busy >= self.concurrency:
                 break
@@ -395,7 +421,11 @@ class ExchangeActor(Child):
 
     def _on_markets(self, done: _Done) -> None:
         self._loading = False
+        if isinstance(done.error, ccxt.AuthenticationError):
+            self._credentials_refused(done.error)
+            return
         if done.error is None and done.result:
+            self._credentials_accepted()
             fresh = self._markets is None
             added = set(done.result) - set(self._markets or {})
             self._markets = done.result
@@ -427,6 +457,42 @@ class ExchangeActor(Child):
             else:
                 self._pump_later(delay)
 
+    # -- credentials refused (a configuration problem: see the module docstring) -----------
+
+    def _credentials_refused(self, error: BaseException) -> None:
+        """The exchange refused our credentials: stop asking until a re-check or a `reset`."""
+        first = self._refused is None
+        self._refused, self._verify = error, False
+        self._refused_checks += 1
+        delay = min(AUTH_RECHECK_S[1], AUTH_RECHECK_S[0] * 2 ** (self._refused_checks - 1))
+        self._markets_retry_at = self.runtime.clock() + delay
+        self.schedule(delay, _LOAD)
+        log = self.log.error if first else self.log.warning
+        log("credentials_refused", error=describe(error), recheck_in=round(delay),
+            hint="a configuration problem: fix the credentials and restart, or `ctl reset` the exchange")
+        self._report(force=True)
+
+    def _credentials_accepted(self) -> None:
+        """A market load succeeded: the credentials work (again)."""
+        self._verify = False
+        if self._refused is not None:
+            self._refused, self._refused_checks = None, 0
+            self.log.info("credentials_accepted")
+            self._report(force=True)
+
+    def _refuse_queued(self) -> None:
+        """Answer every waiting request with the refusal, without asking the exchange."""
+        assert self._refused is not None
+        while self._queue:
+            _, req = self._queue.popitem(last=False)
+            try:
+                req.reply_to.tell(FetchResult(req.req_id, error=self._refused))
+            except pykka.ActorDeadError:
+                self.log.debug("reply_dropped", series=str(req.key))
+
+    def _refused_reason(self) -> str | None:
+        return None if self._refused is None else describe(self._refused)
+
     # -- heartbeat -----------------------------------------------------------------------
 
     def _schedule_heartbeat(self) -> None:
@@ -437,7 +503,7 @@ class ExchangeActor(Child):
 
     def _heartbeat(self) -> None:
         """Nothing was sent for `heartbeat` seconds: ask the exchange how it is (and what time)."""
-        if self.loop is None or self._markets is None:
+        if self.loop is None or self._markets is None or self._refused is not None:
             return
         idle_for = self.runtime.clock() - self._last_sent
         idle = idle_for >= self.settings.heartbeat - 0.001 and self._busy == 0 and not self._queue
@@ -466,8 +532,13 @@ class ExchangeActor(Child):
                 done.request.reply_to.tell(result)
             except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
                 self.log.debug("reply_dropped", series=str(done.request.key))
+        elif isinstance(done.error, ccxt.AuthenticationError):
+            if self._refused is None:  # else already refused: the re-check is scheduled
+                self._credentials_refused(done.error)
         elif done.error is not None:
             self.log.info("heartbeat_failed", error=describe(done.error))
+        if done.kind == "ohlcv" and isinstance(done.error, ccxt.AuthenticationError) and self._refused is None:
+            self._verify = self._refresh_due = True  # this market, or the credentials? one market load says
         self._pump()
 
     def _learn(self, done: _Done) -> None:
@@ -502,6 +573,8 @@ class ExchangeActor(Child):
     # -- status --------------------------------------------------------------------------
 
     def _status_word(self) -> str:
+        if self._refused is not None:
+            return "invalid"
         state = self.breaker.state
         if state == "open":
             return "down"
@@ -513,25 +586,30 @@ class ExchangeActor(Child):
 
     def _report(self, *, force: bool = False) -> None:
         offset = self.clock.offset_ms
-        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000))
+        reason = self._refused_reason()
+        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000), reason)
         if (now != self._last_report or force) and self.status_to is not None:
             if self._last_report is not None and now[0] != self._last_report[0]:
                 self.log.warning("breaker_" + now[0], previous=self._last_report[0])
             self._last_report = now
-            detail = {**self.breaker.snapshot(), "clock_offset_ms": offset}
+            detail = {**self.breaker.snapshot(), "clock_offset_ms": offset, "reason": reason}
             self.status_to.tell(ExchangeStatus(name=self.settings.name, breaker=now[0], status=now[1], detail=detail))
 
 
 def _closed_spans(source: Source, symbol: str, lo: int, hi: int, tf_ms: int) -> tuple[tuple[int, int], ...]:
-    """When the market was closed within [lo, hi), as the source tells it (none for crypto)."""
+    """The candles of [lo, hi) during which the market was closed throughout, as the source tells
+    it (none for crypto). A candle is wholly closed only when the market is closed at its open and
+    stays closed until its close (`closed_until(t) >= t + tf`): Sunday's daily candle and the 2h-12h
+    candles that span the reopening hold the week's first ticks, so they are never in a span (a
+    served candle is stored whatever the spans say; a missing one there is an ordinary gap)."""
     spans: list[tuple[int, int]] = []
     t = lo
     while t < hi:
         reopens = source.closed_until(symbol, t)
-        if reopens is None:
+        if reopens is None or reopens < t + tf_ms:
             t += tf_ms
             continue
-        end = max(t + tf_ms, -(-reopens // tf_ms) * tf_ms)
+        end = t + (reopens - t) // tf_ms * tf_ms  # the open of the candle the market reopens in
         spans.append((t, min(end, hi)))
         t = end
     return tuple(spans)

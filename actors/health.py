@@ -8,7 +8,9 @@ Signals are not enough: a series can say `ok` while its exchange bans it, or whi
 fetches can be stored. So health also judges each series by its outcome, the newest candle in
 the store, on the runtime's wall clock, every second (a stalled series sends no reports):
 
-- lag = now - close time of the newest stored candle (`last_ts` + timeframe);
+- lag = now - close time of the newest stored candle (`last_ts` + timeframe), or now - the time
+  its market reopened when that is later (a forex series says when: nothing closes while the
+  market is closed, so a weekend is no lag);
 - a series that says `ok` or `retrying` is `lagging` when lag > timeframe + poll_interval +
   margin, where margin = 5 s + the exchange's poll spread (its series / rate_limit, at most
   poll_interval: when each series' poll comes) + one request timeout. A caught-up series
@@ -22,8 +24,9 @@ the store, on the runtime's wall clock, every second (a stalled series sends no 
   and `stopped` keep their own status, which says more; every series shows its `lag_seconds`.
 
 Roll-up: `down` when storage is failing or no exchange is reachable (every breaker open);
-`degraded` when any breaker is not closed or any series is retrying, lagging, quarantined,
-invalid or stopped; `ok` otherwise. Paused series are an operator's choice and do not degrade it.
+`degraded` when any breaker is not closed, any exchange is `invalid` (its credentials refused)
+or any series is retrying, lagging, quarantined, invalid or stopped; `ok` otherwise. Paused
+series are an operator's choice and do not degrade it.
 """
 
 from __future__ import annotations
@@ -158,6 +161,10 @@ class HealthActor(Child):
         elif isinstance(message, ExchangeStatus):
             row = self.exchanges.setdefault(message.name, {"name": message.name})
             row.update(breaker=message.breaker, status=message.status)
+            if message.detail.get("reason"):
+                row["detail"] = message.detail["reason"]  # why it is `invalid` (credentials refused)
+            else:
+                row.pop("detail", None)
             row["next_probe_in"] = message.detail.get("next_probe_in")
             row["openings"] = message.detail.get("openings", 0)  # how many times it has opened
         elif isinstance(message, StorageStatus):
@@ -193,6 +200,7 @@ class HealthActor(Child):
             detail=message.detail,
             start_ms=message.start_ms,
             _reported=message.status,
+            _reopens=message.reopens_ms,
         )
         if message.status in ("ok", "backfilling"):
             row["_phase"] = message.status
@@ -254,7 +262,9 @@ class HealthActor(Child):
     def _judge(self, path: str, row: dict[str, Any], now: float, *, log: bool = True) -> None:
         """Set the row's `lag_seconds` and its status: the reported one, or `lagging`."""
         last = row.get("last_ts")
-        lag = None if last is None else max(0.0, now - (last / 1000 + row["_tf_s"]))
+        reopens = row.get("_reopens")
+        due_from = None if last is None else max(last / 1000 + row["_tf_s"], (reopens or 0) / 1000)
+        lag = None if due_from is None else max(0.0, now - due_from)
         row["lag_seconds"] = None if lag is None else round(lag, 1)
         reported = row.get("_reported", row["status"])
         pace = self.settings.pace_of(row["exchange"])
@@ -326,6 +336,8 @@ class HealthActor(Child):
                 out.append(f"{e['name']}: exchange down (breaker open); its series are served read-only from the store")
             elif e.get("breaker") == "half_open":
                 out.append(f"{e['name']}: probing for recovery (breaker half-open)")
+            if e.get("status") == "invalid":
+                out.append(f"{e['name']}: invalid: {e.get('detail') or 'refused by the exchange'}")
         by_status: dict[str, list[str]] = {}
         for s in series:
             if s["status"] in DEGRADING and not s["exchange_down"]:
@@ -347,7 +359,7 @@ class HealthActor(Child):
             return "down"
         if exchanges and all(e.get("breaker") == "open" for e in exchanges):
             return "down"
-        if any(e.get("breaker") != "closed" for e in exchanges):
+        if any(e.get("breaker") != "closed" or e.get("status") == "invalid" for e in exchanges):
             return "degraded"
         if any(s["status"] in DEGRADING for s in series):
             return "degraded"

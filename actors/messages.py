@@ -155,6 +155,8 @@ class SeriesStatus:
     failures: int
     detail: str | None = None
     start_ms: int | None = None  # where its backfill starts: what backfill progress counts from
+    # the market was closed (forex weekends) until then, or is: no candle is due between last_ts and it
+    reopens_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,12 @@ scheduled message, so the mailbox always answers `reset`, `pause` and `stop` at 
 Failures: retryable errors are retried with full-jitter backoff (`RetryPolicy`), honouring a
 server's Retry-After; when a round of attempts is exhausted the failure counts toward the
 series' quarantine, which after `quarantine_after` failed rounds probes only on a slow schedule
-until one success releases it. A symbol the exchange does not list makes the series `invalid`
-(re-checked hourly); none of this touches other series or the exchange's breaker.
+until one success releases it. A symbol the exchange does not list, or credentials the
+exchange refuses, make the series `invalid` (re-checked hourly, or at a `reset`); none of this
+touches other series or the exchange's breaker.
+
+A market with trading hours (forex) is not polled while it is closed: a caught-up series waits
+for the first candle that closes after the market reopens, and says so (`reopens_ms`).
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class SeriesActor(Child):
         self.paused = False
         self.status = "starting"
         self.detail: str | None = None
+        self.reopens_ms: int | None = None  # the market was (or is) closed until then
         self._tokens = itertools.count(1)
         self._waiting_for: int | None = None  # token of the outstanding request/write/query
         self._outstanding: Any = None  # the message to resend if the watchdog fires
@@ -374,11 +379,17 @@ class SeriesActor(Child):
         """Nothing more is closed: poll again a little after the next candle closes (or when the
         market reopens)."""
         self._succeeded()
-        self._set_status("ok")
         now_ms = self.runtime.wall() * 1000
         next_close = max(self.cursor, res.horizon_ms) + self.tf_ms
-        if res.market_reopens_ms is not None and res.market_reopens_ms > next_close:
-            next_close = res.market_reopens_ms + self.tf_ms  # a closed market: no candle before it reopens
+        reopens = res.market_reopens_ms
+        if reopens is not None and self.cursor >= res.horizon_ms:
+            # a closed market, and nothing before its close left to fetch: the next candle to close
+            # is the one it reopens in
+            self.reopens_ms = reopens
+            next_close = max(next_close, reopens // self.tf_ms * self.tf_ms + self.tf_ms)
+            if reopens > now_ms:
+                self.detail = f"market closed until {_iso(reopens)}"
+        self._set_status("ok")
         if next_close <= now_ms:
             # that candle is closed by our clock but the exchange has not published it yet
             delay = self.settings.poll_interval
@@ -401,8 +412,11 @@ class SeriesActor(Child):
     def _on_failure(self, error: BaseException, retry_after: float | None) -> None:
         self.failures += 1
         self.detail = describe(error)[:300]
-        if isinstance(error, ccxt.BadSymbol):
-            self.log.error("symbol_not_listed", error=self.detail)
+        if isinstance(error, ccxt.BadSymbol | ccxt.AuthenticationError):
+            # asking again gets the same answer: a symbol the exchange does not list, or credentials
+            # it refuses (a configuration problem; the exchange actor stops asking for them)
+            bad_symbol = isinstance(error, ccxt.BadSymbol)
+            self.log.error("symbol_not_listed" if bad_symbol else "credentials_refused", error=self.detail)
             self._set_status("invalid")
             self._schedule(INVALID_RECHECK_S)
             return
@@ -469,12 +483,13 @@ class SeriesActor(Child):
         self._report()
 
     def _report(self) -> None:
-        now = (self.status, self.last_ts, self.failures)
+        now = (self.status, self.last_ts, self.failures, self.reopens_ms)
         if now == self._reported:
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
-        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms)
+        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms,
+                              self.reopens_ms)
         if self.health is not None:
             self.health.tell(report)
         if self.alerts is not None and status_changed:

@@ -222,8 +222,12 @@ def _walk(children: list[Any], prefix: str) -> Iterator[tuple[dict[str, Any], st
 
 
 def lag_seconds(series: dict[str, Any], now: float) -> float | None:
-    """Seconds since the newest stored candle closed (its open time plus the timeframe); None
-    when nothing is stored yet or the timeframe is unknown."""
+    """The health report's own `lag_seconds` when it has one (it knows when a closed market
+    reopened: a forex weekend is no lag); else seconds since the newest stored candle closed (its
+    open time plus the timeframe); None when nothing is stored yet or the timeframe is unknown."""
+    reported = series.get("lag_seconds")
+    if isinstance(reported, (int, float)) and not isinstance(reported, bool):
+        return float(reported)
     last = series.get("last_ts")
     tf = _tf_seconds(series.get("timeframe"))
     if not isinstance(last, (int, float)) or isinstance(last, bool) or tf is None:

@@ -372,7 +372,7 @@ class OandaSource:
         for a in accounts:
             if isinstance(a, dict) and isinstance(a.get("id"), str) and a["id"]:
                 return str(a["id"])
-        raise SourceFailure(ccxt.PermissionDenied("oanda: the token gives access to no account"),
+        raise SourceFailure(ccxt.PermissionDenied("OANDA: the token gives access to no account"),
                             answer=answer)
 
     def _scrub(self, text: str) -> str:
@@ -393,7 +393,7 @@ class OandaSource:
         what = f"oanda GET {path}"
         if self._token is None:
             raise SourceFailure(ccxt.AuthenticationError(
-                f"{what}: environment variable {self.settings.token_env} is not set"))
+                f"OANDA has no token: environment variable {self.settings.token_env} is not set ({what})"))
         timeout = self.settings.timeout
         failure: ccxt.BaseError | None = None
         status, body, headers = 0, b"", {}  # headers: names in lower case
@@ -419,6 +419,8 @@ class OandaSource:
         if status != 200:
             message = self._scrub(_message(body))
             text = f"{what}: HTTP {status} {message}" + (f" (RequestID {request_id})" if request_id else "")
+            if status in (401, 403):  # what the operator must fix, and where: the token's variable
+                text = f"OANDA rejected the token in ${self.settings.token_env}: {text}"
             retry = _retry_after(headers, server_ms) if status in (429, 503) else None
             raise SourceFailure(_error_class(status, message)(text), answer=answer, retry_after=retry)
         try:
