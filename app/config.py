@@ -92,13 +92,29 @@ class ResilienceConfig:
     quarantine_probe: float = 60.0
 
 
+#: where an exchange's candles come from: ccxt (crypto exchanges), or OANDA's v20 REST API
+SOURCES = ("ccxt", "oanda")
+#: keys only a source of that kind understands
+SOURCE_KEYS = {"oanda": ("token_env", "environment", "price", "account_id")}
+
+
 @dataclass(frozen=True)
 class ExchangeConfig:
-    """One ``[exchanges.NAME]`` section with [ingest]/[resilience] overrides already merged."""
+    """One ``[exchanges.NAME]`` section with [ingest]/[resilience] overrides already merged.
+
+    ``source`` says who speaks to the exchange: "ccxt" (``exchange`` is the ccxt id) or "oanda"
+    (OANDA v20; ``exchange`` is "oanda"; ``token_env`` names the environment variable holding the
+    token, never the token itself; ``environment``, ``price`` and ``account_id`` as in
+    `candlekeeper.actors.sources.oanda.OandaSettings`)."""
 
     name: str
     exchange: str
     symbols: tuple[str, ...]
+    source: str = "ccxt"
+    token_env: str = "OANDA_TOKEN"
+    environment: str = "practice"
+    price: str = "M"
+    account_id: str | None = None
     api_base: str | None = None
     rate_limit: float | None = None  # requests/s; None: the exchange's own budget (ccxt's metadata)
     timeout: float = 10.0
@@ -329,6 +345,48 @@ def _since(value: Any) -> int:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise _Invalid("expected " + " or ".join(json.dumps(a) for a in allowed))
+        return str(value)
+
+    return parse
+
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME_RE.fullmatch(value):
+        # never shown: a token written here by mistake must not reach a log line
+        raise _Invalid("expected the name of an environment variable (letters, digits, _), not its value",
+                       whole=False)
+    return value
+
+
+def _oanda_exchange(value: Any) -> str:
+    if value != "oanda":
+        raise _Invalid('with source = "oanda" the exchange is "oanda" (leave the key out)')
+    return "oanda"
+
+
+def _oanda_symbols(value: Any) -> tuple[str, ...]:
+    from ..actors.sources.oanda import instrument_of  # deferred: it imports aiohttp
+
+    symbols = _symbols(value)
+    for s in symbols:
+        try:
+            instrument_of(s)
+        except ValueError:
+            raise _Invalid(f'{_show(s)} is not an OANDA instrument ("EUR/USD", "XAU/USD", "SPX500/USD")',
+                           whole=False) from None
+        if "_" in s:
+            raise _Invalid(f'{_show(s)}: write OANDA instruments as "BASE/QUOTE" ("EUR/USD", not "EUR_USD")',
+                           whole=False)
+    return symbols
+
+
 def _ccxt_id(value: Any) -> str:
     import ccxt  # deferred: importing ccxt costs ~0.5 s and only this key needs it
 
@@ -377,8 +435,15 @@ _EXCHANGE_OWN: _Spec = {
     "page_limit": _int(1),
     "heartbeat": _heartbeat,
     "markets_refresh": _duration(),
+    "source": _choice(*SOURCES),
+    "token_env": _env_name,
+    "environment": _choice("practice", "live"),
+    "price": _choice("M", "B", "A"),
+    "account_id": _string,
 }
 _EXCHANGE: _Spec = {**_EXCHANGE_OWN, **_INGEST, **_RESILIENCE}
+#: an OANDA section: the same keys, read as OANDA means them
+_OANDA_EXCHANGE: _Spec = {**_EXCHANGE, "exchange": _oanda_exchange, "symbols": _oanda_symbols, "page_limit": _int(1)}
 _METRICS: _Spec = {"listen": _host_port}
 _ALERTS: _Spec = {
     "slack_webhook": _url,
@@ -513,23 +578,50 @@ class _Loader:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise self.fail("[exchanges]", f"name {_show(name)}: expected letters, digits, - or _")
         where = f"[exchanges.{name}]"
-        values = self.section(body, where, _EXCHANGE)
+        body = self.table(body, where)
+        source = self.section({"source": body.get("source")}, where, {"source": _EXCHANGE_OWN["source"]})
+        kind = source.get("source", "ccxt")
+        values = self.section(body, where, _OANDA_EXCHANGE if kind == "oanda" else _EXCHANGE)
+        for key in values:
+            owner = next((k for k, keys in SOURCE_KEYS.items() if key in keys), None)
+            if owner is not None and owner != kind:
+                raise self.fail(where, f'{key}: only for source = "{owner}" (this section\'s source is "{kind}")')
         if "symbols" not in values:
-            raise self.fail(where, 'symbols: required, e.g. symbols = ["BTC/USDT"]')
-        if "exchange" not in values:
+            example = '"EUR/USD"' if kind == "oanda" else '"BTC/USDT"'
+            raise self.fail(where, f"symbols: required, e.g. symbols = [{example}]")
+        if kind == "oanda":
+            values["exchange"] = "oanda"
+        elif "exchange" not in values:
             try:
                 values["exchange"] = _ccxt_id(name)
             except _Invalid:
+                hint = ' (OANDA: set source = "oanda")' if name.lower() == "oanda" else ""
                 raise self.fail(
-                    where, f'"{name}" is not a ccxt exchange id; set exchange = "<ccxt id>"'
+                    where, f'"{name}" is not a ccxt exchange id; set exchange = "<ccxt id>"{hint}'
                 ) from None
         own = {k: v for k, v in values.items() if k in _EXCHANGE_OWN}
+        merged_ingest = self.ingest(values, where, ingest)
+        if kind == "oanda":
+            self.check_oanda(values, merged_ingest, where)
         return ExchangeConfig(
             name=name,
-            ingest=self.ingest(values, where, ingest),
+            ingest=merged_ingest,
             resilience=self.resilience(values, where, resilience),
             **own,
         )
+
+    def check_oanda(self, values: dict[str, Any], ingest: IngestConfig, where: str) -> None:
+        """What OANDA cannot serve is a config error now, not a series failing forever later."""
+        from ..actors.sources.oanda import GRANULARITIES, MAX_COUNT  # deferred: it imports aiohttp
+
+        for tf in ingest.timeframes:
+            if tf not in GRANULARITIES:
+                inherited = "" if "timeframes" in values else " (inherited from [ingest]: set timeframes here)"
+                raise self.fail(where, f"timeframes: OANDA has no {tf} candles (it has: {' '.join(GRANULARITIES)})"
+                                       + inherited)
+        if values.get("page_limit", 0) > MAX_COUNT:
+            raise self.fail(where, f"page_limit: OANDA serves at most {MAX_COUNT} candles a request,"
+                                   f" got {values['page_limit']}")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -611,6 +703,11 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
     g_ingest = out["ingest"]
     for ex in config.exchanges:
         body: dict[str, Any] = {"exchange": ex.exchange, "symbols": list(ex.symbols)}
+        if ex.source != "ccxt":
+            body["source"] = ex.source
+            for key in SOURCE_KEYS.get(ex.source, ()):
+                if getattr(ex, key) is not None:
+                    body[key] = getattr(ex, key)
         if ex.api_base is not None:
             body["api_base"] = ex.api_base
         for key in ("rate_limit", "timeout", "page_limit", "heartbeat", "markets_refresh"):

@@ -17,6 +17,11 @@ class StorageUnusable(StartupError):
     SQLite database)."""
 
 
+class CredentialsMissing(StartupError):
+    """An exchange's credentials are not where the config says (an unset or empty environment
+    variable): the message names the variable, never a value."""
+
+
 class SocketInUse(StartupError):
     """A socket or port the daemon must listen on is taken (another daemon, or anything else): a
     supervisor restarting the listener could not fix that, so start-up refuses."""

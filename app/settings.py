@@ -13,7 +13,7 @@ from ..actors.exchange import ExchangeSettings
 from ..actors.health import HealthSettings, Pace
 from ..actors.notifier import NotifierSettings
 from ..actors.series import SeriesSettings
-from ..actors.sources.base import Source
+from ..actors.sources.base import Profile, Source
 from ..actors.sources.ccxt_source import CcxtSource
 from ..actors.sources.profiles import profile
 from ..resilience.breaker import BreakerConfig
@@ -21,6 +21,7 @@ from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
 from ..supervisors.clock import WallClock
 from .config import AlertsConfig, Config, ExchangeConfig, ResilienceConfig
+from .errors import CredentialsMissing
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
 ANY_PAGE = 1_000_000
@@ -57,10 +58,21 @@ def _ccxt_source(ex: ExchangeConfig, wall: WallClock) -> Source:
     return CcxtSource(ex.exchange, symbols=list(ex.symbols), timeout=ex.timeout, wall=wall, api_base=ex.api_base)
 
 
+def _oanda_source(ex: ExchangeConfig, wall: WallClock) -> Source:
+    from ..actors.sources.oanda import OandaSettings, OandaSource
+
+    return OandaSource(OandaSettings(token_env=ex.token_env, environment=ex.environment, api_base=ex.api_base,
+                                     price=ex.price, timeout=ex.timeout, account_id=ex.account_id))
+
+
+#: `[exchanges.NAME] source` -> what builds that exchange's client (a third kind of source adds a line)
+SOURCES = {"ccxt": _ccxt_source, "oanda": _oanda_source}
+
+
 def exchange_settings(ex: ExchangeConfig) -> ExchangeSettings:
     return ExchangeSettings(
         name=ex.name,
-        source=functools.partial(_ccxt_source, ex),
+        source=functools.partial(SOURCES[ex.source], ex),
         rate_limit=ex.rate_limit,
         timeout=ex.timeout,
         page_limit=ex.page_limit,
@@ -71,20 +83,43 @@ def exchange_settings(ex: ExchangeConfig) -> ExchangeSettings:
 
 
 @functools.lru_cache(maxsize=64)
-def requests_per_second(exchange_id: str, rate_limit: float | None) -> float:
-    """How many candle requests a second the exchange allows: `rate_limit` when configured, else
-    its own budget over the cost of one candle request (ccxt's metadata, corrected by `KNOWN`)."""
-    if rate_limit is not None:
-        return rate_limit
+def source_profile(source: str, exchange_id: str) -> Profile:
+    """What the exchange actor's source will say of itself (`Source.profile`), known from the config:
+    for ccxt, its metadata corrected by `KNOWN`; for OANDA, its own."""
+    if source == "oanda":
+        from ..actors.sources.oanda import PROFILE
+
+        return PROFILE
     import ccxt
 
-    p = profile(exchange_id, getattr(ccxt, exchange_id)())
+    return profile(exchange_id, getattr(ccxt, exchange_id)())
+
+
+def requests_per_second(ex: ExchangeConfig) -> float:
+    """How many candle requests a second the exchange allows: `rate_limit` when configured, else
+    its own budget over the cost of one candle request (its source's profile)."""
+    if ex.rate_limit is not None:
+        return ex.rate_limit
+    p = source_profile(ex.source, ex.exchange)
     return p.rate / p.cost("ohlcv")
+
+
+def check_credentials(cfg: Config) -> None:
+    """Credentials the config names but the environment lacks: a start-up error (exit 2), one line
+    naming the variable, never its value."""
+    from ..actors.sources.oanda import token_problem
+
+    for ex in cfg.exchanges:
+        if ex.source == "oanda":
+            problem = token_problem(ex.token_env)
+            if problem is not None:
+                raise CredentialsMissing(f"[exchanges.{ex.name}] token_env: {problem};"
+                                         " it must hold the OANDA API token")
 
 
 def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
     """`series_count`: how many series the exchange serves, over which polls are spread."""
-    per_second = requests_per_second(ex.exchange, ex.rate_limit)
+    per_second = requests_per_second(ex)
     return SeriesSettings(
         lookback=ex.ingest.lookback,
         since_ms=ex.ingest.since_ms,
@@ -103,7 +138,7 @@ def health_settings(cfg: Config) -> HealthSettings:
     (see `Pace`)."""
     return HealthSettings(pace={
         ex.name: Pace.of(poll_interval=ex.ingest.poll_interval,
-                         rate_limit=requests_per_second(ex.exchange, ex.rate_limit),
+                         rate_limit=requests_per_second(ex),
                          series=len(ex.symbols) * len(ex.ingest.timeframes), timeout=ex.timeout)
         for ex in cfg.exchanges
     })

@@ -30,7 +30,7 @@ from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 from . import config as config_mod
-from . import data
+from . import data, settings
 from .config import Config, ExchangeConfig, parse_host_port
 from .errors import CommandError, SocketInUse, SocketUnusable, StartupError, StorageUnusable
 from .tree import Blueprint, SeriesChange, series_id
@@ -89,7 +89,8 @@ class System:
 
     def start(self) -> System:
         """Start the tree. Raises `SocketInUse` when another daemon holds the control socket (or a
-        TCP or metrics port is taken), `StorageUnusable` when another daemon uses the database or
+        TCP or metrics port is taken), `CredentialsMissing` when an exchange's token variable is
+        unset or empty, `StorageUnusable` when another daemon uses the database or
         it cannot be opened at all (see `stored_series_changes`)."""
         try:  # before anything is opened or written; held until `stop`
             self.db_lock.acquire()
@@ -100,6 +101,7 @@ class System:
                 surface.preflight()
             if self.config.metrics.listen:
                 check_port_free(self.config.metrics.listen)
+            settings.check_credentials(self.config)
             self.blueprint.plan(stored_series_changes(self.config.storage.path))
         except BaseException:
             self.db_lock.release()
