@@ -26,9 +26,10 @@ problem, not a transient one: asking again gets the same answer. When a market l
 heartbeat is refused so, the actor stops asking (`_credentials_refused`): its status is `invalid` with the
 reason, every candle request is answered with that error at once (its series turn `invalid`),
 and the credentials are re-checked with one market load after `AUTH_RECHECK_S`, doubling up to
-an hour, or at once on an operator `reset`. A candle request refused so first has the
-credentials checked with one market load before any other is sent: a symbol the token may not
-read is that series' problem, a token the exchange refuses is everyone's.
+an hour, or at once on an operator `reset`; when they work again, every series that was refused
+is told to try again at once (`Reset`), rather than at its hourly re-check. A candle request
+refused so first has the credentials checked with one market load before any other is sent: a
+symbol the token may not read is that series' problem, a token the exchange refuses is everyone's.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class ExchangeActor(Child):
         self._refused: BaseException | None = None
         self._refused_checks = 0
         self._verify = False  # a candle request was refused for its credentials: check them first
+        self._refused_series: dict[SeriesKey, Any] = {}  # told to try again when the credentials work
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -203,9 +205,9 @@ class ExchangeActor(Child):
                                          burst=max(1.0, self._burst()))
         self._markets_retry_at = 0.0
         self._load_attempt = 0
-        if self._refused is not None or self._verify:
-            self._refused, self._refused_checks, self._verify = None, 0, False
-            self._refresh_due = True  # check the credentials again now
+        if self._refused is not None:
+            self._refused_checks = 0
+            self._refresh_due = True  # check the credentials now (`invalid` until they work)
         if self._pump_timer is not None:
             self._pump_timer.cancel()
             self._pump_timer = None
@@ -475,16 +477,24 @@ class ExchangeActor(Child):
     def _credentials_accepted(self) -> None:
         """A market load succeeded: the credentials work (again)."""
         self._verify = False
-        if self._refused is not None:
-            self._refused, self._refused_checks = None, 0
-            self.log.info("credentials_accepted")
-            self._report(force=True)
+        refused, self._refused_series = self._refused_series, {}
+        if self._refused is None:
+            return  # a series refused alone was refused for itself (a symbol the token may not read)
+        self._refused, self._refused_checks = None, 0
+        self.log.info("credentials_accepted", series_refused=len(refused))
+        self._report(force=True)
+        for ref in refused.values():
+            try:
+                ref.tell(Reset())  # invalid for our credentials, not for anything of its own
+            except pykka.ActorDeadError:
+                pass  # restarted meanwhile: the new one asks by itself
 
     def _refuse_queued(self) -> None:
         """Answer every waiting request with the refusal, without asking the exchange."""
         assert self._refused is not None
         while self._queue:
             _, req = self._queue.popitem(last=False)
+            self._refused_series[req.key] = req.reply_to
             try:
                 req.reply_to.tell(FetchResult(req.req_id, error=self._refused))
             except pykka.ActorDeadError:
@@ -537,8 +547,11 @@ class ExchangeActor(Child):
                 self._credentials_refused(done.error)
         elif done.error is not None:
             self.log.info("heartbeat_failed", error=describe(done.error))
-        if done.kind == "ohlcv" and isinstance(done.error, ccxt.AuthenticationError) and self._refused is None:
-            self._verify = self._refresh_due = True  # this market, or the credentials? one market load says
+        if done.kind == "ohlcv" and isinstance(done.error, ccxt.AuthenticationError):
+            assert done.request is not None
+            self._refused_series[done.request.key] = done.request.reply_to
+            if self._refused is None:
+                self._verify = self._refresh_due = True  # this market, or the credentials? one market load says
         self._pump()
 
     def _learn(self, done: _Done) -> None:

@@ -3,7 +3,8 @@
 A series is complete when the store holds every candle from its start (`--since`, else the
 config's `since`/`lookback`) up to the last one closed before `--until` (else the launch time),
 confirmed exchange gaps left out: checked with the store's `missing_ranges` once the series'
-cursor has passed the end. It could not be completed when it is `invalid` (the exchange does not
+newest candle has reached the end, or it is caught up (a market closed at the end, as a forex
+weekend, has no candle there). It could not be completed when it is `invalid` (the exchange does not
 list it), stays `quarantined` while nothing else is left, or makes no progress for `--stall`.
 Exit 0 when all are complete, 1 otherwise (they are listed), 2 for usage or start-up errors.
 
@@ -249,7 +250,10 @@ class Backfill:
             return
         last = row.get("last_ts")
         signature: Any = (last, row.get("status"))
-        past_end = s.end_ms <= s.start_ms or (last is not None and last + s.tf_ms >= s.end_ms)
+        # caught up (`ok`) is past the end too: a market closed at the end (a forex weekend) has
+        # its last candle long before it, and the closed stretch recorded as a gap
+        past_end = (s.end_ms <= s.start_ms or (last is not None and last + s.tf_ms >= s.end_ms)
+                    or row.get("status") == "ok")
         if past_end and now - s.checked >= CHECK_S:
             s.checked = now
             with data.open_store(self.db) as store:

@@ -226,6 +226,11 @@ class OandaDialect(Dialect):
     def __repr__(self) -> str:  # never the token
         return f"OandaDialect(account_id={self.account_id!r})"
 
+    def set_token(self, token: str | None) -> None:
+        """Accept only `token` from now on (None: any non-empty one): a token revoked, or
+        restored, while a client runs."""
+        self._token = token
+
     def market_id(self, m: Market) -> str:
         return f"{m.base}_{m.quote}"
 
