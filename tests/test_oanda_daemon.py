@@ -629,6 +629,23 @@ def test_config_errors(data: dict[str, Any], message: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_the_documented_oanda_sections_load() -> None:
+    """The README's example and the sample config's commented section are valid configs."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    example = re.search(r"### OANDA v20\n\n```toml\n(.*?)```", readme, re.S)
+    assert example is not None
+    sample = (root / "examples" / "candlekeeper.toml").read_text().split("# [exchanges.fx]\n", 1)[1]
+    section = "[exchanges.fx]\n" + "".join(line[2:] + "\n" for line in sample.splitlines() if line.startswith("# "))
+    for text in (example.group(1), section):
+        (ex,) = config_mod.from_dict(tomllib.loads(text)).exchanges
+        assert ex.source == "oanda" and ex.token_env == "OANDA_TOKEN" and "XAU/USD" in ex.symbols
+
+
 def test_a_token_written_as_token_env_is_not_echoed() -> None:
     with pytest.raises(config_mod.ConfigError) as err:
         config_mod.from_dict(oanda_section(token_env=TOKEN))
