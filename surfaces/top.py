@@ -38,7 +38,7 @@ from ..actors.market.candles import timeframe_ms
 
 ROLLUP_STYLE = {"ok": "bold black on green", "degraded": "bold black on yellow", "down": "bold white on red"}
 BREAKER_STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}
-EXCHANGE_STYLE = {"ok": "green", "starting": "cyan", "recovering": "yellow", "down": "bold red"}
+EXCHANGE_STYLE = {"ok": "green", "starting": "cyan", "recovering": "yellow", "down": "bold red", "invalid": "bold red"}
 SERIES_STYLE = {
     "ok": "green",
     "backfilling": "cyan",
