@@ -178,6 +178,16 @@ def test_closed_by_the_exchange_showing_a_later_candle_or_by_its_clock():
     assert close_rows([], TF, NOW, margin_ms=0).horizon_ms == t
 
 
+def test_weekly_candles_close_on_mondays():
+    week, day = 7 * 86_400_000, 86_400_000
+    monday = 1_704_067_200_000  # 2024-01-01
+    now = monday + week + 3 * day  # Thursday of the next week
+    out = close_rows([], week, now, margin_ms=0)
+    assert out.horizon_ms == monday + week  # the week that opened on Monday is still open
+    rows = [[monday, 1.0, 2.0, 0.5, 1.5, 3.0]]
+    assert [c[0] for c in close_rows(rows, week, now, margin_ms=0).candles] == [monday]
+
+
 def test_a_slow_clock_loses_nothing_and_a_fast_one_stores_nothing_open():
     """Our clock 60 s behind the exchange: its current candle looks like the future, yet every
     candle before it is closed (the exchange shows a later one). Our clock ahead: the newest

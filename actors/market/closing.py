@@ -19,6 +19,8 @@ from .candles import Candle, validate
 NO_MEASUREMENT_MARGIN_MS = 2_000  # no server time at all: the old documented skew margin
 DATE_MARGIN_MS = 1_000  # a Date header is the server's time truncated to the second
 FAR_FUTURE_MS = 300_000  # rows opening this far past the exchange's now are garbage, not candles
+WEEK_MS = 7 * 86_400_000
+WEEK_PHASE_MS = 4 * 86_400_000  # 1970-01-01 was a Thursday: weeks open 4 days after a multiple
 
 
 class ServerClock:
@@ -67,7 +69,10 @@ class Closed:
 def close_rows(rows: Sequence[Any], tf_ms: int, now_ms: int, *, margin_ms: int) -> Closed:
     """Validate an answer's rows and keep the closed ones (see the module docstring)."""
     candles = validate(rows, tf_ms, now_ms + FAR_FUTURE_MS + tf_ms)
-    by_clock = (now_ms - margin_ms) // tf_ms * tf_ms  # first open time the clock does not close
+    # candles longer than a day do not open on multiples of their length since 1970 (weeks open on
+    # Mondays): take their phase from the answer, or a week's from the calendar
+    phase = candles[-1][0] % tf_ms if candles else (WEEK_PHASE_MS if tf_ms == WEEK_MS else 0)
+    by_clock = (now_ms - margin_ms - phase) // tf_ms * tf_ms + phase  # first open time the clock does not close
     if not candles:
         return Closed([], [], by_clock, now_ms)
     last = candles[-1][0]
