@@ -70,7 +70,7 @@ class Daemon:
 
     def served(self) -> None:
         """A fresh client is answered, and the threads have not grown without bound."""
-        reply = request(self.path, "health", timeout=10)
+        reply = request(self.path, "health", timeout=30)
         assert reply["ok"] is True and reply["result"]["status"] in ("ok", "degraded", "down"), reply
         assert _conn_threads() <= MAX_CONNECTIONS
         assert threading.active_count() <= self.baseline + MAX_CONNECTIONS + THREAD_SLACK
@@ -78,8 +78,8 @@ class Daemon:
     def settle(self) -> None:
         """Every connection thread has ended, threads are back to the baseline, and the series is
         as configured again (a fuzzed `pause` is undone)."""
-        wait_until(lambda: _conn_threads() == 0, timeout=10, what="connection threads to end")
-        wait_until(lambda: threading.active_count() <= self.baseline + THREAD_SLACK, timeout=10,
+        wait_until(lambda: _conn_threads() == 0, timeout=30, what="connection threads to end")
+        wait_until(lambda: threading.active_count() <= self.baseline + THREAD_SLACK, timeout=30,
                    what=f"threads back to {self.baseline} (now {threading.active_count()})")
         assert request(self.path, "resume", exchange="binance")["ok"] is True
         series = request(self.path, "health")["result"]["series"]
@@ -500,7 +500,7 @@ def test_more_clients_than_max_connections(daemon: Daemon, extra: list[str]) -> 
     finally:
         for c in held:
             c.close()
-    wait_until(lambda: _conn_threads() == 0, timeout=10, what="held connections to end")
+    wait_until(lambda: _conn_threads() == 0, timeout=30, what="held connections to end")
     daemon.served()
 
 
@@ -523,7 +523,7 @@ def test_regression_refused_client_that_leaves_does_not_kill_the_listener(daemon
     finally:
         for c in held:
             c.close()
-    wait_until(lambda: _conn_threads() == 0, timeout=10, what="held connections to end")
+    wait_until(lambda: _conn_threads() == 0, timeout=30, what="held connections to end")
     daemon.served()
     assert any(t.name == "root/control/accept" for t in threading.enumerate())
 
