@@ -135,7 +135,7 @@ def daemon() -> Iterator[Daemon]:
 
 
 class Client:
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: float = 15.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)  # blocking: waits for the listen backlog instead of EAGAIN
         self.sock.settimeout(timeout)
