@@ -27,6 +27,11 @@ Roll-up: `down` when storage is failing or no exchange is reachable (every break
 `degraded` when any breaker is not closed, any exchange is `invalid` (its credentials refused)
 or any series is retrying, lagging, quarantined, invalid or stopped; `ok` otherwise. Paused
 series are an operator's choice and do not degrade it.
+
+Clustering: each series row says which node owns it (`owner`: the series here are this node's),
+and `cluster` says what the cluster actor last reported (this node, its state, the live nodes,
+how many series it owns of how many, refused writes). A node standing down because another
+daemon holds its name is `down`; one that cannot reach the database is at least `degraded`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import LifecycleEvent
 from .market.candles import timeframe_ms
-from .messages import ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
+from .messages import ClusterStatus, ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
 from .progress import BackfillLog
 
 DEGRADING = {"retrying", "lagging", "quarantined", "invalid", "stopped"}
@@ -87,6 +92,7 @@ class HealthSettings:
 
     pace: Mapping[str, Pace] = field(default_factory=dict)
     tick: float = TICK_S
+    node: str | None = None  # clustering: this daemon's node name, the owner of its series
 
     def pace_of(self, exchange: str) -> Pace:
         return self.pace.get(exchange) or Pace()
@@ -117,6 +123,7 @@ class HealthState:
     restarts: dict[str, int] = field(default_factory=dict)  # by actor path
     restarts_by_kind: dict[str, int] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=lambda: {"ok": True, "detail": None})
+    cluster: dict[str, Any] = field(default_factory=dict)  # the last ClusterStatus, when clustering
 
 
 class _Tick:
@@ -146,6 +153,7 @@ class HealthActor(Child):
         self.restarts = state.restarts
         self.restarts_by_kind = state.restarts_by_kind
         self.storage = state.storage
+        self.cluster = state.cluster
 
     def on_start(self) -> None:
         self.schedule(self.settings.tick, _TICK)
@@ -169,6 +177,12 @@ class HealthActor(Child):
             row["openings"] = message.detail.get("openings", 0)  # how many times it has opened
         elif isinstance(message, StorageStatus):
             self.storage.update(ok=message.ok, detail=message.detail)
+        elif isinstance(message, ClusterStatus):
+            self.cluster.update(
+                node=message.node, state=message.state, detail=message.detail, live_nodes=list(message.live_nodes),
+                owned=message.owned, wanted=message.wanted, refused_writes=message.refused_writes,
+                lease_s=message.lease_s,
+            )
         elif isinstance(message, LifecycleEvent):
             self._on_event(message)
         elif isinstance(message, ForgetSeries):
@@ -191,6 +205,8 @@ class HealthActor(Child):
                 "exchange": k.exchange, "symbol": k.symbol, "timeframe": k.timeframe, "status": message.status,
                 "_tf_s": timeframe_ms(k.timeframe) / 1000, "_progress_at": now,
             }
+            if self.settings.node is not None:
+                row["owner"] = self.settings.node
         elif message.last_ts != row["last_ts"] or row.get("_reported") in _NO_PROGRESS_EXPECTED:
             row["_progress_at"] = now  # a newer candle stored, or resumed after a pause
         row.update(
@@ -316,7 +332,7 @@ class HealthActor(Child):
             series.append(s)
             stalled[_name(s)] = row.get("_stalled_s", 0.0)
         reasons = self._reasons(exchanges, series, stalled)
-        return {
+        report = {
             "status": self._rollup(exchanges, series),
             "exchanges": exchanges,
             "series": series,
@@ -324,6 +340,9 @@ class HealthActor(Child):
             "restarts_by_kind": dict(self.restarts_by_kind),
             "reasons": reasons,
         }
+        if self.cluster:
+            report["cluster"] = dict(self.cluster)
+        return report
 
     def _reasons(
         self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]], stalled: dict[str, float]
@@ -331,6 +350,9 @@ class HealthActor(Child):
         out = []
         if not self.storage["ok"]:
             out.append(f"storage failing: {self.storage.get('detail')}")
+        if self.cluster.get("state") in ("superseded", "unreachable"):
+            c = self.cluster
+            out.append(f"cluster: node {c.get('node')} {c['state']}: {c.get('detail')}")
         for e in exchanges:
             if e.get("breaker") == "open":
                 out.append(f"{e['name']}: exchange down (breaker open); its series are served read-only from the store")
@@ -355,8 +377,10 @@ class HealthActor(Child):
         return out
 
     def _rollup(self, exchanges: list[dict[str, Any]], series: list[dict[str, Any]]) -> str:
-        if not self.storage["ok"]:
+        if not self.storage["ok"] or self.cluster.get("state") == "superseded":
             return "down"
+        if self.cluster.get("state") == "unreachable":
+            return "degraded"
         if exchanges and all(e.get("breaker") == "open" for e in exchanges):
             return "down"
         if any(e.get("breaker") != "closed" or e.get("status") == "invalid" for e in exchanges):

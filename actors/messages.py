@@ -15,9 +15,9 @@ from .market.candles import Candle, Row
 from .market.paging import Served
 
 __all__ = [
-    "Candle", "ExchangeStatus", "FetchRequest", "FetchResult", "ForgetSeries", "Pause", "Reset", "ResumePoint",
-    "ResumeQuery", "Row", "SeriesKey", "SeriesStatus", "StorageStatus", "StoreChanged", "StoredCandle", "Write",
-    "Written",
+    "Candle", "ClusterStatus", "ExchangeStatus", "FetchRequest", "FetchResult", "ForgetSeries", "LeaseLost", "Pause",
+    "Reset", "ResumePoint", "ResumeQuery", "Row", "SeriesKey", "SeriesStatus", "StorageStatus", "StoreChanged",
+    "StoredCandle", "Write", "Written",
 ]
 
 
@@ -178,3 +178,28 @@ class ForgetSeries:
     """A series was removed at run time: drop it from the health report."""
 
     path: str
+
+
+# -- clustering (PostgreSQL, [cluster] enabled) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """Storage to the cluster actor: the database refused writes of these series (their lease
+    moved to another node): stop them here and let them go."""
+
+    keys: tuple[SeriesKey, ...]
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """The cluster actor to health: this node, its state, the live nodes and what it owns."""
+
+    node: str
+    state: str  # joining | member | superseded | unreachable | stopped
+    detail: str | None
+    live_nodes: tuple[str, ...]
+    owned: int  # series whose lease this node holds
+    wanted: int  # series the cluster runs in all
+    refused_writes: int
+    lease_s: float

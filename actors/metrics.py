@@ -57,6 +57,10 @@ class Metrics:
             "candlekeeper_candles_stored", "Candles the store did not hold before (new or corrected rows).",
             registry=r,
         )
+        self.refused_writes = Counter(
+            "candlekeeper_refused_writes",
+            "Candle writes refused because this node no longer holds the series' lease (clustering).", registry=r,
+        )
         self.rate_limit_wait = Counter(
             "candlekeeper_rate_limit_wait_seconds",
             "Time requests were queued and held back only by the rate limiter.", ["exchange"], registry=r,

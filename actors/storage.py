@@ -1,4 +1,4 @@
-"""The storage actor: the one writer of the SQLite store.
+"""The storage actor: the one writer of the store (SQLite, or PostgreSQL: `stores.base`).
 
 Series tell it `Write`s; it batches every write already in its mailbox into one transaction
 (a `Flush` it tells itself goes to the back of the mailbox), then acks each writer with
@@ -15,7 +15,16 @@ backoff (0.5 s doubling to 5 s, scheduled messages, never a sleep). Writes that 
 failing wait for the next probe, which writes them for real: they are answered with the
 outcome, so the first probe that succeeds stores them and ends the failure by itself. A resume
 query that cannot be read waits for the next probe too; `latest` and the other questions get
-the error at once.
+the error at once. PostgreSQL's faults are the same exceptions (a server restarting or
+unreachable, a lost connection, a read-only or full server: `StoreUnavailable`; a dropped table:
+`StoreGone`, recreated by a reopen, a new generation), so they take the same paths.
+
+Clustering (`fences` given): every candle write carries the writer's fencing token of its
+series (`actors.fencing`), checked by the database in the write's own transaction. A write
+whose lease has moved to another node (or that this node no longer holds at all) is refused:
+nothing of it is stored, the series is answered with the refusal, the refusal is counted
+(`candlekeeper_refused_writes_total`) and the cluster actor is told (`LeaseLost`), which
+stops the series here.
 """
 
 from __future__ import annotations
@@ -23,15 +32,17 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pykka
 
-from ..supervisors.child import Child
+from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
 from ..supervisors.scheduler import Timer
+from .fencing import Fences
 from .messages import (
+    LeaseLost,
     ResumePoint,
     ResumeQuery,
     Row,
@@ -42,8 +53,9 @@ from .messages import (
     Write,
     Written,
 )
+from .stores.base import make_store
 from .stores.errors import StoreError, StoreGone, StoreUnavailable
-from .stores.sqlite import BUSY_TIMEOUT_S, Store
+from .stores.sqlite import BUSY_TIMEOUT_S
 
 T = TypeVar("T")
 
@@ -63,7 +75,7 @@ class _Probe:
 _FLUSH = _Flush()
 _CHECK_FILE = _CheckFile()
 _PROBE = _Probe()
-CHECK_FILE_S = 2.0  # how often the database file is checked while idle (one stat)
+CHECK_FILE_S = 2.0  # how often the database is checked while idle (a stat, or one round trip)
 PROBE_FIRST_S = 0.5  # first retry after the store failed; doubles while it keeps failing
 PROBE_MAX_S = 5.0  # the longest wait between retries: how late recovery is noticed at most
 # While failing, a write waits this long (not BUSY_TIMEOUT_S) for another process's lock, so
@@ -72,9 +84,17 @@ PROBE_BUSY_S = 1.0
 
 
 class StorageActor(Child):
-    def __init__(self, path: str, health: Any = None, *, candles: EventBus | None = None, metrics: Any = None) -> None:
+    """`path`: a SQLite file or a ``postgresql://`` URL (`stores.base.make_store`, with
+    `store_options`); `fences` and `cluster` only when clustering."""
+
+    def __init__(
+        self, path: str, health: Any = None, *, candles: EventBus | None = None, metrics: Any = None,
+        fences: Fences | None = None, cluster: Address | None = None, store_options: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.store = Store(path)
+        self.store = make_store(path, **(store_options or {}))
+        self.fences = fences
+        self.cluster = cluster
         self.health = health
         self.candles = candles
         self.metrics = metrics
@@ -136,11 +156,7 @@ class StorageActor(Child):
             self._probe()
         elif message is _CHECK_FILE:
             self.schedule(CHECK_FILE_S, _CHECK_FILE)
-            if self.store.is_open and not self.store.check():
-                try:
-                    self._recover(StoreGone(f"{self.store.path} was deleted or replaced while open"))
-                except StoreError as exc:
-                    self._fail(exc)
+            self._check_store()
         else:
             return super().on_receive(message)
         return None
@@ -168,7 +184,12 @@ class StorageActor(Child):
     def status(self) -> dict[str, Any]:
         """Whether the store can write now, and why not."""
         return {"ok": self.failing is None, "detail": self.failing, "held_writes": len(self._held),
-                "generation": self.generation}
+                "generation": self.generation, "store": self.store.path}
+
+    def sync(self) -> None:
+        """Write the writes already received now (the cluster actor asks this after stopping a
+        series and before releasing its lease, so nothing it wrote is refused as stale)."""
+        self._flush()
 
     def _ask_write(self, fn: Callable[[], T]) -> T:
         """An operator's write: refused with the store's error, which is also storage failing (a
@@ -216,6 +237,21 @@ class StorageActor(Child):
 
     # -- the store lost, recreated ---------------------------------------------------------
 
+    def _check_store(self) -> None:
+        """The periodic check: a file deleted or replaced, a table dropped (recover: a new
+        generation), a server that cannot be reached (failing, probed on the backoff)."""
+        if not self.store.is_open:
+            return
+        try:
+            self.store.verify()
+        except StoreGone as exc:
+            try:
+                self._recover(exc)
+            except StoreError as err:
+                self._fail(err)
+        except StoreError as exc:
+            self._fail(exc)
+
     def _with_store(self, fn: Callable[[], T]) -> T:
         """Run a store call; if the file vanished or is corrupt, reopen a fresh one and retry once."""
         try:
@@ -257,43 +293,94 @@ class StorageActor(Child):
         self._attempt(writes)
 
     def _attempt(self, writes: list[Write]) -> bool:
-        """Write these in one batch and answer each writer; True when stored."""
-        rows: list[Row] = []
-        for w in writes:
-            rows.extend(w.rows)
+        """Write these in one batch and answer each writer; True when stored (refused writes
+        included: the store did its job, their series are told why)."""
         error: str | None = None
+        refused: dict[int, str] = {}
         try:
-            self._with_store(lambda: self._write(rows, writes))
+            refused = self._with_store(lambda: self._write(writes))
         except StoreError as exc:  # disk full, locked, read-only...: ack with the error, series retry
             error = self._fail(exc)
-            self.log.error("store_write_failed", error=error, rows=len(rows))
+            self.log.error("store_write_failed", error=error, rows=sum(len(w.rows) for w in writes))
         else:
             self._recovered()
-        self._answer(writes, error)
+        self._answer(writes, error, refused)
         return error is None
 
-    def _answer(self, writes: list[Write], error: str | None) -> None:
-        for w in writes:
+    def _answer(self, writes: list[Write], error: str | None, refused: dict[int, str] | None = None) -> None:
+        for i, w in enumerate(writes):
             if w.reply_to is not None:
+                why = refused.get(i) if refused else None
                 try:
-                    w.reply_to.tell(Written(token=w.token, generation=self.generation, error=error))
+                    w.reply_to.tell(Written(token=w.token, generation=self.generation, error=why or error))
                 except pykka.ActorDeadError:
                     pass  # the series restarted meanwhile; it resumes from the store
 
-    def _write(self, rows: list[Row], writes: list[Write]) -> None:
-        fresh = self._not_yet_stored(writes) if self.candles is not None and self.candles.has_subscribers else None
-        changed = self.store.upsert(rows)
-        for w in writes:
-            for gap in w.gaps:
-                self.store.record_gap(*gap)
+    def _write(self, writes: list[Write]) -> dict[int, str]:
+        """Store the batch; returns the writes refused for want of a current fencing token (by
+        index, with why). Without fences nothing is refused."""
+        refused: dict[int, str] = {}
+        fence: dict[tuple[str, str, str], int] | None = None
+        if self.fences is not None:
+            tokens = self.fences.snapshot()
+            fence = {}
+            for i, w in enumerate(writes):
+                key = _key_of(w)
+                if key is None:
+                    continue
+                if key in tokens:
+                    fence[key] = tokens[key]
+                else:
+                    refused[i] = f"refused: this node holds no lease of {_name(key)} (another node owns it)"
+        live = [w for i, w in enumerate(writes) if i not in refused]
+        rows: list[Row] = [r for w in live for r in w.rows]
+        fresh = self._not_yet_stored(live) if self.candles is not None and self.candles.has_subscribers else None
+        if fence is None:
+            changed = self.store.upsert(rows)
+        elif fence:
+            from .stores.postgres import PostgresStore
+
+            result = cast(PostgresStore, self.store).upsert(rows, fence=fence)
+            changed = result.changed
+            for i, w in enumerate(writes):
+                key = _key_of(w)
+                if i not in refused and key in result.refused:
+                    assert key is not None
+                    refused[i] = (f"refused: the lease of {_name(key)} moved to another node"
+                                  f" (fencing token {fence[key]} is stale)")
+        else:
+            changed = 0
+        for i, w in enumerate(writes):
+            if i not in refused:
+                for gap in w.gaps:
+                    self.store.record_gap(*gap)
         if self.metrics is not None:
             self.metrics.candles_stored.inc(changed)
-            for w in writes:
-                if w.rows:
+            for i, w in enumerate(writes):
+                if w.rows and i not in refused:
                     self.metrics.written(w.rows[0][0], len(w.rows))
         if fresh and self.candles is not None:
+            gone = {_key_of(writes[i]) for i in refused}
             for row in fresh:
-                self.candles.publish(StoredCandle(*row))
+                if row[:3] not in gone:
+                    self.candles.publish(StoredCandle(*row))
+        if refused:
+            self._refused(writes, refused, fence or {})
+        return refused
+
+    def _refused(self, writes: list[Write], refused: dict[int, str], fence: dict[tuple[str, str, str], int]) -> None:
+        """Count the refusals, say so, and tell the cluster actor to let those series go."""
+        keys = sorted({k for i in refused if (k := _key_of(writes[i])) is not None})
+        if self.fences is not None:
+            self.fences.count_refused(len(refused))
+            # what comes next for them is refused here, not by the database
+            self.fences.drop_stale({k: fence[k] for k in keys if k in fence})
+        if self.metrics is not None:
+            self.metrics.refused_writes.inc(len(refused))
+        self.log.warning("writes_refused", writes=len(refused), count=len(keys),
+                         series=[_name(k) for k in keys[:10]], reason=next(iter(refused.values())))
+        if self.cluster is not None:
+            self.cluster.tell(LeaseLost(tuple(SeriesKey(*k) for k in keys)))
 
     def _not_yet_stored(self, writes: list[Write]) -> list[Row]:
         """The rows of these writes that the store does not hold yet (one range per write, all
@@ -385,3 +472,18 @@ class StorageActor(Child):
         if (ok != self.healthy or force) and self.health is not None:
             self.health.tell(StorageStatus(ok=ok, detail=self.failing))
         self.healthy = ok
+
+
+def _key_of(w: Write) -> tuple[str, str, str] | None:
+    """The series a write is of (one write is always of one series)."""
+    if w.rows:
+        e, s, t = w.rows[0][:3]
+        return (e, s, t)
+    if w.gaps:
+        e, s, t = w.gaps[0][:3]
+        return (e, s, t)
+    return None
+
+
+def _name(key: tuple[str, str, str]) -> str:
+    return f"{key[0]}:{key[1]}@{key[2]}"

@@ -13,17 +13,19 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..actors.market.candles import TIMEFRAME_MS
 from ..actors.market.symbols import check_symbol
 
 __all__ = [
     "AlertsConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "ControlConfig",
@@ -50,7 +52,47 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class StorageConfig:
+    """`path`: a SQLite file (the default store); `url`: a PostgreSQL database instead
+    (``postgresql://user[:password]@host[:port]/db``; the password may also come from
+    PGPASSWORD or ~/.pgpass, and is never shown: see `display`). `timescale`: None tries to
+    make candles a TimescaleDB hypertable where the server offers it, False never, True must."""
+
     path: str = "candlekeeper.db"
+    url: str | None = field(default=None, repr=False)
+    timescale: bool | None = None
+
+    @property
+    def location(self) -> str:
+        """What the stores open: the URL (password included: never log it) or the path."""
+        return self.url or self.path
+
+    @property
+    def display(self) -> str:
+        """The database as it may be logged or shown: the path, or the URL without its password."""
+        return _redact_url(self.url) if self.url else self.path
+
+    def __repr__(self) -> str:
+        return f"StorageConfig(path={self.path!r}, url={self.display if self.url else None!r}, " \
+               f"timescale={self.timescale!r})"
+
+
+def _default_node() -> str:
+    """This host's name, as a node name (one daemon per host needs no `node` key)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).strip("-.") or "node"
+    return name[:63]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: several daemons share one PostgreSQL database and its series by leases.
+    `node` names this daemon (unique among them; default: the host name); `lease` is how long
+    a lease lasts without renewal (renewed every lease/3); `rate_budget` weighs this node's
+    share of the series (default: the requests per second its exchanges allow, summed)."""
+
+    enabled: bool = False
+    node: str = field(default_factory=_default_node)
+    lease: float = 15.0
+    rate_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +188,7 @@ class Config:
     exchanges: tuple[ExchangeConfig, ...]
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = "<dict>"
 
 
@@ -288,6 +331,40 @@ def _url(value: Any, *, bare: bool = False) -> str:
     return value.rstrip("/") if bare else value
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def _redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ***: safe to show."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def _pg_url(value: Any) -> str:
+    """A PostgreSQL URL; any error message shows it without its password."""
+    expected = '"postgresql://user@host[:port]/database"'
+    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+        shown = _show(_redact_url(value)) if isinstance(value, str) else _show(value)
+        raise _Invalid(f"expected {expected}, got {shown}", whole=False)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise _Invalid(f"expected {expected}, got {_show(_redact_url(value))}", whole=False) from None
+    database = unquote(parts.path.lstrip("/"))
+    if not database or "/" in database:
+        raise _Invalid(f"expected {expected} naming one database, got {_show(_redact_url(value))}", whole=False)
+    return value
+
+
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _node(value: Any) -> str:
+    if not isinstance(value, str) or not _NODE_RE.fullmatch(value):
+        raise _Invalid("expected a name of 1-63 letters, digits, '.', '-' or '_'")
+    return value
+
+
 def _api_base(value: Any) -> str:
     return _url(value, bare=True)
 
@@ -402,7 +479,9 @@ def _ccxt_id(value: Any) -> str:
 
 _Spec = dict[str, Callable[[Any], Any]]
 
-_STORAGE: _Spec = {"path": _string}
+_STORAGE: _Spec = {"path": _string, "url": _pg_url, "timescale": _bool}
+_CLUSTER: _Spec = {"enabled": _bool, "node": _node, "lease": _duration(1.0, strict=False),
+                   "rate_budget": _positive_float}
 _CONTROL: _Spec = {"socket": _string, "tcp": _host_port, "token": _string, "chaos": _bool}
 _INGEST: _Spec = {
     "lookback": _duration(),
@@ -457,6 +536,7 @@ _SECTIONS: dict[str, _Spec] = {
     "resilience": _RESILIENCE,
     "metrics": _METRICS,
     "alerts": _ALERTS,
+    "cluster": _CLUSTER,
 }
 # Sections whose keys map 1:1 onto their dataclass (no merging, no cross-checks).
 _PLAIN_SECTIONS: dict[str, type] = {
@@ -464,6 +544,7 @@ _PLAIN_SECTIONS: dict[str, type] = {
     "control": ControlConfig,
     "metrics": MetricsConfig,
     "alerts": AlertsConfig,
+    "cluster": ClusterConfig,
 }
 _SECRETS = {("control", "token"), ("alerts", "slack_webhook"), ("alerts", "pagerduty_routing_key")}
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -557,6 +638,7 @@ class _Loader:
         resilience = self.resilience(sec["resilience"], "[resilience]", ResilienceConfig())
         if sec["control"].get("tcp") and not sec["control"].get("token"):
             raise self.fail("[control]", "tcp: a TCP control listener is refused without a token; set token")
+        self.storage_and_cluster(sec["storage"], sec["cluster"])
         exchanges = self.table(data.get("exchanges"), "[exchanges]")
         if not exchanges:
             raise self.fail(
@@ -571,6 +653,15 @@ class _Loader:
             ),
             source=self.source,
         )
+
+    def storage_and_cluster(self, storage: dict[str, Any], cluster: dict[str, Any]) -> None:
+        if "path" in storage and "url" in storage:
+            raise self.fail("[storage]", "path and url are both given; use one (path: SQLite, url: PostgreSQL)")
+        if "timescale" in storage and "url" not in storage:
+            raise self.fail("[storage]", "timescale: only with url (a PostgreSQL database)")
+        if cluster.get("enabled") and "url" not in storage:
+            raise self.fail("[cluster]", "enabled: several daemons share series through one PostgreSQL database;"
+                                         " set [storage] url")
 
     def exchange(
         self, name: Any, body: Any, ingest: IngestConfig, resilience: ResilienceConfig
@@ -682,7 +773,8 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
     """A dict that ``from_dict`` turns back into an equal Config.
 
     Secrets (control token, Slack webhook, PagerDuty routing key) are left
-    out unless ``secrets=True``, so the result can be logged or shown.
+    out unless ``secrets=True``, so the result can be logged or shown; a
+    storage URL's password is replaced by ``***``.
     Per-exchange sections list only what differs from the global sections.
     """
     out: dict[str, Any] = {}
@@ -695,6 +787,10 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
         section = {k: v for k, v in section.items() if v is not None}
         if section:
             out[name] = section
+    if config.storage.url:  # path or url, never both; the URL's password only with secrets
+        out["storage"] = {"url": config.storage.url if secrets else config.storage.display}
+        if config.storage.timescale is not None:
+            out["storage"]["timescale"] = config.storage.timescale
     out["ingest"] = _ingest_dict(config.ingest)
     out["resilience"] = {
         f.name: getattr(config.resilience, f.name) for f in fields(ResilienceConfig)

@@ -1,8 +1,9 @@
 """Data out of the store, without the actors: candle ranges (rows or Arrow), coverage, file names.
 
-Everything here opens its own read-only connection (`Store(path, readonly=True)`), so it works
-with the daemon running (WAL readers never block the writer) or not, and reads in pages
-(`Store.iter_candles`), so memory stays constant whatever the range. `export`, `ctl coverage`,
+Everything here opens its own read-only connection (to a SQLite file or a PostgreSQL URL:
+`stores.base.make_store(location, readonly=True)`), so it works with the daemon running (WAL
+readers never block the writer; PostgreSQL is made for it) or not, and reads in pages
+(`iter_candles`), so memory stays constant whatever the range. `export`, `ctl coverage`,
 `backfill` and the `System` methods of the same names all read through here.
 """
 
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..actors.market.candles import Candle, timeframe_ms
+from ..actors.stores.base import ReadStore, make_store
 from ..actors.stores.errors import StoreError
-from ..actors.stores.sqlite import Store
 from .config import Config, ExchangeConfig, parse_duration
 from .errors import CommandError, MissingDependency, StorageUnusable
 
@@ -113,17 +114,18 @@ def iso(ms: int | None) -> str | None:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def open_store(path: str) -> Store:
-    """A read-only connection to the database at `path`; `StorageUnusable` when there is none."""
+def open_store(location: str) -> ReadStore:
+    """A read-only connection to the database at `location` (a SQLite file or a PostgreSQL
+    URL); `StorageUnusable` when there is none."""
     try:
-        return Store(path, readonly=True).open()
+        return make_store(location, readonly=True).open()
     except StoreError as exc:
         raise StorageUnusable(f"cannot read the database: {exc}") from None
 
 
 def iter_rows(
-    store: Store, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None, end_ms: int | None = None,
-    *, batch: int = 50_000,
+    store: ReadStore, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None,
+    end_ms: int | None = None, *, batch: int = 50_000,
 ) -> Iterator[Candle]:
     """(ts, open, high, low, close, volume) with open time in [start_ms, end_ms), oldest first."""
     for page in store.iter_candles(exchange, symbol, timeframe, start_ms, end_ms, batch):
@@ -147,7 +149,7 @@ def arrow_schema(*, time_column: str = "time", meta: dict[str, str] | None = Non
     return pa.schema(fields, metadata=meta)
 
 
-def arrow_batches(store: Store, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None,
+def arrow_batches(store: ReadStore, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None,
                   end_ms: int | None = None, *, schema: Any = None, batch: int = 50_000) -> Iterator[Any]:
     """Record batches of at most `batch` rows (columns built straight from each page)."""
     pa = require_pyarrow()
@@ -159,7 +161,7 @@ def arrow_batches(store: Store, exchange: str, symbol: str, timeframe: str, star
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def arrow_table(store: Store, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None,
+def arrow_table(store: ReadStore, exchange: str, symbol: str, timeframe: str, start_ms: int | None = None,
                 end_ms: int | None = None) -> Any:
     pa = require_pyarrow()
     schema = arrow_schema(meta=series_meta(exchange, symbol, timeframe))
@@ -180,7 +182,7 @@ def freqtrade_name(symbol: str, timeframe: str, ext: str) -> str:
 # -- coverage --------------------------------------------------------------------------------
 
 
-def known_series(store: Store, config: Config | None) -> list[tuple[str, str, str]]:
+def known_series(store: ReadStore, config: Config | None) -> list[tuple[str, str, str]]:
     """Every series the store or the config knows: configured ones, those added at run time,
     and whatever has candles or gaps stored (removed series included: their data stays)."""
     keys = set(store.series_keys())
@@ -199,7 +201,7 @@ def configured_start(ex: ExchangeConfig | None, tf_ms: int, now_ms: int) -> int 
     return -(-start // tf_ms) * tf_ms
 
 
-def series_coverage(store: Store, exchange: str, symbol: str, timeframe: str, *, config: Config | None,
+def series_coverage(store: ReadStore, exchange: str, symbol: str, timeframe: str, *, config: Config | None,
                     now_ms: int) -> dict[str, Any]:
     """One series' coverage as the `coverage` command reports it.
 

@@ -8,7 +8,9 @@ here, into the resilience layer's own configs; no key silently drives another.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+from ..actors.cluster import ClusterSettings
 from ..actors.exchange import ExchangeSettings
 from ..actors.health import HealthSettings, Pace
 from ..actors.notifier import NotifierSettings
@@ -20,7 +22,7 @@ from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
 from ..supervisors.clock import WallClock
-from .config import AlertsConfig, Config, ExchangeConfig, ResilienceConfig
+from .config import AlertsConfig, Config, ExchangeConfig, ResilienceConfig, StorageConfig
 from .errors import CredentialsMissing
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
@@ -135,8 +137,8 @@ def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
 def health_settings(cfg: Config) -> HealthSettings:
     """How soon each exchange's series should store each candle: from its poll_interval, the
     candle requests a second it allows over its configured series, and its request timeout
-    (see `Pace`)."""
-    return HealthSettings(pace={
+    (see `Pace`); and, when clustering, the node that owns the series here."""
+    return HealthSettings(node=cfg.cluster.node if cfg.cluster.enabled else None, pace={
         ex.name: Pace.of(poll_interval=ex.ingest.poll_interval,
                          rate_limit=requests_per_second(ex),
                          series=len(ex.symbols) * len(ex.ingest.timeframes), timeout=ex.timeout)
@@ -148,3 +150,24 @@ def notifier_settings(alerts: AlertsConfig) -> NotifierSettings:
     if alerts.pagerduty_url is None:
         return NotifierSettings(alerts.slack_webhook, alerts.pagerduty_routing_key)
     return NotifierSettings(alerts.slack_webhook, alerts.pagerduty_routing_key, alerts.pagerduty_url)
+
+
+def store_options(storage: StorageConfig) -> dict[str, Any]:
+    """What the PostgreSQL store is opened with (nothing for SQLite)."""
+    return {"timescale": storage.timescale} if storage.url else {}
+
+
+def rate_budget(cfg: Config) -> float:
+    """This node's weight in the cluster's placement: `[cluster] rate_budget`, else the candle
+    requests a second its exchanges allow, summed (what it can fetch: its fair share)."""
+    if cfg.cluster.rate_budget is not None:
+        return cfg.cluster.rate_budget
+    return sum(requests_per_second(ex) for ex in cfg.exchanges) or 1.0
+
+
+def cluster_settings(cfg: Config) -> ClusterSettings | None:
+    """The cluster actor's settings, or None when clustering is off."""
+    if not cfg.cluster.enabled or not cfg.storage.url:
+        return None
+    return ClusterSettings(url=cfg.storage.url, node=cfg.cluster.node, lease=cfg.cluster.lease,
+                           rate_budget=rate_budget(cfg), store_options=store_options(cfg.storage))

@@ -13,25 +13,28 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pykka
 import structlog
 
+from ..actors.cluster import Rebalance
 from ..actors.market.candles import Candle, timeframe_ms
 from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
 from ..actors.metrics import Metrics
+from ..actors.stores.base import make_store
 from ..actors.stores.errors import StoreCorrupt, StoreError, StoreGone
 from ..actors.stores.lock import DatabaseLock
-from ..actors.stores.sqlite import Store
+from ..actors.stores.postgres import PostgresStore
 from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 from . import config as config_mod
 from . import data, settings
-from .config import Config, ExchangeConfig, parse_host_port
+from .config import Config, ExchangeConfig, StorageConfig, parse_host_port
 from .errors import CommandError, SocketInUse, SocketUnusable, StartupError, StorageUnusable
 from .tree import Blueprint, SeriesChange, series_id
 
@@ -82,8 +85,10 @@ class System:
         self.exited = threading.Event()
         self.exit: Exit | None = None
         self._root: pykka.ActorRef[Supervisor] | None = None
-        self.db_lock = DatabaseLock(config.storage.path,  # names this daemon to a second one
-                                    control_socket=os.path.abspath(config.control.socket) if self.surfaces else None)
+        # one daemon per SQLite file (a PostgreSQL database is shared: [cluster] divides its series)
+        self.db_lock = None if config.storage.url else DatabaseLock(
+            config.storage.path,  # names this daemon to a second one
+            control_socket=os.path.abspath(config.control.socket) if self.surfaces else None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -93,7 +98,8 @@ class System:
         unset or empty, `StorageUnusable` when another daemon uses the database or
         it cannot be opened at all (see `stored_series_changes`)."""
         try:  # before anything is opened or written; held until `stop`
-            self.db_lock.acquire()
+            if self.db_lock is not None:
+                self.db_lock.acquire()
         except StoreError as exc:
             raise StorageUnusable(f"[storage] path: {exc}") from None
         try:
@@ -102,9 +108,12 @@ class System:
             if self.config.metrics.listen:
                 check_port_free(self.config.metrics.listen)
             settings.check_credentials(self.config)
-            self.blueprint.plan(stored_series_changes(self.config.storage.path))
+            self.blueprint.plan(stored_series_changes(self.config.storage))
+            if self.blueprint.clustered:
+                check_node_free(self.config)
         except BaseException:
-            self.db_lock.release()
+            if self.db_lock is not None:
+                self.db_lock.release()
             raise
         self.runtime.start()
         self.runtime.events.subscribe(self._forward_event)
@@ -125,14 +134,25 @@ class System:
         self.exited.set()
 
     def stop(self, timeout: float = 300.0) -> None:
-        """Stop every actor in reverse start order (storage flushes last), then the timer thread."""
+        """Stop every actor in reverse start order (storage flushes last), then the timer thread.
+        Clustering: first this node leaves (its series stop, its leases are released at once)."""
         if self._root is not None:
+            self._leave_cluster()
             self._root.stop(block=True, timeout=timeout)
             self.exited.wait(timeout)
         self.runtime.events.unsubscribe(self._forward_event)
         self.runtime.events.unsubscribe(self.metrics.on_event)
         self.runtime.stop()
-        self.db_lock.release()  # last: the store is closed by now
+        if self.db_lock is not None:
+            self.db_lock.release()  # last: the store is closed by now
+
+    def _leave_cluster(self) -> None:
+        if not self.blueprint.clustered:
+            return
+        try:
+            self.blueprint.cluster.proxy().leave().get(timeout=120.0)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            pass  # its leases expire by themselves within one lease time
 
     def wait(self, timeout: float | None = None) -> Exit | None:
         self.exited.wait(timeout)
@@ -155,7 +175,7 @@ class System:
             return {"status": "down", "exchanges": [], "series": [], "error": "health actor restarting"}
         if counts:
             try:
-                with data.open_store(self.config.storage.path) as store:
+                with data.open_store(self.config.storage.location) as store:
                     for s in report.get("series", []):
                         s["candles"] = store.count(s["exchange"], s["symbol"], s["timeframe"])
             except (StorageUnusable, StoreError) as exc:
@@ -170,9 +190,58 @@ class System:
             return {"exchanges": {}, "series": []}
 
     def tree(self) -> dict[str, Any]:
+        """The supervision tree; clustering: with this `node`, and each series' owner and token."""
         if self._root is None:
             raise CommandError("not started")
-        return self._root.proxy().tree().get(timeout=ASK_TIMEOUT)
+        tree: dict[str, Any] = self._root.proxy().tree().get(timeout=ASK_TIMEOUT)
+        fences = self.blueprint.fences
+        if fences is not None:
+            tree["node"] = self.config.cluster.node
+            for ex in tree.get("children", []):
+                if ex["id"] not in self.blueprint.exchanges:
+                    continue
+                for sup in ex.get("children", []):
+                    if sup["id"] != "series":
+                        continue
+                    for row in sup.get("children", []):
+                        symbol, _, timeframe = row["id"].rpartition("@")
+                        row["owner"] = self.config.cluster.node
+                        row["token"] = fences.get((ex["id"], symbol, timeframe))
+        return tree
+
+    def cluster(self) -> dict[str, Any]:
+        """Clustering: every node (rate budget, last heartbeat, live) and every lease (series,
+        owner, fencing token, expires in), read from the database; and this node's view."""
+        cs = self.blueprint.cluster_settings
+        if cs is None:
+            raise CommandError("clustering is off: set [cluster] enabled = true (with [storage] url)")
+        try:
+            here = self.blueprint.cluster.proxy().status().get(timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            here = {"node": cs.node, "state": "restarting"}
+        try:
+            with PostgresStore(cs.url, readonly=True) as store:
+                nodes, leases = store.nodes(), store.leases()
+        except StoreError as exc:
+            raise CommandError(f"cannot read the cluster's state: {exc}") from None
+        owned: dict[str, int] = {}
+        out_leases = []
+        for lease in leases:
+            node, _, incarnation = (lease.owner or "").partition("#")
+            if lease.live:
+                owned[node] = owned.get(node, 0) + 1
+            out_leases.append({
+                "series": f"{lease.exchange}:{lease.symbol}@{lease.timeframe}", "exchange": lease.exchange,
+                "symbol": lease.symbol, "timeframe": lease.timeframe, "owner": node or None,
+                "incarnation": incarnation or None, "token": lease.token,
+                "expires_in_s": round(lease.remaining_s, 3), "live": lease.live,
+            })
+        out_nodes = [{
+            "node": n.node, "rate_budget": n.rate_budget, "incarnation": n.incarnation,
+            "last_heartbeat_s": round(n.heartbeat_age_s, 3), "expires_in_s": round(n.expires_in_s, 3),
+            "live": n.live, "owned": owned.get(n.node, 0), "started_at": n.started_at.isoformat(),
+        } for n in nodes]
+        return {**here, "lease_s": cs.lease, "nodes": out_nodes, "leases": out_leases}
 
     def _sup(self, *path: str) -> Any:
         """The proxy of a supervisor by child ids from the root, e.g. ("binance", "series")."""
@@ -283,7 +352,9 @@ class System:
         }
 
     def add_series(self, exchange: str, symbol: str, timeframe: str = "1m") -> dict[str, Any]:
-        """Start a series at run time and persist it, so a restart keeps it."""
+        """Start a series at run time and persist it, so a restart keeps it. Clustering: it is
+        persisted in the shared database and the node it is placed on starts it (every node
+        reads the changes at its next round)."""
         ex = self._exchange_config(exchange)
         _timeframe(timeframe)
         try:
@@ -302,6 +373,9 @@ class System:
             self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, True))
             spec = self.blueprint.series_spec(ex, symbol, timeframe)
             specs.append(spec)
+        if self.blueprint.clustered:
+            self.blueprint.cluster.tell(Rebalance())
+            return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "added": True}
         try:
             self._sup(ex.name, "series").start_child(spec).get(timeout=ASK_TIMEOUT)
         except (ChildExists, CommandError):
@@ -320,6 +394,9 @@ class System:
                 raise CommandError(f"no series {exchange}:{sid}")
             self._from_storage(self.storage.proxy().set_series_active(exchange, symbol, timeframe, False))
             specs.remove(spec)
+        if self.blueprint.clustered:
+            self.blueprint.cluster.tell(Rebalance())
+            return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "removed": True}
         try:
             self._sup(ex.name, "series").delete_child(sid).get(timeout=ASK_TIMEOUT)
         except (NoSuchChild, CommandError):
@@ -394,7 +471,7 @@ class System:
         `since`/`until`: epoch ms, a datetime, an ISO 8601 string (naive = UTC), or a duration
         ago such as "30d"; None for no bound."""
         start, end = self._range(timeframe, since, until)  # refused here, not at the first row
-        store = data.open_store(self.config.storage.path)
+        store = data.open_store(self.config.storage.location)
 
         def rows() -> Iterator[Candle]:
             with store:
@@ -408,7 +485,7 @@ class System:
         (needs the `parquet` extra; `MissingDependency` otherwise)."""
         start, end = self._range(timeframe, since, until)
         data.require_pyarrow()
-        with data.open_store(self.config.storage.path) as store:
+        with data.open_store(self.config.storage.location) as store:
             return data.arrow_table(store, exchange, symbol, timeframe, start, end)
 
     def coverage(self, exchange: str | None = None, symbol: str | None = None,
@@ -419,7 +496,7 @@ class System:
             _timeframe(timeframe)
         target = data.Target(exchange, symbol, timeframe)
         try:
-            return data.coverage_report(self.config.storage.path, target, config=self.config,
+            return data.coverage_report(self.config.storage.location, target, config=self.config,
                                         now_ms=int(self.runtime.wall() * 1000))
         except StorageUnusable as exc:
             raise CommandError(str(exc)) from None
@@ -466,22 +543,53 @@ def check_port_free(listen: str) -> None:
         raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def stored_series_changes(path: str) -> list[SeriesChange]:
+def stored_series_changes(storage: StorageConfig | str) -> list[SeriesChange]:
     """The series added and removed at run time, from the database; opening it is also the
     start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created, or is
     not a SQLite database at all: at start that is the user's file, which is never moved aside
-    (the storage actor does that only to a database that goes bad while running)."""
+    (the storage actor does that only to a database that goes bad while running). A PostgreSQL
+    database that cannot be reached, or refuses the URL's user, is refused the same way."""
+    if isinstance(storage, str):
+        storage = StorageConfig(path=storage)
+    key = "[storage] url" if storage.url else "[storage] path"
     try:
-        with Store(path) as store:
+        with make_store(storage.location, **settings.store_options(storage)) as store:
             return store.list_series()
     except StoreCorrupt as exc:
-        raise StorageUnusable(f"[storage] path: {path} is not a usable SQLite database ({exc.__cause__ or exc}); "
-                              "move it away or point [storage] path elsewhere") from None
+        raise StorageUnusable(f"{key}: {storage.display} is not a usable SQLite database ({exc.__cause__ or exc});"
+                              " move it away or point [storage] path elsewhere") from None
     except StoreGone as exc:  # replaced meanwhile: the storage actor recovers it
         log.warning("series_changes_unreadable", error=str(exc))
         return []
     except StoreError as exc:
-        raise StorageUnusable(f"[storage] path: {exc}") from None
+        raise StorageUnusable(f"{key}: {exc}") from None
+
+
+def check_node_free(config: Config) -> None:
+    """Refuse to start (`StartupError`) when another live daemon heartbeats under this node
+    name. A heartbeat left by a previous run of this daemon (killed, or stalled) is not
+    renewed: the cluster actor joins once it expires. Waits at most one renewal interval
+    (lease / 3), and only while such a heartbeat has not expired."""
+    cs = settings.cluster_settings(config)
+    if cs is None:
+        return
+    try:
+        with PostgresStore(cs.url, **dict(cs.store_options)) as store:
+            first = next((n for n in store.nodes() if n.node == cs.node), None)
+            if first is None or not first.live:
+                return
+            deadline = time.monotonic() + min(cs.poll + 1.0, first.expires_in_s)
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                now = next((n for n in store.nodes() if n.node == cs.node), None)
+                if now is None or not now.live:
+                    return
+                if now.heartbeat_at != first.heartbeat_at:
+                    raise StartupError(
+                        f"[cluster] node {cs.node!r} is in use by another live daemon (it heartbeated"
+                        f" {now.heartbeat_age_s:.1f} s ago); give each daemon its own node name")
+    except StoreError as exc:
+        raise StorageUnusable(f"[storage] url: {exc}") from None
 
 
 def _name(exchange: str, symbol: str | None, timeframe: str | None) -> str:

@@ -6,10 +6,11 @@
     ├── notifier         NotifierActor: alerts (log lines, Slack, PagerDuty)
     ├── metrics          MetricsEndpoint (only with [metrics] listen)
     ├── control          ControlServer, when the system runs with its control surface
-    └── NAME             Supervisor (rest_for_one), one per exchange
-        ├── exchange     ExchangeActor: exchange client, rate-limit bucket, circuit breaker
-        └── series       Supervisor (one_for_one)
-            └── SYMBOL@TF  SeriesActor, one per (symbol, timeframe)
+    ├── NAME             Supervisor (rest_for_one), one per exchange
+    │   ├── exchange     ExchangeActor: exchange client, rate-limit bucket, circuit breaker
+    │   └── series       Supervisor (one_for_one)
+    │       └── SYMBOL@TF  SeriesActor, one per (symbol, timeframe)
+    └── cluster          ClusterActor, only with [cluster] enabled: which series run here
 
 Why these strategies: series are independent, so one crashing restarts only itself
 (one_for_one). An exchange's series depend on its exchange actor, so a crash of the exchange
@@ -19,6 +20,12 @@ incarnation of the exchange actor, so no restart resets an open breaker. Storage
 control are independent of each other at the root (one_for_one): a storage restart changes the
 store generation and every series re-reads its resume point; the health actor's knowledge
 (`HealthState`) and the notifier's (`AlertState`) are owned here, so their restarts lose nothing.
+
+Clustering: the series supervisors start empty; the cluster actor, started last (so the
+supervisors exist when it starts series) and stopped first, starts and stops the series whose
+leases this node holds. Its state that must outlive its restarts lives here too: the fencing
+tokens (`Fences`, which storage attaches to every write) and each series supervisor's list
+of running specs (what a restarted series supervisor starts).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..actors.alerting import AlertState
+from ..actors.cluster import ClusterActor, new_incarnation
 from ..actors.exchange import ExchangeActor
+from ..actors.fencing import Fences
 from ..actors.health import HealthActor, HealthState
 from ..actors.messages import SeriesKey
 from ..actors.metrics import Metrics, MetricsEndpoint
@@ -73,6 +82,14 @@ class Blueprint:
         # child-spec list, so a restarted series supervisor starts from it: run-time additions
         # and removals survive restarts, not only the daemon's.
         self.series_specs: dict[str, list[ChildSpec]] = {}
+        # Clustering: the series run here are the owned ones, not all wanted ones
+        self.cluster_settings = settings.cluster_settings(config)
+        self.clustered = self.cluster_settings is not None
+        self.cluster = Address("cluster")
+        self.incarnation = new_incarnation()
+        self.fences: Fences | None = Fences() if self.clustered else None
+        self.running: dict[str, list[ChildSpec]] = {ex.name: [] for ex in config.exchanges}
+        self.series_sups: dict[str, Address] = {ex.name: Address(f"{ex.name}/series") for ex in config.exchanges}
 
     def exchange_config(self, name: str) -> ExchangeConfig | None:
         return next((ex for ex in self.config.exchanges if ex.name == name), None)
@@ -90,6 +107,18 @@ class Blueprint:
                 elif not active and (sym, tf) in wanted:
                     wanted.remove((sym, tf))
             self.series_specs[ex.name] = [self.series_spec(ex, sym, tf) for sym, tf in wanted]
+            if not self.clustered:
+                self.running[ex.name] = self.series_specs[ex.name]
+
+    def configured_keys(self) -> list[SeriesKey]:
+        """Every configured series (run-time changes not applied)."""
+        return [SeriesKey(ex.name, sym, tf) for ex in self.config.exchanges for sym in ex.symbols
+                for tf in ex.ingest.timeframes]
+
+    def spec_of(self, key: SeriesKey) -> ChildSpec | None:
+        """The child spec of a series, for the cluster actor; None for an unknown exchange."""
+        ex = self.exchange_config(key.exchange)
+        return None if ex is None else self.series_spec(ex, key.symbol, key.timeframe)
 
     def series_spec(self, ex: ExchangeConfig, symbol: str, timeframe: str) -> ChildSpec:
         configured = len(ex.symbols) * len(ex.ingest.timeframes)
@@ -115,8 +144,9 @@ class Blueprint:
             address=self.exchanges[ex.name], kind="exchange", shutdown=ex.timeout + 5.0,
         )
         series = ChildSpec(
-            "series", Supervisor, args=(self.series_specs[ex.name],),
+            "series", Supervisor, args=(self.running[ex.name],),
             kwargs={"strategy": "one_for_one", "start_timeout": 30.0}, kind="supervisor", shutdown=120.0,
+            address=self.series_sups[ex.name],
         )
         return ChildSpec(
             ex.name, Supervisor, args=([exchange, series],),
@@ -128,9 +158,11 @@ class Blueprint:
         services and before the exchanges."""
         cfg = self.config
         specs = [
-            ChildSpec("storage", StorageActor, args=(cfg.storage.path, self.status),
-                      kwargs={"candles": self.candles, "metrics": self.metrics}, address=self.storage, kind="storage",
-                      shutdown=30.0),
+            ChildSpec("storage", StorageActor, args=(cfg.storage.location, self.status),
+                      kwargs={"candles": self.candles, "metrics": self.metrics, "fences": self.fences,
+                              "cluster": self.cluster if self.clustered else None,
+                              "store_options": settings.store_options(cfg.storage)},
+                      address=self.storage, kind="storage", shutdown=30.0),
             ChildSpec("health", HealthActor,
                       args=([e.name for e in cfg.exchanges], self.health_state, settings.health_settings(cfg)),
                       address=self.health, kind="health"),
@@ -142,4 +174,12 @@ class Blueprint:
             specs.append(ChildSpec("metrics", MetricsEndpoint, args=(self.metrics, host, port), kind="metrics"))
         specs.extend(surfaces)
         specs.extend(self.exchange_spec(ex) for ex in cfg.exchanges)
+        if self.cluster_settings is not None and self.fences is not None:
+            specs.append(ChildSpec(
+                "cluster", ClusterActor, args=(self.cluster_settings,),
+                kwargs={"incarnation": self.incarnation, "configured": self.configured_keys(),
+                        "spec_of": self.spec_of, "supervisors": self.series_sups, "running": self.running,
+                        "fences": self.fences, "storage": self.storage, "health": self.health},
+                address=self.cluster, kind="cluster", shutdown=60.0,
+            ))
         return specs

@@ -132,8 +132,8 @@ class Backfill:
             for sim in sims:
                 sim.stop()
             return EXIT_USAGE
-        self.system, self.db = system, cfg.storage.path
-        log.info("backfill_started", until=data.iso(self.until_ms), db=cfg.storage.path,
+        self.system, self.db = system, cfg.storage.location
+        log.info("backfill_started", until=data.iso(self.until_ms), db=cfg.storage.display,
                  exchanges=[e.name for e in cfg.exchanges])
         try:
             self._watch()

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CTL_COMMANDS = ["health", "tree", "top", "coverage", "reset", "pause", "resume", "restart", "add", "remove", "latest",
-                "shutdown", "crash"]
+                "shutdown", "crash", "cluster"]
 NEEDS_SERIES = ("add", "remove", "latest")
 
 
@@ -156,7 +156,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
         for sim in sims:
             sim.stop()
         return EXIT_USAGE
-    log.info("candlekeeper_started", config=cfg.source, db=cfg.storage.path, socket=cfg.control.socket,
+    log.info("candlekeeper_started", config=cfg.source, db=cfg.storage.display, socket=cfg.control.socket,
              exchanges=[e.name for e in cfg.exchanges])
     def watch() -> None:
         system.exited.wait()
@@ -294,12 +294,12 @@ def _coverage_offline(args: argparse.Namespace, params: dict[str, Any]) -> int:
         return EXIT_USAGE
     target = data.Target(params.get("exchange"), params.get("symbol"), params.get("timeframe"))
     try:
-        result = data.coverage_report(cfg.storage.path, target, config=cfg, now_ms=int(time.time() * 1000))
+        result = data.coverage_report(cfg.storage.location, target, config=cfg, now_ms=int(time.time() * 1000))
     except (CommandError, StorageUnusable) as exc:
         print(f"candlekeeper ctl: refused: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if not args.json:
-        print(f"(the daemon is not running: read from {cfg.storage.path})", file=sys.stderr)
+        print(f"(the daemon is not running: read from {cfg.storage.display})", file=sys.stderr)
     _print_result(args, result)
     return EXIT_OK
 
@@ -339,7 +339,7 @@ def _ctl_params(args: argparse.Namespace) -> dict[str, Any]:
     cmd, target = args.cmd, args.target
     if cmd == "latest" and not 1 <= args.n <= 1000:
         raise ValueError(f"-n must be 1-1000, got {args.n}")
-    if cmd in ("health", "tree", "top", "shutdown"):
+    if cmd in ("health", "tree", "top", "shutdown", "cluster"):
         if target:
             raise ValueError(f"{cmd} takes no target")
         return {}
@@ -393,14 +393,21 @@ def _health_table(result: dict[str, Any]) -> str:
     lines = [f"status: {result.get('status')}"]
     lines += [f"  {r}" for r in result.get("reasons") or []]
     lines += [f"  {e}" for e in result.get("errors") or []]
+    cluster = result.get("cluster")
+    if cluster:
+        live = ", ".join(cluster.get("live_nodes") or []) or "-"
+        lines += ["", f"node {cluster.get('node')}: {cluster.get('state')}, owns {cluster.get('owned')} of "
+                      f"{cluster.get('wanted')} series, {cluster.get('refused_writes', 0)} writes refused; "
+                      f"live nodes: {live}"]
     lines += ["", f"{'EXCHANGE':<16}{'BREAKER':<11}{'STATUS':<12}NEXT PROBE"]
     for e in result.get("exchanges", []):
         probe = e.get("next_probe_in")
         lines.append(f"{e['name']:<16}{e.get('breaker', '?'):<11}{e.get('status', '?'):<12}"
                      f"{_duration(probe) if isinstance(probe, (int, float)) else '-'}")
     lines.append("")
+    owner = any("owner" in s for s in result.get("series", []))
     lines.append(f"{'SERIES':<30}{'STATUS':<13}{'LAG':>7}  {'LAST CANDLE (UTC)':<18}{'CANDLES':>9}{'RESTARTS':>9}"
-                 f"{'FAILURES':>9}  DETAIL")
+                 f"{'FAILURES':>9}  {'OWNER  ' if owner else ''}DETAIL")
     now = time.time()
     for s in result.get("series", []):
         lag = lag_seconds(s, now)
@@ -410,7 +417,22 @@ def _health_table(result: dict[str, Any]) -> str:
         candles = s.get("candles")
         lines.append(f"{_series_name(s):<30}{s['status']:<13}{_duration(lag) if lag is not None else '-':>7}  "
                      f"{_when(s.get('last_ts')):<18}{candles if candles is not None else '-':>9}"
-                     f"{s.get('restarts', 0):>9}{s.get('failures', 0):>9}  {detail[:120]}".rstrip())
+                     f"{s.get('restarts', 0):>9}{s.get('failures', 0):>9}  "
+                     f"{str(s.get('owner')) + '  ' if owner else ''}{detail[:120]}".rstrip())
+    return "\n".join(lines)
+
+
+def _cluster_text(result: dict[str, Any]) -> str:
+    lines = [f"this node: {result.get('node')} ({result.get('state')}), lease {result.get('lease_s')} s",
+             "", f"{'NODE':<20}{'LIVE':<6}{'BUDGET':>10}{'HEARTBEAT':>11}{'EXPIRES IN':>12}{'OWNS':>7}"]
+    for n in result.get("nodes", []):
+        lines.append(f"{n['node']:<20}{'yes' if n.get('live') else 'no':<6}{n.get('rate_budget', 0):>10.4g}"
+                     f"{n.get('last_heartbeat_s', 0):>9.1f} s{n.get('expires_in_s', 0):>10.1f} s{n.get('owned', 0):>7}")
+    lines += ["", f"{'SERIES':<34}{'OWNER':<20}{'TOKEN':>7}{'EXPIRES IN':>12}"]
+    for lease in result.get("leases", []):
+        owner = lease.get("owner") or "(released)"
+        left = f"{lease.get('expires_in_s', 0):.1f} s" if lease.get("live") else "expired"
+        lines.append(f"{lease['series']:<34}{owner:<20}{lease.get('token', 0):>7}{left:>12}")
     return "\n".join(lines)
 
 
@@ -441,16 +463,20 @@ def _human(cmd: str, result: Any) -> str:
         return _health_table(result)
     if cmd == "coverage" and isinstance(result, list):
         return _coverage_text(result)
+    if cmd == "cluster" and isinstance(result, dict):
+        return _cluster_text(result)
     if cmd == "tree" and isinstance(result, dict):
         out: list[str] = []
 
         def walk(node: dict[str, Any], depth: int) -> None:
             for c in node.get("children", []):
                 extra = f" [{c['strategy']}]" if "strategy" in c else ""
-                out.append(f"{'  ' * depth}{c['id']}{extra}  {c['state']}  restarts={c['restarts']}")
+                owner = f"  owner={c['owner']} token={c.get('token')}" if "owner" in c else ""
+                out.append(f"{'  ' * depth}{c['id']}{extra}  {c['state']}  restarts={c['restarts']}{owner}")
                 walk(c, depth + 1)
 
-        out.append(f"{result.get('path')} [{result.get('strategy')}]")
+        node = f"  node={result['node']}" if "node" in result else ""
+        out.append(f"{result.get('path')} [{result.get('strategy')}]{node}")
         walk(result, 1)
         return "\n".join(out)
     if cmd == "latest" and isinstance(result, dict):

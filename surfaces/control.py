@@ -194,6 +194,7 @@ def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "health": health,
         "coverage": coverage,
         "tree": lambda req: system.tree(),
+        "cluster": lambda req: system.cluster(),
         "reset": lambda req: system.reset(*target(req)),
         "pause": lambda req: system.pause(*target(req), paused=True),
         "resume": lambda req: system.pause(*target(req), paused=False),

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-from ..actors.stores.sqlite import Store
+from ..actors.stores.base import ReadStore, redacted
 from ..app import config as config_mod
 from ..app import data
 from ..app.errors import MissingDependency, StorageUnusable
@@ -47,7 +47,7 @@ def run_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     db, target, series, fmt, start, end = plan
     if not series:
-        print(f"candlekeeper export: refused: no series matches {target} in {db}", file=sys.stderr)
+        print(f"candlekeeper export: refused: no series matches {target} in {redacted(db)}", file=sys.stderr)
         return EXIT_FAILED
     try:
         with data.open_store(db) as store:
@@ -75,7 +75,7 @@ def _plan(args: argparse.Namespace) -> tuple[str, data.Target, list[tuple[str, s
     no sense."""
     path = args.sub_config or args.config
     cfg = config_mod.load(path) if path else None
-    db = args.db or (cfg.storage.path if cfg is not None else config_mod.default().storage.path)
+    db = args.db or (cfg.storage.location if cfg is not None else config_mod.default().storage.location)
     target = data.parse_target(args.target)
     freqtrade = args.layout == "freqtrade"
     fmt = args.format or ("feather" if freqtrade else "csv")
@@ -111,7 +111,7 @@ def _plan(args: argparse.Namespace) -> tuple[str, data.Target, list[tuple[str, s
 # -- writers ---------------------------------------------------------------------------------
 
 
-def export(store: Store, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
+def export(store: ReadStore, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
            output: str | None) -> int:
     """Write one series' candles in [start, end) as `fmt` to `output` (None: stdout); returns the
     count. Written to a temporary file renamed into place, so a reader never sees half a file."""
@@ -125,7 +125,7 @@ def export(store: Store, key: tuple[str, str, str], start: int | None, end: int 
         return write_arrow(store, key, start, end, fmt, fh, time_column="time")
 
 
-def write_freqtrade(store: Store, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
+def write_freqtrade(store: ReadStore, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
                     path: str) -> int:
     with _replacing(path, "wb") as fh:
         return write_arrow(store, key, start, end, fmt, fh, time_column="date")
@@ -143,7 +143,7 @@ def _replacing(path: str, mode: str) -> Iterator[IO[Any]]:
             os.remove(tmp)
 
 
-def write_text(store: Store, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
+def write_text(store: ReadStore, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
                out: IO[str]) -> int:
     n = 0
     clock = _IsoClock()
@@ -161,7 +161,7 @@ def write_text(store: Store, key: tuple[str, str, str], start: int | None, end: 
     return n
 
 
-def write_arrow(store: Store, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
+def write_arrow(store: ReadStore, key: tuple[str, str, str], start: int | None, end: int | None, fmt: str,
                 out: IO[bytes], *, time_column: str) -> int:
     pa = data.require_pyarrow()
     schema = data.arrow_schema(time_column=time_column, meta=data.series_meta(*key))

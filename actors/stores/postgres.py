@@ -46,7 +46,8 @@ import psycopg
 from psycopg import sql
 
 from ..market.candles import Candle, Row
-from .errors import StoreError
+from .coverage import Coverage
+from .errors import StoreError, StoreGone
 from .postgres_errors import Redactor, StoreUnavailable, connect_error, translate
 from .postgres_leases import FencedWrite, Lease, LeasesMixin, fence_check
 from .postgres_sql import (
@@ -303,6 +304,44 @@ class PostgresStore(LeasesMixin):
             return f"recreated tables: {', '.join(self._recreated)}"
         return None
 
+    def verify(self) -> None:
+        """Raise StoreUnavailable when the connection is lost (``reopen()`` once the server is
+        back; the data is all there), StoreGone when ``candles`` was dropped or recreated by
+        another daemon (re-read resume points), else nothing: one round trip."""
+        conn = self._conn
+        if conn is None:
+            if self._wanted:
+                raise StoreUnavailable(f"{self.url}: not connected; reopen() to reconnect")
+            return
+        if conn.closed or conn.broken:
+            raise StoreUnavailable(f"{self.url}: connection lost; reopen() to reconnect")
+        with self._db("verify") as c:
+            row = c.execute("SELECT to_regclass('candles')::oid").fetchone()
+        if row is None or row[0] is None:
+            raise StoreGone(f"{self.url}: the candles table was dropped; reopen() recreates it")
+        if int(row[0]) != self._candles_oid:
+            raise StoreGone(f"{self.url}: the candles table was recreated by another daemon")
+
+    @property
+    def identity(self) -> int | None:
+        """The oid of the candles table opened: another one after a ``reopen()`` means the data
+        series remember is gone."""
+        return self._candles_oid
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a statement waits for another session's lock (``lock_timeout``) before it
+        fails as unavailable; for this connection and the next ones."""
+        self.lock_timeout_s = seconds
+        if self.is_open:
+            with self._db("set lock_timeout") as conn:
+                conn.execute(sql.SQL("SET lock_timeout = {}").format(max(0, int(seconds * 1000))))
+
+    def probe_write(self) -> None:
+        """Commit a write that changes nothing: raises StoreUnavailable when the server cannot
+        take writes now (read-only, a standby, gone)."""
+        with self._db("probe_write", write=True) as conn, conn.transaction():
+            conn.execute("UPDATE series SET active = active WHERE false")
+
     @contextmanager
     def _db(self, what: str = "query", write: bool = False) -> Iterator[Conn]:
         """The connection, with driver errors translated onto the store's exceptions."""
@@ -521,6 +560,82 @@ class PostgresStore(LeasesMixin):
                 " AND ts >= %s AND ts < %s ORDER BY ts",
                 (exchange, symbol, timeframe, lo, hi),
             ).fetchall()
+
+    def iter_candles(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        batch: int = 50_000,
+    ) -> Iterator[list[Candle]]:
+        """Candles with open time in [start_ms, end_ms), oldest first, in lists of at most
+        ``batch``: keyset pages, each its own short statement (as ``Store.iter_candles``), so
+        memory stays constant and no long transaction holds back vacuum."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        lo = start_ms if start_ms is not None else -(2**63)
+        hi = end_ms if end_ms is not None else 2**63 - 1
+        while lo < hi:
+            with self._db("iter_candles") as conn:
+                page = conn.execute(
+                    f"SELECT ts, open, high, low, close, volume FROM candles WHERE {SERIES}"
+                    " AND ts >= %s AND ts < %s ORDER BY ts LIMIT %s",
+                    (exchange, symbol, timeframe, lo, hi, batch),
+                ).fetchall()
+            if not page:
+                return
+            yield page
+            if len(page) < batch:
+                return
+            lo = page[-1][0] + 1
+
+    def coverage(
+        self,
+        exchange: str,
+        symbol: str,
+        timeframe: str,
+        timeframe_ms: int,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> Coverage:
+        """What is stored of a series and what is not; the same contract as ``Store.coverage``."""
+        with self._db("coverage") as conn:
+            row = conn.execute(
+                f"SELECT min(ts), max(ts), count(*) FROM candles WHERE {SERIES}", (exchange, symbol, timeframe)
+            ).fetchone()
+        first, last, n = row if row is not None else (None, None, 0)
+        lo = start_ms if start_ms is not None else first
+        hi = end_ms if end_ms is not None else (None if last is None else last + timeframe_ms)
+        missing = (
+            self.missing_ranges(exchange, symbol, timeframe, timeframe_ms, lo, hi)
+            if lo is not None and hi is not None
+            else []
+        )
+        return Coverage(
+            first_ts=first,
+            last_ts=last,
+            count=int(n),
+            missing=tuple(missing),
+            gaps=tuple(self.gap_reasons(exchange, symbol, timeframe)),
+        )
+
+    def series_keys(self) -> list[tuple[str, str, str]]:
+        """Every (exchange, symbol, timeframe) with stored candles or recorded gaps, sorted: one
+        index probe per series (a recursive skip scan), not a pass over every candle."""
+        with self._db("series_keys") as conn:
+            rows = conn.execute(
+                "WITH RECURSIVE k AS ("
+                " (SELECT exchange, symbol, timeframe FROM candles ORDER BY exchange, symbol, timeframe LIMIT 1)"
+                " UNION ALL SELECT n.exchange, n.symbol, n.timeframe FROM k CROSS JOIN LATERAL"
+                " (SELECT c.exchange, c.symbol, c.timeframe FROM candles c"
+                " WHERE (c.exchange, c.symbol, c.timeframe) > (k.exchange, k.symbol, k.timeframe)"
+                " ORDER BY c.exchange, c.symbol, c.timeframe LIMIT 1) n)"
+                " SELECT exchange, symbol, timeframe FROM k"
+                " UNION SELECT DISTINCT exchange, symbol, timeframe FROM gaps"
+            ).fetchall()
+        return sorted((e, s, t) for e, s, t in rows)
 
     def missing_ranges(
         self,

@@ -74,6 +74,17 @@ class Redactor:
         return _KV_PASSWORD.sub(r"\1***", text)
 
 
+def _reason(state: str) -> str:
+    """The StoreUnavailable reason of a SQLSTATE: full and locked need no reconnect."""
+    if state[:2] == "53":  # disk full, out of memory, too many connections
+        return "full" if state == "53100" else "unavailable"
+    if state == "25006":
+        return "readonly"
+    if state == "55P03":
+        return "locked"
+    return "unavailable"
+
+
 def connect_error(exc: psycopg.Error, url: str, redact: Redactor) -> StoreError:
     """A failed connect: unavailable (refused, timed out, starting up) or misconfigured."""
     text = redact(str(exc)).strip()
@@ -100,7 +111,7 @@ def translate(exc: psycopg.Error, url: str, what: str, redact: Redactor, broken:
         or (isinstance(exc, psycopg.OperationalError) and not state)
         or broken
     ):
-        out = StoreUnavailable(f"{url}: {what}: {text}")
+        out = StoreUnavailable(f"{url}: {what}: {text}", _reason(state))
     elif isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)) and text == raw:
         return exc
     else:

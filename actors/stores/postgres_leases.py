@@ -18,7 +18,7 @@ from typing import Any
 
 from .postgres_sql import IN_KEYS, Conn, Key, key_columns, key_of
 
-__all__ = ["FencedWrite", "Lease", "LeasesMixin", "fence_check"]
+__all__ = ["Acquired", "FencedWrite", "Lease", "LeasesMixin", "NodeInfo", "fence_check"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,32 @@ class Lease:
     @property
     def live(self) -> bool:
         return self.owner is not None and self.remaining_s > 0
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One row of ``nodes`` as ``ctl cluster`` shows it, ages by the database clock."""
+
+    node: str
+    rate_budget: float
+    incarnation: str | None
+    heartbeat_age_s: float  # since its last heartbeat
+    expires_in_s: float  # until it stops counting as live (negative: it has)
+    started_at: datetime
+    heartbeat_at: datetime
+
+    @property
+    def live(self) -> bool:
+        return self.expires_in_s > 0
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """What ``acquire_many`` got: the fencing token of each lease taken (or extended), and how
+    soon the soonest of the others, held by another owner, expires (None: none is held)."""
+
+    tokens: dict[Any, int]
+    retry_in_s: float | None
 
 
 def fence_check(conn: Conn, fenced: dict[Key, int]) -> set[Key]:
@@ -80,17 +106,37 @@ class LeasesMixin:
         assert row is not None
         return row[0]
 
-    def heartbeat(self, node: str, rate_budget: float, lease_seconds: float) -> None:
-        """Say ``node`` is alive for ``lease_seconds`` more (database clock), with its budget."""
+    def heartbeat(self, node: str, rate_budget: float, lease_seconds: float, incarnation: str | None = None) -> bool:
+        """Say ``node`` is alive for ``lease_seconds`` more (database clock), with its budget.
+
+        With an ``incarnation`` (one run of a daemon), the name is refused (False) while
+        another incarnation's heartbeat under it has not expired: a second daemon given the
+        same name, or a stalled one woken after its successor took over, learns it here.
+        """
         _check_seconds(lease_seconds)
         with self._db("heartbeat", write=True) as conn:
-            conn.execute(
-                "INSERT INTO nodes (node, rate_budget, heartbeat_at, expires_at, started_at) VALUES"
-                " (%s, %s, clock_timestamp(), clock_timestamp() + make_interval(secs => %s::float8), clock_timestamp())"
-                " ON CONFLICT (node) DO UPDATE SET rate_budget = excluded.rate_budget,"
-                " heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
-                (node, rate_budget, lease_seconds),
-            )
+            row = conn.execute(
+                "INSERT INTO nodes AS n (node, rate_budget, heartbeat_at, expires_at, started_at, incarnation) VALUES"
+                " (%s, %s, clock_timestamp(), clock_timestamp() + make_interval(secs => %s::float8), clock_timestamp(),"
+                " %s) ON CONFLICT (node) DO UPDATE SET rate_budget = excluded.rate_budget,"
+                " heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at,"
+                " started_at = CASE WHEN n.incarnation IS NOT DISTINCT FROM excluded.incarnation"
+                " THEN n.started_at ELSE excluded.started_at END, incarnation = excluded.incarnation"
+                " WHERE excluded.incarnation IS NULL OR n.incarnation IS NOT DISTINCT FROM excluded.incarnation"
+                " OR n.expires_at <= clock_timestamp() RETURNING 1",
+                (node, rate_budget, lease_seconds, incarnation),
+            ).fetchone()
+        return row is not None
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node that ever heartbeated, live or not, by name."""
+        with self._db("nodes") as conn:
+            rows = conn.execute(
+                "SELECT node, rate_budget, incarnation, extract(epoch FROM clock_timestamp() - heartbeat_at)::float8,"
+                " extract(epoch FROM expires_at - clock_timestamp())::float8, started_at, heartbeat_at"
+                " FROM nodes ORDER BY node"
+            ).fetchall()
+        return [NodeInfo(n, float(b), inc, age, left, started, at) for n, b, inc, age, left, started, at in rows]
 
     def live_nodes(self, now: datetime | None = None) -> dict[str, float]:
         """{node: rate_budget} of the nodes whose heartbeat has not expired at ``now``
@@ -102,16 +148,21 @@ class LeasesMixin:
             ).fetchall()
         return {n: float(b) for n, b in rows}
 
-    def leave(self, node: str) -> int:
-        """A graceful goodbye: the node stops counting as live and its leases are released at
-        once. Returns how many leases it held."""
+    def leave(self, node: str, owner: str | None = None, incarnation: str | None = None) -> int:
+        """A graceful goodbye: the node stops counting as live and the leases of ``owner``
+        (default: the node's name) are released at once. With an ``incarnation`` the node's
+        row is left alone unless it is that incarnation's. Returns how many leases it held."""
         with self._db("leave", write=True) as conn, conn.transaction():
-            conn.execute("UPDATE nodes SET expires_at = clock_timestamp() WHERE node = %s", (node,))
+            conn.execute(
+                "UPDATE nodes SET expires_at = clock_timestamp() WHERE node = %s"
+                " AND (%s::text IS NULL OR incarnation = %s::text)",
+                (node, incarnation, incarnation),
+            )
             return conn.execute(
                 "UPDATE leases SET owner = NULL, expires_at = clock_timestamp() WHERE (exchange, symbol, timeframe) IN"
                 " (SELECT exchange, symbol, timeframe FROM leases WHERE owner = %s"
                 " ORDER BY exchange, symbol, timeframe FOR UPDATE)",
-                (node,),
+                (owner or node,),
             ).rowcount
 
     def acquire(self, key: Any, node: str, lease_seconds: float) -> int | None:
@@ -132,6 +183,39 @@ class LeasesMixin:
                 (e, s, t, node, lease_seconds),
             ).fetchone()
         return None if row is None else int(row[0])
+
+    def acquire_many(self, keys: Iterable[Any], node: str, lease_seconds: float) -> Acquired:
+        """``acquire`` for many series in one statement (rows locked in key order, so nodes
+        racing for overlapping sets cannot deadlock). Leases another owner holds unexpired
+        are left alone; ``retry_in_s`` says when the first of them expires."""
+        _check_seconds(lease_seconds)
+        wanted = {key_of(k): k for k in keys}
+        if not wanted:
+            return Acquired({}, None)
+        cols = key_columns(sorted(wanted))
+        with self._db("acquire", write=True) as conn, conn.transaction():
+            rows = conn.execute(
+                "INSERT INTO leases AS l (exchange, symbol, timeframe, owner, token, expires_at)"
+                " SELECT k.e, k.s, k.t, %s, 1, clock_timestamp() + make_interval(secs => %s::float8)"
+                " FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(e, s, t) ORDER BY k.e, k.s, k.t"
+                " ON CONFLICT (exchange, symbol, timeframe) DO UPDATE SET owner = excluded.owner,"
+                " token = l.token + CASE WHEN l.owner IS NOT DISTINCT FROM excluded.owner THEN 0 ELSE 1 END,"
+                " expires_at = excluded.expires_at"
+                " WHERE l.owner IS NULL OR l.owner = excluded.owner OR l.expires_at <= clock_timestamp()"
+                " RETURNING exchange, symbol, timeframe, token",
+                (node, lease_seconds, *cols),
+            ).fetchall()
+            tokens = {wanted[(e, s, t)]: int(tok) for e, s, t, tok in rows}
+            retry_in: float | None = None
+            if len(tokens) < len(wanted):
+                blocked = sorted(set(wanted) - {(e, s, t) for e, s, t, _ in rows})
+                row = conn.execute(
+                    "SELECT min(extract(epoch FROM expires_at - clock_timestamp()))::float8 FROM leases"
+                    f" WHERE owner IS NOT NULL AND {IN_KEYS}",
+                    key_columns(blocked),
+                ).fetchone()
+                retry_in = None if row is None or row[0] is None else max(0.0, float(row[0]))
+        return Acquired(tokens, retry_in)
 
     def renew(self, keys: Iterable[Any], node: str, lease_seconds: float) -> set[Any]:
         """Extend the leases ``node`` still owns among ``keys``; returns those keys. A lease

@@ -45,13 +45,15 @@ DDL: dict[str, str] = {
     added_at BIGINT NOT NULL,
     active INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (exchange, symbol, timeframe))""",
-    # heartbeat_at/expires_at come from the database clock, never a node's
+    # heartbeat_at/expires_at come from the database clock, never a node's; incarnation tells
+    # one run of a daemon from the next under the same node name
     "nodes": """CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY,
     rate_budget DOUBLE PRECISION NOT NULL,
     heartbeat_at TIMESTAMPTZ NOT NULL,
     expires_at TIMESTAMPTZ NOT NULL,
-    started_at TIMESTAMPTZ NOT NULL)""",
+    started_at TIMESTAMPTZ NOT NULL,
+    incarnation TEXT)""",
     # rows are never deleted, so a series' token never goes back; owner NULL = released
     "leases": """CREATE TABLE IF NOT EXISTS leases (
     exchange TEXT NOT NULL,

@@ -328,6 +328,12 @@ class Store:
         except OSError:
             return False
 
+    def verify(self) -> None:
+        """Raise StoreGone when the file at ``path`` is not the one we have open (deleted or
+        replaced); a store that is not open is not verified."""
+        if self._conn is not None and not self.check():
+            raise StoreGone(f"{self.path} was deleted or replaced while open")
+
     def reopen(self) -> str | None:
         """Close and open again, starting a fresh file if the old one is gone or corrupt.
 
