@@ -43,7 +43,7 @@ from ..supervisors.child import Address, Child
 from ..supervisors.scheduler import Timer
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild
 from .fencing import Fences, Key
-from .messages import ClusterStatus, LeaseLost, SeriesKey
+from .messages import ClusterStatus, ForgetSeries, LeaseLost, SeriesKey
 from .placement import rendezvous_owner
 from .stores.errors import StoreError
 from .stores.postgres import PostgresStore
@@ -341,14 +341,17 @@ class ClusterActor(Child):
             if sup is None:
                 continue
             try:
-                futures.append(sup.proxy().delete_child(sid))
+                futures.append((f"{self.path.rpartition('/')[0]}/{exchange}/series/{sid}",
+                                sup.proxy().delete_child(sid)))
             except pykka.ActorDeadError:
                 pass  # restarting without it
-        for future in futures:
+        for path, future in futures:
             try:
                 future.get(timeout=ASK_S)
             except (NoSuchChild, pykka.ActorDeadError, pykka.Timeout):
                 pass
+            if self.health is not None:
+                self.health.tell(ForgetSeries(path))  # it runs elsewhere now: not this node's to report
 
     def _sync_storage(self) -> None:
         if self.storage is None:
