@@ -120,6 +120,9 @@ class ClusterActor(Child):
         self.wanted: list[SeriesKey] = []
         self._timer: Timer | None = None
         self._left = False
+        self._joined_at = 0.0
+        self._beat_at = self._renewed_at = -float("inf")
+        self._lost: set[Key] = set()  # leases found gone, their series still to stop
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class ClusterActor(Child):
             self._timer.cancel()
             self._timer = None
         held = self._held()
-        self._stop_series(held)
+        self._stop_series(held | self._running_keys(), wait=True)
         self._sync_storage()
         released = 0
         try:
@@ -191,46 +194,82 @@ class ClusterActor(Child):
 
     def _step(self) -> float:
         """One round (see the module docstring); returns the delay until the next one."""
-        lease = self.settings.lease
         self._ensure_open()
-        if not self.store.heartbeat(self.node, self.settings.rate_budget, lease, self.incarnation):
+        if not self._beat():
             self._superseded()
             return self.settings.poll
         if self.state != "member":
             self.log.info("cluster_joined", node=self.node, incarnation=self.incarnation, was=self.state)
+            self._joined_at = self.runtime.clock()
         self.state, self.detail = "member", None
         self.live = self.store.live_nodes()
         self.wanted = self._wanted(self.store.list_series())
         mine = {_key(k) for k in self.wanted if rendezvous_owner(k, self.live) == self.node}
-        held = self._held()
-        kept = {_key(k) for k in self.store.renew(held, self.owner, lease)} if held else set()
-        lost = held - kept
-        if lost:
-            self.log.warning("leases_lost", count=len(lost), series=_names(lost),
-                             reason="not renewed in time: another node may own them now")
-            self.fences.drop(lost)  # storage refuses their writes from now on
-            self._stop_series(lost)
+        kept = self._renew()
+        self._let_go_lost()
         self._stop_unfenced()
         give = kept - mine
         if give:
-            self._stop_series(give)
+            self._stop_series(give, wait=True)
             self._sync_storage()  # their last writes, with their tokens, before the release
             self.store.release(give, self.owner)
             self.fences.drop(give)
             self.log.info("leases_released", count=len(give), series=_names(give),
                           reason="placed on another live node (it joined, or the series was removed)")
-        take = mine - kept
+        if self.runtime.clock() - self._joined_at < self.settings.poll and len(self.live) < 2:
+            # just joined and alone so far: nodes started together see each other first, rather
+            # than the first one taking every series and handing most of them over a poll later
+            return self.settings.poll
+        take = mine - self._held()
         if not take:
             return self.settings.poll
-        got = self.store.acquire_many(take, self.owner, lease)
+        got = self.store.acquire_many(take, self.owner, self.settings.lease)
         if got.tokens:
             for key, token in got.tokens.items():
                 self.fences.set(key, token)
-            self._start_series(got.tokens)
             self.log.info("leases_acquired", count=len(got.tokens), series=_names(got.tokens))
+            self._start_series(got.tokens)
         if got.retry_in_s is not None:  # held by a node that is gone: take it as soon as it expires
             return min(self.settings.poll, got.retry_in_s + 0.05)
         return self.settings.poll
+
+    def _beat(self) -> bool:
+        """Heartbeat; False when another live daemon holds this node name."""
+        ok = self.store.heartbeat(self.node, self.settings.rate_budget, self.settings.lease, self.incarnation)
+        self._beat_at = self.runtime.clock()
+        return ok
+
+    def _renew(self) -> set[Key]:
+        """Renew every lease held; those not renewed are gone (dropped from the fences now, so
+        storage refuses their writes; their series are stopped by `_let_go_lost`)."""
+        held = self._held()
+        kept = {_key(k) for k in self.store.renew(held, self.owner, self.settings.lease)} if held else set()
+        self._renewed_at = self.runtime.clock()
+        lost = held - kept
+        if lost:
+            self.log.warning("leases_lost", count=len(lost), series=_names(lost),
+                             reason="not renewed in time: another node may own them now")
+            self.fences.drop_stale({k: t for k, t in self.fences.snapshot().items() if k in lost})
+            self._lost |= lost
+        return kept
+
+    def _keepalive(self) -> None:
+        """Heartbeat and renew when a poll has passed, in the middle of long work (starting or
+        stopping a thousand series): the leases kept never wait for it."""
+        if self._left or self.runtime.clock() - self._renewed_at < self.settings.poll:
+            return
+        try:
+            if self._beat():
+                self._renew()
+        except StoreError as exc:
+            self.log.warning("cluster_keepalive_failed", error=str(exc))
+            self._renewed_at = self.runtime.clock()  # the round reports it; do not hammer
+
+    def _let_go_lost(self) -> None:
+        lost, self._lost = self._lost, set()
+        lost -= self._held()  # taken again since
+        if lost:
+            self._stop_series(lost)
 
     def _ensure_open(self) -> None:
         if not self.store.is_open:
@@ -292,21 +331,19 @@ class ClusterActor(Child):
     def _running_ids(self, exchange: str) -> set[str]:
         return {s.id for s in self.running.get(exchange, [])}
 
+    def _running_keys(self) -> set[Key]:
+        return {_spec_key(exchange, spec) for exchange, specs in self.running.items() for spec in list(specs)}
+
     def _stop_unfenced(self) -> None:
         """Series running here without a token (a write refused, a restart of this actor in
         between): stop them."""
-        held = self._held()
-        stray = []
-        for exchange, specs in self.running.items():
-            for spec in list(specs):
-                key = _spec_key(exchange, spec)
-                if key not in held:
-                    stray.append(key)
+        stray = self._running_keys() - self._held()
         if stray:
             self._stop_series(stray)
 
     def _start_series(self, keys: Iterable[Key]) -> None:
-        futures = []
+        """Start these series (their tokens already set); not waited for: the supervisor starts
+        them one by one while this actor goes on renewing."""
         for key in sorted(keys):
             exchange = key[0]
             spec = self.spec_of(SeriesKey(*key))
@@ -318,17 +355,16 @@ class ClusterActor(Child):
                 continue
             specs.append(spec)  # first: a series supervisor restarting now starts it from the list
             try:
-                futures.append(sup.proxy().start_child(spec))
+                sup.proxy().start_child(spec)  # a ChildExists answer means a restart started it already
             except pykka.ActorDeadError:
                 pass  # restarting: it starts every spec of the list
-        for future in futures:
-            try:
-                future.get(timeout=ASK_S)
-            except (ChildExists, pykka.ActorDeadError, pykka.Timeout):
-                pass  # started from the list by a restart meanwhile, or slow: it is running
 
-    def _stop_series(self, keys: Iterable[Key]) -> None:
+    def _stop_series(self, keys: Iterable[Key], *, wait: bool = False) -> None:
+        """Stop these series and forget them in health; `wait`: until each has stopped (before
+        its lease is released). Asks to one supervisor are served in order, so a stop never
+        overtakes the start of the same series."""
         futures = []
+        root = self.path.rpartition("/")[0]
         for key in sorted(keys):
             exchange, symbol, timeframe = key
             specs = self.running.get(exchange)
@@ -341,24 +377,34 @@ class ClusterActor(Child):
             if sup is None:
                 continue
             try:
-                futures.append((f"{self.path.rpartition('/')[0]}/{exchange}/series/{sid}",
-                                sup.proxy().delete_child(sid)))
+                futures.append((f"{root}/{exchange}/series/{sid}", sup.proxy().delete_child(sid)))
             except pykka.ActorDeadError:
                 pass  # restarting without it
         for path, future in futures:
-            try:
-                future.get(timeout=ASK_S)
-            except (NoSuchChild, pykka.ActorDeadError, pykka.Timeout):
-                pass
+            if wait:
+                self._await(future)
             if self.health is not None:
                 self.health.tell(ForgetSeries(path))  # it runs elsewhere now: not this node's to report
+
+    def _await(self, future: Any) -> Any:
+        """A supervisor's or storage's answer, renewing the leases while it takes long."""
+        deadline = self.runtime.clock() + ASK_S
+        while True:
+            try:
+                return future.get(timeout=min(0.5, self.settings.poll / 2))
+            except pykka.Timeout:
+                self._keepalive()
+                if self.runtime.clock() > deadline:
+                    return None
+            except (NoSuchChild, ChildExists, pykka.ActorDeadError, StoreError):
+                return None
 
     def _sync_storage(self) -> None:
         if self.storage is None:
             return
         try:
-            self.storage.proxy().sync().get(timeout=ASK_S)
-        except (pykka.ActorDeadError, pykka.Timeout, StoreError):
+            self._await(self.storage.proxy().sync())
+        except pykka.ActorDeadError:
             pass  # what it could not write is refused later, never stored under a stale token
 
     # -- reporting -----------------------------------------------------------------------

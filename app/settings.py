@@ -22,7 +22,7 @@ from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
 from ..supervisors.clock import WallClock
-from .config import AlertsConfig, Config, ExchangeConfig, ResilienceConfig, StorageConfig
+from .config import AlertsConfig, ClusterConfig, Config, ExchangeConfig, ResilienceConfig, StorageConfig
 from .errors import CredentialsMissing
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
@@ -152,9 +152,16 @@ def notifier_settings(alerts: AlertsConfig) -> NotifierSettings:
     return NotifierSettings(alerts.slack_webhook, alerts.pagerduty_routing_key, alerts.pagerduty_url)
 
 
-def store_options(storage: StorageConfig) -> dict[str, Any]:
-    """What the PostgreSQL store is opened with (nothing for SQLite)."""
-    return {"timescale": storage.timescale} if storage.url else {}
+def store_options(storage: StorageConfig, cluster: ClusterConfig | None = None) -> dict[str, Any]:
+    """What the PostgreSQL store is opened with (nothing for SQLite). Clustering: a session
+    frozen inside a transaction is ended by the server within a third of a lease, so the locks
+    it holds never delay another node's failover."""
+    if not storage.url:
+        return {}
+    options: dict[str, Any] = {"timescale": storage.timescale}
+    if cluster is not None and cluster.enabled:
+        options["idle_in_transaction_s"] = max(1.0, cluster.lease / 3)
+    return options
 
 
 def rate_budget(cfg: Config) -> float:
@@ -170,4 +177,4 @@ def cluster_settings(cfg: Config) -> ClusterSettings | None:
     if not cfg.cluster.enabled or not cfg.storage.url:
         return None
     return ClusterSettings(url=cfg.storage.url, node=cfg.cluster.node, lease=cfg.cluster.lease,
-                           rate_budget=rate_budget(cfg), store_options=store_options(cfg.storage))
+                           rate_budget=rate_budget(cfg), store_options=store_options(cfg.storage, cfg.cluster))

@@ -161,7 +161,7 @@ class Blueprint:
             ChildSpec("storage", StorageActor, args=(cfg.storage.location, self.status),
                       kwargs={"candles": self.candles, "metrics": self.metrics, "fences": self.fences,
                               "cluster": self.cluster if self.clustered else None,
-                              "store_options": settings.store_options(cfg.storage)},
+                              "store_options": settings.store_options(cfg.storage, cfg.cluster)},
                       address=self.storage, kind="storage", shutdown=30.0),
             ChildSpec("health", HealthActor,
                       args=([e.name for e in cfg.exchanges], self.health_state, settings.health_settings(cfg)),

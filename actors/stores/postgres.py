@@ -103,6 +103,7 @@ class PostgresStore(LeasesMixin):
         connect_timeout_s: int = 10,
         timescale: bool | None = None,
         timescale_chunk_ms: int = 7 * 86_400_000,
+        idle_in_transaction_s: float = 5.0,
     ) -> None:
         self._url = url
         self._redact = Redactor(url)
@@ -112,6 +113,10 @@ class PostgresStore(LeasesMixin):
         self.connect_timeout_s = connect_timeout_s
         self.timescale = timescale
         self.timescale_chunk_ms = timescale_chunk_ms
+        # A client frozen inside a transaction (SIGSTOP, a swapped-out VM) would hold its row
+        # locks, the leases' share locks included, for as long as it is frozen: the server ends
+        # such a session after this long, so the others' failover never waits for a stalled node.
+        self.idle_in_transaction_s = idle_in_transaction_s
         self.hypertable = False
         self.hypertable_note: str | None = None
         #: fenced writes refused since this object was made: series refused, rows not stored
@@ -177,6 +182,8 @@ class PostgresStore(LeasesMixin):
             conn.execute("SET jit = off")  # JIT compiles big upserts for longer than they run
             conn.execute("SET temp_buffers = '64MB'")  # COPY staging stays in memory
             conn.execute(sql.SQL("SET lock_timeout = {}").format(int(self.lock_timeout_s * 1000)))
+            conn.execute(sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                max(1, int(self.idle_in_transaction_s * 1000))))
             if self.readonly:
                 conn.execute("SET default_transaction_read_only = on")
             created = self._ensure_schema(conn)
