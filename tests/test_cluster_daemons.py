@@ -36,8 +36,8 @@ LEASE_S = 3.0
 POLL_S = LEASE_S / 3
 # lease + one poll is the bound; the margin covers starting ~100 series and a busy machine
 FAILOVER_DEADLINE = LEASE_S + POLL_S + 3.0
-HISTORY_MIN = 600  # 6 pages of 100 per series: the backfill still runs when the faults hit
-RATE = 50  # requests/s per daemon
+HISTORY_MIN = 300  # 3 pages of 100 per series: the backfill still runs when the faults hit
+RATE = 25  # requests/s per daemon: slow enough that the backfill outlasts both faults
 
 
 class Daemon:
