@@ -121,12 +121,14 @@ class ClusterActor(Child):
         self._timer: Timer | None = None
         self._left = False
         self._joined_at = 0.0
+        self._was_member = len(fences) > 0  # a restart of this actor: the node was a member
         self._beat_at = self._renewed_at = -float("inf")
         self._lost: set[Key] = set()  # leases found gone, their series still to stop
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def on_start(self) -> None:
+        self._report()  # health has a cluster section from the start: joining
         self._timer = self.schedule(0.0, _ROUND)
 
     def on_stop(self) -> None:
@@ -196,11 +198,16 @@ class ClusterActor(Child):
         """One round (see the module docstring); returns the delay until the next one."""
         self._ensure_open()
         if not self._beat():
-            self._superseded()
+            if not self._was_member:  # the previous run of this node, killed or stalled: wait it out
+                self.detail = (f"waiting for the previous run of node {self.node!r} to expire"
+                               " (or another daemon uses this name)")
+            else:
+                self._superseded()
             return self.settings.poll
         if self.state != "member":
             self.log.info("cluster_joined", node=self.node, incarnation=self.incarnation, was=self.state)
             self._joined_at = self.runtime.clock()
+            self._was_member = True
         self.state, self.detail = "member", None
         self.live = self.store.live_nodes()
         self.wanted = self._wanted(self.store.list_series())

@@ -6,9 +6,11 @@
 Quick run: `python bench/cluster.py --series 300 --lease 3 --no-results`.
 
 The daemons are real processes (`python run.py --config ...`, one config each, `[cluster]
-enabled`, node n1..nN, the same `lease`), against one simulated Binance on loopback (in this
-process, no server-side rate limit; each daemon paces itself at `--rate-limit` requests/s) and
-one PostgreSQL database (a throwaway server from tests/pg.py unless `--url`). Measured:
+enabled`, node n1..nN, the same `lease`), each against its own simulated Binance on loopback (in
+this process; the same markets and candles, with Binance's request-weight budget of 6,000 a
+minute each, as daemons on separate hosts have each their own IP's budget; each daemon paces
+itself at `--rate-limit` requests/s), and one PostgreSQL database (a throwaway server from
+tests/pg.py unless `--url`). Measured:
 
 1. Placement: from launch until every series has a live lease held by the node weighted
    rendezvous puts it on, and runs there (the daemons' health, over their control sockets).
@@ -181,11 +183,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = cluster.create_database("ck_cluster_bench")
     workdir = tempfile.mkdtemp(prefix="ckb-", dir="/tmp")
     start = (now_ms() // TF) * TF - args.lookback * TF
-    sim = BinanceSimulator(symbols, history_start_ms=start - 3600_000).start()
+    sims = [BinanceSimulator(symbols, history_start_ms=start - 3600_000).start() for _ in nodes]
+    sim = sims[0]  # every one serves the same candles
     daemons: dict[str, Daemon] = {}
     try:
         t0 = time.monotonic()
-        daemons = {n: Daemon(workdir, n, url, sim, symbols, start, args) for n in nodes}
+        daemons = {n: Daemon(workdir, n, url, sims[i], symbols, start, args) for i, n in enumerate(nodes)}
         wait(lambda: all(os.path.exists(d.socket) for d in daemons.values()), 300, "daemons up", every=0.1)
         out["up_s"] = round(time.monotonic() - t0, 2)
         placed = {s: rendezvous_owner(("binance", s, "1m"), {n: 1.0 for n in nodes}) for s in symbols}
@@ -252,7 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for d in daemons.values():
             d.stop()
         out["exit_codes"] = {n: d.wait() for n, d in daemons.items()}
-        sim.stop()
+        for one in sims:
+            one.stop()
         if cluster is not None:
             cluster.destroy()
     out["target_failover_s"] = args.lease + TARGET_MARGIN_S
@@ -267,9 +271,10 @@ def section(r: dict[str, Any], command: str) -> str:
         BEGIN,
         f"## Cluster: `{command}` ({today})",
         "",
-        f"{r['daemons']} daemon processes x {r['series']:,} series (1m), one simulated Binance on loopback (no server-side",
-        f"limit; each daemon paces itself at {r['rate_limit']} requests/s), one PostgreSQL {r.get('postgresql', '?')}"
-        " (a throwaway server, fsync off),",
+        f"{r['daemons']} daemon processes x {r['series']:,} series (1m), each against its own simulated Binance on"
+        " loopback (the same candles; each its own",
+        f"weight budget, as separate hosts have; each daemon paces itself at {r['rate_limit']} requests/s), one"
+        f" PostgreSQL {r.get('postgresql', '?')} (a throwaway server, fsync off),",
         f"`lease = \"{r['lease_s']:g}s\"` (renewed every {r['poll_s']:g} s). Shares placed by weighted rendezvous:"
         f" {', '.join(f'{n} {k:,}' for n, k in r['shares'].items())}.",
         "",
@@ -302,7 +307,7 @@ def section(r: dict[str, Any], command: str) -> str:
         "",
         "Failover is bounded by the lease: the dead node's heartbeat and leases expire one lease after its last"
         " renewal (at most a poll before the kill), and each survivor's next round (within one poll, or as soon as"
-        " a lease it waits for expires) takes them. Its exit codes: "
+        " a lease it waits for expires) takes them. Exit codes: "
         + ", ".join(f"{n} {c}" for n, c in r["exit_codes"].items()) + " (the killed one: -9).",
         END,
     ]
@@ -336,6 +341,7 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the daemons and the server on the way out
     shown = [a for a in sys.argv[1:] if a != "--no-results" and not a.startswith("--results")]
     command = " ".join(["python bench/cluster.py", *shown])
     result = run(args)

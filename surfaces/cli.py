@@ -219,8 +219,11 @@ def _simulated(cfg: Config) -> tuple[Config, list[Any]]:
         log.info("simulating", exchange=ex.name, dialect=dialect, url=sim.url)
         exchanges.append(dataclasses.replace(ex, exchange=dialect, api_base=sim.url))
     root, _ = os.path.splitext(cfg.storage.path)
-    storage = dataclasses.replace(cfg.storage, path=f"{root}.simulate.db")
-    return dataclasses.replace(cfg, exchanges=tuple(exchanges), storage=storage), sims
+    # never into a real database: a SQLite file of its own, also when the config names a
+    # PostgreSQL one (and so without clustering, which needs it)
+    storage = dataclasses.replace(cfg.storage, path=f"{root}.simulate.db", url=None, timescale=None)
+    cluster = dataclasses.replace(cfg.cluster, enabled=False)
+    return dataclasses.replace(cfg, exchanges=tuple(exchanges), storage=storage, cluster=cluster), sims
 
 
 # -- ctl ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class Cluster:
         }
 
     def start_node(self, node: str, events: list[LifecycleEvent] | None = None, **cluster: Any) -> System:
-        runtime = Runtime(wall=self.clock)
+        runtime = Runtime(wall=self.clock, allow_crash_injection=True)
         if events is not None:
             runtime.events.subscribe(events.append)
         system = candlekeeper.start(self.config(node, **cluster), control=False, runtime=runtime)
@@ -235,6 +235,73 @@ def test_a_second_daemon_under_a_live_node_name_is_refused(pg_db) -> None:
         wait_until(lambda: bool(c.owners()) and set(c.owners().values()) == {"a"}, timeout=WAIT, what="a up")
         with pytest.raises(candlekeeper.StartupError, match="node 'a' is in use by another live daemon"):
             candlekeeper.start(c.config("a"), control=False, runtime=Runtime(wall=c.clock))
+
+
+def set_node_row(url: str, node: str, incarnation: str, seconds: float) -> None:
+    """Make `node` look held by another run, heartbeating now, live for `seconds`."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO nodes (node, rate_budget, heartbeat_at, expires_at, started_at, incarnation)"
+                     " VALUES (%s, 1, clock_timestamp(), clock_timestamp() + make_interval(secs => %s),"
+                     " clock_timestamp(), %s) ON CONFLICT (node) DO UPDATE SET incarnation = excluded.incarnation,"
+                     " heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
+                     (node, seconds, incarnation))
+
+
+def test_a_node_whose_name_is_taken_over_stands_down_then_rejoins(pg_db) -> None:
+    """Another run takes this node's name (a successor started while this one was stalled): this
+    one's next heartbeat is refused, it stops every series and holds no lease (health down,
+    saying why); once the other's heartbeat expires, it joins again and takes its series back."""
+    with cluster(pg_db, n_symbols=4) as c:
+        a = c.start_node("a")
+        wait_until(lambda: c.owners() == {s: "a" for s in c.symbols}, timeout=WAIT, what="a owns everything")
+        set_node_row(c.url, "a", "successor", 4.0)
+        wait_until(lambda: a.health()["cluster"]["state"] == "superseded", timeout=WAIT, what="a stood down")
+        h = a.health()
+        assert h["status"] == "down" and any("superseded" in r for r in h["reasons"])
+        wait_until(lambda: not a.health()["series"] and not running_here(a), timeout=WAIT, what="a runs nothing")
+        wait_until(lambda: a.health()["cluster"]["state"] == "member" and c.owners() == {s: "a" for s in c.symbols},
+                   timeout=WAIT, what="a back once the other run expired")
+        wait_until(c.complete, timeout=WAIT, what="backfill")
+        c.assert_exact()
+
+
+def test_a_restart_waits_for_the_previous_runs_heartbeat_to_expire(pg_db) -> None:
+    """A heartbeat left by a previous run that is not renewed (it was killed) does not refuse the
+    start; the new run joins once it expires, and its leases carry new tokens."""
+    with cluster(pg_db, n_symbols=2) as c:
+        c.start_node("a")
+        wait_until(lambda: c.owners() == {s: "a" for s in c.symbols}, timeout=WAIT, what="a owns everything")
+        tokens = {s: t for s, (_, t, _) in c.leases().items()}
+        c.stop_node("a")
+        # as if it had been killed instead: its leases and heartbeat left behind, renewed by nobody
+        with psycopg.connect(c.url, autocommit=True) as conn:
+            conn.execute("UPDATE leases SET owner = (SELECT 'a#' || incarnation FROM nodes WHERE node = 'a'),"
+                         " expires_at = clock_timestamp() + interval '3 seconds'")
+            conn.execute("UPDATE nodes SET expires_at = clock_timestamp() + interval '2 seconds' WHERE node = 'a'")
+        again = c.start_node("a")
+        assert again.health()["cluster"]["state"] in ("joining", "member")
+        wait_until(lambda: c.owners() == {s: "a" for s in c.symbols}
+                   and all(t > tokens[s] for s, (_, t, _) in c.leases().items()), timeout=WAIT,
+                   what="the new run owns everything, with new tokens")
+
+
+def test_a_cluster_actor_restart_keeps_every_series_running(pg_db) -> None:
+    with cluster(pg_db, n_symbols=6) as c:
+        events: list[LifecycleEvent] = []
+        a = c.start_node("a", events)
+        wait_until(lambda: c.owners() == {s: "a" for s in c.symbols}, timeout=WAIT, what="a owns everything")
+        wait_until(c.complete, timeout=WAIT, what="backfill")
+        tokens = {s: t for s, (_, t, _) in c.leases().items()}
+        events.clear()
+        a.crash("cluster")
+        wait_until(lambda: any(e.kind == "restarted" and e.path.endswith("/cluster") for e in list(events)),
+                   timeout=WAIT, what="the cluster actor restarted")
+        expiry = {s: live for s, (_, _, live) in c.leases().items()}
+        wait_until(lambda: a.health()["cluster"]["state"] == "member", timeout=WAIT, what="member again")
+        assert all(expiry.values())
+        assert {s: t for s, (_, t, _) in c.leases().items()} == tokens  # renewed, never re-taken
+        assert not [e for e in events if "/series/" in e.path], "a series was stopped or restarted"
+        assert running_here(a) == set(c.symbols)
 
 
 def test_rate_budget_weighs_the_share(pg_db) -> None:

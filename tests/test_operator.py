@@ -213,6 +213,7 @@ def test_the_sample_config_is_valid_and_documents_every_section() -> None:
     cfg = config_mod.load(sample)
     assert [e.name for e in cfg.exchanges] and cfg.storage.path and cfg.control.socket
     text = sample.read_text()
-    for section in ("[storage]", "[control]", "[ingest]", "[resilience]", "[metrics]", "[alerts]", "[exchanges."):
+    for section in ("[storage]", "[control]", "[ingest]", "[resilience]", "[metrics]", "[alerts]", "[exchanges.",
+                    "[cluster]"):
         assert section in text, section
     assert config_mod.to_dict(cfg)  # round-trips through the dumper

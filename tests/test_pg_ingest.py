@@ -11,6 +11,7 @@ Faults are switched on mid-backfill, when the simulator receives its n-th klines
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +23,13 @@ import psycopg
 import pytest
 
 import candlekeeper
+from candlekeeper.app.errors import CommandError
 from candlekeeper.app.system import System
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from tests.conftest import LEAD_S
+from tests.test_daemon import RUN
 from tests.test_fault_matrix import trip_at
 from tests.test_ingest import TF, wait_until
 
@@ -168,6 +171,18 @@ def test_backfill_exact_on_postgresql(pg_db) -> None:
         assert system.latest("binance", "BTC/USDT", n=2)["candles"][0]["ts"] == expected(run, "BTC/USDT")[-1][0]
         counted = system.health(counts=True)  # candle counts are read from PostgreSQL too
         assert {s["symbol"]: s["candles"] for s in counted["series"]} == {s: len(expected(run, s)) for s in SYMBOLS}
+        # data out reads PostgreSQL as it reads SQLite: ranges, coverage, the export command
+        assert list(system.read_candles("binance", "BTC/USDT", batch=7)) == expected(run, "BTC/USDT")
+        cov = {c["symbol"]: c for c in system.coverage("binance")}
+        assert all(cov[s]["complete"] and cov[s]["count"] == len(expected(run, s)) for s in SYMBOLS)
+        with pytest.raises(CommandError, match="clustering is off"):
+            system.cluster()
+        out = subprocess.run(RUN + ["export", "binance:ETH/USDT", "--db", run.url], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("time,ts,open") and [int(r.split(",")[1]) for r in lines[1:]] == [
+            c[0] for c in expected(run, "ETH/USDT")]
 
 
 def test_restart_resumes_where_the_store_is(pg_db) -> None:

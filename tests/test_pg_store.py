@@ -328,6 +328,111 @@ def test_missing_ranges_agree_with_the_sqlite_store(store, monkeypatch):
                 assert store.missing_ranges(*args) == lite.missing_ranges(*args), (case, a, b)
 
 
+# -- the read API both stores share (export, coverage) -------------------------------------------
+
+
+def test_iter_candles_coverage_and_series_keys_agree_with_the_sqlite_store(store):
+    """Same signatures, same answers: paged candles, coverage with gaps, and every series
+    with candles or gaps, from the same data in both stores."""
+    from candlekeeper.actors.stores.sqlite import Store
+
+    with Store(":memory:") as lite:
+        data = rows([t * TF for t in range(0, 50) if t not in (7, 8, 30)])
+        data += rows(minutes(5, 9), symbol="ETH/USDT") + rows([0], exchange="kraken", symbol="BTC/USD", tf="1h")
+        for s_ in (lite, store):
+            s_.upsert(data)
+            s_.record_gap(*KEY, 30 * TF, 31 * TF, "no_trades")
+            s_.record_gap("okx", "ONLY/GAPS", "5m", 0, 300_000, "before_listing")
+        for args in [(KEY, None, None, 7), (KEY, 3 * TF, 20 * TF, 4), (KEY, None, None, 50_000), (ETH, 6 * TF, None, 1),
+                     (("x", "y", "1m"), None, None, 5), (KEY, 60 * TF, 70 * TF, 3)]:
+            key, lo, hi, batch = args
+            pages = list(store.iter_candles(*key, lo, hi, batch))
+            assert pages == list(lite.iter_candles(*key, lo, hi, batch)), args
+            assert all(len(p) <= batch for p in pages) and all(pages)
+        assert [c for p in store.iter_candles(*KEY, batch=10) for c in p] == store.candles(*KEY)
+        with pytest.raises(ValueError):
+            list(store.iter_candles(*KEY, batch=0))
+        for lo, hi in [(None, None), (0, 60 * TF), (-5 * TF, 55 * TF), (10 * TF, 12 * TF)]:
+            assert store.coverage(*KEY, TF, lo, hi) == lite.coverage(*KEY, TF, lo, hi), (lo, hi)
+        cov = store.coverage(*KEY, TF, 0, 60 * TF)
+        assert (cov.first_ts, cov.last_ts, cov.count) == (0, 49 * TF, 47)
+        assert cov.missing == ((7 * TF, 9 * TF), (50 * TF, 60 * TF)) and cov.gaps == ((30 * TF, 31 * TF, "no_trades"),)
+        assert store.coverage("x", "y", "1m", TF) == lite.coverage("x", "y", "1m", TF)
+        assert store.series_keys() == lite.series_keys() == [
+            ("binance", "BTC/USDT", "1m"), ("binance", "ETH/USDT", "1m"), ("kraken", "BTC/USD", "1h"),
+            ("okx", "ONLY/GAPS", "5m")]
+
+
+def test_both_stores_meet_the_store_protocol(store, tmp_path):
+    from candlekeeper.actors.stores.base import CandleStore, ReadStore, is_url, make_store, redacted
+    from candlekeeper.actors.stores.sqlite import Store
+
+    assert isinstance(store, CandleStore) and isinstance(store, ReadStore)
+    assert isinstance(Store(":memory:"), CandleStore)
+    assert isinstance(make_store(str(tmp_path / "x.db")), Store)
+    assert isinstance(make_store(store._url), PostgresStore) and make_store(store._url, readonly=True).readonly
+    assert is_url("postgresql://u@h/d") and is_url("postgres://u@h/d") and not is_url("/var/lib/c.db")
+    assert redacted("postgresql://u:secret@h/d") == "postgresql://u:***@h/d" and redacted("/x.db") == "/x.db"
+
+
+def test_verify_probe_write_and_identity(store, pg_db, pg_cluster):
+    """What the storage actor checks every 2 s and probes with while failing."""
+    store.verify()
+    store.probe_write()
+    oid = store.identity
+    assert isinstance(oid, int)
+    store.set_busy_timeout(0.2)
+    assert store.lock_timeout_s == 0.2
+    set_read_only(pg_db, True)
+    try:
+        store.reopen()
+        with pytest.raises(StoreUnavailable, match="read-only") as info:
+            store.probe_write()
+        assert info.value.reason == "readonly"
+    finally:
+        set_read_only(pg_db, False)
+    store.reopen()
+    store.probe_write()
+    pg_cluster.restart("fast")
+    with pytest.raises(StoreUnavailable):
+        store.verify()
+    assert store.reopen() is None and store.identity == oid  # the same table: no resync needed
+    admin_sql(pg_db, "DROP TABLE candles")
+    with pytest.raises(StoreGone, match="dropped"):
+        store.verify()
+    store.reopen()
+    assert store.identity != oid
+    with PostgresStore(pg_db.url) as other:
+        admin_sql(pg_db, "DROP TABLE candles")
+        other.reopen()  # another daemon recreates it
+    with pytest.raises(StoreGone, match="recreated by another daemon"):
+        store.verify()
+
+
+def test_nodes_heartbeat_by_incarnation_and_batch_acquire(store, pg_db):
+    assert store.heartbeat("n1", 10.0, 30, incarnation="run1")
+    assert store.heartbeat("n1", 20.0, 30, incarnation="run1")
+    assert not store.heartbeat("n1", 10.0, 30, incarnation="run2")  # another run, while run1 is live
+    (info,) = store.nodes()
+    assert (info.node, info.rate_budget, info.incarnation, info.live) == ("n1", 20.0, "run1", True)
+    assert 0 <= info.heartbeat_age_s < 5 and 25 < info.expires_in_s <= 30
+    admin_sql(pg_db, "UPDATE nodes SET expires_at = clock_timestamp() - interval '1 second'")
+    assert store.heartbeat("n1", 10.0, 30, incarnation="run2")  # run1 expired: run2 takes the name
+    assert store.nodes()[0].incarnation == "run2"
+    keys = [KEY, ETH, ("binance", "SOL/USDT", "1m")]
+    got = store.acquire_many(keys, "n1#run2", 30)
+    assert got.tokens == {KEY: 1, ETH: 1, ("binance", "SOL/USDT", "1m"): 1} and got.retry_in_s is None
+    assert store.acquire_many(keys, "n1#run2", 30).tokens == got.tokens  # extended: same tokens
+    other = store.acquire_many([KEY, ("kraken", "BTC/USD", "1h")], "n2#x", 5)
+    assert other.tokens == {("kraken", "BTC/USD", "1h"): 1} and 25 < (other.retry_in_s or 0) <= 30
+    expire(pg_db, KEY)
+    assert store.acquire_many([KEY], "n2#x", 5).tokens == {KEY: 2}  # a change of owner: +1
+    assert store.acquire_many([], "n2#x", 5).tokens == {}
+    assert store.leave("n1", "n1#run2", "run2") == 2  # ETH and SOL; KEY is n2's now
+    assert not store.nodes()[0].live
+    assert {lease.symbol: lease.owner for lease in store.leases()}["BTC/USDT"] == "n2#x"
+
+
 # -- run-time series -------------------------------------------------------------------------
 
 

@@ -1,21 +1,22 @@
 """PostgreSQL candle store: the same contract as the SQLite ``Store``, shared by many daemons.
 
-Same tables, columns, key and semantics as ``actors.store.Store`` (candles, gaps, series), plus
-``nodes`` and ``leases`` for clustering (``actors.pg_leases``): each series is owned by one live
+Same tables, columns, key and semantics as ``stores.sqlite.Store`` (candles, gaps, series; the
+protocols both meet are in ``stores.base``), plus ``nodes`` and ``leases`` for clustering
+(``stores.postgres_leases``): each series is owned by one live
 daemon through a lease whose fencing token grows by one on every change of owner, and a fenced
 ``upsert`` checks the tokens in the write's own transaction, so a daemon that lost a lease
 (paused, partitioned, slow) can never overwrite the new owner's work.
 
 Like ``Store``, it never logs, never sleeps and never retries a fault; reconnecting is
-``reopen()``. Faults map onto the store's exceptions (``actors.pg_errors``):
+``reopen()``. Faults map onto the store's exceptions (``stores.postgres_errors``):
 
 * ``StoreUnavailable(StoreError)``: transient. Connection lost or refused, server restarting or
   shutting down, read-only server (``default_transaction_read_only``, a standby), disk full and
   other out-of-resources errors, lock timeout, serialization failure, deadlock. Nothing of the
   failed call was committed: answer the write with an error, ``reopen()``, then write again (a
   lost connection keeps raising ``StoreUnavailable`` until ``reopen()`` succeeds).
-* ``StoreGone``: a table was dropped while open. ``reopen()`` recreates it (and ``check()``
-  notices a candles table recreated by another daemon), as with a deleted SQLite file.
+* ``StoreGone``: a table was dropped while open. ``reopen()`` recreates it (and ``check()`` /
+  ``verify()`` notice a candles table recreated by another daemon), as with a deleted SQLite file.
 * ``StoreError``: not open, a read-only store asked to write, bad URL, credentials or database.
 * A row that breaks the schema (a NULL price) raises psycopg's ``IntegrityError``, as the
   SQLite store lets ``sqlite3.IntegrityError`` through: a bug, not a fault.
