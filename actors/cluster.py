@@ -25,7 +25,13 @@ tokens are stale: `LeaseLost` from storage), and lets those series go.
 
 Series start and stop through their exchange's series supervisor; the list of running specs
 is the supervisor's own, so a restarted series supervisor starts exactly the owned series.
-The series it keeps are never restarted. Expiry is judged by the database's clock only.
+The series it keeps are never restarted. Starts are not waited for, and while a round waits for
+stops (before a release) it heartbeats and renews every poll, so taking or handing over a
+thousand series never lets the leases it keeps expire. A node that has just joined and sees no
+other live node waits one poll before acquiring, so daemons started together share the series
+at once instead of the first one taking all of them. Expiry is judged by the database's clock
+only. The actor's state that must outlive its restarts (the tokens, the running lists) belongs
+to the tree: a restarted cluster actor renews what the node holds and changes nothing else.
 A graceful stop (`leave`) stops this node's series, flushes storage, and releases its leases
 and its name at once, so the others take over without waiting for a lease to expire.
 """

@@ -212,6 +212,8 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             assert "NODE" in text and "TOKEN" in text and "n1" in text
             tree = daemons["n2"].ctl("tree").stdout
             assert "node=n2" in tree and "owner=n2 token=" in tree
+            table = daemons["n2"].ctl("health").stdout
+            assert "node n2: member" in table and "OWNER" in table
 
             # every candle exactly once
             wait_until(lambda: caught_up(url, symbols, start), timeout=120, what="every series caught up")
