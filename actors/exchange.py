@@ -18,6 +18,11 @@ so is its recovery; and the exchange's clock, measured from its answers, decides
 are closed. The market list is refreshed on a schedule and when a series asks for a symbol it
 does not know, so a new listing is picked up within minutes.
 
+Whether the exchange is back is asked of the exchange itself: a half-open breaker's probe is the
+heartbeat, not a series' request, and a series that keeps failing while the exchange answers
+everything else (its symbol's answers trickle past the deadline, say) fails on its own: its
+failures stop counting against the breaker once a heartbeat has shown the exchange answering.
+
 The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
 restart (of this actor or of a series) must not reset an open breaker.
 
@@ -60,6 +65,9 @@ SourceFactory = Callable[[WallClock], Source]
 
 MIN_REFRESH_S = 60.0  # an unknown symbol triggers a market refresh at most this often
 AUTH_RECHECK_S = (300.0, 3600.0)  # refused credentials: re-checked after 5 min, doubling up to 1 h
+# A series failing on its own (its answers trickle) is told from the exchange failing by asking
+# the exchange itself; its failures count against the breaker again after this long at least.
+ISOLATION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,12 @@ class ExchangeActor(Child):
         self._refused_checks = 0
         self._verify = False  # a candle request was refused for its credentials: check them first
         self._refused_series: dict[SeriesKey, Any] = {}  # told to try again when the credentials work
+        # one series failing alone: when each series' run of failures began, when the exchange
+        # last answered anything, and whether a heartbeat should ask it now
+        self._streaks: dict[SeriesKey, float] = {}
+        self._last_ok = float("-inf")
+        self._check_due = False
+        self._beating = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -303,6 +317,8 @@ class ExchangeActor(Child):
                 return
         if self._verify:
             return  # the market load under way says whether the credentials still work
+        if self.breaker.state == "half_open" or self._check_due:
+            self._ask_exchange()
         for key in list(self._queue):
             if self._busy >= self.concurrency:
                 break
@@ -344,6 +360,8 @@ class ExchangeActor(Child):
     def _submit(self, kind: str, coro: Coroutine[Any, Any, Any], req: FetchRequest | None) -> None:
         assert self.loop is not None
         self._busy += 1
+        if kind == "heartbeat":
+            self._beating = True
         sent_at, sent_wall = self.runtime.clock(), self.runtime.wall()
         future = self.loop.submit(coro)
         ref, clock = self.actor_ref, self.runtime.clock
@@ -522,16 +540,29 @@ class ExchangeActor(Child):
             return
         self._schedule_heartbeat()
 
+    def _ask_exchange(self) -> None:
+        """Send the heartbeat now: as the half-open breaker's probe (whether the exchange is back
+        is its question, not one series' request, which may fail for reasons of its own), or to
+        tell a series failing again from the exchange failing (`_record_outcome`)."""
+        if self._beating or self._busy >= self.concurrency or self.loop is None:
+            return
+        if self._admit("heartbeat"):
+            self._check_due = False
+            self._submit("heartbeat", self._heartbeat_call(), None)
+
     # -- results -------------------------------------------------------------------------
 
     def _on_done(self, done: _Done) -> None:
         self._busy -= 1
-        if done.request is not None:
-            self._in_flight.discard(done.request.key)
+        if done.kind == "heartbeat":
+            self._beating = False
+        key = done.request.key if done.request is not None else None
+        if key is not None:
+            self._in_flight.discard(key)
         self._learn(done)
         if self.metrics is not None:
             self.metrics.request(self.settings.name, done.error, done.duration)
-        self._record_outcome(done.error, done.duration, done.retry_after)
+        self._record_outcome(done.error, done.duration, done.retry_after, key)
         if done.kind == "markets":
             self._on_markets(done)
         elif done.kind == "ohlcv":
@@ -572,16 +603,34 @@ class ExchangeActor(Child):
                 self.log.warning("rate_budget_nearly_spent", remaining=remaining, limit=rate.limit,
                                  hold_s=round(reset_in or 0.0, 2))
 
-    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None) -> None:
+    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None,
+                        key: SeriesKey | None = None) -> None:
         kind = classify(error)
         if kind.rate_limited and self.governor is not None:
             penalty = retry_after if retry_after is not None else 1.0
             self.governor.penalize(penalty)
             self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
-        if kind.against_exchange:
-            self.breaker.record_failure(duration)
-        else:
+        now = self.runtime.clock()
+        if not kind.against_exchange:
+            self._last_ok = now
+            if key is not None:
+                self._streaks.pop(key, None)
             self.breaker.record_success(duration)
+            return
+        if key is None:
+            self.breaker.record_failure(duration)
+            return
+        # One series' requests failing (its symbol's answers trickle, say) while the exchange
+        # answers the rest must not open the breaker and stall every other series. A series that
+        # fails again with nothing answered since gets the exchange asked directly (a heartbeat);
+        # once the exchange has answered since its failures began, they are its own, for a while.
+        began = self._streaks.setdefault(key, now)
+        window = max(ISOLATION_S, 3 * self.settings.timeout, self.settings.heartbeat)
+        if self.breaker.state == "closed" and began < self._last_ok and now - self._last_ok <= window:
+            return
+        self.breaker.record_failure(duration)
+        if began < now:
+            self._check_due = True
 
     # -- status --------------------------------------------------------------------------
 
