@@ -57,6 +57,11 @@ class Metrics:
             "candlekeeper_candles_stored", "Candles the store did not hold before (new or corrected rows).",
             registry=r,
         )
+        self.candles_corrected = Counter(
+            "candlekeeper_candles_corrected",
+            "Stored candles rewritten because a later answer had other values for the same candle.",
+            registry=r,
+        )
         self.rate_limit_wait = Counter(
             "candlekeeper_rate_limit_wait_seconds",
             "Time requests were queued and held back only by the rate limiter.", ["exchange"], registry=r,

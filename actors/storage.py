@@ -16,6 +16,10 @@ failing wait for the next probe, which writes them for real: they are answered w
 outcome, so the first probe that succeeds stores them and ends the failure by itself. A resume
 query that cannot be read waits for the next probe too; `latest` and the other questions get
 the error at once.
+
+Every row the store inserts or changes counts as stored; a row it held before with other values
+(a later answer corrected a candle) also counts as corrected, and says so in a log line.
+Subscribers get each candle once, when it is first stored.
 """
 
 from __future__ import annotations
@@ -281,26 +285,35 @@ class StorageActor(Child):
                     pass  # the series restarted meanwhile; it resumes from the store
 
     def _write(self, rows: list[Row], writes: list[Write]) -> None:
-        fresh = self._not_yet_stored(writes) if self.candles is not None and self.candles.has_subscribers else None
+        publish = self.candles is not None and self.candles.has_subscribers
+        # what the store held before: new rows go to subscribers, the other changed ones are corrections
+        have = self._stored_before(writes) if rows and (publish or self.metrics is not None) else None
         changed = self.store.upsert(rows)
         for w in writes:
             for gap in w.gaps:
                 self.store.record_gap(*gap)
+        if have is not None:
+            corrected = changed - _new_rows(writes, rows, have)
+            if corrected > 0:
+                self.log.info("candles_corrected", count=corrected,
+                              reason="a later answer had other values for candles already stored")
+                if self.metrics is not None:
+                    self.metrics.candles_corrected.inc(corrected)
         if self.metrics is not None:
             self.metrics.candles_stored.inc(changed)
             for w in writes:
                 if w.rows:
                     self.metrics.written(w.rows[0][0], len(w.rows))
-        if fresh and self.candles is not None:
-            for row in fresh:
-                self.candles.publish(StoredCandle(*row))
+        if publish and have is not None and self.candles is not None:
+            for row in rows:
+                if not have or row[:4] not in have:
+                    self.candles.publish(StoredCandle(*row))
 
-    def _not_yet_stored(self, writes: list[Write]) -> list[Row]:
-        """The rows of these writes that the store does not hold yet (one range per write, all
+    def _stored_before(self, writes: list[Write]) -> set[tuple[str, str, str, int]]:
+        """The keys of these writes' rows that the store holds already (one range per write, all
         ranges asked in a few statements: see `Store.stored_keys`)."""
         ranges = [(*w.rows[0][:3], w.rows[0][3], w.rows[-1][3] + 1) for w in writes if w.rows]
-        have = self.store.stored_keys(ranges)
-        return [r for w in writes for r in w.rows if r[:4] not in have]
+        return self.store.stored_keys(ranges)
 
     # -- failing and recovering ------------------------------------------------------------
 
@@ -385,3 +398,22 @@ class StorageActor(Child):
         if (ok != self.healthy or force) and self.health is not None:
             self.health.tell(StorageStatus(ok=ok, detail=self.failing))
         self.healthy = ok
+
+
+def _new_rows(writes: list[Write], rows: list[Row], have: set[tuple[str, str, str, int]]) -> int:
+    """How many distinct candles of these writes the store did not hold (`have`: the stored keys
+    in their ranges). A write's rows are distinct and ascending; two writes of one series may
+    overlap (a write resent while the store was failing). Cheap in the common cases, a backfill
+    of new candles (nothing stored there) and polls (a row or two): no key set of every row."""
+    spans: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    for w in writes:
+        if w.rows:
+            spans.setdefault(w.rows[0][:3], []).append((w.rows[0][3], w.rows[-1][3]))
+    for ranges in spans.values():
+        ranges.sort()
+        if any(later[0] <= earlier[1] for earlier, later in itertools.pairwise(ranges)):
+            return len({r[:4] for r in rows} - have)
+    if not have:
+        return len(rows)
+    return sum(1 for r in rows if r[:4] not in have)
+
