@@ -157,8 +157,9 @@ class ExchangeActor(Child):
         # last answered anything, and whether a heartbeat should ask it now
         self._streaks: dict[SeriesKey, float] = {}
         self._last_ok = float("-inf")
-        self._check_due = False
+        self._ask_due = False
         self._beating = False
+        self._measuring = False  # candle requests wait for the first heartbeat (the exchange's clock)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -317,8 +318,11 @@ class ExchangeActor(Child):
                 return
         if self._verify:
             return  # the market load under way says whether the credentials still work
-        if self.breaker.state == "half_open" or self._check_due:
+        if self.breaker.state == "half_open" or self._ask_due:
             self._ask_exchange()
+        if self._measuring:
+            self._report()
+            return
         for key in list(self._queue):
             if self._busy >= self.concurrency:
                 break
@@ -452,7 +456,10 @@ class ExchangeActor(Child):
             self._last_load = self.runtime.clock()
             if fresh:
                 self.log.info("markets_loaded", markets=len(done.result))
-                self.actor_ref.tell(_BEAT)  # measure the exchange's clock before the first close
+                # what time is it on the exchange? Asked before any candle request, so the first
+                # answers are already closed by its clock, not by ours (a heartbeat only when
+                # idle would come after the backfill, if ever)
+                self._ask_due = self._measuring = True
             elif added:
                 self.log.info("markets_refreshed", markets=len(done.result), new=sorted(added)[:20])
             failed = getattr(self.source, "failed_types", None)
@@ -547,7 +554,7 @@ class ExchangeActor(Child):
         if self._beating or self._busy >= self.concurrency or self.loop is None:
             return
         if self._admit("heartbeat"):
-            self._check_due = False
+            self._ask_due = False
             self._submit("heartbeat", self._heartbeat_call(), None)
 
     # -- results -------------------------------------------------------------------------
@@ -555,7 +562,7 @@ class ExchangeActor(Child):
     def _on_done(self, done: _Done) -> None:
         self._busy -= 1
         if done.kind == "heartbeat":
-            self._beating = False
+            self._beating = self._measuring = False
         key = done.request.key if done.request is not None else None
         if key is not None:
             self._in_flight.discard(key)
@@ -630,7 +637,7 @@ class ExchangeActor(Child):
             return
         self.breaker.record_failure(duration)
         if began < now:
-            self._check_due = True
+            self._ask_due = True
 
     # -- status --------------------------------------------------------------------------
 
