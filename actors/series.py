@@ -13,8 +13,8 @@ Failures: retryable errors are retried with full-jitter backoff (`RetryPolicy`),
 server's Retry-After; when a round of attempts is exhausted the failure counts toward the
 series' quarantine, which after `quarantine_after` failed rounds probes only on a slow schedule
 until one success releases it. A symbol the exchange does not list, or credentials the
-exchange refuses, make the series `invalid` (re-checked hourly, or at a `reset`); none of this
-touches other series or the exchange's breaker.
+exchange refuses, make the series `invalid` (asked again at every market refresh of its exchange,
+and at once on an operator's `reset`); none of this touches other series or the exchange's breaker.
 
 A market with trading hours (forex) is not polled while it is closed: a caught-up series waits
 for the first candle that closes after the market reopens, and says so (`reopens_ms`).
@@ -53,7 +53,6 @@ from .messages import (
     Written,
 )
 
-INVALID_RECHECK_S = 3600.0
 STORE_RETRY_S = 1.0
 
 
@@ -86,6 +85,9 @@ class SeriesSettings:
     poll_spread: float = 0.0
     retry: RetryConfig = RetryConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    # an `invalid` series (a symbol the exchange does not list) asks again this often: its
+    # exchange's market refresh, so a new listing is picked up within one or two of those
+    invalid_recheck: float = 300.0
 
 
 class SeriesActor(Child):
@@ -415,10 +417,11 @@ class SeriesActor(Child):
         if isinstance(error, ccxt.BadSymbol | ccxt.AuthenticationError):
             # asking again gets the same answer: a symbol the exchange does not list, or credentials
             # it refuses (a configuration problem; the exchange actor stops asking for them)
-            bad_symbol = isinstance(error, ccxt.BadSymbol)
-            self.log.error("symbol_not_listed" if bad_symbol else "credentials_refused", error=self.detail)
+            if self.status != "invalid":  # not again at every re-check
+                bad_symbol = isinstance(error, ccxt.BadSymbol)
+                self.log.error("symbol_not_listed" if bad_symbol else "credentials_refused", error=self.detail)
             self._set_status("invalid")
-            self._schedule(INVALID_RECHECK_S)
+            self._schedule(self.settings.invalid_recheck)
             return
         self.attempt += 1
         decision = self.retry.decide(self.attempt, error, retry_after)
