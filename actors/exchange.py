@@ -32,7 +32,7 @@ heartbeat is refused so, the actor stops asking (`_credentials_refused`): its st
 reason, every candle request is answered with that error at once (its series turn `invalid`),
 and the credentials are re-checked with one market load after `AUTH_RECHECK_S`, doubling up to
 an hour, or at once on an operator `reset`; when they work again, every series that was refused
-is told to try again at once (`Reset`), rather than at its hourly re-check. A candle request
+is told to try again at once (`Reset`), rather than at its next re-check. A candle request
 refused so first has the credentials checked with one market load before any other is sent: a
 symbol the token may not read is that series' problem, a token the exchange refuses is everyone's.
 """
@@ -55,7 +55,7 @@ from ..supervisors.child import Child
 from ..supervisors.clock import WallClock
 from .market.candles import timeframe_ms
 from .market.closing import ServerClock, close_rows
-from .market.errors import EmptyAnswer, classify, describe
+from .market.errors import EmptyAnswer, ListedSymbolRefused, classify, describe
 from .market.paging import served, window_end
 from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
 from .sources.base import Answer, MarketInfo, Source, SourceFailure
@@ -65,6 +65,8 @@ SourceFactory = Callable[[WallClock], Source]
 
 MIN_REFRESH_S = 60.0  # an unknown symbol triggers a market refresh at most this often
 AUTH_RECHECK_S = (300.0, 3600.0)  # refused credentials: re-checked after 5 min, doubling up to 1 h
+# a symbol the market list has but the exchange refuses (BadSymbol) triggers a refresh at most this often
+REFUSED_REFRESH_S = 10.0
 # A series failing on its own (its answers trickle) is told from the exchange failing by asking
 # the exchange itself; its failures count against the breaker again after this long at least.
 ISOLATION_S = 10.0
@@ -160,6 +162,8 @@ class ExchangeActor(Child):
         self._ask_due = False
         self._beating = False
         self._measuring = False  # candle requests wait for the first heartbeat (the exchange's clock)
+        # operators waiting to know whether a symbol is listed, answered by the next market load
+        self._listing_waiters: list[tuple[str, concurrent.futures.Future[bool | None]]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -180,9 +184,11 @@ class ExchangeActor(Child):
 
     def on_stop(self) -> None:
         self._close_loop()
+        self._answer_listing_waiters(None)
 
     def on_failure(self, *_: Any) -> None:
         self._close_loop()
+        self._answer_listing_waiters(None)
 
     def _close_loop(self) -> None:
         loop, source = self.loop, self.source
@@ -235,6 +241,25 @@ class ExchangeActor(Child):
         """Whether the exchange lists `symbol`; None while its markets are not loaded."""
         return None if self._markets is None else symbol in self._markets
 
+    def listing(self, symbol: str) -> concurrent.futures.Future[bool | None]:
+        """Whether the exchange lists `symbol`, for an operator (`add`): a symbol the market list
+        does not have is looked up in a fresh list (the load in flight, or one started now), so
+        a new listing is accepted at once. None: the markets cannot be loaded right now."""
+        answer: concurrent.futures.Future[bool | None] = concurrent.futures.Future()
+        if self._markets is None or symbol in self._markets:
+            answer.set_result(self.lists(symbol))
+        else:
+            self._listing_waiters.append((symbol, answer))
+            self._refresh_due = True
+            self._pump()
+        return answer
+
+    def _answer_listing_waiters(self, markets: dict[str, MarketInfo] | None) -> None:
+        waiters, self._listing_waiters = self._listing_waiters, []
+        for symbol, answer in waiters:
+            if not answer.done():
+                answer.set_result(None if markets is None else symbol in markets)
+
     def status(self) -> dict[str, Any]:
         return {
             "name": self.settings.name,
@@ -265,7 +290,9 @@ class ExchangeActor(Child):
     def _enqueue(self, req: FetchRequest) -> None:
         markets = self._markets
         if markets is not None and req.key.symbol not in markets and not self._waiting_for_listing(req.key.symbol):
-            if self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
+            # an operator's request (`reset` of an invalid series) looks again at once: one load
+            # at a time, whoever asks, paced by the rate budget like any request
+            if req.priority or self._loading or self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
                 self._refresh_due = True  # a new listing, perhaps: look before saying no
             else:
                 self._refuse(req, f"{self.settings.name} does not list {req.key.symbol}")
@@ -330,7 +357,7 @@ class ExchangeActor(Child):
             if key in self._in_flight:
                 continue  # its first copy is still out: one request per series at a time
             if self._markets is not None and key.symbol not in self._markets:
-                if self._loading or self._waiting_for_listing(key.symbol):
+                if self._loading or self._refresh_due or self._waiting_for_listing(key.symbol):
                     continue  # the (re)load will tell
                 del self._queue[key]
                 self._refuse(req, f"{self.settings.name} does not list {key.symbol}")
@@ -445,6 +472,7 @@ class ExchangeActor(Child):
 
     def _on_markets(self, done: _Done) -> None:
         self._loading = False
+        self._answer_listing_waiters(done.result if done.error is None and done.result else None)
         if isinstance(done.error, ccxt.AuthenticationError):
             self._credentials_refused(done.error)
             return
@@ -574,8 +602,11 @@ class ExchangeActor(Child):
             self._on_markets(done)
         elif done.kind == "ohlcv":
             assert done.request is not None
-            result = done.result if done.error is None else FetchResult(
-                done.request.req_id, error=done.error, retry_after=done.retry_after)
+            error = done.error
+            if isinstance(error, ccxt.BadSymbol) and key is not None and self.lists(key.symbol):
+                error = self._refused_but_listed(key.symbol, error)
+            result = done.result if error is None else FetchResult(
+                done.request.req_id, error=error, retry_after=done.retry_after)
             try:
                 done.request.reply_to.tell(result)
             except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
@@ -591,6 +622,16 @@ class ExchangeActor(Child):
             if self._refused is None:
                 self._verify = self._refresh_due = True  # this market, or the credentials? one market load says
         self._pump()
+
+    def _refused_but_listed(self, symbol: str, error: BaseException) -> BaseException:
+        """The exchange says it does not know a symbol its own market list has (Binance's -1121,
+        even with HTTP 200): a glitch, or a delisting the list does not show yet. Transient for
+        the series (it retries); the list, refreshed now, decides: a symbol it no longer has is
+        refused from then on, and the series is `invalid`."""
+        if not self._loading and self.runtime.clock() - self._last_load >= REFUSED_REFRESH_S:
+            self._refresh_due = True
+        return ListedSymbolRefused(f"{describe(error)}; but {self.settings.name}'s market list has {symbol}: "
+                                   "asking again, until a refreshed list says otherwise")
 
     def _learn(self, done: _Done) -> None:
         """What the answer said of the exchange's clock and budget."""

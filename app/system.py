@@ -10,6 +10,7 @@ Nothing here is global: two `System`s run side by side in one process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import threading
@@ -450,11 +451,14 @@ class System:
             raise CommandError(f"storage unavailable: {exc}") from None
 
     def _listed(self, exchange: str, symbol: str) -> bool | None:
-        """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""
+        """Whether the exchange lists `symbol`, by a fresh market list when the one it has does
+        not (a new listing is accepted at once); None when its markets cannot be loaded now."""
         try:
-            return self.blueprint.exchanges[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
-        except (pykka.ActorDeadError, pykka.Timeout):
+            answer = self.blueprint.exchanges[exchange].proxy().listing(symbol).get(timeout=ASK_TIMEOUT)
+            listed: bool | None = answer.result(timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout, concurrent.futures.TimeoutError):
             return None
+        return listed
 
 
 def check_port_free(listen: str) -> None:
