@@ -65,6 +65,16 @@ class VariantSimulator(BinanceSimulator):
             else:
                 self._bad_stretches[_market_id(symbol)] = (start_ms, end_ms)
 
+    def delist(self, symbol: str) -> None:
+        """Take `symbol` off the market list (its candle requests are refused as unknown), as an
+        exchange does when it delists a market; `list_symbol` lists it again."""
+        venue = self.venue
+        market = self.history.market(symbol)
+        assert market is not None, symbol
+        with venue._lock:  # the simulator has no delisting of its own
+            venue._hidden = venue._hidden | {market.id}
+            venue._rebuild()
+
     # -- the hooks -------------------------------------------------------------------------
 
     def _serve(self, h: Any) -> None:
