@@ -22,6 +22,7 @@ Whether the exchange is back is asked of the exchange itself: a half-open breake
 heartbeat, not a series' request, and a series that keeps failing while the exchange answers
 everything else (its symbol's answers trickle past the deadline, say) fails on its own: its
 failures stop counting against the breaker once a heartbeat has shown the exchange answering.
+With heartbeats off (`heartbeat = "off"`) none of these is sent: probes are series' requests.
 
 The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
 restart (of this actor or of a series) must not reset an open breaker.
@@ -345,7 +346,7 @@ class ExchangeActor(Child):
                 return
         if self._verify:
             return  # the market load under way says whether the credentials still work
-        if self.breaker.state == "half_open" or self._ask_due:
+        if self.settings.heartbeat > 0 and (self.breaker.state == "half_open" or self._ask_due):
             self._ask_exchange()
         if self._measuring:
             self._report()
@@ -487,7 +488,7 @@ class ExchangeActor(Child):
                 # what time is it on the exchange? Asked before any candle request, so the first
                 # answers are already closed by its clock, not by ours (a heartbeat only when
                 # idle would come after the backfill, if ever)
-                self._ask_due = self._measuring = True
+                self._ask_due = self._measuring = self.settings.heartbeat > 0  # unless heartbeats are off
             elif added:
                 self.log.info("markets_refreshed", markets=len(done.result), new=sorted(added)[:20])
             failed = getattr(self.source, "failed_types", None)
