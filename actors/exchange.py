@@ -429,9 +429,11 @@ class ExchangeActor(Child):
         if until is not None:
             limit = max(1, min(limit, -(-(until - req.since) // tf)))
         page = await source.fetch_ohlcv(key.symbol, key.timeframe, req.since, limit, until)
+        rows, skipped = _leave_out(page.rows, req.skip)
         local_ms = int(self.runtime.wall() * 1000)
-        closed = close_rows(page.rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
-        opens = [ts for ts in closed.opens if ts >= req.since]
+        closed = close_rows(rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
+        # rows left out were served all the same: what the answer proves counts them
+        opens = sorted(ts for ts in [*closed.opens, *skipped] if ts >= req.since)
         if not opens and profile.paging == "cursor" and req.since + tf + profile.settle_ms <= closed.horizon_ms:
             # "the first candles from `since`" cannot be none at all for a listed market
             raise SourceFailure(EmptyAnswer(f"no candles at all from {req.since} on (a glitch, a trading halt?)"),
@@ -705,6 +707,24 @@ class ExchangeActor(Child):
             self._last_report = now
             detail = {**self.breaker.snapshot(), "clock_offset_ms": offset, "reason": reason}
             self.status_to.tell(ExchangeStatus(name=self.settings.name, breaker=now[0], status=now[1], detail=detail))
+
+
+def _leave_out(rows: list[Any], skip: tuple[tuple[int, int], ...]) -> tuple[list[Any], list[int]]:
+    """The rows outside the stretches an operator accepted as lost (`ctl accept-gap`: the exchange
+    serves invalid candles there, which would fail the whole answer), and the open times of
+    those left out. Only rows with a numeric open time can be placed; the rest stay in, to be
+    judged by validation."""
+    if not skip:
+        return rows, []
+    kept: list[Any] = []
+    left: list[int] = []
+    for row in rows:
+        ts = row[0] if isinstance(row, list | tuple) and row else None
+        if isinstance(ts, int | float) and not isinstance(ts, bool) and any(lo <= ts < hi for lo, hi in skip):
+            left.append(int(ts))
+        else:
+            kept.append(row)
+    return kept, left
 
 
 def _closed_spans(source: Source, symbol: str, lo: int, hi: int, tf_ms: int) -> tuple[tuple[int, int], ...]:
