@@ -35,7 +35,10 @@ from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
 from ..supervisors.scheduler import Timer
+from .market.gaps import OPERATOR_ACCEPTED
 from .messages import (
+    AcceptedGaps,
+    AcceptedGapsQuery,
     ResumePoint,
     ResumeQuery,
     Row,
@@ -133,6 +136,8 @@ class StorageActor(Child):
             self._pending.append(message)
         elif message is _FLUSH:
             self._flush()
+        elif isinstance(message, AcceptedGapsQuery):
+            self._answer_accepted(message)
         elif isinstance(message, ResumeQuery):
             self._series[message.key] = message.reply_to
             self._answer_resume(message)
@@ -168,6 +173,12 @@ class StorageActor(Child):
         if active:
             return self._ask_write(lambda: self.store.add_series(exchange, symbol, timeframe, at))
         return self._ask_write(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
+
+    def accept_gap(self, exchange: str, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> None:
+        """Record an operator's accepted gap (`ctl accept-gap`): [start_ms, end_ms) is confirmed
+        empty, never fetched again (a refusal carries the store's error, as for `add`)."""
+        self._ask_write(lambda: self.store.record_gap(exchange, symbol, timeframe, start_ms, end_ms,
+                                                      OPERATOR_ACCEPTED))
 
     def status(self) -> dict[str, Any]:
         """Whether the store can write now, and why not."""
@@ -217,6 +228,22 @@ class StorageActor(Child):
             return ResumePoint(last_ts=last, missing=tuple(missing), generation=self.generation)
 
         return self._with_store(read)
+
+    def _answer_accepted(self, q: AcceptedGapsQuery) -> None:
+        """The stretches an operator accepted as lost that end after `q.after_ms`: a series whose
+        candles fail validation asks, to leave them out of its requests (best effort: a store
+        that cannot answer now answers none, and the series asks again at its next failure)."""
+        k = q.key
+        try:
+            gaps = self._with_store(lambda: self.store.gap_reasons(k.exchange, k.symbol, k.timeframe))
+        except StoreError as exc:
+            self.log.info("accepted_gaps_unreadable", series=str(k), error=str(exc))
+            gaps = []
+        try:
+            q.reply_to.tell(AcceptedGaps(tuple((lo, hi) for lo, hi, why in gaps
+                                               if why == OPERATOR_ACCEPTED and hi > q.after_ms)))
+        except pykka.ActorDeadError:
+            pass  # restarted meanwhile: the new incarnation asks when it needs to
 
     # -- the store lost, recreated ---------------------------------------------------------
 
