@@ -131,3 +131,19 @@ def test_our_clock_60s_slow_stores_everything_exact_and_shows_the_offset(tmp_pat
         assert all(s["status"] == "ok" for s in report["series"]), report["series"]
     finally:
         sim.stop()
+
+
+def test_heartbeats_off_sends_none(tmp_path, clock, running) -> None:
+    """`heartbeat = "off"`: the clock comes from the answers' Date headers alone."""
+    start = (clock.ms() // TF) * TF - 3600_000
+    sim = BinanceSimulator(SYMBOLS, history_start_ms=start, now_ms=clock.ms).start()
+    try:
+        cfg = make_config(tmp_path, sim, start, heartbeat="off")
+        system = running(cfg, clock)
+        end = (sim.now_ms() // TF) * TF
+        wait_until(lambda: all(len(stored(cfg.storage.path, s)) == len(expected(sim, s, start, end)) for s in SYMBOLS),
+                   timeout=30, what="backfill")
+        assert offset_ms(system) is not None  # from the Date headers
+        assert sim.stats().by_path.get("/api/v3/time", 0) == 0
+    finally:
+        sim.stop()
