@@ -343,6 +343,7 @@ class ExchangeActor(Child):
         if self._refresh_due or self._markets is None:
             self._load_markets()
             if self._markets is None:
+                self._report()  # a market load may have been the half-open breaker's probe
                 return
         if self._verify:
             return  # the market load under way says whether the credentials still work
@@ -700,7 +701,9 @@ class ExchangeActor(Child):
     def _report(self, *, force: bool = False) -> None:
         offset = self.clock.offset_ms
         reason = self._refused_reason()
-        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000), reason)
+        # the openings count too: open, probed and open again is news (the probe went out)
+        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000), reason,
+               self.breaker.snapshot()["openings"])
         if (now != self._last_report or force) and self.status_to is not None:
             if self._last_report is not None and now[0] != self._last_report[0]:
                 self.log.warning("breaker_" + now[0], previous=self._last_report[0])
