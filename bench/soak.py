@@ -397,7 +397,8 @@ def observe(daemon: Daemon, obs: Observations, stop: threading.Event, interval: 
 HEARTBEAT_PATHS = frozenset({"/api/v3/time", "/api/v3/ping"})
 
 
-def requests_while_open(obs: Observations, exchange: str, *, heartbeats: bool = False) -> int:
+def requests_while_open(obs: Observations, exchange: str, *, heartbeats: bool = False,
+                        found: list[str] | None = None) -> int:
     """Requests that arrived after one sample was answered and before the next was asked (< 2 s
     apart, same incarnation), both showing this exchange's breaker open with the same opening
     count: the breaker provably stayed open in between. Candle and market requests, or with
@@ -418,6 +419,10 @@ def requests_while_open(obs: Observations, exchange: str, *, heartbeats: bool = 
         sa, sb = a.breakers.get(exchange), b.breakers.get(exchange)
         if sa and sb and sa[0] == sb[0] == "open" and sa[1] == sb[1]:
             count += 1
+            if found is not None:
+                found.append(f"{exchange} {path} at {time.strftime('%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}"
+                             f" (open from {a.at - a.sent:.3f}-s-wide sample answered at +{t - a.at:.3f} s"
+                             f" to the next asked at +{b.sent - t:.3f} s, openings {sa[1]})")
     return count
 
 
@@ -793,6 +798,7 @@ def main() -> None:
     health_ms = sorted(h.wait_ms for h in obs.health if h.wait_ms is not None)
     calm_health = [h for h in obs.health if h.at < calm_end]
     calm_ms = sorted(h.wait_ms for h in calm_health if h.wait_ms is not None)
+    while_open: list[str] = []
     injected: dict[str, int] = {}
     for st in stats:
         for kind, n in st.by_fault.items():
@@ -817,7 +823,8 @@ def main() -> None:
         "unexpected_exits": daemon.unexpected_exits,
         "incarnations": daemon.incarnation,
         "requests_total": sum(s.total for s in stats),
-        "requests_while_open": {n: requests_while_open(obs, n) for n in names},
+        "requests_while_open": {n: requests_while_open(obs, n, found=while_open) for n in names},
+        "requests_while_open_seen": while_open[:20],
         "heartbeats_while_open": {n: requests_while_open(obs, n, heartbeats=True) for n in names},
         "breaker_openings_seen": sum(
             max((s.breakers.get(n, ("", 0))[1] for s in obs.samples if s.incarnation == inc), default=0)
