@@ -18,6 +18,12 @@ so is its recovery; and the exchange's clock, measured from its answers, decides
 are closed. The market list is refreshed on a schedule and when a series asks for a symbol it
 does not know, so a new listing is picked up within minutes.
 
+Whether the exchange is back is asked of the exchange itself: a half-open breaker's probe is the
+heartbeat, not a series' request, and a series that keeps failing while the exchange answers
+everything else (its symbol's answers trickle past the deadline, say) fails on its own: its
+failures stop counting against the breaker once a heartbeat has shown the exchange answering.
+With heartbeats off (`heartbeat = "off"`) none of these is sent: probes are series' requests.
+
 The breaker object is passed in by the tree builder and outlives this actor's incarnations: a
 restart (of this actor or of a series) must not reset an open breaker.
 
@@ -27,7 +33,7 @@ heartbeat is refused so, the actor stops asking (`_credentials_refused`): its st
 reason, every candle request is answered with that error at once (its series turn `invalid`),
 and the credentials are re-checked with one market load after `AUTH_RECHECK_S`, doubling up to
 an hour, or at once on an operator `reset`; when they work again, every series that was refused
-is told to try again at once (`Reset`), rather than at its hourly re-check. A candle request
+is told to try again at once (`Reset`), rather than at its next re-check. A candle request
 refused so first has the credentials checked with one market load before any other is sent: a
 symbol the token may not read is that series' problem, a token the exchange refuses is everyone's.
 """
@@ -50,7 +56,7 @@ from ..supervisors.child import Child
 from ..supervisors.clock import WallClock
 from .market.candles import timeframe_ms
 from .market.closing import ServerClock, close_rows
-from .market.errors import EmptyAnswer, classify, describe
+from .market.errors import EmptyAnswer, ListedSymbolRefused, classify, describe
 from .market.paging import served, window_end
 from .messages import ExchangeStatus, FetchRequest, FetchResult, Reset, SeriesKey
 from .sources.base import Answer, MarketInfo, Source, SourceFailure
@@ -60,6 +66,11 @@ SourceFactory = Callable[[WallClock], Source]
 
 MIN_REFRESH_S = 60.0  # an unknown symbol triggers a market refresh at most this often
 AUTH_RECHECK_S = (300.0, 3600.0)  # refused credentials: re-checked after 5 min, doubling up to 1 h
+# a symbol the market list has but the exchange refuses (BadSymbol) triggers a refresh at most this often
+REFUSED_REFRESH_S = 10.0
+# A series failing on its own (its answers trickle) is told from the exchange failing by asking
+# the exchange itself; its failures count against the breaker again after this long at least.
+ISOLATION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,15 @@ class ExchangeActor(Child):
         self._refused_checks = 0
         self._verify = False  # a candle request was refused for its credentials: check them first
         self._refused_series: dict[SeriesKey, Any] = {}  # told to try again when the credentials work
+        # one series failing alone: when each series' run of failures began, when the exchange
+        # last answered anything, and whether a heartbeat should ask it now
+        self._streaks: dict[SeriesKey, float] = {}
+        self._last_ok = float("-inf")
+        self._ask_due = False
+        self._beating = False
+        self._measuring = False  # candle requests wait for the first heartbeat (the exchange's clock)
+        # operators waiting to know whether a symbol is listed, answered by the next market load
+        self._listing_waiters: list[tuple[str, concurrent.futures.Future[bool | None]]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -165,9 +185,11 @@ class ExchangeActor(Child):
 
     def on_stop(self) -> None:
         self._close_loop()
+        self._answer_listing_waiters(None)
 
     def on_failure(self, *_: Any) -> None:
         self._close_loop()
+        self._answer_listing_waiters(None)
 
     def _close_loop(self) -> None:
         loop, source = self.loop, self.source
@@ -220,6 +242,25 @@ class ExchangeActor(Child):
         """Whether the exchange lists `symbol`; None while its markets are not loaded."""
         return None if self._markets is None else symbol in self._markets
 
+    def listing(self, symbol: str) -> concurrent.futures.Future[bool | None]:
+        """Whether the exchange lists `symbol`, for an operator (`add`): a symbol the market list
+        does not have is looked up in a fresh list (the load in flight, or one started now), so
+        a new listing is accepted at once. None: the markets cannot be loaded right now."""
+        answer: concurrent.futures.Future[bool | None] = concurrent.futures.Future()
+        if self._markets is None or symbol in self._markets:
+            answer.set_result(self.lists(symbol))
+        else:
+            self._listing_waiters.append((symbol, answer))
+            self._refresh_due = True
+            self._pump()
+        return answer
+
+    def _answer_listing_waiters(self, markets: dict[str, MarketInfo] | None) -> None:
+        waiters, self._listing_waiters = self._listing_waiters, []
+        for symbol, answer in waiters:
+            if not answer.done():
+                answer.set_result(None if markets is None else symbol in markets)
+
     def status(self) -> dict[str, Any]:
         return {
             "name": self.settings.name,
@@ -250,7 +291,9 @@ class ExchangeActor(Child):
     def _enqueue(self, req: FetchRequest) -> None:
         markets = self._markets
         if markets is not None and req.key.symbol not in markets and not self._waiting_for_listing(req.key.symbol):
-            if self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
+            # an operator's request (`reset` of an invalid series) looks again at once: one load
+            # at a time, whoever asks, paced by the rate budget like any request
+            if req.priority or self._loading or self.runtime.clock() - self._last_load >= MIN_REFRESH_S:
                 self._refresh_due = True  # a new listing, perhaps: look before saying no
             else:
                 self._refuse(req, f"{self.settings.name} does not list {req.key.symbol}")
@@ -300,9 +343,15 @@ class ExchangeActor(Child):
         if self._refresh_due or self._markets is None:
             self._load_markets()
             if self._markets is None:
+                self._report()  # a market load may have been the half-open breaker's probe
                 return
         if self._verify:
             return  # the market load under way says whether the credentials still work
+        if self.settings.heartbeat > 0 and (self.breaker.state == "half_open" or self._ask_due):
+            self._ask_exchange()
+        if self._measuring:
+            self._report()
+            return
         for key in list(self._queue):
             if self._busy >= self.concurrency:
                 break
@@ -310,7 +359,7 @@ class ExchangeActor(Child):
             if key in self._in_flight:
                 continue  # its first copy is still out: one request per series at a time
             if self._markets is not None and key.symbol not in self._markets:
-                if self._loading or self._waiting_for_listing(key.symbol):
+                if self._loading or self._refresh_due or self._waiting_for_listing(key.symbol):
                     continue  # the (re)load will tell
                 del self._queue[key]
                 self._refuse(req, f"{self.settings.name} does not list {key.symbol}")
@@ -344,6 +393,8 @@ class ExchangeActor(Child):
     def _submit(self, kind: str, coro: Coroutine[Any, Any, Any], req: FetchRequest | None) -> None:
         assert self.loop is not None
         self._busy += 1
+        if kind == "heartbeat":
+            self._beating = True
         sent_at, sent_wall = self.runtime.clock(), self.runtime.wall()
         future = self.loop.submit(coro)
         ref, clock = self.actor_ref, self.runtime.clock
@@ -379,9 +430,11 @@ class ExchangeActor(Child):
         if until is not None:
             limit = max(1, min(limit, -(-(until - req.since) // tf)))
         page = await source.fetch_ohlcv(key.symbol, key.timeframe, req.since, limit, until)
+        rows, skipped = _leave_out(page.rows, req.skip)
         local_ms = int(self.runtime.wall() * 1000)
-        closed = close_rows(page.rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
-        opens = [ts for ts in closed.opens if ts >= req.since]
+        closed = close_rows(rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
+        # rows left out were served all the same: what the answer proves counts them
+        opens = sorted(ts for ts in [*closed.opens, *skipped] if ts >= req.since)
         if not opens and profile.paging == "cursor" and req.since + tf + profile.settle_ms <= closed.horizon_ms:
             # "the first candles from `since`" cannot be none at all for a listed market
             raise SourceFailure(EmptyAnswer(f"no candles at all from {req.since} on (a glitch, a trading halt?)"),
@@ -423,6 +476,7 @@ class ExchangeActor(Child):
 
     def _on_markets(self, done: _Done) -> None:
         self._loading = False
+        self._answer_listing_waiters(done.result if done.error is None and done.result else None)
         if isinstance(done.error, ccxt.AuthenticationError):
             self._credentials_refused(done.error)
             return
@@ -434,7 +488,10 @@ class ExchangeActor(Child):
             self._last_load = self.runtime.clock()
             if fresh:
                 self.log.info("markets_loaded", markets=len(done.result))
-                self.actor_ref.tell(_BEAT)  # measure the exchange's clock before the first close
+                # what time is it on the exchange? Asked before any candle request, so the first
+                # answers are already closed by its clock, not by ours (a heartbeat only when
+                # idle would come after the backfill, if ever)
+                self._ask_due = self._measuring = self.settings.heartbeat > 0  # unless heartbeats are off
             elif added:
                 self.log.info("markets_refreshed", markets=len(done.result), new=sorted(added)[:20])
             failed = getattr(self.source, "failed_types", None)
@@ -522,22 +579,38 @@ class ExchangeActor(Child):
             return
         self._schedule_heartbeat()
 
+    def _ask_exchange(self) -> None:
+        """Send the heartbeat now: as the half-open breaker's probe (whether the exchange is back
+        is its question, not one series' request, which may fail for reasons of its own), or to
+        tell a series failing again from the exchange failing (`_record_outcome`)."""
+        if self._beating or self._busy >= self.concurrency or self.loop is None:
+            return
+        if self._admit("heartbeat"):
+            self._ask_due = False
+            self._submit("heartbeat", self._heartbeat_call(), None)
+
     # -- results -------------------------------------------------------------------------
 
     def _on_done(self, done: _Done) -> None:
         self._busy -= 1
-        if done.request is not None:
-            self._in_flight.discard(done.request.key)
+        if done.kind == "heartbeat":
+            self._beating = self._measuring = False
+        key = done.request.key if done.request is not None else None
+        if key is not None:
+            self._in_flight.discard(key)
         self._learn(done)
         if self.metrics is not None:
             self.metrics.request(self.settings.name, done.error, done.duration)
-        self._record_outcome(done.error, done.duration, done.retry_after)
+        self._record_outcome(done.error, done.duration, done.retry_after, key)
         if done.kind == "markets":
             self._on_markets(done)
         elif done.kind == "ohlcv":
             assert done.request is not None
-            result = done.result if done.error is None else FetchResult(
-                done.request.req_id, error=done.error, retry_after=done.retry_after)
+            error = done.error
+            if isinstance(error, ccxt.BadSymbol) and key is not None and self.lists(key.symbol):
+                error = self._refused_but_listed(key.symbol, error)
+            result = done.result if error is None else FetchResult(
+                done.request.req_id, error=error, retry_after=done.retry_after)
             try:
                 done.request.reply_to.tell(result)
             except pykka.ActorDeadError:  # the series restarted meanwhile; it will ask again
@@ -553,6 +626,16 @@ class ExchangeActor(Child):
             if self._refused is None:
                 self._verify = self._refresh_due = True  # this market, or the credentials? one market load says
         self._pump()
+
+    def _refused_but_listed(self, symbol: str, error: BaseException) -> BaseException:
+        """The exchange says it does not know a symbol its own market list has (Binance's -1121,
+        even with HTTP 200): a glitch, or a delisting the list does not show yet. Transient for
+        the series (it retries); the list, refreshed now, decides: a symbol it no longer has is
+        refused from then on, and the series is `invalid`."""
+        if not self._loading and self.runtime.clock() - self._last_load >= REFUSED_REFRESH_S:
+            self._refresh_due = True
+        return ListedSymbolRefused(f"{describe(error)}; but {self.settings.name}'s market list has {symbol}: "
+                                   "asking again, until a refreshed list says otherwise")
 
     def _learn(self, done: _Done) -> None:
         """What the answer said of the exchange's clock and budget."""
@@ -572,16 +655,34 @@ class ExchangeActor(Child):
                 self.log.warning("rate_budget_nearly_spent", remaining=remaining, limit=rate.limit,
                                  hold_s=round(reset_in or 0.0, 2))
 
-    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None) -> None:
+    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None,
+                        key: SeriesKey | None = None) -> None:
         kind = classify(error)
         if kind.rate_limited and self.governor is not None:
             penalty = retry_after if retry_after is not None else 1.0
             self.governor.penalize(penalty)
             self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
-        if kind.against_exchange:
-            self.breaker.record_failure(duration)
-        else:
+        now = self.runtime.clock()
+        if not kind.against_exchange:
+            self._last_ok = now
+            if key is not None:
+                self._streaks.pop(key, None)
             self.breaker.record_success(duration)
+            return
+        if key is None:
+            self.breaker.record_failure(duration)
+            return
+        # One series' requests failing (its symbol's answers trickle, say) while the exchange
+        # answers the rest must not open the breaker and stall every other series. A series that
+        # fails again with nothing answered since gets the exchange asked directly (a heartbeat);
+        # once the exchange has answered since its failures began, they are its own, for a while.
+        began = self._streaks.setdefault(key, now)
+        window = max(ISOLATION_S, 3 * self.settings.timeout, self.settings.heartbeat)
+        if self.breaker.state == "closed" and began < self._last_ok and now - self._last_ok <= window:
+            return
+        self.breaker.record_failure(duration)
+        if began < now:
+            self._ask_due = True
 
     # -- status --------------------------------------------------------------------------
 
@@ -600,13 +701,33 @@ class ExchangeActor(Child):
     def _report(self, *, force: bool = False) -> None:
         offset = self.clock.offset_ms
         reason = self._refused_reason()
-        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000), reason)
+        # the openings count too: open, probed and open again is news (the probe went out)
+        now = (self.breaker.state, self._status_word(), offset if offset is None else round(offset / 1000), reason,
+               self.breaker.snapshot()["openings"])
         if (now != self._last_report or force) and self.status_to is not None:
             if self._last_report is not None and now[0] != self._last_report[0]:
                 self.log.warning("breaker_" + now[0], previous=self._last_report[0])
             self._last_report = now
             detail = {**self.breaker.snapshot(), "clock_offset_ms": offset, "reason": reason}
             self.status_to.tell(ExchangeStatus(name=self.settings.name, breaker=now[0], status=now[1], detail=detail))
+
+
+def _leave_out(rows: list[Any], skip: tuple[tuple[int, int], ...]) -> tuple[list[Any], list[int]]:
+    """The rows outside the stretches an operator accepted as lost (`ctl accept-gap`: the exchange
+    serves invalid candles there, which would fail the whole answer), and the open times of
+    those left out. Only rows with a numeric open time can be placed; the rest stay in, to be
+    judged by validation."""
+    if not skip:
+        return rows, []
+    kept: list[Any] = []
+    left: list[int] = []
+    for row in rows:
+        ts = row[0] if isinstance(row, list | tuple) and row else None
+        if isinstance(ts, int | float) and not isinstance(ts, bool) and any(lo <= ts < hi for lo, hi in skip):
+            left.append(int(ts))
+        else:
+            kept.append(row)
+    return kept, left
 
 
 def _closed_spans(source: Source, symbol: str, lo: int, hi: int, tf_ms: int) -> tuple[tuple[int, int], ...]:

@@ -146,7 +146,8 @@ class HealthActor(Child):
         self.backfills = BackfillLog(self._log_info, self._rows)
         state = state if state is not None else HealthState()
         for name in exchanges:
-            state.exchanges.setdefault(name, {"name": name, "breaker": "closed", "status": "starting"})
+            state.exchanges.setdefault(name, {"name": name, "breaker": "closed", "status": "starting",
+                                              "clock_offset_ms": None})
         self.settings = settings or HealthSettings()
         self.exchanges = state.exchanges
         self.series = state.series
@@ -175,6 +176,9 @@ class HealthActor(Child):
                 row.pop("detail", None)
             row["next_probe_in"] = message.detail.get("next_probe_in")
             row["openings"] = message.detail.get("openings", 0)  # how many times it has opened
+            # the exchange's clock minus ours, as measured from its answers (None: not yet)
+            offset = message.detail.get("clock_offset_ms")
+            row["clock_offset_ms"] = None if offset is None else round(offset)
         elif isinstance(message, StorageStatus):
             self.storage.update(ok=message.ok, detail=message.detail)
         elif isinstance(message, ClusterStatus):

@@ -15,9 +15,9 @@ from .market.candles import Candle, Row
 from .market.paging import Served
 
 __all__ = [
-    "Candle", "ClusterStatus", "ExchangeStatus", "FetchRequest", "FetchResult", "ForgetSeries", "LeaseLost", "Pause",
-    "Reset", "ResumePoint", "ResumeQuery", "Row", "SeriesKey", "SeriesStatus", "StorageStatus", "StoreChanged",
-    "StoredCandle", "Write", "Written",
+    "AcceptedGaps", "AcceptedGapsQuery", "Candle", "ClusterStatus", "ExchangeStatus", "FetchRequest", "FetchResult",
+    "ForgetSeries", "LeaseLost", "Pause", "Reset", "ResumePoint", "ResumeQuery", "Row", "SeriesKey", "SeriesStatus",
+    "StorageStatus", "StoreChanged", "StoredCandle", "Write", "Written",
 ]
 
 
@@ -46,6 +46,9 @@ class FetchRequest:
     reply_to: pykka.ActorRef[Any]
     priority: bool = False
     until: int | None = None
+    # [from, to) stretches an operator accepted as lost: rows there are left out of the answer
+    # before validation (the exchange keeps serving invalid candles there)
+    skip: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,23 @@ class ResumePoint:
     last_ts: int | None
     missing: tuple[tuple[int, int], ...]
     generation: str
+
+
+@dataclass(frozen=True)
+class AcceptedGapsQuery:
+    """A series whose candles fail validation asks which stretches an operator accepted as lost
+    (`ctl accept-gap`) end after `after_ms`: answered with `AcceptedGaps`."""
+
+    key: SeriesKey
+    after_ms: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@dataclass(frozen=True)
+class AcceptedGaps:
+    """[from, to) stretches an operator accepted as lost: left out of the series' requests."""
+
+    gaps: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)

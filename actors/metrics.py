@@ -61,6 +61,11 @@ class Metrics:
             "candlekeeper_refused_writes",
             "Candle writes refused because this node no longer holds the series' lease (clustering).", registry=r,
         )
+        self.candles_corrected = Counter(
+            "candlekeeper_candles_corrected",
+            "Stored candles rewritten because a later answer had other values for the same candle.",
+            registry=r,
+        )
         self.rate_limit_wait = Counter(
             "candlekeeper_rate_limit_wait_seconds",
             "Time requests were queued and held back only by the rate limiter.", ["exchange"], registry=r,

@@ -13,8 +13,8 @@ Failures: retryable errors are retried with full-jitter backoff (`RetryPolicy`),
 server's Retry-After; when a round of attempts is exhausted the failure counts toward the
 series' quarantine, which after `quarantine_after` failed rounds probes only on a slow schedule
 until one success releases it. A symbol the exchange does not list, or credentials the
-exchange refuses, make the series `invalid` (re-checked hourly, or at a `reset`); none of this
-touches other series or the exchange's breaker.
+exchange refuses, make the series `invalid` (asked again at every market refresh of its exchange,
+and at once on an operator's `reset`); none of this touches other series or the exchange's breaker.
 
 A market with trading hours (forex) is not polled while it is closed: a caught-up series waits
 for the first candle that closes after the market reopens, and says so (`reopens_ms`).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -34,11 +35,13 @@ from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import GiveUp, RetryConfig
 from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
-from .market.candles import timeframe_ms
+from .market.candles import InvalidCandles, timeframe_ms
 from .market.errors import EmptyAnswer, describe, is_retryable
 from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE
 from .market.progress import Gap, ListingSearch, Outcome, take
 from .messages import (
+    AcceptedGaps,
+    AcceptedGapsQuery,
     Candle,
     FetchRequest,
     FetchResult,
@@ -52,8 +55,8 @@ from .messages import (
     Write,
     Written,
 )
+from .stores.ranges import subtract_ranges
 
-INVALID_RECHECK_S = 3600.0
 STORE_RETRY_S = 1.0
 
 
@@ -86,6 +89,9 @@ class SeriesSettings:
     poll_spread: float = 0.0
     retry: RetryConfig = RetryConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    # an `invalid` series (a symbol the exchange does not list) asks again this often: its
+    # exchange's market refresh, so a new listing is picked up within one or two of those
+    invalid_recheck: float = 300.0
 
 
 class SeriesActor(Child):
@@ -134,6 +140,10 @@ class SeriesActor(Child):
         self._pending: tuple[tuple[Candle, ...], int, FetchResult, bool] | None = None
         self._stored_any = False  # this incarnation stored a candle (first_ever then no longer holds)
         self.search: ListingSearch | None = None
+        # stretches an operator accepted as lost (`ctl accept-gap`), left out of every request;
+        # learnt from the command, or from the store after candles failed validation
+        self._skip: list[tuple[int, int]] = []
+        self._ask_accepted = False
         self._timer: Any = None
         self._watchdog: Any = None
         self._reported: tuple[Any, ...] | None = None
@@ -158,6 +168,8 @@ class SeriesActor(Child):
             self._on_written(message)
         elif isinstance(message, ResumePoint):
             self._on_resume_point(message)
+        elif isinstance(message, AcceptedGaps):
+            self._on_accepted(message)
         elif isinstance(message, StoreChanged):
             self._on_store_changed(message)
         elif message is _TICK or isinstance(message, _Tick):
@@ -187,6 +199,32 @@ class SeriesActor(Child):
             self._next(priority=True)  # an operator is waiting: ahead of the exchange's queue
         self._report()
         return self.snapshot()
+
+    def accept_gap(self, start_ms: int, end_ms: int) -> dict[str, Any]:
+        """The operator accepted [start_ms, end_ms) as lost (a confirmed gap, already in the
+        store): leave it out from now on, and try again at once with a fresh retry state and
+        quarantine, so a series stuck on invalid candles there moves on."""
+        self._add_skip([(start_ms, end_ms)])
+        self.log.info("gap_accepted", gap_from=_iso(start_ms), gap_to=_iso(end_ms))
+        return self.reset()
+
+    def _add_skip(self, gaps: Iterable[tuple[int, int]]) -> None:
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted([*self._skip, *gaps]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        self._skip = merged
+
+    def _move_past_skipped(self) -> None:
+        """Never ask for a stretch an operator accepted as lost: the cursor jumps over it, holes
+        leave it out (done before a request, never while one is out: its answer is matched to
+        the request as it was)."""
+        for lo, hi in self._skip:
+            if lo <= self.cursor < hi:
+                self.cursor = hi
+        self.gaps_todo = subtract_ranges(self.gaps_todo, self._skip)
 
     def pause(self) -> dict[str, Any]:
         self.paused = True
@@ -234,6 +272,15 @@ class SeriesActor(Child):
         self._report()
         self._next()
 
+    def _on_accepted(self, msg: AcceptedGaps) -> None:
+        if self._outstanding is None or not isinstance(self._outstanding[0], AcceptedGapsQuery):
+            return
+        self._clear_wait()
+        if msg.gaps:
+            self._add_skip(msg.gaps)
+            self.log.info("accepted_gaps_skipped", gaps=[f"{_iso(a)} to {_iso(b)}" for a, b in msg.gaps[:5]])
+        self._next()
+
     def _on_store_changed(self, msg: StoreChanged) -> None:
         """Resync now when idle; a request or write in flight resyncs on its ack's generation."""
         if self.generation is None or msg.generation == self.generation or self._waiting_for is not None:
@@ -249,6 +296,13 @@ class SeriesActor(Child):
     def _next(self, *, priority: bool = False) -> None:
         if self.paused or self._waiting_for is not None:
             return
+        if self._ask_accepted:  # candles failed validation: has an operator accepted them as lost?
+            self._ask_accepted = False
+            token = next(self._tokens)
+            self._await(token, AcceptedGapsQuery(self.key, self.cursor, self.actor_ref), self.storage)
+            return
+        if self._skip:
+            self._move_past_skipped()
         until: int | None = None
         if self.gaps_todo:
             since, until = self.gaps_todo[0]
@@ -257,8 +311,9 @@ class SeriesActor(Child):
         else:
             since = self.cursor
         token = next(self._tokens)
+        skip = tuple((lo, hi) for lo, hi in self._skip if hi > since)
         req = FetchRequest(self.key, since, self.settings.page_limit, token, self.actor_ref, priority=priority,
-                           until=until)
+                           until=until, skip=skip)
         self._await(token, req, self.exchange)
 
     def _on_result(self, res: FetchResult) -> None:
@@ -333,6 +388,8 @@ class SeriesActor(Child):
     def _write(self, rows: list[Candle], gaps: list[Gap], next_cursor: int, res: FetchResult, more: bool) -> None:
         k = self.key
         token = next(self._tokens)
+        if self._skip:  # an accepted stretch is recorded as such already: never as another reason
+            gaps = [(a, b, why) for lo, hi, why in gaps for a, b in subtract_ranges([(lo, hi)], self._skip)]
         msg = Write(
             rows=tuple((k.exchange, k.symbol, k.timeframe, *c) for c in rows),
             gaps=tuple((k.exchange, k.symbol, k.timeframe, a, b, why) for a, b, why in gaps),
@@ -415,11 +472,14 @@ class SeriesActor(Child):
         if isinstance(error, ccxt.BadSymbol | ccxt.AuthenticationError):
             # asking again gets the same answer: a symbol the exchange does not list, or credentials
             # it refuses (a configuration problem; the exchange actor stops asking for them)
-            bad_symbol = isinstance(error, ccxt.BadSymbol)
-            self.log.error("symbol_not_listed" if bad_symbol else "credentials_refused", error=self.detail)
+            if self.status != "invalid":  # not again at every re-check
+                bad_symbol = isinstance(error, ccxt.BadSymbol)
+                self.log.error("symbol_not_listed" if bad_symbol else "credentials_refused", error=self.detail)
             self._set_status("invalid")
-            self._schedule(INVALID_RECHECK_S)
+            self._schedule(self.settings.invalid_recheck)
             return
+        if isinstance(error, InvalidCandles):
+            self._ask_accepted = True  # before the next attempt (see _next)
         self.attempt += 1
         decision = self.retry.decide(self.attempt, error, retry_after)
         if not isinstance(decision, GiveUp):

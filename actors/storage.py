@@ -25,6 +25,10 @@ whose lease has moved to another node (or that this node no longer holds at all)
 nothing of it is stored, the series is answered with the refusal, the refusal is counted
 (`candlekeeper_refused_writes_total`) and the cluster actor is told (`LeaseLost`), which
 stops the series here.
+
+Every row the store inserts or changes counts as stored; a row it held before with other values
+(a later answer corrected a candle) also counts as corrected, and says so in a log line.
+Subscribers get each candle once, when it is first stored.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
 from ..supervisors.scheduler import Timer
 from .fencing import Fences
+from .market.gaps import OPERATOR_ACCEPTED
 from .messages import (
+    AcceptedGaps,
+    AcceptedGapsQuery,
     LeaseLost,
     ResumePoint,
     ResumeQuery,
@@ -149,6 +156,8 @@ class StorageActor(Child):
             self._pending.append(message)
         elif message is _FLUSH:
             self._flush()
+        elif isinstance(message, AcceptedGapsQuery):
+            self._answer_accepted(message)
         elif isinstance(message, ResumeQuery):
             self._series[message.key] = message.reply_to
             self._answer_resume(message)
@@ -180,6 +189,12 @@ class StorageActor(Child):
         if active:
             return self._ask_write(lambda: self.store.add_series(exchange, symbol, timeframe, at))
         return self._ask_write(lambda: self.store.remove_series(exchange, symbol, timeframe, at))
+
+    def accept_gap(self, exchange: str, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> None:
+        """Record an operator's accepted gap (`ctl accept-gap`): [start_ms, end_ms) is confirmed
+        empty, never fetched again (a refusal carries the store's error, as for `add`)."""
+        self._ask_write(lambda: self.store.record_gap(exchange, symbol, timeframe, start_ms, end_ms,
+                                                      OPERATOR_ACCEPTED))
 
     def status(self) -> dict[str, Any]:
         """Whether the store can write now, and why not."""
@@ -234,6 +249,22 @@ class StorageActor(Child):
             return ResumePoint(last_ts=last, missing=tuple(missing), generation=self.generation)
 
         return self._with_store(read)
+
+    def _answer_accepted(self, q: AcceptedGapsQuery) -> None:
+        """The stretches an operator accepted as lost that end after `q.after_ms`: a series whose
+        candles fail validation asks, to leave them out of its requests (best effort: a store
+        that cannot answer now answers none, and the series asks again at its next failure)."""
+        k = q.key
+        try:
+            gaps = self._with_store(lambda: self.store.gap_reasons(k.exchange, k.symbol, k.timeframe))
+        except StoreError as exc:
+            self.log.info("accepted_gaps_unreadable", series=str(k), error=str(exc))
+            gaps = []
+        try:
+            q.reply_to.tell(AcceptedGaps(tuple((lo, hi) for lo, hi, why in gaps
+                                               if why == OPERATOR_ACCEPTED and hi > q.after_ms)))
+        except pykka.ActorDeadError:
+            pass  # restarted meanwhile: the new incarnation asks when it needs to
 
     # -- the store lost, recreated ---------------------------------------------------------
 
@@ -334,7 +365,9 @@ class StorageActor(Child):
                     refused[i] = f"refused: this node holds no lease of {_name(key)} (another node owns it)"
         live = [w for i, w in enumerate(writes) if i not in refused]
         rows: list[Row] = [r for w in live for r in w.rows]
-        fresh = self._not_yet_stored(live) if self.candles is not None and self.candles.has_subscribers else None
+        publish = self.candles is not None and self.candles.has_subscribers
+        # what the store held before: new rows go to subscribers, the other changed ones are corrections
+        have = self._stored_before(live) if rows and (publish or self.metrics is not None) else None
         if fence is None:
             changed = self.store.upsert(rows)
         elif fence:
@@ -354,16 +387,25 @@ class StorageActor(Child):
             if i not in refused:
                 for gap in w.gaps:
                     self.store.record_gap(*gap)
+        stored = [w for i, w in enumerate(writes) if i not in refused]
+        if have is not None:
+            stored_rows = rows if len(stored) == len(live) else [r for w in stored for r in w.rows]
+            corrected = changed - _new_rows(stored, stored_rows, have)
+            if corrected > 0:
+                self.log.info("candles_corrected", count=corrected,
+                              reason="a later answer had other values for candles already stored")
+                if self.metrics is not None:
+                    self.metrics.candles_corrected.inc(corrected)
         if self.metrics is not None:
             self.metrics.candles_stored.inc(changed)
             for i, w in enumerate(writes):
                 if w.rows and i not in refused:
                     self.metrics.written(w.rows[0][0], len(w.rows))
-        if fresh and self.candles is not None:
-            gone = {_key_of(writes[i]) for i in refused}
-            for row in fresh:
-                if row[:3] not in gone:
-                    self.candles.publish(StoredCandle(*row))
+        if publish and have is not None and self.candles is not None:
+            for w in stored:
+                for row in w.rows:
+                    if not have or row[:4] not in have:
+                        self.candles.publish(StoredCandle(*row))
         if refused:
             self._refused(writes, refused, fence or {})
         return refused
@@ -382,12 +424,11 @@ class StorageActor(Child):
         if self.cluster is not None:
             self.cluster.tell(LeaseLost(tuple(SeriesKey(*k) for k in keys)))
 
-    def _not_yet_stored(self, writes: list[Write]) -> list[Row]:
-        """The rows of these writes that the store does not hold yet (one range per write, all
+    def _stored_before(self, writes: list[Write]) -> set[tuple[str, str, str, int]]:
+        """The keys of these writes' rows that the store holds already (one range per write, all
         ranges asked in a few statements: see `Store.stored_keys`)."""
         ranges = [(*w.rows[0][:3], w.rows[0][3], w.rows[-1][3] + 1) for w in writes if w.rows]
-        have = self.store.stored_keys(ranges)
-        return [r for w in writes for r in w.rows if r[:4] not in have]
+        return self.store.stored_keys(ranges)
 
     # -- failing and recovering ------------------------------------------------------------
 
@@ -487,3 +528,22 @@ def _key_of(w: Write) -> tuple[str, str, str] | None:
 
 def _name(key: tuple[str, str, str]) -> str:
     return f"{key[0]}:{key[1]}@{key[2]}"
+
+
+def _new_rows(writes: list[Write], rows: list[Row], have: set[tuple[str, str, str, int]]) -> int:
+    """How many distinct candles of these writes the store did not hold (`have`: the stored keys
+    in their ranges). A write's rows are distinct and ascending; two writes of one series may
+    overlap (a write resent while the store was failing). Cheap in the common cases, a backfill
+    of new candles (nothing stored there) and polls (a row or two): no key set of every row."""
+    spans: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    for w in writes:
+        if w.rows:
+            spans.setdefault(w.rows[0][:3], []).append((w.rows[0][3], w.rows[-1][3]))
+    for ranges in spans.values():
+        ranges.sort()
+        if any(later[0] <= earlier[1] for earlier, later in itertools.pairwise(ranges)):
+            return len({r[:4] for r in rows} - have)
+    if not have:
+        return len(rows)
+    return sum(1 for r in rows if r[:4] not in have)
+

@@ -131,6 +131,7 @@ def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
         poll_spread=min(ex.ingest.poll_interval, series_count / per_second),
         retry=retry_config(ex.resilience),
         quarantine=quarantine_config(ex.resilience),
+        invalid_recheck=ex.markets_refresh,
     )
 
 

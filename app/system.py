@@ -10,6 +10,7 @@ Nothing here is global: two `System`s run side by side in one process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import threading
@@ -405,6 +406,51 @@ class System:
         self.health_address.tell(ForgetSeries(path))
         return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "removed": True}
 
+    def accept_gap(self, exchange: str, symbol: str, start: Any, end: Any, timeframe: str = "1m", *,
+                   reason: str = "operator") -> dict[str, Any]:
+        """Accept the candles opening in [start, end) of a series as lost: a confirmed gap (reason
+        `operator_accepted`), never fetched again, and the series moves past it, out of its
+        retries or quarantine (for a stretch the exchange keeps serving with candles that fail
+        validation). `start`/`end`: epoch ms, a datetime or an ISO 8601 string (naive = UTC), as
+        for `read_candles`; `end` no later than now (the candle still open is never included).
+        `reason` goes to the log line."""
+        ex = self._exchange_config(exchange)
+        tf_ms = _timeframe(timeframe)
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 200:
+            raise CommandError("reason must be a non-empty string of at most 200 characters")
+        sid = series_id(symbol, timeframe)
+        if not any(s.id == sid for s in self.blueprint.series_specs.get(ex.name, [])):
+            raise CommandError(f"no series {exchange}:{sid}")
+        now = int(self.runtime.wall() * 1000)
+        try:
+            lo, hi = data.parse_time(start, now_ms=now), data.parse_time(end, now_ms=now)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if hi > now:
+            raise CommandError(f"the gap must end by now ({data.iso(now)}), not at {data.iso(hi)}")
+        # the candles opening in [start, end), the one still open left out
+        lo, hi = -(-lo // tf_ms) * tf_ms, min(-(-hi // tf_ms) * tf_ms, now // tf_ms * tf_ms)
+        if lo >= hi:
+            raise CommandError(f"no {timeframe} candle opens in [{data.iso(lo)}, {data.iso(hi)}): "
+                               "the start must come before the end")
+        candles = (hi - lo) // tf_ms
+        _audit("accept_gap", target=f"{exchange}:{sid}", gap_from=data.iso(lo), gap_to=data.iso(hi), candles=candles,
+               reason=reason)
+        self._from_storage(self.storage.proxy().accept_gap(exchange, symbol, timeframe, lo, hi))
+        status = None
+        try:
+            targets = self._series_targets(exchange, symbol, timeframe)
+        except CommandError:
+            targets = []  # restarting: it resumes past the gap from the store
+        for ref in targets:
+            try:
+                status = ref.proxy().accept_gap(lo, hi).get(timeout=ASK_TIMEOUT).get("status")
+            except pykka.ActorDeadError:
+                pass
+        return {"exchange": exchange, "symbol": symbol, "timeframe": timeframe, "from": lo, "to": hi,
+                "from_iso": data.iso(lo), "to_iso": data.iso(hi), "candles": candles, "gap": "operator_accepted",
+                "reason": reason, "series_status": status}
+
     def _locate(self, target: Any, verb: str) -> tuple[pykka.ActorRef[Any], dict[str, Any]]:
         """The supervisor of the actor at `target` (its path below the root) and its child row."""
         if not isinstance(target, str) or not target.strip("/"):
@@ -527,11 +573,14 @@ class System:
             raise CommandError(f"storage unavailable: {exc}") from None
 
     def _listed(self, exchange: str, symbol: str) -> bool | None:
-        """Whether the exchange lists `symbol`; None when its markets are not loaded yet."""
+        """Whether the exchange lists `symbol`, by a fresh market list when the one it has does
+        not (a new listing is accepted at once); None when its markets cannot be loaded now."""
         try:
-            return self.blueprint.exchanges[exchange].proxy().lists(symbol).get(timeout=ASK_TIMEOUT)
-        except (pykka.ActorDeadError, pykka.Timeout):
+            answer = self.blueprint.exchanges[exchange].proxy().listing(symbol).get(timeout=ASK_TIMEOUT)
+            listed: bool | None = answer.result(timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout, concurrent.futures.TimeoutError):
             return None
+        return listed
 
 
 def check_port_free(listen: str) -> None:

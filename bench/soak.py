@@ -8,16 +8,22 @@ What it does: starts 5 simulated Binance exchanges (20 symbols each) in this pro
 config for them (with `[control] chaos = true`, the test-only switch that enables the `crash`
 command), and runs `python run.py --config ...` as a child process. For `--minutes` it plays a
 fault schedule drawn from `--seed` (same seed, same schedule, printed at the start): random
-5xx / 429 with Retry-After / 418 bans / resets / stalls / truncated JSON / short reads at one
+5xx / 429 with Retry-After / 418 bans / resets / stalls / truncated JSON / short reads / trickles at one
 exchange, full outages of one exchange at a time, a poisoned symbol, crashes injected into
-random actors, `kill -9` of the daemon and a restart, and deletion of the SQLite file. It then
+random actors, `kill -9` of the daemon and a restart, deletion of the SQLite file, its disk full
+and its write lock held by another process. It then
 lifts every fault, waits for the daemon to catch up (`--settle` seconds at most), stops it with
 SIGTERM, and checks the store against the exchanges' own history.
 
 The schedule first places one event of every required kind at a seeded random time: each random
-fault kind of `candlekeeper.simulator.faults.RANDOM_KINDS`, each `OutageMode` (in disjoint slots, so outages
-never overlap), one poison, one crash, one `kill -9` and one deletion of the SQLite file; the rest
-is filled with random events about every 12 s. Faults overlapping at one exchange add up. Before
+fault kind of `candlekeeper.simulator.faults.RANDOM_KINDS` and TRICKLE (an answer sent at 1 byte/s:
+only the daemon's whole-request deadline ends it), each `OutageMode` (in disjoint slots, so outages
+never overlap), one poison, one crash, one `kill -9`, one deletion of the SQLite file, and two
+storage faults from outside the process: the database's filesystem full (the database lives on a
+small tmpfs the soak fills to the last byte; needs root) and another process holding `BEGIN
+EXCLUSIVE` on it, each for 10-30 s, never near a `kill -9` or a deletion (a daemon started while
+its database is full or locked refuses to start, exit 2); the rest is filled with random events
+about every 12 s. Faults overlapping at one exchange add up. Before
 the storm, a calm phase (`--calm` seconds, no faults) measures the baselines of the same run: the
 initial backfill, the RSS after warm-up, the wait for `health`, 429s and restarts.
 
@@ -44,6 +50,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -64,7 +71,16 @@ from candlekeeper.surfaces.control import request
 ROOT = Path(__file__).resolve().parent.parent
 TF = 60_000
 RESULTS = ROOT / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
+BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"  # the 10-minute soak; other lengths: `markers`
+#: The per-request fault kinds the storm draws: every random kind, and TRICKLE (an answer at
+#: 1 byte/s, which only a whole-request deadline ends; opt-in in the simulator).
+SOAK_KINDS: tuple[FaultKind, ...] = (*RANDOM_KINDS, FaultKind.TRICKLE)
+#: Storage faults from outside the process: the database's filesystem full, another process
+#: holding the database's write lock. Never at the same time as a kill -9 or a deletion.
+STORAGE_ACTIONS = ("disk_full", "db_lock")
+DB_DIR = "db"  # the database's directory: a small tmpfs, so that it can be filled
+DB = f"{DB_DIR}/candles.db"
+TMPFS_SIZE = "64m"
 
 
 # -- the schedule ----------------------------------------------------------------------------
@@ -73,7 +89,7 @@ BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 @dataclass(frozen=True)
 class Event:
     at: float  # seconds from the start of the storm
-    action: str  # faults, outage, poison, crash, kill9, delete_db
+    action: str  # faults, outage, poison, crash, kill9, delete_db, disk_full, db_lock
     exchange: str = ""
     detail: str = ""  # fault kind, outage mode, poison kind or symbol, crash target
     duration: float = 0.0
@@ -110,8 +126,8 @@ def crash_target_kind(target: str) -> str:
 
 #: Kinds of event every storm of at least `MIN_FULL_S` seconds plays at least once.
 REQUIRED_KINDS: tuple[str, ...] = (
-    *(f"faults:{k.value}" for k in RANDOM_KINDS), *(f"outage:{m.value}" for m in OutageMode),
-    "poison", "crash", "kill9", "delete_db",
+    *(f"faults:{k.value}" for k in SOAK_KINDS), *(f"outage:{m.value}" for m in OutageMode),
+    "poison", "crash", "kill9", "delete_db", *STORAGE_ACTIONS,
 )
 MIN_FULL_S = 180.0
 
@@ -146,7 +162,7 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
                      rate: float | None = None) -> Event:
         ex = rng.choice(exchanges)
         if action == "faults":
-            kind = kind or rng.choice(RANDOM_KINDS).value
+            kind = kind or rng.choice(SOAK_KINDS).value
             drawn, length = rng.uniform(0.05, 0.15), rng.uniform(15, 40)
             return Event(at, action, ex, kind, duration=length if duration is None else duration,
                          rate=drawn if rate is None else rate)
@@ -161,6 +177,8 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
             target = rng.choice([f"{ex}/series/{sym}@1m", f"{ex}/series/{sym}@1m", f"{ex}/exchange", ex,
                                  f"{ex}/series", "storage", "health"])
             return Event(at, action, ex, target)
+        if action in STORAGE_ACTIONS:
+            return Event(at, action, duration=duration if duration is not None else rng.uniform(10, 30))
         return Event(at, action)
 
     # 1. required events. Outages: one per mode, each in its own slot of the storm, ending at
@@ -178,7 +196,7 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
     # minute closes and is silent in between, so a shorter fault can miss every request: these
     # last 65-80 s (spanning a burst) inside the storm, at a high rate (50 %), so each kind is
     # injected, not only scheduled (the report lists any that never was)
-    for kind in RANDOM_KINDS:
+    for kind in SOAK_KINDS:
         length = rng.uniform(65, 80)
         required.append(random_event("faults", rng.uniform(start, max(start, end - length)), kind.value,
                                      duration=length, rate=0.5))
@@ -190,6 +208,15 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         required.append(random_event("kill9", rng.uniform(start, start + (end - start) * 0.6)))
     for _ in range(deletions):
         required.append(random_event("delete_db", rng.uniform(start, start + (end - start) * 0.6)))
+    # storage faults after them (each in its own slot of the last 40 %): a daemon started while its
+    # database is full or locked refuses to start (exit 2), and a lock taken on a deleted file
+    # would create an empty one, so these never meet a kill -9 or a deletion
+    slot = (end - start) * 0.4 / len(STORAGE_ACTIONS)
+    for i, action in enumerate(STORAGE_ACTIONS):
+        lo = start + (end - start) * 0.6 + 15.0 + i * slot
+        duration = min(rng.uniform(10, 30), max(5.0, slot - 20.0))
+        required.append(random_event(action, rng.uniform(lo, max(lo, lo + slot - duration - 20.0)),
+                                     duration=duration))
 
     # 2. fill the rest at random, as before
     extra: list[Event] = []
@@ -198,9 +225,13 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         t += rng.expovariate(1 / 12.0)
         if t >= end:
             break
-        extra.append(random_event(rng.choices(["faults", "outage", "poison", "crash"], [5, 2, 1, 3])[0], t))
+        extra.append(random_event(rng.choices(["faults", "outage", "poison", "crash", *STORAGE_ACTIONS],
+                                              [5, 2, 1, 3, 0.5, 0.5])[0], t))
 
     outages = [(e.at, e.at + e.duration + 5.0) for e in required if e.action == "outage"]
+    # storage faults: none at once, and none within 20 s of a process event
+    stored_windows = [(e.at - 20.0, e.at + e.duration + 20.0) for e in required if e.action in STORAGE_ACTIONS]
+    process = [e.at for e in required if e.action in ("kill9", "delete_db")]
     out = list(required)
     for e in sorted(extra, key=lambda e: e.at):
         if e.action == "outage":
@@ -208,6 +239,12 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
             if any(lo < b and a < hi for a, b in outages):
                 continue
             outages.append((lo, hi))
+        if e.action in STORAGE_ACTIONS:
+            lo, hi = e.at - 20.0, e.at + e.duration + 20.0
+            if e.at + e.duration > end or any(lo < b and a < hi for a, b in stored_windows) \
+                    or any(lo < t < hi for t in process):
+                continue
+            stored_windows.append((lo, hi))
         out.append(e)
     out.sort(key=lambda e: e.at)
     if seconds >= MIN_FULL_S:
@@ -291,9 +328,11 @@ class Daemon:
 
 @dataclass
 class Sample:
-    at: float  # wall clock
+    at: float  # wall clock, when the answer came
+    sent: float  # wall clock, when it was asked (the state it shows is from in between)
     incarnation: int
     breakers: dict[str, tuple[str, int]]  # exchange -> (state, openings)
+    storage_ok: bool = True  # health's storage status
 
 
 HEALTH_TIMEOUT_S = 10.0
@@ -312,7 +351,7 @@ class Observations:
     health: list[HealthRequest] = field(default_factory=list)
     restarts: dict[int, dict[str, int]] = field(default_factory=dict)  # incarnation -> by kind
     rss: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # incarnation -> [(t, MB)]
-    requests: dict[str, list[float]] = field(default_factory=dict)  # exchange -> arrival times
+    requests: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # exchange -> (arrival, path)
     last_health: dict[str, Any] = field(default_factory=dict)
 
 
@@ -332,7 +371,7 @@ def observe(daemon: Daemon, obs: Observations, stop: threading.Event, interval: 
             obs.rss.setdefault(inc, []).append((time.monotonic(), proc.memory_info().rss / 2**20))
         except psutil.NoSuchProcess:
             continue
-        t0 = time.monotonic()
+        t0, sent = time.monotonic(), time.time()
         try:
             reply = request(daemon.socket, "health", timeout=HEALTH_TIMEOUT_S)
         except TimeoutError:
@@ -348,28 +387,42 @@ def observe(daemon: Daemon, obs: Observations, stop: threading.Event, interval: 
             continue
         health = reply["result"]
         obs.last_health = health
-        obs.samples.append(Sample(time.time(), inc, {
+        obs.samples.append(Sample(time.time(), sent, inc, {
             e["name"]: (e.get("breaker", "?"), int(e.get("openings") or 0)) for e in health["exchanges"]
-        }))
+        }, storage_ok=bool((health.get("storage") or {}).get("ok", True))))
         obs.restarts[inc] = dict(health.get("restarts_by_kind", {}))
 
 
-def requests_while_open(obs: Observations, exchange: str) -> int:
-    """Requests that arrived between two consecutive samples (< 2 s apart, same incarnation)
-    that both show this exchange's breaker open with the same opening count."""
+#: The exchange's heartbeat (its server time): also the probe of a half-open breaker.
+HEARTBEAT_PATHS = frozenset({"/api/v3/time", "/api/v3/ping"})
+
+
+def requests_while_open(obs: Observations, exchange: str, *, heartbeats: bool = False,
+                        found: list[str] | None = None) -> int:
+    """Requests that arrived after one sample was answered and before the next was asked (< 2 s
+    apart, same incarnation), both showing this exchange's breaker open with the same opening
+    count: the breaker provably stayed open in between. Candle and market requests, or with
+    `heartbeats` only the heartbeats (a half-open breaker's probe is one: its report may reach
+    health a moment after it is sent, so these are shown apart, not counted as violations)."""
     samples = obs.samples
     times = [s.at for s in samples]
     count = 0
-    for t in obs.requests.get(exchange, []):
+    for t, path in obs.requests.get(exchange, []):
+        if (path in HEARTBEAT_PATHS) != heartbeats:
+            continue
         i = bisect.bisect_right(times, t) - 1
         if i < 0 or i + 1 >= len(samples):
             continue
         a, b = samples[i], samples[i + 1]
-        if a.incarnation != b.incarnation or b.at - a.at > 2.0:
+        if a.incarnation != b.incarnation or b.at - a.at > 2.0 or t >= b.sent:
             continue
         sa, sb = a.breakers.get(exchange), b.breakers.get(exchange)
         if sa and sb and sa[0] == sb[0] == "open" and sa[1] == sb[1]:
             count += 1
+            if found is not None:
+                found.append(f"{exchange} {path} at {time.strftime('%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}"
+                             f" (open from {a.at - a.sent:.3f}-s-wide sample answered at +{t - a.at:.3f} s"
+                             f" to the next asked at +{b.sent - t:.3f} s, openings {sa[1]})")
     return count
 
 
@@ -410,13 +463,86 @@ def check_store(db: Path, sims: dict[str, BinanceSimulator], symbols: list[str],
             "invalid": invalid}
 
 
+# -- storage faults from outside the process -------------------------------------------------
+
+
+class Tmpfs:
+    """A small tmpfs mounted where the database lives, so that it can be filled (needs root);
+    without it the disk-full events are skipped, and the report says so."""
+
+    def __init__(self, where: Path, size: str = TMPFS_SIZE) -> None:
+        self.where = where
+        where.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                             check=False, capture_output=True, text=True)
+        self.mounted = res.returncode == 0
+        self.why = res.stderr.strip()
+
+    def unmount(self) -> None:
+        if self.mounted and subprocess.run(["umount", str(self.where)], check=False, capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(self.where)], check=False, capture_output=True)
+        self.mounted = False
+
+
+class Filler:
+    """Fills the database's filesystem to the last byte with one file; `release` frees it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "filler"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        chunk = b"\0" * 65536
+        while chunk:
+            try:
+                os.write(self.fd, chunk)
+            except OSError:  # ENOSPC: smaller pieces until not one byte fits
+                chunk = chunk[: len(chunk) // 2]
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            os.remove(self.path)
+
+
+LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+class Locker:
+    """Another process holding ``BEGIN EXCLUSIVE`` on the database until `release`."""
+
+    def __init__(self, db: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.held = self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
 def write_config(workdir: Path, sims: dict[str, BinanceSimulator], symbols: list[str], since: int,
                  rate: int) -> Path:
     lines = [
-        "[storage]", 'path = "candles.db"', "",
+        "[storage]", f'path = "{DB}"', "",
         "[control]", 'socket = "ctl.sock"', "chaos = true  # test-only: enables the crash command", "",
         "[ingest]", f'since = "{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since / 1000))}"',
         'poll_interval = "5s"', "",
@@ -459,6 +585,9 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ck-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    tmpfs = Tmpfs(workdir / DB_DIR)
+    if not tmpfs.mounted:
+        print(f"no tmpfs for the database ({tmpfs.why or 'mount failed'}; needs root): disk-full events skipped")
     seconds = args.minutes * 60
     names = [f"ex{i}" for i in range(args.exchanges)]
     symbols = synthetic_symbols(args.symbols)
@@ -479,7 +608,7 @@ def main() -> None:
         arrivals = obs.requests.setdefault(name, [])
         sims[name] = BinanceSimulator(symbols, name=name, seed=i, history_start_ms=since - 3600_000,
                                       faults=base[name],
-                                      on_request=lambda *_, a=arrivals: a.append(time.time())).start()
+                                      on_request=lambda path, *_, a=arrivals: a.append((time.time(), path))).start()
     config = write_config(workdir, sims, symbols, since, args.rate)
     daemon = Daemon(workdir, config)
     stop_observing = threading.Event()
@@ -530,6 +659,18 @@ def main() -> None:
         f = dataclasses.replace(base[name], rates=rates, outage=a["outage"], poisoned=poisoned)
         sims[name].set_faults(f)
 
+    fillers: dict[int, Filler] = {}
+    lockers: dict[int, Locker] = {}
+    storage_skipped: list[str] = []
+
+    def release_storage() -> None:
+        for held in fillers.values():
+            held.release()
+        for lock in lockers.values():
+            lock.release()
+        fillers.clear()
+        lockers.clear()
+
     t0 = time.monotonic()
     try:
         for at, phase, e in timeline:
@@ -573,9 +714,28 @@ def main() -> None:
             elif e.action == "delete_db":
                 for suffix in ("", "-wal", "-shm"):
                     try:
-                        os.unlink(workdir / f"candles.db{suffix}")
+                        os.unlink(workdir / f"{DB}{suffix}")
                     except FileNotFoundError:
                         pass
+            elif e.action == "disk_full":
+                if phase == "end":
+                    held = fillers.pop(id(e), None)
+                    if held is not None:
+                        held.release()
+                elif tmpfs.mounted:
+                    fillers[id(e)] = Filler(workdir / DB_DIR)
+                else:
+                    storage_skipped.append(e.kind)
+            elif e.action == "db_lock":
+                if phase == "end":
+                    lock = lockers.pop(id(e), None)
+                    if lock is not None:
+                        lock.release()
+                else:
+                    lock = Locker(workdir / DB)
+                    lockers[id(e)] = lock
+                    if not lock.held:
+                        storage_skipped.append(e.kind)
         while time.monotonic() < t0 + seconds:
             time.sleep(min(1.0, t0 + seconds - time.monotonic()))
             daemon.check_alive()
@@ -583,6 +743,7 @@ def main() -> None:
         # the storm is over: lift every fault, let the daemon catch up, stop it
         for name in names:
             sims[name].set_faults(base[name])
+        release_storage()
         storm_end = time.monotonic()
         settled = False
         cutoff = 0
@@ -597,7 +758,7 @@ def main() -> None:
             if caught_up(health, newest_closed, len(names) * len(symbols)):
                 # health says caught up; the store must agree (a recreated store refills later)
                 try:
-                    done = check_store(workdir / "candles.db", sims, symbols, since, newest_closed + TF,
+                    done = check_store(workdir / DB, sims, symbols, since, newest_closed + TF,
                                        int(time.time() * 1000))["missing"] == 0
                 except sqlite3.Error:
                     done = False
@@ -612,13 +773,17 @@ def main() -> None:
         observer.join(15)
         exit_code = daemon.stop()
         stopped_ms = int(time.time() * 1000)
-        store = check_store(workdir / "candles.db", sims, symbols, since, cutoff, stopped_ms)
+        store = check_store(workdir / DB, sims, symbols, since, cutoff, stopped_ms)
     finally:
         stop_observing.set()
+        release_storage()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
         for sim in sims.values():
             sim.stop()
+        if (workdir / DB).exists():
+            shutil.copy2(workdir / DB, workdir / "candles-final.db")  # the tmpfs goes with the unmount
+        tmpfs.unmount()
 
     stats = [sim.stats() for sim in sims.values()]
     injected_429 = sum(s.by_fault.get(FaultKind.HTTP_429, 0) for s in stats)
@@ -633,10 +798,11 @@ def main() -> None:
     health_ms = sorted(h.wait_ms for h in obs.health if h.wait_ms is not None)
     calm_health = [h for h in obs.health if h.at < calm_end]
     calm_ms = sorted(h.wait_ms for h in calm_health if h.wait_ms is not None)
+    while_open: list[str] = []
     injected: dict[str, int] = {}
     for st in stats:
         for kind, n in st.by_fault.items():
-            if kind in RANDOM_KINDS:
+            if kind in SOAK_KINDS:
                 injected[kind.value] = injected.get(kind.value, 0) + n
     calm_injected_429 = sum(s.by_fault.get(FaultKind.HTTP_429, 0) for s in calm_stats)
     calm_limiter_429 = sum(s.by_fault.get(FaultKind.RATE_LIMIT, 0) for s in calm_stats)
@@ -657,7 +823,9 @@ def main() -> None:
         "unexpected_exits": daemon.unexpected_exits,
         "incarnations": daemon.incarnation,
         "requests_total": sum(s.total for s in stats),
-        "requests_while_open": {n: requests_while_open(obs, n) for n in names},
+        "requests_while_open": {n: requests_while_open(obs, n, found=while_open) for n in names},
+        "requests_while_open_seen": while_open[:20],
+        "heartbeats_while_open": {n: requests_while_open(obs, n, heartbeats=True) for n in names},
         "breaker_openings_seen": sum(
             max((s.breakers.get(n, ("", 0))[1] for s in obs.samples if s.incarnation == inc), default=0)
             for n in names for inc in {s.incarnation for s in obs.samples}
@@ -666,6 +834,10 @@ def main() -> None:
         "http_429_injected": injected_429,
         "http_429_rate_limiter": limiter_429,
         "http_418_received": sum(s.http_418 for s in stats),
+        "storage_failing_samples": sum(1 for smp in obs.samples if not smp.storage_ok),
+        "storage_faults_skipped": storage_skipped,
+        "storage_log": log_counts(workdir / "daemon.log", ("storage_failing", "storage_recovered",
+                                                           "store_write_failed", "candles_corrected")),
         "restarts_by_kind": restarts,
         "peak_rss_mb": round(peak_rss, 1),
         "rss_growth_pct_longest_incarnation": growth,
@@ -697,8 +869,27 @@ def main() -> None:
         (workdir / "RESULTS-section.md").write_text(section + "\n")
         print(f"RESULTS.md section (not written, --no-write): {workdir / 'RESULTS-section.md'}")
     else:
-        update_results(section)
+        update_results(section, args.minutes)
     print(json.dumps(result))
+
+
+def log_counts(log: Path, events: tuple[str, ...]) -> dict[str, int]:
+    """How many log lines of each event the daemon wrote (its JSON lines, every incarnation)."""
+    counts = dict.fromkeys(events, 0)
+    try:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if '"event"' not in line:
+                    continue
+                try:
+                    event = json.loads(line).get("event")
+                except ValueError:
+                    continue
+                if event in counts:
+                    counts[event] += 1
+    except OSError:
+        pass
+    return counts
 
 
 def quantile(sorted_ms: list[float], q: float) -> float | None:
@@ -737,12 +928,15 @@ def report(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespac
           f"duplicated {r['duplicated']}, invalid {r['invalid']}")
     print(f"settled: {r['settled']} in {r['settle_s']} s; daemon exit code {r['daemon_exit_code']}; "
           f"incarnations {r['incarnations']}; unexpected exits {r['unexpected_exits']}")
-    print(f"requests: {r['requests_total']}; while breaker open: {r['requests_while_open']}; "
-          f"breaker openings seen: {r['breaker_openings_seen']}")
+    print(f"requests: {r['requests_total']}; while breaker open: {r['requests_while_open']} (heartbeats, the "
+          f"probes among them: {r['heartbeats_while_open']}); breaker openings seen: {r['breaker_openings_seen']}")
     print(f"429s: {r['http_429_received']} (injected {r['http_429_injected']}, "
           f"server rate limiter {r['http_429_rate_limiter']}); 418s: {r['http_418_received']}")
     print(f"restarts by kind: {r['restarts_by_kind']}; events: {r['events']}")
     print(f"events played by kind: {fmt_counts(r['events_by_kind'])}")
+    print(f"storage: failing in {r['storage_failing_samples']} health samples; daemon log: "
+          f"{fmt_counts(r['storage_log'])}" + (f"; skipped: {', '.join(r['storage_faults_skipped'])}"
+                                               if r["storage_faults_skipped"] else ""))
     print(f"random faults injected by the exchanges (requests): {fmt_counts(r['faults_injected'])}")
     if r["faults_never_injected"]:
         print(f"scheduled but never injected (no request drew them): {', '.join(r['faults_never_injected'])}")
@@ -772,7 +966,8 @@ def write_results(r: dict[str, Any], crash_refusals: list[str], args: argparse.N
     if crash_refusals:
         refused += " (" + "; ".join(x.replace("|", "/") for x in crash_refusals) + ")"
     cmd = f"python bench/soak.py --minutes {args.minutes:g} --seed {args.seed}"
-    section = f"""{BEGIN}
+    begin, end = markers(args.minutes)
+    section = f"""{begin}
 ## Chaos soak: `{cmd}` ({time.strftime("%Y-%m-%d")})
 
 {args.exchanges} exchanges × {args.symbols} symbols, 1m candles, {args.lookback_hours:g} h of history, the daemon as a
@@ -788,9 +983,10 @@ Random faults injected by the exchanges (requests): {fmt_counts(r["faults_inject
 | candles expected / stored | {r["expected"]} / {r["stored"]} | – | equal | {"yes" if r["expected"] == r["stored"] else "**no**"} |
 | missing / duplicated / invalid | {r["missing"]} / {r["duplicated"]} / {r["invalid"]} | – | 0 / 0 / 0 | {"yes" if exact else "**no**"} |
 | caught up after the storm | {"yes" if r["settled"] else "no"}, in {r["settle_s"]} s | {backfill} | yes | {"yes" if r["settled"] else "**no**"} |
-| requests reaching an exchange while its breaker was open | {open_reqs} (openings seen: {r["breaker_openings_seen"]}) | – | 0 | {"yes" if open_reqs == 0 else "**no**"} |
+| candle and market requests reaching an exchange while its breaker was open | {open_reqs} (openings seen: {r["breaker_openings_seen"]}; heartbeats, a half-open breaker's probe among them, seen while health still said open: {sum(r["heartbeats_while_open"].values())}) | – | 0 | {"yes" if open_reqs == 0 else "**no**"} |
 | 429s received | {r["http_429_received"]}: {r["http_429_injected"]} injected, {r["http_429_rate_limiter"]} from the server's limiter | {calm}: {b["http_429_received"]}, {b["http_429_rate_limiter"]} from the limiter | limiter: 0 | {"yes" if r["http_429_rate_limiter"] == 0 else "**no**"} |
 | restarts by kind | {fmt_counts(r["restarts_by_kind"])} | {calm}: {fmt_counts(b["restarts_by_kind"])} | | |
+| storage faults (disk full, database locked by another process) | storage failing in {r["storage_failing_samples"]} health samples (every 0.5 s); log lines: {fmt_counts(r["storage_log"])}{"; skipped: " + ", ".join(r["storage_faults_skipped"]) if r["storage_faults_skipped"] else ""} | – | recovered by itself, store exact | {"yes" if exact and r["settled"] and not r["storage_faults_skipped"] else "**no**"} |
 | daemon incarnations (kill -9 restarts) / unexpected exits | {r["incarnations"]} / {len(r["unexpected_exits"])} | – | – / 0 | {"yes" if not r["unexpected_exits"] else "**no**"} |
 | peak RSS | {r["peak_rss_mb"]} MB | after warm-up (end of the {calm}): {b["rss_mb"]} MB | | |
 | RSS growth, longest incarnation (after warm-up) | {growth if growth is not None else "n/a (too short)"} % | – | < 10 % | {"n/a" if growth is None else ("yes" if growth < 10 else "**no**")} |
@@ -800,14 +996,22 @@ Random faults injected by the exchanges (requests): {fmt_counts(r["faults_inject
 | clean exit on SIGTERM | exit code {r["daemon_exit_code"]} | – | 0 | {"yes" if r["daemon_exit_code"] == 0 else "**no**"} |
 
 Last line of its output: `{json.dumps({k: r[k] for k in ("expected", "stored", "missing", "duplicated", "invalid")})}`
-{END}"""
+{end}"""
     return section
 
 
-def update_results(section: str) -> None:
+def markers(minutes: float) -> tuple[str, str]:
+    """The RESULTS.md markers of a soak of this length: each length keeps its own section."""
+    if minutes == 10:
+        return BEGIN, END
+    return f"<!-- soak-{minutes:g}m:begin -->", f"<!-- soak-{minutes:g}m:end -->"
+
+
+def update_results(section: str, minutes: float = 10) -> None:
+    begin, end = markers(minutes)
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)

@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token for a TCP control listener (--socket tcp://HOST:PORT); default $CANDLEKEEPER_TOKEN")
     ctl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ctl.add_argument("-n", type=int, default=1, help="latest: how many candles, 1-1000 (default 1)")
+    ctl.add_argument("--reason", help="accept-gap: why, for the log line (default: operator)")
     ctl.add_argument("cmd", choices=CTL_COMMANDS)
     ctl.add_argument("target", nargs="?", help="EXCHANGE[:SYMBOL[@TIMEFRAME]] (reset, pause, resume, add, remove, "
-                                               "latest, coverage) or an actor path (restart, crash)")
+                                               "latest, coverage, accept-gap) or an actor path (restart, crash)")
+    ctl.add_argument("times", nargs="*", metavar="FROM TO",
+                     help="accept-gap: the stretch, ISO 8601 (UTC unless stated) or epoch ms; TO exclusive")
 
     ex = sub.add_parser("export", help="write stored candles to CSV, JSON lines, Parquet or freqtrade's files",
                         description="Read candles straight from the database (read-only: the daemon may run "
@@ -83,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CTL_COMMANDS = ["health", "tree", "top", "coverage", "reset", "pause", "resume", "restart", "add", "remove", "latest",
-                "shutdown", "crash", "cluster"]
-NEEDS_SERIES = ("add", "remove", "latest")
+                "accept-gap", "shutdown", "crash", "cluster"]
+NEEDS_SERIES = ("add", "remove", "latest", "accept-gap")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +245,7 @@ def run_ctl(args: argparse.Namespace) -> int:
         params["token"] = args.token
 
     def call(cmd: str, **extra: Any) -> dict[str, Any]:
-        return request(path, cmd, **{**params, **extra})
+        return request(path, cmd.replace("-", "_"), **{**params, **extra})  # accept-gap is accept_gap
 
     try:
         if args.cmd == "top":
@@ -342,6 +345,14 @@ def _ctl_params(args: argparse.Namespace) -> dict[str, Any]:
     cmd, target = args.cmd, args.target
     if cmd == "latest" and not 1 <= args.n <= 1000:
         raise ValueError(f"-n must be 1-1000, got {args.n}")
+    times = getattr(args, "times", None) or []
+    if cmd == "accept-gap" and len(times) != 2:
+        raise ValueError("accept-gap needs EXCHANGE:SYMBOL[@TIMEFRAME] FROM TO, e.g. binance:BTC/USDT "
+                         "2024-03-01T10:00 2024-03-01T10:30")
+    if cmd != "accept-gap" and times:
+        raise ValueError(f"{cmd} takes one target at most, got also {' '.join(times)!r}")
+    if getattr(args, "reason", None) is not None and cmd != "accept-gap":
+        raise ValueError("--reason is for accept-gap")
     if cmd in ("health", "tree", "top", "shutdown", "cluster"):
         if target:
             raise ValueError(f"{cmd} takes no target")
@@ -368,6 +379,9 @@ def _ctl_params(args: argparse.Namespace) -> dict[str, Any]:
         params["timeframe"] = timeframe or "1m"
     if cmd == "latest":
         params["n"] = args.n
+    if cmd == "accept-gap":
+        params["from"], params["to"] = (int(t) if t.isdigit() else t for t in times)
+        params["reason"] = args.reason
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -505,6 +519,10 @@ def _human(cmd: str, result: Any) -> str:
             return f"added {_series_name(result)} (kept across restarts)"
         if cmd == "remove":
             return f"removed {_series_name(result)} (its stored candles stay)"
+        if cmd == "accept-gap":
+            return (f"accepted {_series_name(result)} {result.get('from_iso')} .. {result.get('to_iso')} "
+                    f"({result.get('candles')} candles) as a confirmed gap ({result.get('gap')}); "
+                    f"the series moves past it (now {result.get('series_status') or 'not running'})")
         if cmd == "restart":
             return f"restarted {result.get('restarted')}"
         if cmd == "crash":

@@ -184,6 +184,19 @@ def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
             raise ValueError("'counts' must be a boolean")
         return system.health(counts=counts)
 
+    def moment(req: dict[str, Any], name: str) -> Any:
+        value = req.get(name)
+        if value is None:
+            raise ValueError(f"missing '{name}' (an ISO 8601 time, or epoch milliseconds)")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"'{name}' must be an ISO 8601 string or an integer (epoch milliseconds)")
+        return value
+
+    def accept_gap(req: dict[str, Any]) -> Any:
+        exchange, symbol, timeframe = series(req)
+        return system.accept_gap(exchange, symbol, moment(req, "from"), moment(req, "to"), timeframe,
+                                 reason=text(req, "reason", default="operator"))
+
     def count(req: dict[str, Any]) -> int:
         n = req.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool):
@@ -201,6 +214,7 @@ def commands(system: System) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "restart": lambda req: restart(text(req, "target")),
         "add": lambda req: system.add_series(*series(req)),
         "remove": lambda req: system.remove_series(*series(req)),
+        "accept_gap": accept_gap,
         "latest": lambda req: system.latest(*series(req), n=count(req)),
         "shutdown": lambda req: AfterReply({"stopping": True}, system.shutdown),
         "crash": lambda req: system.crash(text(req, "target"), text(req, "reason", default="injected crash")),

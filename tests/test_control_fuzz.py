@@ -7,8 +7,8 @@ vanish and more clients than it serves at once. Each request must get exactly on
 reply, in order, its id echoed; bad framing must get an error reply or a closed connection; and
 after every case a fresh client's `health` is answered ok and the daemon's threads have not grown.
 
-Mutations are kept harmless: `shutdown` and `crash` are never sent, `restart`/`add`/`remove` only
-name things that do not exist, and `pause` is undone (`resume`) after each test.
+Mutations are kept harmless: `shutdown` and `crash` are never sent, `restart`/`add`/`remove`/
+`accept_gap` only name things that do not exist, and `pause` is undone (`resume`) after each test.
 
 `CANDLEKEEPER_FUZZ_EXAMPLES=1000 python -m pytest tests/test_control_fuzz.py` fuzzes longer;
 `CANDLEKEEPER_FUZZ_SHRINK=1` shrinks a failing example (slow when the failure is a hang).
@@ -226,7 +226,7 @@ def check_reply(obj: Any, reply: Any) -> None:
     cmd = obj.get("cmd")
     if not isinstance(cmd, str):
         assert reply["ok"] is False and "'cmd' must be a string" in reply["error"], reply
-    elif cmd not in ("health", "tree", "reset", "pause", "resume", "restart", "add", "remove", "latest"):
+    elif cmd not in ("health", "tree", "reset", "pause", "resume", "restart", "add", "remove", "latest", "accept_gap"):
         assert reply["ok"] is False and "unknown command" in reply["error"], reply
     elif cmd in ("health", "tree"):
         assert reply["ok"] is True, reply
@@ -258,7 +258,7 @@ def harmless(obj: Any) -> bool:
         return not (isinstance(target, str) and target.strip("/").removeprefix("root/") in REAL_PATHS)
     if cmd == "add":
         return not (obj.get("exchange") == "binance" and obj.get("symbol") == SYMBOL)
-    if cmd == "remove":
+    if cmd in ("remove", "accept_gap"):
         return not (obj.get("exchange") == "binance" and obj.get("symbol") == SYMBOL
                     and obj.get("timeframe", "1m") == "1m")
     return True
@@ -280,7 +280,7 @@ values = st.recursive(
     max_leaves=12,
 )
 ids = st.one_of(scalars, extensions, st.lists(scalars, max_size=3), st.dictionaries(text, scalars, max_size=2))
-commands = ["health", "tree", "reset", "pause", "resume", "latest", "add", "remove", "restart"]
+commands = ["health", "tree", "reset", "pause", "resume", "latest", "add", "remove", "restart", "accept_gap"]
 args = {
     "exchange": st.one_of(st.sampled_from(["binance", "", "BINANCE", "kraken", "binance "]), text, values),
     "symbol": st.one_of(st.sampled_from([SYMBOL, "ETH/USDT", "btc/usdt", "BTC", "/", "BTC/USDT:USDT", ""]), text,
@@ -293,6 +293,10 @@ args = {
                          "storage/x", "binance/exchange/x", "root/root/storage", "../storage"]),
         text, values),
     "reason": values,
+    "from": st.one_of(st.sampled_from(["2024-01-01", "2024-01-01T00:00:00Z", "now", "30d", "", "x"]),
+                      st.integers(-(2**63), 2**64 - 1), values),
+    "to": st.one_of(st.sampled_from(["2024-01-02", "now", "1h", "2100-01-01", ""]), st.integers(-(2**63), 2**64 - 1),
+                    values),
 }
 
 

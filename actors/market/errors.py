@@ -30,6 +30,11 @@ class EmptyAnswer(BadResponse):
     is listed, and the stretch asked for is closed (a glitch, a trading halt, a delisting)."""
 
 
+class ListedSymbolRefused(BadResponse):
+    """The exchange refused a symbol its own market list has (BadSymbol for a listed market):
+    transient, retried, until a refreshed market list says the symbol is gone."""
+
+
 @dataclass(frozen=True)
 class ErrorClass:
     """The answers to every question asked of one failure.

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-GapReason = Literal["before_listing", "no_trades", "beyond_reach", "exchange_hole", "market_closed"]
+GapReason = Literal["before_listing", "no_trades", "beyond_reach", "exchange_hole", "market_closed",
+                    "operator_accepted"]
 
 BEFORE_LISTING: GapReason = "before_listing"  # the market did not exist yet
 NO_TRADES: GapReason = "no_trades"  # the exchange leaves out minutes without trades
 BEYOND_REACH: GapReason = "beyond_reach"  # older than the history the exchange serves
 EXCHANGE_HOLE: GapReason = "exchange_hole"  # the exchange has candles after it but none there
 MARKET_CLOSED: GapReason = "market_closed"  # a market with trading hours (forex weekends)
+# an operator accepted the stretch as lost (`ctl accept-gap`): the exchange serves nothing valid there
+OPERATOR_ACCEPTED: GapReason = "operator_accepted"
 
-REASONS: tuple[GapReason, ...] = (BEFORE_LISTING, NO_TRADES, BEYOND_REACH, EXCHANGE_HOLE, MARKET_CLOSED)
+REASONS: tuple[GapReason, ...] = (BEFORE_LISTING, NO_TRADES, BEYOND_REACH, EXCHANGE_HOLE, MARKET_CLOSED,
+                                  OPERATOR_ACCEPTED)
