@@ -68,7 +68,8 @@ class ExchangeSettings:
 
     `source` builds the exchange's client (`CcxtSource`, `OandaSource`...) given the wall clock.
     `rate_limit`, when set, replaces the exchange's own budget: that many requests a second, each
-    costing one. `retry` paces market-list reloads after a failure (unbounded attempts there)."""
+    costing one (the exchange's own counts, where it reports them, still hold requests back).
+    `retry` paces market-list reloads after a failure (unbounded attempts there)."""
 
     name: str  # the config's name for the exchange (`[exchanges.NAME]`)
     source: SourceFactory
@@ -91,6 +92,7 @@ class _Done:
     sent_at: float  # local monotonic
     sent_wall: float
     duration: float
+    charged: float = 0.0  # units of the exchange's budget charged when it was sent
 
 
 class _Pump:
@@ -145,18 +147,18 @@ class ExchangeActor(Child):
         self._refused_checks = 0
         self._verify = False  # a candle request was refused for its credentials: check them first
         self._refused_series: dict[SeriesKey, Any] = {}  # told to try again when the credentials work
+        self._costs: dict[str, float] = {}  # each request kind's cost, as the last answer said
+        self._in_flight_cost = 0.0  # budget units of the requests sent and not answered yet
+        self._held_window: float | None = None  # the exchange's window a hold was logged for
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def on_start(self) -> None:
         self.source = self.settings.source(self.runtime.wall)
         profile = self.source.profile
-        if self.settings.rate_limit is not None:
-            rate, burst = self.settings.rate_limit, 1.0
-        else:
-            rate, burst = profile.rate, max(profile.costs.values(), default=1.0)
-        self.governor = RateGovernor(rate, clock=self.runtime.clock, burst=burst)
-        per_request = rate / (1.0 if self.settings.rate_limit is not None else profile.cost("ohlcv"))
+        self._costs = dict(profile.costs)
+        self.governor = self._new_governor()
+        per_request = self.governor.rate / self._pace_cost("ohlcv")
         self.concurrency = max(1, min(16, int(per_request * self.settings.timeout)))
         self.loop = LoopThread(f"{self.path}/io")
         self._last_sent = self.runtime.clock()
@@ -201,8 +203,7 @@ class ExchangeActor(Child):
         """Operator reset: close the breaker and lift any rate-limit hold, then drain the queue."""
         self.breaker.reset()
         if self.governor is not None:
-            self.governor = RateGovernor(self.governor.rate, clock=self.runtime.clock,
-                                         burst=max(1.0, self._burst()))
+            self.governor = self._new_governor()
         self._markets_retry_at = 0.0
         self._load_attempt = 0
         if self._refused is not None:
@@ -237,15 +238,26 @@ class ExchangeActor(Child):
 
     # -- admission -----------------------------------------------------------------------
 
-    def _burst(self) -> float:
-        if self.source is None or self.settings.rate_limit is not None:
-            return 1.0
-        return max(self.source.profile.costs.values(), default=1.0)
+    def _new_governor(self) -> RateGovernor:
+        """Paced at the configured `rate_limit` (requests a second, in a one-second window), else
+        at the exchange's own budget, in the window it counts in."""
+        assert self.source is not None
+        if self.settings.rate_limit is not None:
+            return RateGovernor(self.settings.rate_limit, clock=self.runtime.clock, window_s=1.0)
+        profile = self.source.profile
+        return RateGovernor(profile.rate, clock=self.runtime.clock, window_s=profile.window_s)
 
     def _cost(self, kind: str) -> float:
-        if self.settings.rate_limit is not None or self.source is None:
-            return 1.0
-        return self.source.profile.cost(kind)
+        """What a request of `kind` costs in the exchange's own budget: what the last answer to
+        one said (ccxt's charge for the endpoint it used, in the exchange's unit), else the
+        profile's first guess."""
+        if kind in self._costs:
+            return self._costs[kind]
+        return self.source.profile.cost(kind) if self.source is not None else 1.0
+
+    def _pace_cost(self, kind: str) -> float:
+        """What a request costs of the pace: one with a configured `rate_limit`, else its cost."""
+        return 1.0 if self.settings.rate_limit is not None else self._cost(kind)
 
     def _enqueue(self, req: FetchRequest) -> None:
         markets = self._markets
@@ -274,6 +286,7 @@ class ExchangeActor(Child):
         if wait > 0:
             if self._held_since is None:
                 self._held_since = self.runtime.clock()
+            self._log_exchange_hold(cost)
             self._pump_later(wait)
             return False
         self._end_rate_limit_wait()
@@ -283,10 +296,23 @@ class ExchangeActor(Child):
                 self._pump_later(probe_in)
             self._report()
             return False
-        self.governor.take(cost)
+        self.governor.take(self._pace_cost(kind), counted=cost)
         self.requests_sent += 1
         self._last_sent = self.runtime.clock()
         return True
+
+    def _log_exchange_hold(self, cost: float) -> None:
+        """Say once per window of the exchange's that its own count (other clients on this
+        address included) holds requests until the window resets."""
+        assert self.governor is not None
+        hold = self.governor.exchange_hold(cost)
+        if hold <= 0:
+            return
+        window = round(self.runtime.clock() + hold)
+        if window != self._held_window:
+            self._held_window = window
+            self.log.info("rate_budget_held", hold_s=round(hold, 2), in_flight=round(self._in_flight_cost, 2),
+                          **self.governor.view())
 
     def _pump(self) -> None:
         if self.loop is None:
@@ -344,6 +370,8 @@ class ExchangeActor(Child):
     def _submit(self, kind: str, coro: Coroutine[Any, Any, Any], req: FetchRequest | None) -> None:
         assert self.loop is not None
         self._busy += 1
+        charged = self._cost(kind)  # what `_admit` just charged for it
+        self._in_flight_cost += charged
         sent_at, sent_wall = self.runtime.clock(), self.runtime.wall()
         future = self.loop.submit(coro)
         ref, clock = self.actor_ref, self.runtime.clock
@@ -362,7 +390,8 @@ class ExchangeActor(Child):
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
                 error = exc
             try:
-                ref.tell(_Done(kind, req, result, error, retry_after, answer, sent_at, sent_wall, clock() - sent_at))
+                ref.tell(_Done(kind, req, result, error, retry_after, answer, sent_at, sent_wall, clock() - sent_at,
+                               charged))
             except pykka.ActorDeadError:
                 pass  # stopped meanwhile: the series ask the next incarnation
 
@@ -400,7 +429,8 @@ class ExchangeActor(Child):
 
     async def _markets_call(self) -> tuple[dict[str, MarketInfo], Answer]:
         assert self.source is not None
-        return await self.source.load_markets(), Answer()
+        markets = await self.source.load_markets()
+        return markets, getattr(self.source, "markets_answer", None) or Answer()  # their cost, if told
 
     async def _heartbeat_call(self) -> tuple[None, Answer]:
         assert self.source is not None
@@ -531,7 +561,7 @@ class ExchangeActor(Child):
         self._learn(done)
         if self.metrics is not None:
             self.metrics.request(self.settings.name, done.error, done.duration)
-        self._record_outcome(done.error, done.duration, done.retry_after)
+        self._record_outcome(done.error, done.duration, done.retry_after, sent_at=done.sent_at)
         if done.kind == "markets":
             self._on_markets(done)
         elif done.kind == "ohlcv":
@@ -557,27 +587,41 @@ class ExchangeActor(Child):
     def _learn(self, done: _Done) -> None:
         """What the answer said of the exchange's clock and budget."""
         answer = done.answer
+        self._in_flight_cost = max(0.0, self._in_flight_cost - done.charged)
         if answer.server_ms is not None:
             precise = done.kind == "heartbeat"
             mid_ms = (done.sent_wall + done.duration / 2) * 1000
             self.clock.measure(answer.server_ms, mid_ms, precise=precise, rtt_ms=done.duration * 1000)
+        if self.governor is None:
+            return
+        if answer.cost is not None:
+            # ccxt's charge for the endpoint this request used (OKX's two candle endpoints differ)
+            self._costs[done.kind] = answer.cost
+            if self.settings.rate_limit is None:
+                self.governor.settle(done.charged, answer.cost)
         rate = answer.rate
-        if rate is not None and self.governor is not None:
+        if rate is not None:
             remaining = rate.remaining
             if remaining is None and rate.used is not None and rate.limit is not None:
                 remaining = rate.limit - rate.used
-            now_ms = self.runtime.wall() * 1000
-            reset_in = (rate.reset_ms - now_ms) / 1000 if rate.reset_ms is not None else None
-            if self.governor.report(remaining=remaining, limit=rate.limit, reset_in=reset_in):
-                self.log.warning("rate_budget_nearly_spent", remaining=remaining, limit=rate.limit,
-                                 hold_s=round(reset_in or 0.0, 2))
+            reset_in = (rate.reset_ms - self.runtime.wall() * 1000) / 1000 if rate.reset_ms is not None else None
+            if self.governor.report(remaining=remaining, limit=rate.limit, reset_in=reset_in,
+                                    in_flight=self._in_flight_cost):
+                self._log_exchange_hold(1.0)
 
-    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None) -> None:
+    def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None,
+                        *, sent_at: float | None = None) -> None:
         kind = classify(error)
-        if kind.rate_limited and self.governor is not None:
-            penalty = retry_after if retry_after is not None else 1.0
-            self.governor.penalize(penalty)
-            self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
+        if self.governor is not None:
+            if kind.rate_limited and error is not None:
+                # the exchange's own counts said there was room (or it reports none): another
+                # client on this address, a request in flight meanwhile, or a budget set too high
+                view = self.governor.view()
+                hold = self.governor.penalize(retry_after, sent_at=sent_at)
+                self.log.warning("rate_limited", error=describe(error), retry_after=retry_after,
+                                 hold_s=round(hold, 2), **view)
+            elif error is None:
+                self.governor.cleared()
         if kind.against_exchange:
             self.breaker.record_failure(duration)
         else:
