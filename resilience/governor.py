@@ -3,8 +3,10 @@
 Requests are paced at `PACING` of the exchange's `rate` (budget units a second; a request costs
 its endpoint's units, charged when it goes and corrected by `settle` once the answer says what it
 really cost). The pace allows a small burst, so that a late timer does not lose the exchange's
-time, but never more than half the slack the pacing leaves in one of the exchange's windows: the
-other half absorbs network jitter, and no window ever sees more than the exchange allows.
+time. And whatever the pace, no window of the exchange's length holds more than one window allows,
+as the exchange counts: a log keeps every request from when it went until its answer came back
+plus a window (+ `GUARD`), for the exchange counted it somewhere in between. A request slow to
+leave (a busy loop, a new connection, the network) never puts one too many into a window.
 
 Exchanges that report their own count (Binance's used weight per minute, Bybit's and KuCoin's
 remaining budget and reset time) also count other clients on the same address. The governor keeps
@@ -17,11 +19,14 @@ says nothing holds for the exchange's window, doubled for each further one in a 
 
 from __future__ import annotations
 
+from collections import deque
+
 from ..supervisors.clock import Clock, monotonic
 
 PACING = 0.97  # the fraction of the allowed rate used: timer and network jitter never exceed it
 RESERVE = 0.02  # the share of the exchange's reported budget left to races with other clients
 MAX_PENALTY_S = 600.0
+GUARD = 0.01  # seconds added to every window of the exchange's (timers, the edges of its windows)
 
 
 class RateGovernor:
@@ -48,6 +53,13 @@ class RateGovernor:
         self._window_end: float | None = None
         self._window_left = 0.0
         self._window_limit: float | None = None
+        # the log: requests in flight (ticket -> units), and those answered in the last window
+        # (+ GUARD): (answered at, units), oldest first; and what they add up to
+        self._budget = rate * window_s
+        self._flying: dict[int, float] = {}
+        self._tickets = 0
+        self._answered: deque[tuple[float, float]] = deque()
+        self._logged = 0.0
         self._strikes = 0
         self._struck_at = -1e18
 
@@ -63,7 +75,31 @@ class RateGovernor:
     def time_until(self, cost: float) -> float:
         """Seconds until a request of `cost` units (of the exchange's own count) may go (0: now)."""
         now = self._refill()
-        return max(0.0, -self._tokens / self._pace, self._held_until - now, self.exchange_hold(cost))
+        wait = max(-self._tokens / self._pace, self._held_until - now, self.exchange_hold(cost),
+                   self._log_wait(cost, now))
+        return wait if wait > 1e-9 else 0.0
+
+    def _log_wait(self, cost: float, now: float) -> float:
+        """Until `cost` more fits in the exchange's window with what it may still count (a
+        request dearer than a whole window, as Kraken's OHLC at 1.2 of its 1 a second, goes
+        alone). While requests in flight fill the window, the next answer decides: GUARD."""
+        span = self.window_s + GUARD
+        answered = self._answered
+        while answered and answered[0][0] <= now - span + 1e-9:
+            self._logged -= answered.popleft()[1]
+        if not answered and not self._flying:
+            self._logged = 0.0
+            return 0.0
+        excess = self._logged + cost - self._budget
+        if excess <= 1e-9:
+            return 0.0
+        for at, units in answered:  # the oldest leave first
+            excess -= units
+            if excess <= 1e-9:
+                return at + span - now
+        if self._flying:
+            return GUARD  # an answer frees room (and the exchange actor looks again then)
+        return answered[-1][0] + span - now  # dearer than a window: alone in one
 
     def exchange_hold(self, cost: float) -> float:
         """Seconds a request of `cost` units waits for the exchange's window to reset, because
@@ -74,19 +110,30 @@ class RateGovernor:
             return end - now
         return 0.0
 
-    def take(self, cost: float, counted: float | None = None) -> None:
+    def take(self, cost: float, counted: float | None = None) -> int:
         """Charge a request that goes now (after `time_until` said 0): `cost` units of our pace,
-        `counted` units of the exchange's own count (default: the same)."""
+        `counted` units of the exchange's own count (default: the same). Returns its ticket, for
+        `answered` when its answer is back."""
         self._refill()
         self._tokens -= cost
+        self._tickets += 1
+        self._flying[self._tickets] = cost
+        self._logged += cost
         if self._window_end is not None:
             self._window_left -= cost if counted is None else counted
+        return self._tickets
 
-    def settle(self, charged: float, cost: float) -> None:
-        """A request charged `charged` units really cost `cost` (its answer said): pay or refund
-        the difference."""
-        self._refill()
-        self._tokens = min(self._capacity, self._tokens - (cost - charged))
+    def answered(self, ticket: int, cost: float | None = None) -> None:
+        """The answer to a request is back, and said it cost `cost` units (None: as charged):
+        the pace pays or is refunded the difference, and the log keeps it a window from now."""
+        now = self._refill()
+        charged = self._flying.pop(ticket, None)
+        if charged is None:
+            return
+        units = charged if cost is None else cost
+        self._tokens = min(self._capacity, self._tokens - (units - charged))
+        self._logged += units - charged
+        self._answered.append((now, units))
 
     # -- the exchange's word --------------------------------------------------------------
 

@@ -43,6 +43,10 @@ class Profile:
         own documentation); `costs` maps a request kind ("ohlcv", "markets", "heartbeat") to the
         units it costs (a first guess: answers say what each request cost, `Answer.cost`);
         `window_s`: the window the exchange counts its budget in (Binance: a minute).
+    per_endpoint: the exchange limits each endpoint on its own (OKX), each with a budget as large,
+        rather than all together (the others).
+    recent_bars: candles of the last `recent_bars` bars come from another endpoint than older ones
+        (OKX's candles endpoint, beside history-candles).
     settle_ms: how long after a candle closes the exchange may still be publishing it: a missing
         candle younger than this is "not fetched yet", never a gap.
     """
@@ -57,6 +61,8 @@ class Profile:
     costs: dict[str, float] = field(default_factory=lambda: {"ohlcv": 1.0, "markets": 1.0, "heartbeat": 1.0})
     settle_ms: int = 60_000
     window_s: float = 1.0
+    per_endpoint: bool = False
+    recent_bars: int | None = None
 
     def cost(self, kind: str) -> float:
         return self.costs.get(kind, 1.0)

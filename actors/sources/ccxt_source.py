@@ -9,6 +9,9 @@ What it adds to ccxt, each because a real exchange made it necessary:
   Retry-After of a failure (or a ban's documented length where the exchange sends none), and
   the units ccxt charged the request (its throttle is asked, never waited on: the exchange actor
   paces requests itself), in the exchange's budget unit (`profiles.Budget`).
+- A market list is admitted once by the exchange actor and charged what all its requests cost
+  together (they go back to back); ccxt is kept off the requests the daemon does not need
+  (`profiles.QUIET_OPTIONS`, `QUIET_HAS`: Kraken's, allowing about one request a second, is one).
 - A 2xx body that is not JSON (a truncated body, an HTML page) is `ccxt.BadResponse`: ccxt would
   hand it to the parser, which turns it into `[]` or `{}` without a word.
 - A 5xx answer is transient whatever class ccxt maps it to (Bybit's and Coinbase's 500 become a
@@ -35,7 +38,7 @@ import ccxt.async_support as ccxt_async
 from ...resilience.retry import parse_retry_after
 from ...supervisors.clock import WallClock
 from .base import Answer, MarketInfo, Page, RateReport, SourceFailure
-from .profiles import budget, client_options, market_kind, market_types, profile
+from .profiles import QUIET_HAS, budget, client_options, market_kind, market_types, profile
 from .urls import rebase_urls
 
 T = TypeVar("T")
@@ -128,6 +131,8 @@ class CcxtSource:
         })
         if api_base:
             self.client.urls["api"] = rebase_urls(self.client.urls["api"], api_base)
+        for capability in QUIET_HAS.get(exchange_id, ()):
+            self.client.has[capability] = False
         self.client.milliseconds = lambda: int(wall() * 1000)
         self.client.seconds = lambda: int(wall())
         self.profile = profile(exchange_id, self.client)

@@ -23,7 +23,9 @@ from .base import Profile
 KNOWN: dict[str, dict[str, Any]] = {
     "binance": {"paging": "cursor", "cut": "end"},
     # OKX serves the newest rows of the window it is asked for; history-candles was capped at 100
-    "okx": {"paging": "window", "cut": "start", "caps": (300, 100)},
+    "okx": {"paging": "window", "cut": "start", "caps": (300, 100),
+            # limits per endpoint; the last 1439 bars (ccxt's border) come from /market/candles
+            "per_endpoint": True, "recent_bars": 1439},
     "bybit": {"paging": "window", "cut": "start"},
     "kraken": {"paging": "recent", "cut": "start", "omits_empty": True, "reach": 720},
     "coinbase": {"paging": "window", "cut": "start", "omits_empty": True, "caps": (300, 350)},
@@ -75,12 +77,12 @@ BUDGETS: dict[str, Budget] = {
                     source="Bybit docs (600 per 5 s per IP); ccxt: 10/s"),
     # No hard figure published for public endpoints ("about one a second"): ccxt's 1 s a unit,
     # OHLC 1.2 (its note: 1 "triggers too many requests immediately").
-    "kraken": Budget(rate=1.0, window_s=1.0, costs={"ohlcv": 1.2, "markets": 2.0, "heartbeat": 1.0},
+    "kraken": Budget(rate=1.0, window_s=1.0, costs={"ohlcv": 1.2, "markets": 1.0, "heartbeat": 1.0},
                      source="ccxt (Kraken: about 1 a second)"),
-    # Advanced Trade public endpoints: 10 requests a second per IP (ccxt: 3 units of 34 ms, 9.8/s);
-    # its v2 calls (currencies, time) cost 10.6 units, 10,000 an hour.
+    # Advanced Trade public endpoints: 10 requests a second per IP (ccxt: 3 units of 34 ms, 9.8/s;
+    # its v2 calls, 10,000 an hour, 10.6 units: not made, see QUIET_OPTIONS and QUIET_HAS).
     "coinbase": Budget(rate=10.0, window_s=1.0, per_ccxt_unit=1 / 3,
-                       costs={"ohlcv": 1.0, "markets": 12.6, "heartbeat": 10.6 / 3},
+                       costs={"ohlcv": 1.0, "markets": 2.0, "heartbeat": 1.0},
                        source="Coinbase docs (10/s public), ~ ccxt"),
     # The public resource pool: 2000 weight per 30 s (VIP0); candles 3, symbols 4. ccxt counts
     # public endpoints against the spot pool (4000 per 30 s), twice the public pool's budget.
@@ -100,6 +102,14 @@ MARKET_TYPES: dict[str, dict[str, str]] = {
 QUIET_OPTIONS: dict[str, dict[str, Any]] = {
     "binance": {"fetchCurrencies": False, "fetchMargins": False, "adjustForTimeDifference": False},
     "kucoin": {"fetchTickersFees": False},
+    # the server time from Advanced Trade (ms, in the public 10/s budget) rather than v2 (s, 3.5x dearer)
+    "coinbase": {"fetchTime": "v3PublicGetBrokerageTime"},
+}
+#: Capabilities turned off so that a market load makes only the requests it needs: Kraken's and
+#: Coinbase's currency lists (one and three requests; Kraken allows about one request a second).
+QUIET_HAS: dict[str, tuple[str, ...]] = {
+    "kraken": ("fetchCurrencies",),
+    "coinbase": ("fetchCurrencies",),
 }
 
 
