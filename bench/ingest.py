@@ -198,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exchange", default=None, help="one dialect's budget backfill, or all of them")
     parser.add_argument("--results", default=None, help="with --exchange: write the section into this file")
+    parser.add_argument("--page-limit", type=int, default=None, help="with --exchange: the daemon's page_limit")
     parser.add_argument("--rate", type=int, default=20, help="exchange limit and daemon rate_limit, requests/s")
     parser.add_argument("--candles", type=int, default=None, help="candles per symbol to backfill (30000)")
     parser.add_argument("--symbols", type=int, default=None, help="symbols (3)")
@@ -248,13 +249,16 @@ def main() -> None:
 def exchanges(args: argparse.Namespace) -> None:
     names = budget_bench.DIALECTS if args.exchange == "all" else (args.exchange,)
     results = []
+    custom = args.symbols or args.candles or args.page_limit
     for name in names:
-        series, candles = budget_bench.WORKLOADS[name]
-        r = budget_bench.run(os.path.abspath(__file__), name, args.symbols or series, args.candles or candles)
-        results.append(r)
-        print(f"{name}: backfill {r['backfill_s']:.2f} s, ideal {r['ideal_s']:.2f} s (ratio {r['ratio']:.3f}), "
-              f"{r['requests']} requests ({r['requests_needed']} needed), rate-limited {r['rate_limited']}, "
-              f"exact {r['exact']}, daemon CPU {r['cpu_s']} s", flush=True)
+        for series, candles, page_limit in budget_bench.WORKLOADS[name][:1 if custom else None]:
+            r = budget_bench.run(os.path.abspath(__file__), name, args.symbols or series, args.candles or candles,
+                                 args.page_limit or page_limit)
+            results.append(r)
+            print(f"{name} (page {r['page']}): backfill {r['backfill_s']:.2f} s, ideal {r['ideal_s']:.2f} s "
+                  f"(ratio {r['ratio']:.3f}), {r['requests']} requests ({r['requests_needed']} needed), "
+                  f"rate-limited {r['rate_limited']}, exact {r['exact']}, daemon CPU {r['cpu_s']} s, "
+                  f"simulator CPU {r['sim_cpu_s']} s", flush=True)
     if args.results:
         shown, skip = [], False
         for a in sys.argv[1:]:  # the command as run, without where its results were written

@@ -23,7 +23,7 @@ from collections import deque
 
 from ..supervisors.clock import Clock, monotonic
 
-PACING = 0.97  # the fraction of the allowed rate used: timer and network jitter never exceed it
+PACING = 0.99  # the fraction of the allowed rate used: even, with room for a late timer to catch up
 RESERVE = 0.02  # the share of the exchange's reported budget left to races with other clients
 MAX_PENALTY_S = 600.0
 GUARD = 0.01  # seconds added to every window of the exchange's (timers, the edges of its windows)
