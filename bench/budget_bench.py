@@ -7,6 +7,10 @@ configured: the exchange's own budget and page size. Measured: backfill time / i
 is the requests a backfill needs at the exchange's page size over the documented rate (per limit
 the requests count against: the slowest one), the rate-limit answers the exchange gave, and
 whether the store holds exactly the exchange's candles.
+
+OANDA (`source = "oanda"`) runs on a clock shifted into a trading week (its market closes at
+weekends), and its ideal is at the 100 requests a second its best practices ask for, which is its
+default budget (the hard limit, 120 a second, is what the simulated OANDA enforces).
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import FaultKind, Faults
 from candlekeeper.simulator.server import ExchangeSimulator, synthetic_symbols
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.clock import ShiftedClock
 
 TF = 60_000
-DIALECTS = ("binance", "okx", "bybit", "kraken", "coinbase", "kucoin")
-QUOTE = {"kraken": "USD", "coinbase": "USD"}
+DIALECTS = ("binance", "okx", "bybit", "kraken", "coinbase", "kucoin", "oanda")
+QUOTE = {"kraken": "USD", "coinbase": "USD", "oanda": "USD"}
+OANDA_TOKEN, OANDA_TOKEN_ENV = "bench-token", "CK_BENCH_OANDA_TOKEN"
+#: OANDA's own budget (its best practices); the simulated OANDA enforces its hard limit, 120/s
+IDEAL_RATE = {"oanda": 100.0}
 #: (series, 1m candles a series, page_limit): about 30 s of candle requests at the documented limit.
 #: At the exchange's own page size (page_limit None), a page of 1000 candles costs the simulator
 #: ~27 ms and the daemon ~12 ms of CPU: on a small machine Binance's 50 and Bybit's 120 pages a
@@ -42,6 +51,8 @@ WORKLOADS: dict[str, tuple[tuple[int, int, int | None], ...]] = {
     "kraken": ((25, 700, None),),  # within its 720-candle reach: one page a series, about 1 a second
     "coinbase": ((10, 8_850, None),),  # 30 pages of 300 (ccxt asks 300), 10 a second
     "kucoin": ((15, 65_000, None), (15, 6_550, 150)),  # 44 pages a series, 22 a second
+    # a page of 5000 at 100 a second is half a million candles a second: only pages of 100
+    "oanda": ((100, 2_950, 100),),  # 30 pages a series, 100 a second
 }
 #: what the source's market load requests (ccxt's calls, as the source makes them)
 MARKET_PATHS: dict[str, tuple[str, ...]] = {
@@ -51,6 +62,7 @@ MARKET_PATHS: dict[str, tuple[str, ...]] = {
     "kraken": ("/0/public/AssetPairs",),
     "coinbase": ("/api/v3/brokerage/market/products", "/api/v3/brokerage/market/products"),  # spot, futures
     "kucoin": ("/api/v2/symbols",),
+    "oanda": ("/v3/accounts", "/v3/accounts/instruments"),
 }
 
 
@@ -60,18 +72,36 @@ def candle_path(dialect: str, symbol_id: str, since_ms: int, now_ms: int) -> str
         return "/api/v5/market/history-candles" if since_ms < now_ms - 1439 * TF else "/api/v5/market/candles"
     return {"binance": "/api/v3/klines", "bybit": "/v5/market/kline", "kraken": "/0/public/OHLC",
             "coinbase": f"/api/v3/brokerage/market/products/{symbol_id}/candles",
-            "kucoin": "/api/v1/market/candles"}[dialect]
+            "kucoin": "/api/v1/market/candles", "oanda": f"/v3/instruments/{symbol_id}/candles"}[dialect]
+
+
+def trading_week_offset(dialect: str) -> float:
+    """Seconds to shift the clock by so that now is a Wednesday noon (UTC) with the history before
+    it in the same trading week (OANDA: the forex market closes at weekends); 0 elsewhere."""
+    if dialect != "oanda":
+        return 0.0
+    now = time.time()
+    day, week = 86_400, 7 * 86_400
+    monday = (now - 4 * day) // week * week + 4 * day  # the epoch was a Thursday
+    return monday + 2 * day + 12 * 3_600 - now
 
 
 # -- the simulated exchange, in its own process ------------------------------------------------
 
 
-def serve(dialect: str, symbols: list[str], start_ms: int) -> None:
+def simulator(dialect: str, symbols: list[str], start_ms: int, offset_s: float) -> ExchangeSimulator:
+    """The exchange (its clock shifted by `offset_s`), enforcing its documented limits."""
+    return ExchangeSimulator(symbols, dialect=dialect, catalogue=False, history_start_ms=start_ms,
+                             now_ms=lambda: int((time.time() + offset_s) * 1000),
+                             dialect_options={"token": OANDA_TOKEN} if dialect == "oanda" else None,
+                             faults=Faults(documented_limits=True))
+
+
+def serve(dialect: str, symbols: list[str], start_ms: int, offset_s: float = 0.0) -> None:
     """`--serve`: the exchange, enforcing its documented limits. Prints its URL as one JSON line,
     then answers `stats` lines on stdin with one JSON line; stops at `quit` or end of input."""
     logging.basicConfig(level=logging.WARNING)
-    sim = ExchangeSimulator(symbols, dialect=dialect, catalogue=False, history_start_ms=start_ms,
-                            faults=Faults(documented_limits=True)).start()
+    sim = simulator(dialect, symbols, start_ms, offset_s).start()
     print(json.dumps({"url": sim.url}), flush=True)
     try:
         for line in sys.stdin:
@@ -90,9 +120,9 @@ def serve(dialect: str, symbols: list[str], start_ms: int) -> None:
 
 
 class SimProcess:
-    def __init__(self, script: str, dialect: str, symbols: list[str], start_ms: int) -> None:
+    def __init__(self, script: str, dialect: str, symbols: list[str], start_ms: int, offset_s: float) -> None:
         cmd = [sys.executable, script, "--serve", dialect, "--serve-symbols", ",".join(symbols),
-               "--serve-start", str(start_ms)]
+               "--serve-start", str(start_ms), "--serve-offset", repr(offset_s)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -142,6 +172,9 @@ def needed_requests(oracle: ExchangeSimulator, dialect: str, symbols: list[str],
 
 def ideal_seconds(oracle: ExchangeSimulator, paths: list[str]) -> float:
     """The time `paths` take at the documented limits they count against (the slowest one)."""
+    rate = IDEAL_RATE.get(oracle.dialect.name)
+    if rate is not None:
+        return len(paths) / rate
     units: dict[str, float] = {}
     per_s: dict[str, float] = {}
     for path in paths:
@@ -166,24 +199,30 @@ def stored(db: str, exchange: str, symbol: str) -> list[tuple[Any, ...]]:
 def run(script: str, dialect: str, series: int, candles: int, page_limit: int | None = None,
         timeout: float = 900.0) -> dict[str, Any]:
     symbols = synthetic_symbols(series, quote=QUOTE.get(dialect, "USDT"))
-    now = int(time.time() * 1000)
+    offset = trading_week_offset(dialect)
+    clock = ShiftedClock(offset)
+    now = clock.ms()
     start_ms = (now // TF) * TF - candles * TF
-    oracle = ExchangeSimulator(symbols, dialect=dialect, catalogue=False, history_start_ms=start_ms)
-    sim = SimProcess(script, dialect, symbols, start_ms)
+    oracle = simulator(dialect, symbols, start_ms, offset)
+    sim = SimProcess(script, dialect, symbols, start_ms, offset)
+    source: dict[str, Any] = {"exchange": dialect}
+    if dialect == "oanda":
+        os.environ[OANDA_TOKEN_ENV] = OANDA_TOKEN
+        source = {"source": "oanda", "token_env": OANDA_TOKEN_ENV}
     try:
         with tempfile.TemporaryDirectory() as d:
             cfg = config_mod.from_dict({
                 "storage": {"path": os.path.join(d, "bench.db")},
                 "exchanges": {dialect: {
-                    "exchange": dialect, "symbols": symbols, "api_base": sim.url, "timeout": "10s",
+                    **source, "symbols": symbols, "api_base": sim.url, "timeout": "10s",
                     "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start_ms / 1000)),
                     **({"page_limit": page_limit} if page_limit else {}),
                 }},
             })
             sim_cpu0 = sim.stats()["cpu_s"]
             cpu0, t0 = os.times(), time.perf_counter()
-            t0_ms = int(time.time() * 1000)
-            system = System(cfg).start()
+            t0_ms = clock.ms()
+            system = System(cfg, runtime=Runtime(wall=clock)).start()
             try:
                 page = min(page_limit or 10**9, system_page_limit(system, dialect))
                 target = (t0_ms // TF) * TF - TF  # the last candle closed when it started
@@ -219,6 +258,10 @@ def run(script: str, dialect: str, series: int, candles: int, page_limit: int | 
 
 def system_page_limit(system: System, dialect: str) -> int:
     """The exchange's own maximum page size (its profile): the daemon's default."""
+    if dialect == "oanda":
+        from candlekeeper.actors.sources.oanda import PROFILE
+
+        return PROFILE.page_limit
     import ccxt
 
     from candlekeeper.actors.sources.profiles import profile

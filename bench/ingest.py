@@ -3,7 +3,7 @@
     python bench/ingest.py --exchange NAME|all [--symbols N] [--candles N] [--results bench/RESULTS.md]
     python bench/ingest.py [--rate 20] [--candles 30000] [--symbols 3] [--rows 300000]
 
-With `--exchange` (binance okx bybit kraken coinbase kucoin, or all): a backfill at the exchange's
+With `--exchange` (binance okx bybit kraken coinbase kucoin oanda, or all): a backfill at the exchange's
 own budget against a simulated exchange enforcing its documented limits, time / ideal, rate-limit
 answers and exactness (see bench/budget_bench.py); `--results` writes its section of RESULTS.md.
 
@@ -206,9 +206,10 @@ def main() -> None:
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-symbols", default="", help=argparse.SUPPRESS)
     parser.add_argument("--serve-start", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-offset", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        budget_bench.serve(args.serve, args.serve_symbols.split(","), args.serve_start)
+        budget_bench.serve(args.serve, args.serve_symbols.split(","), args.serve_start, args.serve_offset)
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     if args.exchange:

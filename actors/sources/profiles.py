@@ -33,7 +33,6 @@ KNOWN: dict[str, dict[str, Any]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class Budget:
     """An exchange's rate budget, in a unit of its own: what it counts (Binance: request weight;
