@@ -71,6 +71,7 @@ REFUSED_REFRESH_S = 10.0
 # A series failing on its own (its answers trickle) is told from the exchange failing by asking
 # the exchange itself; its failures count against the breaker again after this long at least.
 ISOLATION_S = 10.0
+MAIN, RECENT = "main", "recent"  # the exchange's budget; the one of its recent-candles endpoint (OKX)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class ExchangeSettings:
 
     `source` builds the exchange's client (`CcxtSource`, `OandaSource`...) given the wall clock.
     `rate_limit`, when set, replaces the exchange's own budget: that many requests a second, each
-    costing one. `retry` paces market-list reloads after a failure (unbounded attempts there)."""
+    costing one (the exchange's own counts, where it reports them, still hold requests back).
+    `retry` paces market-list reloads after a failure (unbounded attempts there)."""
 
     name: str  # the config's name for the exchange (`[exchanges.NAME]`)
     source: SourceFactory
@@ -102,6 +104,9 @@ class _Done:
     sent_at: float  # local monotonic
     sent_wall: float
     duration: float
+    charged: float = 0.0  # units of the exchange's budget charged when it was sent
+    lane: str = MAIN  # which of the exchange's budgets it was charged to
+    ticket: int = 0  # its place in that budget's log (`RateGovernor.take`)
 
 
 class _Pump:
@@ -132,7 +137,9 @@ class ExchangeActor(Child):
         self.clock = ServerClock()
         self.source: Source | None = None
         self.loop: LoopThread | None = None
-        self.governor: RateGovernor | None = None
+        self.governor: RateGovernor | None = None  # the exchange's budget (MAIN)
+        # every budget of the exchange's, by lane: MAIN alone, or one per endpoint (OKX)
+        self._lanes: dict[str, RateGovernor] = {}
         self._queue: OrderedDict[SeriesKey, FetchRequest] = OrderedDict()
         self._in_flight: set[SeriesKey] = set()
         self._busy = 0  # requests of any kind in flight
@@ -165,18 +172,20 @@ class ExchangeActor(Child):
         self._measuring = False  # candle requests wait for the first heartbeat (the exchange's clock)
         # operators waiting to know whether a symbol is listed, answered by the next market load
         self._listing_waiters: list[tuple[str, concurrent.futures.Future[bool | None]]] = []
+        self._costs: dict[tuple[str, str], float] = {}  # (kind, lane): its cost, as the last answer said
+        self._admitted: tuple[str, float, int] = (MAIN, 1.0, 0)  # lane, cost, ticket of the one just admitted
+        self._rate_held = False  # why `_admit` said no: the rate budget (else the breaker)
+        self._in_flight_cost = 0.0  # budget units of the requests sent and not answered yet
+        self._held_window: float | None = None  # the exchange's window a hold was logged for
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def on_start(self) -> None:
         self.source = self.settings.source(self.runtime.wall)
         profile = self.source.profile
-        if self.settings.rate_limit is not None:
-            rate, burst = self.settings.rate_limit, 1.0
-        else:
-            rate, burst = profile.rate, max(profile.costs.values(), default=1.0)
-        self.governor = RateGovernor(rate, clock=self.runtime.clock, burst=burst)
-        per_request = rate / (1.0 if self.settings.rate_limit is not None else profile.cost("ohlcv"))
+        self._costs = {(kind, MAIN): cost for kind, cost in profile.costs.items()}
+        self._new_lanes()
+        per_request = self._lanes[MAIN].rate / self._pace_cost("ohlcv")
         self.concurrency = max(1, min(16, int(per_request * self.settings.timeout)))
         self.loop = LoopThread(f"{self.path}/io")
         self._last_sent = self.runtime.clock()
@@ -223,8 +232,7 @@ class ExchangeActor(Child):
         """Operator reset: close the breaker and lift any rate-limit hold, then drain the queue."""
         self.breaker.reset()
         if self.governor is not None:
-            self.governor = RateGovernor(self.governor.rate, clock=self.runtime.clock,
-                                         burst=max(1.0, self._burst()))
+            self._new_lanes()
         self._markets_retry_at = 0.0
         self._load_attempt = 0
         if self._refused is not None:
@@ -271,22 +279,60 @@ class ExchangeActor(Child):
             "in_flight": self._busy,
             "requests_sent": self.requests_sent,
             "clock_offset_ms": self.clock.offset_ms,
-            "rate_held_s": round(self.governor.held_for, 3) if self.governor is not None else 0.0,
+            "rate_held_s": round(max((g.held_for for g in self._governors()), default=0.0), 3),
             "breaker_detail": self.breaker.snapshot(),
             "detail": self._refused_reason(),
         }
 
     # -- admission -----------------------------------------------------------------------
 
-    def _burst(self) -> float:
-        if self.source is None or self.settings.rate_limit is not None:
-            return 1.0
-        return max(self.source.profile.costs.values(), default=1.0)
+    def _new_governor(self) -> RateGovernor:
+        """Paced at the configured `rate_limit` (requests a second, in a one-second window), else
+        at the exchange's own budget, in the window it counts in."""
+        assert self.source is not None
+        if self.settings.rate_limit is not None:
+            return RateGovernor(self.settings.rate_limit, clock=self.runtime.clock, window_s=1.0)
+        profile = self.source.profile
+        return RateGovernor(profile.rate, clock=self.runtime.clock, window_s=profile.window_s)
 
-    def _cost(self, kind: str) -> float:
-        if self.settings.rate_limit is not None or self.source is None:
-            return 1.0
-        return self.source.profile.cost(kind)
+    def _new_lanes(self) -> None:
+        """One budget for the exchange, or (its limits per endpoint, as OKX's) one per endpoint:
+        candles (MAIN), recent candles, market lists, heartbeats."""
+        assert self.source is not None
+        per_endpoint = self.settings.rate_limit is None and self.source.profile.per_endpoint
+        lanes = (MAIN, RECENT, "markets", "heartbeat") if per_endpoint else (MAIN,)
+        self._lanes = {lane: self._new_governor() for lane in lanes}
+        self.governor = self._lanes[MAIN]
+
+    def _governors(self) -> list[RateGovernor]:
+        return list(self._lanes.values())
+
+    def _lane(self, kind: str, req: FetchRequest | None) -> str:
+        """Which budget a request is charged to: the exchange's only one, or its endpoint's. OKX
+        serves candles of the last `recent_bars` bars from another endpoint than older ones (ccxt
+        picks it by the same rule, on the same clock)."""
+        if len(self._lanes) == 1:
+            return MAIN
+        if kind != "ohlcv":
+            return kind if kind in self._lanes else MAIN
+        bars = self.source.profile.recent_bars if self.source is not None else None
+        if not bars or req is None:
+            return MAIN
+        border = self.runtime.wall() * 1000 - bars * timeframe_ms(req.key.timeframe)
+        return RECENT if req.since >= border else MAIN
+
+    def _cost(self, kind: str, lane: str = MAIN) -> float:
+        """What a request of `kind` costs in the exchange's own budget: what the last answer to
+        one said (ccxt's charge for the endpoint it used, in the exchange's unit), else the
+        profile's first guess."""
+        cost = self._costs.get((kind, lane)) or self._costs.get((kind, MAIN))
+        if cost is not None:
+            return cost
+        return self.source.profile.cost(kind) if self.source is not None else 1.0
+
+    def _pace_cost(self, kind: str, lane: str = MAIN) -> float:
+        """What a request costs of the pace: one with a configured `rate_limit`, else its cost."""
+        return 1.0 if self.settings.rate_limit is not None else self._cost(kind, lane)
 
     def _enqueue(self, req: FetchRequest) -> None:
         markets = self._markets
@@ -309,14 +355,17 @@ class ExchangeActor(Child):
         except pykka.ActorDeadError:
             self.log.debug("reply_dropped", series=str(req.key))
 
-    def _admit(self, kind: str) -> bool:
+    def _admit(self, kind: str, req: FetchRequest | None = None) -> bool:
         """Take budget and a breaker admission for one request, or schedule the next try."""
-        assert self.governor is not None
-        cost = self._cost(kind)
-        wait = self.governor.time_until(cost)
+        lane = self._lane(kind, req)
+        governor = self._lanes[lane]
+        cost = self._cost(kind, lane)
+        wait = governor.time_until(cost)
+        self._rate_held = wait > 0
         if wait > 0:
             if self._held_since is None:
                 self._held_since = self.runtime.clock()
+            self._log_exchange_hold(governor, cost)
             self._pump_later(wait)
             return False
         self._end_rate_limit_wait()
@@ -326,10 +375,23 @@ class ExchangeActor(Child):
                 self._pump_later(probe_in)
             self._report()
             return False
-        self.governor.take(cost)
+        ticket = governor.take(self._pace_cost(kind, lane), counted=cost)
+        self._admitted = (lane, cost, ticket)
         self.requests_sent += 1
         self._last_sent = self.runtime.clock()
         return True
+
+    def _log_exchange_hold(self, governor: RateGovernor, cost: float) -> None:
+        """Say once per window of the exchange's that its own count (other clients on this
+        address included) holds requests until the window resets."""
+        hold = governor.exchange_hold(cost)
+        if hold <= 0:
+            return
+        window = round(self.runtime.clock() + hold)
+        if window != self._held_window:
+            self._held_window = window
+            self.log.info("rate_budget_held", hold_s=round(hold, 2), in_flight=round(self._in_flight_cost, 2),
+                          **governor.view())
 
     def _pump(self) -> None:
         if self.loop is None:
@@ -352,6 +414,7 @@ class ExchangeActor(Child):
         if self._measuring:
             self._report()
             return
+        held: set[str] = set()  # budgets with nothing left for now (OKX: two, one per endpoint)
         for key in list(self._queue):
             if self._busy >= self.concurrency:
                 break
@@ -364,8 +427,14 @@ class ExchangeActor(Child):
                 del self._queue[key]
                 self._refuse(req, f"{self.settings.name} does not list {key.symbol}")
                 continue
-            if not self._admit("ohlcv"):
-                break
+            lane = self._lane("ohlcv", req)
+            if lane in held:
+                continue
+            if not self._admit("ohlcv", req):
+                held.add(lane)
+                if not self._rate_held or len(held) == len(self._lanes):
+                    break  # the breaker, or every budget: nothing else goes either
+                continue
             del self._queue[key]
             self._in_flight.add(key)
             self._submit("ohlcv", self._fetch(req), req)
@@ -395,6 +464,8 @@ class ExchangeActor(Child):
         self._busy += 1
         if kind == "heartbeat":
             self._beating = True
+        lane, charged, ticket = self._admitted  # what `_admit` just charged for it, and to which budget
+        self._in_flight_cost += charged
         sent_at, sent_wall = self.runtime.clock(), self.runtime.wall()
         future = self.loop.submit(coro)
         ref, clock = self.actor_ref, self.runtime.clock
@@ -413,7 +484,8 @@ class ExchangeActor(Child):
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the actor
                 error = exc
             try:
-                ref.tell(_Done(kind, req, result, error, retry_after, answer, sent_at, sent_wall, clock() - sent_at))
+                ref.tell(_Done(kind, req, result, error, retry_after, answer, sent_at, sent_wall, clock() - sent_at,
+                               charged, lane, ticket))
             except pykka.ActorDeadError:
                 pass  # stopped meanwhile: the series ask the next incarnation
 
@@ -453,7 +525,8 @@ class ExchangeActor(Child):
 
     async def _markets_call(self) -> tuple[dict[str, MarketInfo], Answer]:
         assert self.source is not None
-        return await self.source.load_markets(), Answer()
+        markets = await self.source.load_markets()
+        return markets, getattr(self.source, "markets_answer", None) or Answer()  # their cost, if told
 
     async def _heartbeat_call(self) -> tuple[None, Answer]:
         assert self.source is not None
@@ -601,7 +674,7 @@ class ExchangeActor(Child):
         self._learn(done)
         if self.metrics is not None:
             self.metrics.request(self.settings.name, done.error, done.duration)
-        self._record_outcome(done.error, done.duration, done.retry_after, key)
+        self._record_outcome(done.error, done.duration, done.retry_after, key, sent_at=done.sent_at)
         if done.kind == "markets":
             self._on_markets(done)
         elif done.kind == "ohlcv":
@@ -640,28 +713,45 @@ class ExchangeActor(Child):
     def _learn(self, done: _Done) -> None:
         """What the answer said of the exchange's clock and budget."""
         answer = done.answer
+        self._in_flight_cost = max(0.0, self._in_flight_cost - done.charged)
         if answer.server_ms is not None:
             precise = done.kind == "heartbeat"
             mid_ms = (done.sent_wall + done.duration / 2) * 1000
             self.clock.measure(answer.server_ms, mid_ms, precise=precise, rtt_ms=done.duration * 1000)
+        governor = self._lanes.get(done.lane)
+        if governor is None or self.governor is None:
+            return
+        if answer.cost is not None:
+            # ccxt's charge for the endpoint this request used (OKX's two candle endpoints differ)
+            self._costs[(done.kind, done.lane)] = answer.cost
+        paced_by_cost = self.settings.rate_limit is None
+        governor.answered(done.ticket, answer.cost if paced_by_cost else None)
         rate = answer.rate
-        if rate is not None and self.governor is not None:
+        if rate is not None:
             remaining = rate.remaining
             if remaining is None and rate.used is not None and rate.limit is not None:
                 remaining = rate.limit - rate.used
-            now_ms = self.runtime.wall() * 1000
-            reset_in = (rate.reset_ms - now_ms) / 1000 if rate.reset_ms is not None else None
-            if self.governor.report(remaining=remaining, limit=rate.limit, reset_in=reset_in):
-                self.log.warning("rate_budget_nearly_spent", remaining=remaining, limit=rate.limit,
-                                 hold_s=round(reset_in or 0.0, 2))
+            reset_in = (rate.reset_ms - self.runtime.wall() * 1000) / 1000 if rate.reset_ms is not None else None
+            if self.governor.report(remaining=remaining, limit=rate.limit, reset_in=reset_in,
+                                    in_flight=self._in_flight_cost):
+                self._log_exchange_hold(self.governor, 1.0)
 
     def _record_outcome(self, error: BaseException | None, duration: float, retry_after: float | None,
-                        key: SeriesKey | None = None) -> None:
+                        key: SeriesKey | None = None, *, sent_at: float | None = None) -> None:
         kind = classify(error)
-        if kind.rate_limited and self.governor is not None:
-            penalty = retry_after if retry_after is not None else 1.0
-            self.governor.penalize(penalty)
-            self.log.warning("rate_limited", error=type(error).__name__, penalty=penalty)
+        if self.governor is not None:
+            if kind.rate_limited and error is not None:
+                # the exchange's own counts said there was room (or it reports none): another
+                # client on this address, a request in flight meanwhile, or a budget set too high
+                view = self.governor.view()
+                hold = 0.0
+                for governor in self._governors():  # a ban, or a limit: nothing goes meanwhile
+                    hold = governor.penalize(retry_after, sent_at=sent_at)
+                self.log.warning("rate_limited", error=describe(error), retry_after=retry_after,
+                                 hold_s=round(hold, 2), **view)
+            elif error is None:
+                for governor in self._governors():
+                    governor.cleared()
         now = self.runtime.clock()
         if not kind.against_exchange:
             self._last_ok = now

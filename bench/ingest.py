@@ -1,7 +1,13 @@
 """Ingestion benchmark: backfill speed against a rate-limited exchange, and storage throughput.
 
+    python bench/ingest.py --exchange NAME|all [--symbols N] [--candles N] [--results bench/RESULTS.md]
     python bench/ingest.py [--rate 20] [--candles 30000] [--symbols 3] [--rows 300000]
 
+With `--exchange` (binance okx bybit kraken coinbase kucoin oanda, or all): a backfill at the exchange's
+own budget against a simulated exchange enforcing its documented limits, time / ideal, rate-limit
+answers and exactness (see bench/budget_bench.py); `--results` writes its section of RESULTS.md.
+
+Without it:
 1. Backfill: the local exchange admits at most R requests/s (more get 429); the daemon is
    configured to R. Reports time / ideal (requests needed / R) and 429s, and the same backfill
    by a plain loop of ccxt `fetch_ohlcv` with ccxt's own rate limiter, as a user would write it,
@@ -19,11 +25,13 @@ import json
 import math
 import os
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
+import budget_bench
 import ccxt
 import structlog
 
@@ -188,13 +196,27 @@ def bench_storage_actor(path: str, rows: list[tuple[Any, ...]], batch: int) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exchange", default=None, help="one dialect's budget backfill, or all of them")
+    parser.add_argument("--results", default=None, help="with --exchange: write the section into this file")
+    parser.add_argument("--page-limit", type=int, default=None, help="with --exchange: the daemon's page_limit")
     parser.add_argument("--rate", type=int, default=20, help="exchange limit and daemon rate_limit, requests/s")
-    parser.add_argument("--candles", type=int, default=30_000, help="candles per symbol to backfill")
-    parser.add_argument("--symbols", type=int, default=3)
+    parser.add_argument("--candles", type=int, default=None, help="candles per symbol to backfill (30000)")
+    parser.add_argument("--symbols", type=int, default=None, help="symbols (3)")
     parser.add_argument("--rows", type=int, default=300_000, help="rows for the storage benchmark")
+    parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-symbols", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-start", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-offset", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        budget_bench.serve(args.serve, args.serve_symbols.split(","), args.serve_start, args.serve_offset)
+        return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    symbols = synthetic_symbols(args.symbols)
+    if args.exchange:
+        exchanges(args)
+        return
+    args.candles = 30_000 if args.candles is None else args.candles
+    symbols = synthetic_symbols(3 if args.symbols is None else args.symbols)
 
     daemon = bench_daemon(args.rate, args.candles, symbols)
     print(f"daemon backfill: {daemon['seconds']:.2f} s, ideal {daemon['ideal_seconds']:.2f} s "
@@ -223,6 +245,32 @@ def main() -> None:
         "storage_upsert_over_raw": round(storage["store_per_s"] / storage["raw_per_s"], 3),
         "storage_actor_over_raw": round(storage["actor_per_s"] / storage["raw_per_s"], 3),
     }))
+
+
+def exchanges(args: argparse.Namespace) -> None:
+    names = budget_bench.DIALECTS if args.exchange == "all" else (args.exchange,)
+    results = []
+    custom = args.symbols or args.candles or args.page_limit
+    for name in names:
+        for series, candles, page_limit in budget_bench.WORKLOADS[name][:1 if custom else None]:
+            r = budget_bench.run(os.path.abspath(__file__), name, args.symbols or series, args.candles or candles,
+                                 args.page_limit or page_limit)
+            results.append(r)
+            print(f"{name} (page {r['page']}): backfill {r['backfill_s']:.2f} s, ideal {r['ideal_s']:.2f} s "
+                  f"(ratio {r['ratio']:.3f}), {r['requests']} requests ({r['requests_needed']} needed), "
+                  f"rate-limited {r['rate_limited']}, exact {r['exact']}, daemon CPU {r['cpu_s']} s, "
+                  f"simulator CPU {r['sim_cpu_s']} s", flush=True)
+    if args.results:
+        shown, skip = [], False
+        for a in sys.argv[1:]:  # the command as run, without where its results were written
+            if skip or a.startswith("--results="):
+                skip = False
+            elif a == "--results":
+                skip = True
+            else:
+                shown.append(a)
+        budget_bench.write_section(args.results, results, " ".join(["python bench/ingest.py", *shown]))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

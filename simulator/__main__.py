@@ -34,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trickle-bytes-per-s", type=float, default=1.0)
     p.add_argument("--clock-skew-ms", type=int, default=0)
     p.add_argument("--rate-limit", type=int, default=None, help="max requests per second")
+    p.add_argument("--documented-limits", action="store_true",
+                   help="enforce the exchange's own documented rate limits (shared by all clients)")
     p.add_argument("--poison", default=None, help="SYMBOL[:kind], kind in "
                    + ", ".join(k.value for k in PoisonKind))
     p.add_argument("--fail-listing", default=None,
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         kind, _, status = a.fail_listing.partition(":")
         fail_listing[kind] = int(status or 500)
     faults = Faults(rates=rates, seed=a.fault_seed, stall_s=a.stall_s,
-                    rate_limit_per_s=a.rate_limit, poisoned=poisoned,
+                    rate_limit_per_s=a.rate_limit, documented_limits=a.documented_limits,
+                    poisoned=poisoned,
                     trickle_bytes_per_s=a.trickle_bytes_per_s, clock_skew_ms=a.clock_skew_ms,
                     fail_listing=fail_listing)
     start = None

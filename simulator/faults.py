@@ -88,8 +88,11 @@ class Faults:
     rates: probability per request of each random kind (sum <= 1).
     paths: restrict random faults to these request paths (e.g. {"/api/v3/klines"}); None = all.
     rate_limit_per_s: admit at most this many requests per sliding second, 429 for the rest.
+    documented_limits: enforce the exchange's own documented limits (`Dialect.limits`, counted
+        for every client of the server), answering the dialect's rate-limit reply beyond them.
     ban_after_violations: after this many requests that arrive while the client should still be
-        backing off from a limiter 429, answer 418 for `ban_s` seconds (Binance's IP ban).
+        backing off from a limiter 429 (either limiter), answer the dialect's ban for `ban_s`
+        seconds (Binance's 418 IP ban).
     poisoned: symbol (unified or id) -> how its klines are broken.
     outage: if set, every request fails this way.
     trickle_bytes_per_s: body rate of TRICKLE responses (slow enough that the whole response
@@ -107,6 +110,7 @@ class Faults:
     retry_after_s: int = 1
     stall_s: float = 5.0
     rate_limit_per_s: int | None = None
+    documented_limits: bool = False
     ban_after_violations: int | None = None
     ban_s: float = 10.0
     poisoned: Mapping[str, PoisonKind] = field(default_factory=dict)
@@ -194,38 +198,46 @@ class FaultInjector:
 
         The RNG is re-seeded when `seed` or `rates` change (so the schedule restarts), and
         kept otherwise (toggling an outage or poison does not disturb it). The limiter and
-        ban state are reset when the rate limit changes.
+        ban state are reset when a rate limit (`rate_limit_per_s`, `documented_limits`) changes.
         """
         with self._lock:
             old = self._faults
             if faults.seed != old.seed or dict(faults.rates) != dict(old.rates):
                 self._rng = random.Random(faults.seed)
-            if faults.rate_limit_per_s != old.rate_limit_per_s or self._limiter is None:
+            limits_changed = (faults.rate_limit_per_s != old.rate_limit_per_s
+                              or faults.documented_limits != old.documented_limits)
+            if limits_changed or (self._limiter is None and faults.rate_limit_per_s):
                 self._limiter = (SlidingWindowLimiter(faults.rate_limit_per_s)
                                  if faults.rate_limit_per_s else None)
                 self._backoff_until = self._ban_until = 0.0
                 self._violations = 0
-            if faults.rate_limit_per_s is None:
-                self._limiter = None
             self._faults = faults
             return old
 
-    def decide(self, path: str) -> Decision | None:
-        """The fault for this request, or None to serve it normally."""
+    def decide(self, path: str, fits: Callable[[], float | None] | None = None) -> Decision | None:
+        """The fault for this request, or None to serve it normally. `fits` counts the request
+        against the exchange's documented limits if it fits them (None) or says how long until
+        it would (seconds); asked only with `Faults.documented_limits`."""
         with self._lock:
             f = self._faults
             if f.outage is not None:
                 status = 503 if f.outage is OutageMode.HTTP_503 else None
                 return Decision(FaultKind.OUTAGE, status)
-            if self._limiter is not None:
-                d = self._limit(f)
+            documented = fits if f.documented_limits else None
+            if self._limiter is not None or documented is not None or self._ban_until > 0:
+                d = self._limit(f, documented)
                 if d is not None:
                     return d
             if f.rates and (f.paths is None or path in f.paths):
                 return self._draw(f)
             return None
 
-    def _limit(self, f: Faults) -> Decision | None:
+    def ban(self, seconds: float) -> None:
+        """Ban every client now, for `seconds` (the exchange's IP ban, however it was earned)."""
+        with self._lock:
+            self._ban_until = max(self._ban_until, self._monotonic() + seconds)
+
+    def _limit(self, f: Faults, fits: Callable[[], float | None] | None) -> Decision | None:
         now = self._monotonic()
         if now < self._ban_until:
             return Decision(FaultKind.BAN, 418, retry_after_header(self._ban_until - now))
@@ -238,8 +250,9 @@ class FaultInjector:
                     return Decision(FaultKind.BAN, 418, retry_after_header(f.ban_s))
             else:
                 self._violations = 0
-        assert self._limiter is not None
-        wait = self._limiter.try_acquire(now)
+        wait = self._limiter.try_acquire(now) if self._limiter is not None else None
+        if wait is None and fits is not None:
+            wait = fits()
         if wait is None:
             return None
         retry = retry_after_header(wait)

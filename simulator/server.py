@@ -244,6 +244,16 @@ class ExchangeSimulator:
         poisoned.pop(symbol.replace("/", "").upper(), None)
         self.update_faults(poisoned=poisoned)
 
+    def enforce_documented_limits(self, on: bool = True) -> None:
+        """Answer requests beyond the exchange's documented limits (`Dialect.limits`, shared by
+        every client of this server) with the dialect's rate-limit reply."""
+        self.update_faults(documented_limits=on)
+
+    def ban(self, seconds: float) -> None:
+        """Ban every client for `seconds` from now: each request gets the dialect's ban answer
+        (Binance: 418 with Retry-After) until then."""
+        self._injector.ban(seconds)
+
     def set_rate_limit(self, per_second: int | None) -> None:
         """Server-side limit: at most `per_second` requests per sliding second."""
         self.update_faults(rate_limit_per_s=per_second)
@@ -336,8 +346,12 @@ class ExchangeSimulator:
         split = urlsplit(h.path)
         path = split.path
         params = dict(parse_qsl(split.query, keep_blank_values=True))
-        decision = self._injector.decide(path)
         ctx = self._ctx({k.lower(): v for k, v in h.headers.items()})
+        charges = self.dialect.limits(path)
+        meters = self.dialect.meters
+        decision = self._injector.decide(path, lambda: meters.try_charge(charges, ctx.now_ms))
+        if not self.faults.documented_limits:
+            meters.charge(charges, ctx.now_ms)  # counted all the same: the headers tell it
         if decision is None:
             listing = self.dialect.listing_kind(path, params)
             status = self.faults.fail_listing.get(listing) if listing is not None else None

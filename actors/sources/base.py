@@ -41,7 +41,12 @@ class Profile:
     reach: how many candles back the exchange serves at most (None: all of its history).
     rate: budget units per second the exchange allows (from ccxt's `rateLimit`, or the source's
         own documentation); `costs` maps a request kind ("ohlcv", "markets", "heartbeat") to the
-        units it costs.
+        units it costs (a first guess: answers say what each request cost, `Answer.cost`);
+        `window_s`: the window the exchange counts its budget in (Binance: a minute).
+    per_endpoint: the exchange limits each endpoint on its own (OKX), each with a budget as large,
+        rather than all together (the others).
+    recent_bars: candles of the last `recent_bars` bars come from another endpoint than older ones
+        (OKX's candles endpoint, beside history-candles).
     settle_ms: how long after a candle closes the exchange may still be publishing it: a missing
         candle younger than this is "not fetched yet", never a gap.
     """
@@ -55,6 +60,9 @@ class Profile:
     rate: float = 10.0
     costs: dict[str, float] = field(default_factory=lambda: {"ohlcv": 1.0, "markets": 1.0, "heartbeat": 1.0})
     settle_ms: int = 60_000
+    window_s: float = 1.0
+    per_endpoint: bool = False
+    recent_bars: int | None = None
 
     def cost(self, kind: str) -> float:
         return self.costs.get(kind, 1.0)
@@ -89,7 +97,7 @@ class Answer:
 
     server_ms: int | None = None  # the exchange's clock (a Date header, or its own field), if it said
     rate: RateReport | None = None
-    cost: float | None = None  # units this request cost, when the source knows
+    cost: float | None = None  # units of the profile's budget this request cost, when the source knows
 
 
 @dataclass(frozen=True)

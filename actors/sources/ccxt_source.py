@@ -6,8 +6,12 @@ What it adds to ccxt, each because a real exchange made it necessary:
   `wait_for` one second later bounds anything else (a trickling body cannot hold a request).
 - Every answer's own metadata, per request (ccxt keeps only the last response's headers, shared
   by concurrent requests): the server's clock from its `Date` header, its rate headers, the
-  Retry-After of a failure, and the units ccxt charged the request (its throttle is asked, never
-  waited on: the exchange actor paces requests itself).
+  Retry-After of a failure (or a ban's documented length where the exchange sends none), and
+  the units ccxt charged the request (its throttle is asked, never waited on: the exchange actor
+  paces requests itself), in the exchange's budget unit (`profiles.Budget`).
+- A market list is admitted once by the exchange actor and charged what all its requests cost
+  together (they go back to back); ccxt is kept off the requests the daemon does not need
+  (`profiles.QUIET_OPTIONS`, `QUIET_HAS`: Kraken's, allowing about one request a second, is one).
 - A 2xx body that is not JSON (a truncated body, an HTML page) is `ccxt.BadResponse`: ccxt would
   hand it to the parser, which turns it into `[]` or `{}` without a word.
 - A 5xx answer is transient whatever class ccxt maps it to (Bybit's and Coinbase's 500 become a
@@ -34,7 +38,7 @@ import ccxt.async_support as ccxt_async
 from ...resilience.retry import parse_retry_after
 from ...supervisors.clock import WallClock
 from .base import Answer, MarketInfo, Page, RateReport, SourceFailure
-from .profiles import client_options, market_kind, market_types, profile
+from .profiles import QUIET_HAS, budget, client_options, market_kind, market_types, profile
 from .urls import rebase_urls
 
 T = TypeVar("T")
@@ -127,10 +131,15 @@ class CcxtSource:
         })
         if api_base:
             self.client.urls["api"] = rebase_urls(self.client.urls["api"], api_base)
+        for capability in QUIET_HAS.get(exchange_id, ()):
+            self.client.has[capability] = False
         self.client.milliseconds = lambda: int(wall() * 1000)
         self.client.seconds = lambda: int(wall())
         self.profile = profile(exchange_id, self.client)
+        self.budget = budget(exchange_id, self.client)
         self.failed_types: dict[str, BaseException] = {}
+        #: what the last market load's answers said, together (its cost: every listing's)
+        self.markets_answer = Answer()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -164,7 +173,11 @@ class CcxtSource:
         return exc
 
     def _retry_after(self, seen: _Seen) -> float | None:
-        return parse_retry_after(_header(seen.headers, "Retry-After"), self._wall())
+        after = parse_retry_after(_header(seen.headers, "Retry-After"), self._wall())
+        ban = self.budget.ban
+        if after is None and ban is not None and seen.status == ban[0]:
+            return ban[1]  # a ban that does not say how long (Bybit's 403): as long as documented
+        return after
 
     def _answer(self, seen: _Seen) -> Answer:
         h = seen.headers
@@ -175,26 +188,36 @@ class CcxtSource:
                 server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
             except (TypeError, ValueError):
                 server_ms = None
-        return Answer(server_ms=server_ms, rate=self._rate(h, server_ms), cost=seen.cost or None)
+        cost = seen.cost * self.budget.per_ccxt_unit if seen.cost else None
+        return Answer(server_ms=server_ms, rate=self._rate(h, server_ms), cost=cost)
 
     def _rate(self, h: dict[str, str], server_ms: int | None) -> RateReport | None:
+        """The exchange's own count, in its budget's unit. `reset_ms` is on our wall clock (when
+        the window ends, measured from the answer's own times, so no clock offset enters it),
+        rounded up where the exchange's time is known only to the second."""
+        local_ms = int(self._wall() * 1000)
         used = _number(_header(h, "X-MBX-USED-WEIGHT-1M"))
-        if used is not None:  # Binance: weight used in the current clock minute
-            now = server_ms if server_ms is not None else int(self._wall() * 1000)
-            reset = (now // 60_000 + 1) * 60_000
-            limit = self.profile.rate * 60
-            return RateReport(used=used, limit=limit, remaining=max(0.0, limit - used), reset_ms=reset, window_s=60)
+        if used is not None:  # Binance: weight used in the current minute of its clock
+            limit = self.budget.rate * 60
+            at = server_ms if server_ms is not None else local_ms  # Date: the second, truncated
+            return RateReport(used=used, limit=limit, remaining=max(0.0, limit - used),
+                              reset_ms=local_ms + 60_000 - at % 60_000, window_s=60)
         remaining = _number(_header(h, "X-Bapi-Limit-Status"))
-        if remaining is not None:  # Bybit
+        if remaining is not None:  # Bybit: the reset on its clock, which Timenow tells to the ms
             reset_at = _number(_header(h, "X-Bapi-Limit-Reset-Timestamp"))
+            now = _number(_header(h, "Timenow"))
+            now = now if now is not None else server_ms
+            left = reset_at - now if reset_at is not None and now is not None else None
+            # Bybit's reset is "now" until the limit is exceeded: then nothing is known of it
             return RateReport(limit=_number(_header(h, "X-Bapi-Limit")), remaining=remaining,
-                              reset_ms=int(reset_at) if reset_at is not None else None)
+                              reset_ms=local_ms + int(left) if left is not None and left > 0 else None,
+                              window_s=self.budget.window_s)
         remaining = _number(_header(h, "gw-ratelimit-remaining"))
-        if remaining is not None:  # KuCoin: reset is in ms from now
+        if remaining is not None:  # KuCoin: the reset in ms from now
             reset_in = _number(_header(h, "gw-ratelimit-reset"))
-            now = int(self._wall() * 1000)
             return RateReport(limit=_number(_header(h, "gw-ratelimit-limit")), remaining=remaining,
-                              reset_ms=now + int(reset_in) if reset_in is not None else None)
+                              reset_ms=local_ms + int(reset_in) if reset_in is not None else None,
+                              window_s=self.budget.window_s)
         return None
 
     # -- Source ------------------------------------------------------------------------------
@@ -203,8 +226,10 @@ class CcxtSource:
         """The markets of the types the configured symbols need, one type at a time: a type whose
         listing fails is left out (`failed_types`) and the others are served."""
         client = self.client
+        answers: list[Answer] = []
         if self._types is None:
-            markets, _ = await self._call(lambda: client.load_markets(reload=True))
+            markets, answer = await self._call(lambda: client.load_markets(reload=True))
+            answers.append(answer)
             listed = list(markets.values())
         else:
             listed = []
@@ -212,14 +237,18 @@ class CcxtSource:
             for kind in self._types:
                 client.options["fetchMarkets"] = {"types": [kind]}
                 try:
-                    got, _ = await self._call(client.fetch_markets)
+                    got, answer = await self._call(client.fetch_markets)
                 except SourceFailure as failure:
+                    answers.append(failure.answer)
                     self.failed_types[kind] = failure.error
                     continue
+                answers.append(answer)
                 listed.extend(got)
+            self.markets_answer = _together(answers)
             if not listed and self.failed_types:
-                raise SourceFailure(next(iter(self.failed_types.values())))
+                raise SourceFailure(next(iter(self.failed_types.values())), answer=self.markets_answer)
             client.set_markets(listed)
+        self.markets_answer = _together(answers)
         if not listed:
             raise SourceFailure(ccxt.BadResponse(f"{self.exchange_id} listed no markets"))
         return {m["symbol"]: MarketInfo(m["symbol"], _listed_ms(m)) for m in listed if m.get("symbol")}
@@ -255,6 +284,13 @@ class CcxtSource:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _together(answers: list[Answer]) -> Answer:
+    """Several requests' answers as one: their costs summed, the last clock and count."""
+    cost = sum(a.cost or 0.0 for a in answers)
+    last = next((a for a in reversed(answers) if a.rate is not None or a.server_ms is not None), Answer())
+    return Answer(server_ms=last.server_ms, rate=last.rate, cost=cost or None)
 
 
 def _listed_ms(market: dict[str, Any]) -> int | None:

@@ -7,13 +7,13 @@ server decides *whether* a request fails, the dialect decides what that failure 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..faults import PoisonKind
 from ..history import INTERVALS, Candle, Market, align_down
+from ..limits import Charge, Meters
 from ..reply import Reply, gateway_page
 from ..venue import Venue
 
@@ -45,8 +45,8 @@ class Dialect:
     listing_kinds: ClassVar[tuple[str, ...]]
 
     def __init__(self) -> None:
-        self._meter_lock = threading.Lock()
-        self._meters: dict[str, tuple[int, int]] = {}
+        #: usage of the exchange's documented limits, by every client of this server
+        self.meters = Meters()
 
     # ---------------------------------------------------------------- identity
     def market_id(self, m: Market) -> str:
@@ -67,6 +67,12 @@ class Dialect:
     def headers(self, path: str, ctx: Ctx) -> dict[str, str]:
         """Headers sent with every response (rate-limit accounting and the like)."""
         return {}
+
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        """The documented rate limits a request to `path` counts against, with its cost there
+        (see `simulator.limits`); the server counts them for every request and enforces them
+        with `Faults(documented_limits=True)`."""
+        return ()
 
     # ---------------------------------------------------------------- failures
     def rate_limited(self, retry_after_s: int, ctx: Ctx) -> Reply:
@@ -107,18 +113,6 @@ class Dialect:
         if price is not None:
             raise ValueError(f"the {self.name} dialect has no price components")
         return c.ohlcv()
-
-    # ---------------------------------------------------------------- helpers
-    def count(self, key: str, window_ms: int, cost: int, now_ms: int) -> tuple[int, int]:
-        """Add `cost` to fixed-window meter `key`; returns (used, window_end_ms)."""
-        start = now_ms - now_ms % window_ms
-        with self._meter_lock:
-            w, used = self._meters.get(key, (start, 0))
-            if w != start:
-                used = 0
-            used += cost
-            self._meters[key] = (start, used)
-        return used, start + window_ms
 
 
 def num(s: str | None) -> str | None:

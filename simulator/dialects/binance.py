@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from .. import binance as spot
 from ..history import Market
+from ..limits import Charge, Limit
 from ..reply import Reply, dumps
 from .base import Ctx, Dialect
 from .derivatives import PERPETUAL_EXPIRY_MS, quarterly_expiry, yymmdd
@@ -19,8 +20,9 @@ from .derivatives import PERPETUAL_EXPIRY_MS, quarterly_expiry, yymmdd
 PATH_FAPI_INFO = "/fapi/v1/exchangeInfo"
 PATH_DAPI_INFO = "/dapi/v1/exchangeInfo"
 _LISTINGS = {spot.PATH_EXCHANGE_INFO: "spot", PATH_FAPI_INFO: "linear", PATH_DAPI_INFO: "inverse"}
-#: request weights of the derivative listings (x-mbx-used-weight-1m counts spot only)
-_WEIGHTS = {**spot.WEIGHTS, PATH_FAPI_INFO: 1, PATH_DAPI_INFO: 1}
+#: the spot API's documented limit: 6000 request weight per clock minute, per IP (the derivative
+#: listings live on other hosts, with limits of their own, not modelled)
+WEIGHT_1M = Limit("weight", spot.WEIGHT_LIMIT_1M, 60_000)
 
 
 def _contract(symbol: str, pair: str, base: str, quote: str, margin: str, expiry: int,
@@ -105,8 +107,13 @@ class BinanceDialect(Dialect):
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         return _LISTINGS.get(path)
 
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        if path in (PATH_FAPI_INFO, PATH_DAPI_INFO):
+            return ()
+        return ((WEIGHT_1M, spot.WEIGHTS.get(path, 1)),)
+
     def headers(self, path: str, ctx: Ctx) -> dict[str, str]:
-        used, _ = self.count("weight", 60_000, _WEIGHTS.get(path, 1), ctx.now_ms)
+        used = int(self.meters.usage(WEIGHT_1M, ctx.now_ms)[0])
         return {"x-mbx-used-weight": str(used), "x-mbx-used-weight-1m": str(used)}
 
     def rate_limited(self, retry_after_s: int, ctx: Ctx) -> Reply:

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from ..faults import PoisonKind
 from ..history import Market, align_down
+from ..limits import Charge, Limit
 from ..reply import Reply, gateway_page, json_reply
 from .base import Ctx, Dialect, int_param, num, poison_rows
 from .derivatives import ddmmmyy, month_code, quarterly_expiry, weekly_expiry
@@ -31,8 +32,10 @@ PATH_KLINE = "/v5/market/kline"
 INTERVALS = {"1": "1m", "3": "3m", "5": "5m", "15": "15m", "30": "30m", "60": "1h", "120": "2h",
              "240": "4h", "360": "6h", "720": "12h", "D": "1d", "W": "1w"}
 DEFAULT_LIMIT = 200
-#: IP limit the X-Bapi-Limit* headers describe: 600 requests per 5 s window.
+#: The documented IP limit (600 requests per 5 s, all of api.bybit.com), which the X-Bapi-Limit*
+#: headers describe here (Bybit's own headers describe per-UID limits of private endpoints).
 IP_LIMIT, IP_WINDOW_MS = 600, 5_000
+IP = Limit("ip", IP_LIMIT, IP_WINDOW_MS)
 _CATEGORIES = ("spot", "linear", "inverse", "option")
 
 
@@ -199,8 +202,12 @@ class BybitDialect(Dialect):
         category = params.get("category", "")
         return category if category in _CATEGORIES else None
 
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        return ((IP, 1),)
+
     def headers(self, path: str, ctx: Ctx) -> dict[str, str]:
-        used, reset = self.count("ip", IP_WINDOW_MS, 1, ctx.now_ms)
+        used_f, reset = self.meters.usage(IP, ctx.now_ms)
+        used = int(used_f)
         return {"X-Bapi-Limit": str(IP_LIMIT), "X-Bapi-Limit-Status": str(max(0, IP_LIMIT - used)),
                 "X-Bapi-Limit-Reset-Timestamp": str(reset), "Timenow": str(ctx.now_ms)}
 

@@ -24,6 +24,7 @@ from typing import ClassVar
 from ..catalogue import usd_level
 from ..faults import PoisonKind
 from ..history import Market
+from ..limits import Charge, Limit
 from ..reply import Reply, gateway_page, json_reply
 from .base import Ctx, Dialect, int_param, num, poison_rows
 from .derivatives import PERPETUAL_EXPIRY_MS, quarterly_expiry
@@ -188,6 +189,12 @@ def unknown_symbol(status: int | None = None) -> Reply:
     return error(404 if status is None else status, "NOT_FOUND", "product not found")
 
 
+#: The documented limits, per IP: Advanced Trade's public endpoints 10 requests a second; the
+#: v2 (Coinbase App) ones 10,000 an hour.
+PUBLIC_V3 = Limit("v3-public", 10, 1_000, sliding=True)
+PUBLIC_V2 = Limit("v2", 10_000, 3_600_000, sliding=True)
+
+
 class CoinbaseDialect(Dialect):
     name = "coinbase"
     ccxt_id = "coinbase"
@@ -215,6 +222,9 @@ class CoinbaseDialect(Dialect):
         if path == PATH_V3_TIME:
             return v3_time(ctx.now_ms)
         return gateway_page(404)
+
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        return ((PUBLIC_V2 if path.startswith("/v2/") else PUBLIC_V3, 1),)
 
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         if path == PATH_PRODUCTS:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from ..faults import PoisonKind
 from ..history import Candle, Market
+from ..limits import Charge, Limit
 from ..reply import Reply, gateway_page, json_reply
 from .base import Ctx, Dialect, current_open, int_param, interval_ms, poison_rows
 
@@ -172,6 +173,11 @@ def ohlc(params: Mapping[str, str], ctx: Ctx) -> Reply:
     return r
 
 
+#: Kraken publishes no hard figure for its public endpoints ("about one call a second", per IP):
+#: modelled as at most one request in any second.
+PUBLIC = Limit("public", 1, 1_000, sliding=True)
+
+
 class KrakenDialect(Dialect):
     name = "kraken"
     ccxt_id = "kraken"
@@ -197,6 +203,9 @@ class KrakenDialect(Dialect):
         if path == PATH_STATUS:
             return system_status(ctx.now_ms)
         return error("EGeneral:Unknown method", 404)
+
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        return ((PUBLIC, 1),)
 
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         return {PATH_PAIRS: "spot", PATH_ASSETS: "currencies"}.get(path)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from ..faults import PoisonKind
 from ..history import Market
+from ..limits import Charge, Limit
 from ..reply import Reply, gateway_page, json_reply
 from .base import Ctx, Dialect, int_param, num, poison_rows
 from .derivatives import month_code, quarterly_expiry
@@ -36,6 +37,8 @@ TYPES = {"1min": "1m", "3min": "3m", "5min": "5m", "15min": "15m", "30min": "30m
          "1hour": "1h", "2hour": "2h", "4hour": "4h", "6hour": "6h", "8hour": "8h",
          "12hour": "12h", "1day": "1d", "1week": "1w"}
 PUBLIC_POOL, POOL_WINDOW_MS = 2000, 30_000
+#: the documented public resource pool (VIP0): 2000 weight per 30 s, per IP
+POOL = Limit("public", PUBLIC_POOL, POOL_WINDOW_MS)
 #: request weights in the public pool
 _WEIGHTS = {PATH_CANDLES: 3, PATH_SYMBOLS: 4, PATH_TICKERS: 15, PATH_CURRENCIES: 3,
             PATH_TIME: 3, PATH_STATUS: 3, PATH_CONTRACTS: 6}
@@ -194,8 +197,14 @@ class KucoinDialect(Dialect):
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         return _LISTINGS.get(path)
 
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        if path == PATH_CONTRACTS:
+            return ()  # the futures host has a pool of its own
+        return ((POOL, _WEIGHTS.get(path, 1)),)
+
     def headers(self, path: str, ctx: Ctx) -> dict[str, str]:
-        used, reset = self.count("public", POOL_WINDOW_MS, _WEIGHTS.get(path, 1), ctx.now_ms)
+        used_f, reset = self.meters.usage(POOL, ctx.now_ms)
+        used = int(used_f)
         return {"gw-ratelimit-limit": str(PUBLIC_POOL),
                 "gw-ratelimit-remaining": str(max(0, PUBLIC_POOL - used)),
                 "gw-ratelimit-reset": str(reset - ctx.now_ms)}

@@ -48,6 +48,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..faults import PoisonKind
 from ..history import Candle, Market, align_down
+from ..limits import Charge, Limit
 from ..reply import Reply, json_reply
 from .base import Ctx, Dialect, interval_ms, poison_rows
 
@@ -205,6 +206,11 @@ def _bool(params: Mapping[str, str], name: str, default: bool) -> bool | None:
     return {"true": True, "false": False}.get(raw.lower())
 
 
+#: The documented REST limit: 120 requests a second (per IP); its best practices ask for at most
+#: 100 a second on a kept-alive connection.
+REST = Limit("rest", 120, 1_000, sliding=True)
+
+
 class OandaDialect(Dialect):
     name = "oanda"
     ccxt_id = ""  # no ccxt client: candlekeeper.actors.sources.oanda speaks it
@@ -269,6 +275,9 @@ class OandaDialect(Dialect):
                     if not wanted or self.market_id(m) in wanted]
             return json_reply(200, {"instruments": rows, "lastTransactionID": "1"})
         return error(404, "The requested resource does not exist")
+
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        return ((REST, 1),)
 
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         if path == PATH_ACCOUNTS:

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from ..faults import PoisonKind
 from ..history import Market
+from ..limits import Charge, Limit
 from ..reply import Reply, gateway_page, json_reply
 from .base import Ctx, Dialect, current_open, int_param, interval_ms, num, poison_rows
 from .derivatives import quarterly_expiry, weekly_expiry, yymmdd
@@ -175,6 +176,15 @@ def unknown_symbol(status: int = 200) -> Reply:
     return error(status, "51001", "Instrument ID does not exist")
 
 
+#: The documented limits: per endpoint and IP, requests per 2 s.
+LIMITS: dict[str, Limit] = {
+    PATH_CANDLES: Limit("candles", 40, 2_000, sliding=True),
+    PATH_HISTORY_CANDLES: Limit("history-candles", 20, 2_000, sliding=True),
+    PATH_INSTRUMENTS: Limit("instruments", 20, 2_000, sliding=True),
+    PATH_TIME: Limit("time", 10, 2_000, sliding=True),
+}
+
+
 class OkxDialect(Dialect):
     name = "okx"
     ccxt_id = "okx"
@@ -195,6 +205,10 @@ class OkxDialect(Dialect):
         if path == PATH_TIME:
             return server_time(ctx.now_ms)
         return gateway_page(404)
+
+    def limits(self, path: str) -> tuple[Charge, ...]:
+        limit = LIMITS.get(path)
+        return () if limit is None else ((limit, 1),)
 
     def listing_kind(self, path: str, params: Mapping[str, str]) -> str | None:
         if path != PATH_INSTRUMENTS:
