@@ -231,7 +231,8 @@ class Session:
                     if market is None:  # Binance: an unknown symbol's stream stays silent
                         continue
                     await self._push(ctx.dialect.push(topic, market, due.candle, due.closed,
-                                                      now, self.view), due.closed)
+                                                      now, self.view, ctx.rules().closed_flag),
+                                     due.closed)
                     if self._closing:
                         return
             await self._sleep_until_next(now)
