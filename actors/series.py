@@ -179,6 +179,7 @@ class SeriesActor(Child):
         self._writing_streamed = False  # the write in flight holds candles the stream could not store
         self._audit_from: int | None = None  # the cursor when the last audit was taken
         self._hole_at: int | None = None  # the cursor a hole before streamed candles was last asked from
+        self._fell_back = False  # the stream said nothing of a closed candle: on REST until it does
 
     def _start_ms(self) -> int:
         if self.settings.since_ms is not None:
@@ -658,6 +659,7 @@ class SeriesActor(Child):
             self._stored_any = True
             self.last_ts = max(self.last_ts or candles[-1][0], candles[-1][0])
             self.source = "stream"
+            self._fell_back = False
             self._succeeded()
             self._set_status("ok")
             self._report()
@@ -685,6 +687,8 @@ class SeriesActor(Child):
         if not self._stream_up:
             self._set_source("rest")
             return False
+        if not self._fell_back:
+            self._set_source("stream")
         self._stream_reschedule()
         return True
 
@@ -702,6 +706,7 @@ class SeriesActor(Child):
         """A poll timer fired: with the stream up, it is a fallback (the stream said nothing)."""
         if self.stream is not None and self._stream_up and self.status == "ok":
             self._count_fallback(reason)
+            self._fell_back = True
             self._set_source("rest")
 
     def _count_fallback(self, reason: str) -> None:

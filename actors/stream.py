@@ -238,7 +238,8 @@ class _Member:
     fid: int | None = None
     up: bool = False
     refused: str | None = None
-    parked_for: float = 0.0  # the last retry delay of a subscription refused on its own
+    alone: bool = False  # was asked for in a request of its own since it was last up
+    parked_for: float = 0.0  # the last retry delay of a subscription silent on its own
 
 
 @dataclass
@@ -446,8 +447,8 @@ class StreamActor(Child):
 
     def _connect(self, fid: int) -> None:
         slot = self.slots.get(fid)
-        if slot is None or self.loop is None or self.dispatch is None or slot.state in ("connecting", "up"):
-            return
+        if slot is None or self.loop is None or self.dispatch is None or slot.future is not None:
+            return  # gone, stopping, or connected
         slot.timer = None
         if not slot.keys:
             slot.state = "idle"
@@ -542,8 +543,8 @@ class StreamActor(Child):
         for fid, epoch, key in msg.seen:
             slot = self.slots.get(fid)
             member = self.members.get(key)
-            if slot is None or slot.epoch != epoch or member is None or member.fid != fid:
-                continue
+            if slot is None or slot.epoch != epoch or slot.future is None or member is None or member.fid != fid:
+                continue  # a frame from a connection that has ended since
             if not slot.confirmed:
                 slot.confirmed = True
                 slot.state = "up"
@@ -557,6 +558,7 @@ class StreamActor(Child):
             if not member.up:
                 member.up = True
                 member.parked_for = 0.0
+                member.alone = False
                 member.refused = None
                 self._tell(member.ref, StreamState(key, True, now_ms))
         if msg.closed:
@@ -606,26 +608,33 @@ class StreamActor(Child):
         slot = self.slots.get(msg.fid)
         if slot is None or slot.epoch != msg.epoch or slot.state not in ("connecting", "up"):
             return
+        if not slot.confirmed and not any(self.members[k].refused for k in slot.keys):
+            # nothing at all yet: the feed ends a dead connection itself; look again later
+            self.schedule(self.settings.idle, _Confirm(msg.fid, msg.epoch))
+            return
         silent = [k for k in slot.keys if not self.members[k].up]
-        if not silent or not slot.confirmed:
-            return  # all up; or nothing at all came, which the connection's idle watchdog handles
+        if not silent:
+            return
         now_ms = self._now_ms()
         for key in silent:
             member = self.members[key]
             why = member.refused or f"no message within {self.settings.idle:g} s of subscribing"
             self._tell(member.ref, StreamState(key, False, now_ms, f"stream subscription: {why}"))
-        batch = max(1, math.ceil(min(len(silent), self.settings.profile.subscribe_batch) / 2))
-        if batch > 1:
-            delay = 1.0
-        else:
-            longest = max(self.members[k].parked_for for k in silent)
-            delay = min(PARK_MAX_S, max(PARK_FIRST_S, 2 * longest))
-            for key in silent:
+        # Binance and Bybit refuse a whole request for one bad topic: ask again in halves, so the
+        # good ones come up within seconds; one silent in a request of its own is parked (asked
+        # again after a minute, doubling to half an hour) and its series stays on REST
+        alone = [k for k in silent if self.members[k].alone]
+        grouped = [k for k in silent if not self.members[k].alone]
+        if grouped:
+            batch = max(1, math.ceil(min(len(grouped), self.settings.profile.subscribe_batch) / 2))
+            self.schedule(1.0, _Retry(msg.fid, msg.epoch, tuple(grouped), batch))
+        if alone:
+            delay = min(PARK_MAX_S, max(PARK_FIRST_S, 2 * max(self.members[k].parked_for for k in alone)))
+            for key in alone:
                 self.members[key].parked_for = delay
-        self.log.warning("stream_subscriptions_silent", connection=msg.fid, series=len(silent),
-                         first=[str(k) for k in silent[:5]], reason=self.members[silent[0]].refused,
-                         retry_in=delay, batch=batch)
-        self.schedule(delay, _Retry(msg.fid, msg.epoch, tuple(silent), batch))
+            self.schedule(delay, _Retry(msg.fid, msg.epoch, tuple(alone), 1))
+        self.log.warning("stream_subscriptions_silent", connection=msg.fid, series=len(silent), parked=len(alone),
+                         first=[str(k) for k in silent[:5]], reason=self.members[silent[0]].refused)
         self._report()
 
     def _retry(self, msg: _Retry) -> None:
@@ -637,6 +646,7 @@ class StreamActor(Child):
             return
         for key in keys:
             self.members[key].refused = None
+            self.members[key].alone = msg.batch == 1
         pairs = [(k.symbol, k.timeframe) for k in keys]
         self.loop.loop.call_soon_threadsafe(slot.feed.retry, pairs, msg.batch)
         self.schedule(self.settings.idle, _Confirm(msg.fid, msg.epoch))

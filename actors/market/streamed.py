@@ -36,7 +36,7 @@ class _Last:
 class CloseTracker:
     """One series' stream messages in, its closed candles out (each at most once)."""
 
-    __slots__ = ("_emitted", "_last", "tf_ms")
+    __slots__ = ("_emitted", "_last", "_pending", "tf_ms")
 
     KEEP = 16  # open times remembered as handed out (a duplicated or reordered final is dropped)
 
@@ -44,6 +44,7 @@ class CloseTracker:
         self.tf_ms = tf_ms
         self._emitted: list[int] = []  # open times handed out, newest last
         self._last: _Last | None = None  # the newest candle seen without a flag
+        self._pending: _Last | None = None  # a candle a later one has followed, waiting for the clock
 
     def frame(self, ts: int, closed: bool | None, event_ms: int | None, row: Sequence[Any] | None,
               now_ms: int, margin_ms: int) -> list[Candle]:
@@ -56,16 +57,18 @@ class CloseTracker:
             return self._take(ts, row)
         if closed is False:
             return []
-        out: list[Candle] = []
         last = self._last
         if last is not None and ts > last.ts:
-            close = last.ts + self.tf_ms
-            final = last.event_ms is None or last.event_ms >= close
-            if final and now_ms - margin_ms >= close:
-                out = self._take(last.ts, last.row)
+            self._pending = last  # a later candle has started: `last` ended with its last message
         if last is None or ts >= last.ts:
             self._last = _Last(ts, row, event_ms)
-        return out
+        pending = self._pending
+        if pending is None or now_ms - margin_ms < pending.ts + self.tf_ms:
+            return []  # nothing ended, or its close has not passed on the exchange's clock yet
+        self._pending = None
+        if pending.event_ms is not None and pending.event_ms < pending.ts + self.tf_ms:
+            return []  # its last message was sent before the close: maybe not its final values
+        return self._take(pending.ts, pending.row)
 
     def _take(self, ts: int, row: Sequence[Any] | None) -> list[Candle]:
         emitted = self._emitted

@@ -346,6 +346,8 @@ class Feed:
         self._sink = sink
         self._clock = clock
         self._running = False
+        self._run_frames = 0  # frames on this connection
+        self._run_refused = 0  # subscribe requests refused on this connection
         client.kline_sink = self
 
     # -- frames (called by the tap, on the loop) ------------------------------------------------
@@ -353,6 +355,7 @@ class Feed:
     def frame(self, symbol: str, timeframe: str, ts: int, closed: bool | None, event_ms: int | None,
               row: tuple[Any, ...] | None) -> None:
         self.frames += 1
+        self._run_frames += 1
         self.last_frame = self._clock()
         self._sink.frame(symbol, timeframe, ts, closed, event_ms, row)
 
@@ -385,6 +388,7 @@ class Feed:
             raise StreamDown(ccxt.BadRequest("no series to stream"))
         dial = max((ex.ws_dial_delay(url) for url in list(getattr(ex, "ws_dial_backoff", None) or {})), default=0.0)
         self.last_frame = self._clock() + dial
+        self._run_frames = self._run_refused = 0
         self.subscribe(self.pairs)
         ws = await self._connection()
         sentinel = ws.future(SENTINEL)
@@ -399,8 +403,17 @@ class Feed:
                 sentinel = ws.future(SENTINEL)
             if ws not in (ex.clients or {}).values():
                 raise StreamDown(ws.error or ccxt.NetworkError("connection closed"))
-            if self._clock() - self.last_frame > self.idle_s:
+            if self._stalled():
                 raise StreamDown(StreamIdle(f"{ex.id}: no message for {self.idle_s:g} s on an open connection"))
+
+    def _stalled(self) -> bool:
+        """No frame for `idle_s`; before the first frame, `idle_s` plus a request's time, unless
+        subscriptions were refused (the caller asks again in smaller requests: a connection
+        whose every stream was refused has nothing to say, and is not stalled)."""
+        quiet = self._clock() - self.last_frame
+        if self._run_frames:
+            return quiet > self.idle_s
+        return self._run_refused == 0 and quiet > self.idle_s + self.timeout
 
     async def _connection(self) -> Any:
         """The ccxt connection object the first subscribe created (it exists once that call has
@@ -434,6 +447,7 @@ class Feed:
             return
         error = task.exception()
         if error is not None and not _network(error):
+            self._run_refused += 1
             self._sink.refused(chunk, describe(error)[:200])
 
     def retry(self, pairs: Sequence[Pair], batch: int) -> None:
