@@ -1,22 +1,21 @@
 """Live candles over WebSocket end to end: the real system, the real ccxt.pro client, the loopback
 stream simulator of each dialect sharing candles and clock with the REST simulator, and SQLite.
 
-Every stream fault of the simulator, the closed rule without a flag, fallback to REST and the
-return to the stream, refused subscriptions and the audit: after each, the store holds every
-closed candle exactly once, with the exchange's values (see tests/stream_support.py for how time
-is moved)."""
+The closed rule without a flag, fallback to REST and the return to the stream, refused
+subscriptions, the audit and a stream crash: after each, the store holds every closed candle
+exactly once, with the exchange's values (stream faults: tests/test_stream_faults.py; how time
+is moved: tests/stream_support.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults
+from candlekeeper.simulator.ws import StreamFault, StreamFaults
 from tests.stream_support import (
     TF,
     fast_stream,  # noqa: F401 - a fixture
     klines,
     live_exchange,
-    series,
     sources,
     stream_row,
     wait_until,
@@ -27,7 +26,7 @@ EXCHANGES = ("binance", "okx", "bybit")
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_caught_up_series_take_closed_candles_from_the_stream_and_stop_polling(
-        exchange, clock, tmp_path, fast_stream) -> None:  # noqa: F811
+        exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
         system = live.start()
         live.wait_complete()
@@ -46,66 +45,13 @@ def test_caught_up_series_take_closed_candles_from_the_stream_and_stop_polling(
         assert f'candlekeeper_series_source{{exchange="{exchange}",source="stream"}} 2.0' in text
 
 
-def _scrape(system) -> str:  # noqa: ANN001
+def _scrape(system) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(system.metrics.registry).decode()
 
 
-@pytest.mark.parametrize("fault", [StreamFault.DROP_RESET, StreamFault.DROP_CLOSE, StreamFault.DUPLICATE,
-                                   StreamFault.REORDER, StreamFault.MISS, StreamFault.MISS_FINAL])
-def test_random_stream_faults_leave_the_store_exact(fault, clock, tmp_path, fast_stream) -> None:  # noqa: F811
-    with live_exchange("binance", clock, tmp_path) as live:
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
-        live.ws.set_faults(StreamFaults({fault: 0.3}, seed=7))
-        for _ in range(5):
-            ts = live.to_close(system)
-            # the candle comes by the stream, or by REST where the stream failed (a missed one is
-            # noticed when a later one arrives)
-            wait_until(lambda ts=ts: live.clock.ms() > ts + TF + 1500, what="the close")
-        live.ws.set_faults(StreamFaults())
-        live.next_candle(system)
-        live.wait_complete()
-        live.assert_exact()
-        assert live.ws.stats().faults.get(fault, 0) > 0
-
-
-@pytest.mark.parametrize("exchange", EXCHANGES)
-def test_connections_expiring_and_dropping_are_reconnected(exchange, clock, tmp_path, fast_stream) -> None:  # noqa: F811
-    with live_exchange(exchange, clock, tmp_path) as live:
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: stream_row(system).get("state") == "up", what="stream up")
-        live.ws.update_rules(max_age_s=1.0)
-        live.next_candle(system)
-        wait_until(lambda: stream_row(system).get("reconnects", 0) >= 2, what="reconnects")
-        live.ws.update_rules(max_age_s=None)
-        live.ws.drop_connections()
-        live.next_candle(system)
-        live.wait_complete()
-        live.assert_exact()
-        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="back on the stream")
-
-
-@pytest.mark.parametrize("stall", [StallMode.DATA, StallMode.SILENT])
-def test_a_stalled_feed_is_noticed_and_reconnected(stall, clock, tmp_path, fast_stream) -> None:  # noqa: F811
-    """ccxt.pro never notices a data stall (its keepalive is answered): the idle watchdog does."""
-    with live_exchange("binance", clock, tmp_path) as live:
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: stream_row(system).get("state") == "up", what="stream up")
-        live.ws.update_faults(stall=stall)
-        wait_until(lambda: stream_row(system).get("reconnects", 0) >= 1, what="stall noticed")
-        assert "no message for" in (stream_row(system).get("last_error") or "")
-        live.ws.update_faults(stall=None)
-        wait_until(lambda: stream_row(system).get("state") == "up", what="stream up again")
-        live.next_candle(system)
-        live.assert_exact()
-
-
-def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, fast_stream) -> None:  # noqa: F811
+def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, fast_stream) -> None:
     with live_exchange("binance", clock, tmp_path) as live:
         clock.offset += clock.until_boundary(60) - 6  # the next candle closes 6 s from now
         system = live.start()
@@ -130,7 +76,7 @@ def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, f
         assert 'reason="down"' in _scrape(system)
 
 
-def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp_path, fast_stream) -> None:  # noqa: F811
+def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp_path, fast_stream) -> None:
     """Every final missed: the stream is up but says nothing closed; each series polls REST
     `stream_grace` after the close, then takes the stream's candles again once they come."""
     with live_exchange("binance", clock, tmp_path) as live:
@@ -150,9 +96,9 @@ def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
-def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:  # noqa: F811
+def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 12  # ETH polls REST after the close 12 s from now
+        clock.offset += clock.until_boundary(60) - 10  # ETH polls REST after the close 10 s from now
         live.ws.update_faults(refuse=frozenset({"ETHUSDT"}))
         system = live.start()
         live.wait_complete()
@@ -168,7 +114,7 @@ def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, cl
         assert live.ws.stats().faults.get(StreamFault.REFUSE, 0) >= 1
 
 
-def _snapshot(system, symbol: str) -> dict:  # noqa: ANN001
+def _snapshot(system, symbol: str) -> dict:
     sup = system._sup(system.config.exchanges[0].name, "series")
     ref = sup.child_ref(f"{symbol}@1m").get(timeout=5)
     return ref.proxy().snapshot().get(timeout=5)
@@ -176,7 +122,7 @@ def _snapshot(system, symbol: str) -> dict:  # noqa: ANN001
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_without_a_closed_flag_candles_close_by_the_next_one_and_the_clock(
-        exchange, clock, tmp_path, fast_stream) -> None:  # noqa: F811
+        exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
         live.ws.update_rules(closed_flag=False)
         system = live.start()
@@ -200,7 +146,7 @@ def test_without_a_closed_flag_candles_close_by_the_next_one_and_the_clock(
         assert klines(live.rest) > before  # that candle came over REST
 
 
-def test_the_audit_corrects_a_candle_the_exchange_revised(clock, tmp_path, fast_stream, monkeypatch) -> None:  # noqa: F811
+def test_the_audit_corrects_a_candle_the_exchange_revised(clock, tmp_path, fast_stream, monkeypatch) -> None:
     from candlekeeper.app import settings
 
     monkeypatch.setattr(settings, "AUDIT_INTERVAL_S", 2.0)
@@ -216,7 +162,7 @@ def test_the_audit_corrects_a_candle_the_exchange_revised(clock, tmp_path, fast_
         live.assert_exact()
 
 
-def test_a_stream_crash_restarts_its_series_which_join_the_new_one(clock, tmp_path, fast_stream) -> None:  # noqa: F811
+def test_a_stream_crash_restarts_its_series_which_join_the_new_one(clock, tmp_path, fast_stream) -> None:
     with live_exchange("binance", clock, tmp_path) as live:
         system = live.start()
         live.wait_complete()

@@ -122,7 +122,7 @@ def test_bad_live_keys_are_one_line_errors(exchange: dict[str, object], message:
 
 
 def test_websocket_for_an_exchange_without_a_tap_is_refused() -> None:
-    with pytest.raises(config_mod.ConfigError, match="live: \"websocket\": no WebSocket candles .* for kraken"):
+    with pytest.raises(config_mod.ConfigError, match=r"live: \"websocket\": no WebSocket candles .* for kraken"):
         config_mod.from_dict({"exchanges": {"kraken": {"symbols": ["BTC/USD"], "live": "websocket"}}})
 
 
