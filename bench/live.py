@@ -364,6 +364,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 exact_at = time.time()
                 break
             time.sleep(0.5)
+        while all_sources(system).get("stream", 0) < n_series and time.time() - reconnected_at < 180:
+            time.sleep(0.5)
+        back_s = time.time() - reconnected_at
         during = recorder.lags(int(close * 1000) - TF_MS)
         result["outage"] = {
             "dropped_connections": dropped,
@@ -373,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "reconnect_after_restore_s": round(reconnected_at - restored_at, 2),
             "exact_after_reconnect_s": None if exact_at is None else round(max(0.0, exact_at - reconnected_at), 2),
             "series_exact": exact[0],
+            "all_back_on_stream_s": round(back_s, 2),
         }
         print(f"[outage] store exact {result['outage']['exact_after_reconnect_s']} s after reconnecting "
               f"({exact[0]}/{exact[1]} series)", flush=True)
@@ -457,6 +461,8 @@ def section(r: dict[str, Any], command: str) -> str:
         f"| store exact (every series, from 2 min before the outage) after reconnecting | "
         f"{o['exact_after_reconnect_s']} s ({o['series_exact']:,}/{n:,} series) | | <= {TARGET_GAP_S:g} s | "
         f"{yes[v['gap']]} |",
+        f"| every series back on the stream after reconnecting (its first message since) | "
+        f"{o['all_back_on_stream_s']} s | | | |",
         "",
         f"Per minute, streaming: {per_minute}. Every series on the stream {r['stream_all_on_stream_s']} s after "
         f"`System.start()`; stream reconnects over the run: {r['stream_reconnects']}; sources at the end: "
