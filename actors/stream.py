@@ -96,6 +96,7 @@ class _Frames:
     closed: tuple[tuple[SeriesKey, Candle], ...] = ()
     seen: tuple[tuple[int, int, SeriesKey], ...] = ()  # (feed, epoch, key)
     refused: tuple[tuple[SeriesKey, str], ...] = ()
+    asked: tuple[tuple[SeriesKey, float], ...] = ()  # subscribe requests sent, when (the runtime's clock)
     frames: int = 0
 
 
@@ -155,6 +156,7 @@ class _Dispatch:
         self._closed: list[tuple[SeriesKey, Candle]] = []
         self._new: list[tuple[int, int, SeriesKey]] = []
         self._refused: list[tuple[SeriesKey, str]] = []
+        self._asked: list[tuple[SeriesKey, float]] = []
         self._frames = 0
         self._flush_at: float | None = None
 
@@ -187,6 +189,13 @@ class _Dispatch:
                 urgent = True
         self._schedule(FLUSH_S if urgent else COUNT_FLUSH_S)
 
+    def asked(self, fid: int, pairs: Sequence[Pair], at: float) -> None:
+        for pair in pairs:
+            key = self.wanted.get(pair)
+            if key is not None:
+                self._asked.append((key, at))
+        self._schedule(FLUSH_S)
+
     def refused(self, fid: int, pairs: Sequence[Pair], why: str) -> None:
         for pair in pairs:
             key = self.wanted.get(pair)
@@ -205,8 +214,8 @@ class _Dispatch:
         if self._flush_at != at:
             return  # a sooner flush replaced this one
         self._flush_at = None
-        msg = _Frames(tuple(self._closed), tuple(self._new), tuple(self._refused), self._frames)
-        self._closed, self._new, self._refused, self._frames = [], [], [], 0
+        msg = _Frames(tuple(self._closed), tuple(self._new), tuple(self._refused), tuple(self._asked), self._frames)
+        self._closed, self._new, self._refused, self._asked, self._frames = [], [], [], [], 0
         try:
             self.actor.tell(msg)
         except pykka.ActorDeadError:
@@ -221,6 +230,9 @@ class _FeedSink:
     def frame(self, symbol: str, timeframe: str, ts: int, closed: bool | None, event_ms: int | None,
               row: tuple[Any, ...] | None) -> None:
         self.dispatch.frame(self.fid, symbol, timeframe, ts, closed, event_ms, row)
+
+    def asked(self, pairs: Sequence[Pair], at: float) -> None:
+        self.dispatch.asked(self.fid, pairs, at)
 
     def refused(self, pairs: Sequence[Pair], why: str) -> None:
         self.dispatch.refused(self.fid, pairs, why)
@@ -238,6 +250,7 @@ class _Member:
     fid: int | None = None
     up: bool = False
     refused: str | None = None
+    asked_at: float | None = None  # its last subscribe request went out then (None: not yet, or judged)
     alone: bool = False  # was asked for in a request of its own since it was last up
     parked_for: float = 0.0  # the last retry delay of a subscription silent on its own
 
@@ -468,6 +481,7 @@ class StreamActor(Child):
         slot.confirmed = False
         for key in slot.keys:
             self.members[key].refused = None
+            self.members[key].asked_at = None
         epoch, dispatch, feed = slot.epoch, self.dispatch, slot.feed
 
         async def life() -> None:
@@ -494,7 +508,7 @@ class StreamActor(Child):
                 pass
 
         future.add_done_callback(ended)
-        self.schedule(self.settings.idle + self.settings.timeout, _Confirm(fid, epoch))
+        self.schedule(self.settings.idle / 2, _Confirm(fid, epoch))
         self.log.info("stream_connecting", connection=fid, streams=len(slot.keys), epoch=epoch)
         self._report()
 
@@ -535,6 +549,10 @@ class StreamActor(Child):
         self.messages += msg.frames
         if self.metrics is not None and msg.frames:
             self.metrics.stream_messages.labels(self.settings.name).inc(msg.frames)
+        for key, at in msg.asked:
+            member = self.members.get(key)
+            if member is not None and not member.up:
+                member.asked_at = at
         for key, why in msg.refused:
             member = self.members.get(key)
             if member is not None:
@@ -605,16 +623,21 @@ class StreamActor(Child):
     # -- subscriptions that show nothing ----------------------------------------------------------------
 
     def _confirm(self, msg: _Confirm) -> None:
+        """Every `idle / 2` s while a connection lives: its series asked for `idle` s ago or more
+        that showed nothing are silent (refused, or never served)."""
         slot = self.slots.get(msg.fid)
-        if slot is None or slot.epoch != msg.epoch or slot.state not in ("connecting", "up"):
+        if slot is None or slot.epoch != msg.epoch or slot.future is None:
             return
+        self.schedule(self.settings.idle / 2, _Confirm(msg.fid, msg.epoch))
         if not slot.confirmed and not any(self.members[k].refused for k in slot.keys):
-            # nothing at all yet: the feed ends a dead connection itself; look again later
-            self.schedule(self.settings.idle, _Confirm(msg.fid, msg.epoch))
-            return
-        silent = [k for k in slot.keys if not self.members[k].up]
+            return  # nothing at all yet: the feed ends a dead connection itself
+        due = self.runtime.clock() - self.settings.idle
+        silent = [k for k in slot.keys
+                  if not self.members[k].up and (self.members[k].asked_at or due + 1) <= due]
         if not silent:
             return
+        for key in silent:
+            self.members[key].asked_at = None  # judged: asked again below, then judged again
         now_ms = self._now_ms()
         for key in silent:
             member = self.members[key]
@@ -649,7 +672,6 @@ class StreamActor(Child):
             self.members[key].alone = msg.batch == 1
         pairs = [(k.symbol, k.timeframe) for k in keys]
         self.loop.loop.call_soon_threadsafe(slot.feed.retry, pairs, msg.batch)
-        self.schedule(self.settings.idle, _Confirm(msg.fid, msg.epoch))
 
     def _kick(self) -> None:
         """The breaker closed again: connections waiting for its probe go now."""

@@ -33,6 +33,7 @@ import asyncio
 import copy
 import functools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,6 +65,9 @@ class StreamProfile:
         none: ours, 200; OKX caps a request at 64 KB of arguments: ours, 100).
     connect_spacing_s: at least this long between two new connections (Binance: 300 attempts
         per 5 minutes; OKX: 3 a second; Bybit: 500 per 5 minutes).
+    subscribe_spacing_s: at least this long between two subscribe requests on a connection
+        (Binance: 5 incoming messages a second, pongs included; ccxt's own throttle waits as
+        long, so a request goes out when the feed says it does).
     update_period_s: how often the exchange pushes a candle in progress (Binance: 2 s; OKX:
         0.5 s; Bybit: 1 to 60 s).
     idle_s: no frame at all on a connection for this long: it is stalled, reconnect. Also how
@@ -76,6 +80,7 @@ class StreamProfile:
     streams_per_connection: int = 1000
     subscribe_batch: int = 100
     connect_spacing_s: float = 1.0
+    subscribe_spacing_s: float = 0.1
     update_period_s: float = 2.0
     idle_s: float = 60.0
     hash_format: str | None = None
@@ -83,7 +88,8 @@ class StreamProfile:
 
 PROFILES: dict[str, StreamProfile] = {
     "binance": StreamProfile(streams_per_connection=1024, subscribe_batch=200, connect_spacing_s=1.0,
-                             update_period_s=2.0, idle_s=10.0, hash_format="ohlcv::{symbol}::{timeframe}"),
+                             subscribe_spacing_s=0.25, update_period_s=2.0, idle_s=10.0,
+                             hash_format="ohlcv::{symbol}::{timeframe}"),
     "okx": StreamProfile(streams_per_connection=1000, subscribe_batch=100, connect_spacing_s=0.34,
                          update_period_s=0.5, idle_s=10.0, hash_format="multi:candle{interval}:{symbol}"),
     "bybit": StreamProfile(streams_per_connection=1000, subscribe_batch=10, connect_spacing_s=0.6,
@@ -141,6 +147,9 @@ class FrameSink(Protocol):
 
 
 class FeedSink(FrameSink, Protocol):
+    def asked(self, pairs: Sequence[Pair], at: float) -> None:
+        """A subscribe request for `pairs` went out at `at` (the feed's clock)."""
+
     def refused(self, pairs: Sequence[Pair], why: str) -> None:
         """A subscribe request for `pairs` was answered with an error (`why`)."""
 
@@ -331,7 +340,10 @@ class Feed:
     `run()` is one connection's life: load markets (once per client), subscribe every pair in
     batches, then watch the connection until it drops, stalls or is closed; it always ends by
     raising `StreamDown`. The caller decides when to call it again (backoff, breaker). Frames go
-    to `sink` as they arrive, and so do subscribe requests answered with an error.
+    to `sink` as they arrive; so does each subscribe request, when it goes out and if it is
+    answered with an error. Requests wait in a queue and go out `subscribe_spacing_s` apart
+    (pairs asked for meanwhile join the request being formed, up to `subscribe_batch`), so a
+    request's time is known and a pair is judged silent only from when it was asked.
     """
 
     def __init__(self, client: Any, profile: StreamProfile, sink: FeedSink, *, timeout: float = 10.0,
@@ -341,6 +353,9 @@ class Feed:
         self.timeout = timeout
         self.idle_s = idle_s if idle_s is not None else profile.idle_s
         self.pairs: list[Pair] = []
+        self._wanted: set[Pair] = set()
+        self._queue: deque[tuple[list[Pair], int]] = deque()  # (pairs, topics per request) to ask
+        self._queued = asyncio.Event()
         self.frames = 0
         self.last_frame = 0.0
         self._sink = sink
@@ -389,7 +404,16 @@ class Feed:
         dial = max((ex.ws_dial_delay(url) for url in list(getattr(ex, "ws_dial_backoff", None) or {})), default=0.0)
         self.last_frame = self._clock() + dial
         self._run_frames = self._run_refused = 0
+        self._queue.clear()
         self.subscribe(self.pairs)
+        asker = asyncio.ensure_future(self._ask_loop())
+        try:
+            await self._watch_connection()
+        finally:
+            asker.cancel()
+
+    async def _watch_connection(self) -> None:
+        ex = self.client
         ws = await self._connection()
         sentinel = ws.future(SENTINEL)
         while True:
@@ -426,15 +450,35 @@ class Feed:
         raise StreamDown(ccxt.NetworkError(f"{self.client.id}: no connection was opened"))
 
     def subscribe(self, pairs: Sequence[Pair], batch: int | None = None) -> None:
-        """Ask for `pairs` on the connection (opened by the first ask), `batch` topics a request;
-        each batch's answer is consumed by `_answered`. ccxt's throttle paces the requests."""
+        """Queue `pairs` to be asked for, `batch` topics a request (default: as many as the
+        exchange takes; such pairs join the last queued default request)."""
+        if not pairs:
+            return
         size = max(1, batch or self.profile.subscribe_batch)
-        for i in range(0, len(pairs), size):
-            chunk = list(pairs[i:i + size])
-            if not chunk:
+        if size == self.profile.subscribe_batch and self._queue and self._queue[-1][1] == size:
+            self._queue[-1][0].extend(pairs)
+        else:
+            self._queue.append((list(pairs), size))
+        self._queued.set()
+
+    async def _ask_loop(self) -> None:
+        """Send the queued requests, one every `subscribe_spacing_s` (the first opens the
+        connection); each answer is consumed by `_answered`."""
+        while True:
+            if not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
                 continue
+            pairs, size = self._queue[0]
+            chunk, rest = pairs[:size], pairs[size:]
+            if rest:
+                self._queue[0] = (rest, size)
+            else:
+                self._queue.popleft()
             task = asyncio.ensure_future(self._watch(chunk))
             task.add_done_callback(functools.partial(self._answered, chunk=chunk))
+            self._sink.asked(chunk, self._clock())
+            await asyncio.sleep(self.profile.subscribe_spacing_s)
 
     async def _watch(self, chunk: list[Pair]) -> Any:
         ex = self.client
@@ -459,7 +503,8 @@ class Feed:
 
     def add(self, pairs: Sequence[Pair]) -> None:
         """More pairs for this connection: asked now when it is open, else at the next one."""
-        fresh = [p for p in pairs if p not in self.pairs]
+        fresh = [p for p in pairs if p not in self._wanted]
+        self._wanted.update(fresh)
         self.pairs.extend(fresh)
         if self._running and fresh:
             self.subscribe(fresh)
@@ -467,6 +512,7 @@ class Feed:
     def drop(self, pairs: Sequence[Pair]) -> None:
         """Pairs nobody wants any more: not asked for at the next connection."""
         gone = set(pairs)
+        self._wanted -= gone
         self.pairs = [p for p in self.pairs if p not in gone]
 
     async def _close_connections(self) -> None:
