@@ -126,7 +126,8 @@ _PUMP, _LOAD, _BEAT = _Pump(), _Load(), _Beat()
 
 class ExchangeActor(Child):
     def __init__(
-        self, settings: ExchangeSettings, breaker: CircuitBreaker, status: Any = None, metrics: Any = None
+        self, settings: ExchangeSettings, breaker: CircuitBreaker, status: Any = None, metrics: Any = None,
+        server_clock: ServerClock | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -134,7 +135,9 @@ class ExchangeActor(Child):
         self.breaker = breaker
         self.status_to = status  # the status fan-out (health, notifier)
         self.metrics = metrics
-        self.clock = ServerClock()
+        # the exchange's clock as measured here; shared with the stream actor, which closes
+        # streamed candles by it (and, like the breaker, it outlives this incarnation)
+        self.clock = server_clock if server_clock is not None else ServerClock()
         self.source: Source | None = None
         self.loop: LoopThread | None = None
         self.governor: RateGovernor | None = None  # the exchange's budget (MAIN)

@@ -44,7 +44,7 @@ from ..supervisors.child import Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import LifecycleEvent
 from .market.candles import timeframe_ms
-from .messages import ClusterStatus, ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus
+from .messages import ClusterStatus, ExchangeStatus, ForgetSeries, SeriesStatus, StorageStatus, StreamStatus
 from .progress import BackfillLog
 
 DEGRADING = {"retrying", "lagging", "quarantined", "invalid", "stopped"}
@@ -179,6 +179,9 @@ class HealthActor(Child):
             # the exchange's clock minus ours, as measured from its answers (None: not yet)
             offset = message.detail.get("clock_offset_ms")
             row["clock_offset_ms"] = None if offset is None else round(offset)
+        elif isinstance(message, StreamStatus):
+            row = self.exchanges.setdefault(message.name, {"name": message.name})
+            row["stream"] = {"state": message.state, **message.detail}
         elif isinstance(message, StorageStatus):
             self.storage.update(ok=message.ok, detail=message.detail)
         elif isinstance(message, ClusterStatus):
@@ -222,6 +225,8 @@ class HealthActor(Child):
             _reported=message.status,
             _reopens=message.reopens_ms,
         )
+        if message.source is not None:
+            row["source"] = message.source
         if message.status in ("ok", "backfilling"):
             row["_phase"] = message.status
         self._judge(message.path, row, now)
@@ -364,6 +369,12 @@ class HealthActor(Child):
                 out.append(f"{e['name']}: probing for recovery (breaker half-open)")
             if e.get("status") == "invalid":
                 out.append(f"{e['name']}: invalid: {e.get('detail') or 'refused by the exchange'}")
+            stream = e.get("stream") or {}
+            if stream.get("state") in ("down", "partial"):
+                up, total = stream.get("connections_up", 0), stream.get("connections", 0)
+                error = f": {stream['last_error']}" if stream.get("last_error") else ""
+                out.append(f"{e['name']}: live stream {stream['state']} ({up} of {total} connections up{error});"
+                           " its series poll over REST meanwhile")
         by_status: dict[str, list[str]] = {}
         for s in series:
             if s["status"] in DEGRADING and not s["exchange_down"]:
@@ -388,6 +399,8 @@ class HealthActor(Child):
         if exchanges and all(e.get("breaker") == "open" for e in exchanges):
             return "down"
         if any(e.get("breaker") != "closed" or e.get("status") == "invalid" for e in exchanges):
+            return "degraded"
+        if any((e.get("stream") or {}).get("state") == "down" for e in exchanges):
             return "degraded"
         if any(s["status"] in DEGRADING for s in series):
             return "degraded"

@@ -17,7 +17,8 @@ from .market.paging import Served
 __all__ = [
     "AcceptedGaps", "AcceptedGapsQuery", "Candle", "ClusterStatus", "ExchangeStatus", "FetchRequest", "FetchResult",
     "ForgetSeries", "LeaseLost", "Pause", "Reset", "ResumePoint", "ResumeQuery", "Row", "SeriesKey", "SeriesStatus",
-    "StorageStatus", "StoreChanged", "StoredCandle", "Write", "Written",
+    "StorageStatus", "StoreChanged", "StoredCandle", "StreamJoin", "StreamLeave", "StreamState", "StreamStatus",
+    "StreamedCandles", "Write", "Written",
 ]
 
 
@@ -78,6 +79,54 @@ class Reset:
 @dataclass(frozen=True)
 class Pause:
     paused: bool
+
+
+# -- series <-> stream ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamJoin:
+    """A series asks its exchange's stream for its candles (told at start and again when it
+    changes its mind). `live`: the series is caught up, so the stream stores its closed candles
+    itself and tells it afterwards; before that the stream only subscribes and says when it is up."""
+
+    key: SeriesKey
+    reply_to: pykka.ActorRef[Any]
+    live: bool = False
+
+
+@dataclass(frozen=True)
+class StreamLeave:
+    """A series stops (removed, or its actor ends): the stream stores nothing more for it."""
+
+    key: SeriesKey
+    reply_to: pykka.ActorRef[Any]
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """The stream's word to one series: its subscription is `up` (the first message for it arrived
+    since the stream last (re)subscribed), or not (the connection is down, the subscription was
+    refused, or nothing came for it: `reason`). `now_ms` is the exchange's time when it was said,
+    so the series can tell whether a candle closed while the stream was not serving it."""
+
+    key: SeriesKey
+    up: bool
+    now_ms: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamedCandles:
+    """Closed candles of one series from the stream, oldest first. `stored`: already written by
+    the stream (one `Write` per burst, the same idempotent write as REST) and acknowledged with
+    `generation`; not stored when that write failed, and the series writes them itself."""
+
+    key: SeriesKey
+    candles: tuple[Candle, ...]
+    stored: bool = True
+    generation: str | None = None
+    source: str = "stream"
 
 
 # -- series <-> storage ----------------------------------------------------------------------
@@ -177,6 +226,7 @@ class SeriesStatus:
     start_ms: int | None = None  # where its backfill starts: what backfill progress counts from
     # the market was closed (forex weekends) until then, or is: no candle is due between last_ts and it
     reopens_ms: int | None = None
+    source: str | None = None  # "stream" or "rest": how its candles arrive now (None: no stream configured)
 
 
 @dataclass(frozen=True)
@@ -184,6 +234,16 @@ class ExchangeStatus:
     name: str
     breaker: str
     status: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """An exchange's live stream: `state` is "up" (every connection up), "partial", "connecting",
+    "down" or "off"; `detail` counts connections, streams and reconnects, and says the last error."""
+
+    name: str
+    state: str
     detail: dict[str, Any] = field(default_factory=dict)
 
 

@@ -70,6 +70,23 @@ class Metrics:
             "candlekeeper_rate_limit_wait_seconds",
             "Time requests were queued and held back only by the rate limiter.", ["exchange"], registry=r,
         )
+        self.stream_messages = Counter(
+            "candlekeeper_stream_messages", "Kline messages received over exchanges' WebSocket streams.",
+            ["exchange"], registry=r,
+        )
+        self.stream_reconnects = Counter(
+            "candlekeeper_stream_reconnects", "Stream connections that dropped or stalled (each is reconnected).",
+            ["exchange"], registry=r,
+        )
+        self.stream_fallbacks = Counter(
+            "candlekeeper_stream_fallbacks",
+            "REST requests a streamed series made instead of its stream, by reason (silent, missed, gap, down).",
+            ["exchange", "reason"], registry=r,
+        )
+        self.close_to_store = Histogram(
+            "candlekeeper_close_to_store_seconds", "Seconds from a live candle's close to its write, by source.",
+            ["exchange", "source"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120), registry=r,
+        )
         self.request_duration = Histogram(
             "candlekeeper_request_duration_seconds", "Duration of requests to exchanges.", ["exchange"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
@@ -137,6 +154,24 @@ class _HealthCollector:
                 states.add_metric([ex_name, status], counts.get((ex_name, status), 0))
         yield states
         yield lag
+        stream = GaugeMetricFamily(
+            "candlekeeper_stream_up", "Each streaming exchange's stream: 1 up, 0.5 partly up or connecting, 0 down.",
+            labels=["exchange"],
+        )
+        for ex in report.get("exchanges", []):
+            st = (ex.get("stream") or {}).get("state")
+            if st is not None and st != "off":
+                stream.add_metric([ex["name"]], {"up": 1.0, "partial": 0.5, "connecting": 0.5}.get(st, 0.0))
+        yield stream
+        sources = GaugeMetricFamily("candlekeeper_series_source", "Series by how their candles arrive now.",
+                                    labels=["exchange", "source"])
+        by_source: dict[tuple[str, str], int] = {}
+        for s in report.get("series", []):
+            if s.get("source"):
+                by_source[(s["exchange"], s["source"])] = by_source.get((s["exchange"], s["source"]), 0) + 1
+        for (ex_name, source), n in sorted(by_source.items()):
+            sources.add_metric([ex_name, source], n)
+        yield sources
 
 
 class MetricsServer:

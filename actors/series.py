@@ -9,6 +9,12 @@ The loop: ask the exchange actor for the next page -> validate (done by the exch
 backfilling, or a little after the next candle closes once caught up. Every wait is a
 scheduled message, so the mailbox always answers `reset`, `pause` and `stop` at once.
 
+Live stream (when its exchange streams, `actors/stream.py`): the series joins the exchange's
+stream actor; once caught up, its closed candles are stored by the stream and it is told
+afterwards (`StreamedCandles`), so it stops polling after each close. It still uses REST for its
+backfill, for the gap after every (re)subscription, for a periodic audit, for any candle the
+stream skipped, and whenever the stream is down or silent for it (see "live stream" below).
+
 Failures: retryable errors are retried with full-jitter backoff (`RetryPolicy`), honouring a
 server's Retry-After; when a round of attempts is exhausted the failure counts toward the
 series' quarantine, which after `quarantine_after` failed rounds probes only on a slow schedule
@@ -52,12 +58,21 @@ from .messages import (
     SeriesKey,
     SeriesStatus,
     StoreChanged,
+    StreamedCandles,
+    StreamJoin,
+    StreamLeave,
+    StreamState,
     Write,
     Written,
 )
 from .stores.ranges import subtract_ranges
 
 STORE_RETRY_S = 1.0
+STREAM_REJOIN_S = 1.0  # the stream actor was between incarnations: join again this much later
+STREAM_BUFFER = 1000  # streamed candles kept while the series is busy or behind (the oldest kept)
+AUDIT_OVERLAP = 2  # an audit also re-reads this many candles of the previous one
+AUDIT_MAX = 1000  # candles in one audit at most
+LIVE_LAG_S = 180.0  # a candle stored within this of its close counts in close-to-store lag
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,19 @@ class _Watchdog:
     token: int
 
 
+@dataclass(frozen=True)
+class _Audit:
+    """Time to re-read the candles stored since the last audit over REST."""
+
+
+@dataclass(frozen=True)
+class _Rejoin:
+    """Join the stream again (the last join found no stream actor)."""
+
+
 _TICK = _Tick()
+_AUDIT = _Audit()
+_REJOIN = _Rejoin()
 
 
 @dataclass(frozen=True)
@@ -92,6 +119,10 @@ class SeriesSettings:
     # an `invalid` series (a symbol the exchange does not list) asks again this often: its
     # exchange's market refresh, so a new listing is picked up within one or two of those
     invalid_recheck: float = 300.0
+    # live stream: after a close, wait this long for the stream's candle before polling REST
+    stream_grace: float = 10.0
+    # re-read the candles stored since the last audit this often (streamed series only)
+    audit_interval: float = 7200.0
 
 
 class SeriesActor(Child):
@@ -105,6 +136,7 @@ class SeriesActor(Child):
         health: Address | None = None,
         alerts: Address | None = None,
         metrics: Any = None,
+        stream: Address | None = None,
     ) -> None:
         super().__init__()
         self.key = key
@@ -147,6 +179,17 @@ class SeriesActor(Child):
         self._timer: Any = None
         self._watchdog: Any = None
         self._reported: tuple[Any, ...] | None = None
+        # -- live stream (see "live stream" below) --
+        self.stream = stream
+        self.source: str | None = None if stream is None else "rest"
+        self._stream_up = False
+        self._stream_why: str | None = None  # why the stream does not serve it, when it says
+        self._stream_buf: dict[int, tuple[Candle, bool]] = {}  # open time -> (candle, stored)
+        self._stream_live = False  # the stream was told it is caught up
+        self._writing_streamed = False  # the write in flight holds candles the stream could not store
+        self._audit_from: int | None = None  # the cursor when the last audit was taken
+        self._hole_at: int | None = None  # the cursor a hole before streamed candles was last asked from
+        self._fell_back = False  # the stream said nothing of a closed candle: on REST until it does
 
     def _start_ms(self) -> int:
         if self.settings.since_ms is not None:
@@ -160,6 +203,10 @@ class SeriesActor(Child):
     def on_start(self) -> None:
         self._set_status("backfilling")
         self._resume()
+        self._stream_start()
+
+    def on_stop(self) -> None:
+        self._stream_stop()
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, FetchResult):
@@ -174,7 +221,16 @@ class SeriesActor(Child):
             self._on_store_changed(message)
         elif message is _TICK or isinstance(message, _Tick):
             self._timer = None
+            self._stream_fallback("silent")
             self._next()
+        elif isinstance(message, StreamedCandles):
+            self._on_streamed(message)
+        elif isinstance(message, StreamState):
+            self._on_stream_state(message)
+        elif message is _AUDIT or isinstance(message, _Audit):
+            self._on_audit()
+        elif message is _REJOIN or isinstance(message, _Rejoin):
+            self._stream_join(self._stream_live)
         elif isinstance(message, _Watchdog):
             self._on_watchdog(message)
         elif isinstance(message, Reset):
@@ -230,6 +286,8 @@ class SeriesActor(Child):
         self.paused = True
         self._cancel_timer()
         self._set_status("paused")
+        if self._stream_live:
+            self._stream_join(False)  # the stream stores nothing for a paused series
         return self.snapshot()
 
     def resume(self) -> dict[str, Any]:
@@ -251,6 +309,9 @@ class SeriesActor(Child):
             "cursor": self.cursor,
             "detail": self.detail,
             "quarantine": self.quarantine.snapshot(),
+            "source": self.source,
+            "stream_up": self._stream_up,
+            "stream_detail": self._stream_why,
         }
 
     # -- resume --------------------------------------------------------------------------
@@ -421,6 +482,7 @@ class SeriesActor(Child):
         if rows:
             self._stored_any = True
             self.last_ts = max(self.last_ts or rows[-1][0], rows[-1][0])
+            self._observe_lag(rows)
         self._advance(next_cursor, res, more)
 
     def _advance(self, next_cursor: int, res: FetchResult, more: bool) -> None:
@@ -434,7 +496,7 @@ class SeriesActor(Child):
 
     def _caught_up(self, res: FetchResult) -> None:
         """Nothing more is closed: poll again a little after the next candle closes (or when the
-        market reopens)."""
+        market reopens); or, when the stream serves the series, wait for its candles."""
         self._succeeded()
         now_ms = self.runtime.wall() * 1000
         next_close = max(self.cursor, res.horizon_ms) + self.tf_ms
@@ -447,6 +509,8 @@ class SeriesActor(Child):
             if reopens > now_ms:
                 self.detail = f"market closed until {_iso(reopens)}"
         self._set_status("ok")
+        if self._stream_caught_up():
+            return
         if next_close <= now_ms:
             # that candle is closed by our clock but the exchange has not published it yet
             delay = self.settings.poll_interval
@@ -543,17 +607,200 @@ class SeriesActor(Child):
         self._report()
 
     def _report(self) -> None:
-        now = (self.status, self.last_ts, self.failures, self.reopens_ms)
+        now = (self.status, self.last_ts, self.failures, self.reopens_ms, self.source)
         if now == self._reported:
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
         report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms,
-                              self.reopens_ms)
+                              self.reopens_ms, source=self.source)
         if self.health is not None:
             self.health.tell(report)
         if self.alerts is not None and status_changed:
             self.alerts.tell(report)
+
+
+    # -- live stream ---------------------------------------------------------------------
+    #
+    # The stream stores a caught-up series' closed candles and tells it (`StreamedCandles`);
+    # the series takes them only where they continue its cursor, so its cursor and last_ts move
+    # exactly as with REST: a streamed candle after a hole never moves them past the hole, which
+    # REST fills from the cursor (and a restart finds it with the store's missing ranges).
+
+    def _stream_start(self) -> None:
+        if self.stream is None:
+            return
+        self._stream_join(False)
+        # audits of an exchange's series spread over the interval (a hash of the key, as polls)
+        first = self.settings.audit_interval * (1.0 + zlib.crc32(f"audit:{self.key}".encode()) / 2**32)
+        self.schedule(first, _AUDIT)
+
+    def _stream_stop(self) -> None:
+        if self.stream is not None:
+            self.stream.tell(StreamLeave(self.key, self.actor_ref))
+
+    def _stream_join(self, live: bool) -> None:
+        if self.stream is None:
+            return
+        self._stream_live = live
+        if not self.stream.tell(StreamJoin(self.key, self.actor_ref, live)):
+            self.schedule(STREAM_REJOIN_S, _REJOIN)
+
+    def _set_source(self, source: str) -> None:
+        if self.source != source:
+            self.source = source
+            self._report()
+
+    def _idle_caught_up(self) -> bool:
+        return (self._waiting_for is None and not self.paused and self.status == "ok" and not self.gaps_todo
+                and self.search is None)
+
+    def _on_stream_state(self, msg: StreamState) -> None:
+        was = self._stream_up
+        self._stream_up = msg.up
+        self._stream_why = msg.reason
+        if not msg.up:
+            self._set_source("rest")
+            if was:
+                self._count_fallback("down")
+                if self._idle_caught_up():
+                    self._stream_reschedule()  # poll after each close again
+            return
+        if not self._idle_caught_up():
+            return  # busy, behind or paused: its caught-up step looks at the stream
+        # (re)subscribed: a candle that closed while the stream did not serve it comes over REST
+        if self._stream_drain():
+            return
+        open_now = msg.now_ms // self.tf_ms * self.tf_ms
+        if self.cursor < open_now:
+            self._count_fallback("gap")
+            self._cancel_timer()
+            self._next()
+            return
+        self._set_source("stream")
+        self._stream_reschedule()
+
+    def _on_streamed(self, msg: StreamedCandles) -> None:
+        buf = self._stream_buf
+        for c in msg.candles:
+            if c[0] >= self.cursor:
+                before = buf.get(c[0])
+                buf[c[0]] = (c, msg.stored or (before is not None and before[1]))
+        if len(buf) > STREAM_BUFFER:
+            for ts in sorted(buf)[STREAM_BUFFER:]:
+                del buf[ts]  # far ahead of a series that is behind: REST reaches them anyway
+        if self._stream_drain():
+            return
+        if self._idle_caught_up():
+            self._stream_reschedule()
+
+    def _stream_drain(self) -> bool:
+        """Take the streamed candles that continue the cursor. True when that started a write
+        or a REST request (the series is busy); False when it is still idle."""
+        if self._waiting_for is not None or self.paused or self.gaps_todo or self.search is not None:
+            return False
+        buf, tf = self._stream_buf, self.tf_ms
+        for ts in [t for t in buf if t < self.cursor]:
+            del buf[ts]
+        run: list[tuple[Candle, bool]] = []
+        at = self.cursor
+        while at in buf:
+            run.append(buf.pop(at))
+            at += tf
+        if run:
+            candles = [c for c, _ in run]
+            if not all(stored for _, stored in run):
+                # the stream could not store them: write them as REST answers are written
+                now_ms = wall_ms(self.runtime.wall)
+                self._writing_streamed = True
+                self._write(candles, [], at, FetchResult(0, horizon_ms=at, now_ms=now_ms), False)
+                return True
+            self.cursor = at
+            self._stored_any = True
+            self.last_ts = max(self.last_ts or candles[-1][0], candles[-1][0])
+            self.source = "stream"
+            self._fell_back = False
+            self._succeeded()
+            self._set_status("ok")
+            self._report()
+        if buf and self.status == "ok" and self._hole_at != self.cursor:
+            # a later candle came, not the one at the cursor (its final was missed): REST fills it
+            # (once per cursor: if REST has nothing yet, the poll timer asks again)
+            self._hole_at = self.cursor
+            self._count_fallback("missed")
+            self._cancel_timer()
+            self._next()
+            return True
+        return False
+
+    def _stream_caught_up(self) -> bool:
+        """The caught-up step with a stream: True when the stream serves the series (or a
+        write or request for it is under way), False to poll over REST as usual."""
+        if self.stream is None:
+            return False
+        if not self._stream_live:
+            self._stream_join(True)
+        if self._audit_from is None:
+            self._audit_from = self.cursor
+        if self._stream_drain():
+            return True
+        if not self._stream_up:
+            self._set_source("rest")
+            return False
+        if not self._fell_back:
+            self._set_source("stream")
+        self._stream_reschedule()
+        return True
+
+    def _stream_reschedule(self) -> None:
+        """The next poll: while the stream serves the series, only if its candle has not come
+        `stream_grace` after the close (plus the series' poll offset); otherwise as REST polls."""
+        close = (self.cursor + self.tf_ms) / 1000  # when the candle at the cursor closes
+        wait = self.settings.stream_grace if self._stream_up else min(1.0, self.settings.poll_interval)
+        delay = close + wait + self.poll_offset - self.runtime.wall()
+        if delay <= 0:
+            delay = self.settings.poll_interval  # overdue: not published yet, ask at the usual pace
+        self._schedule(delay)
+
+    def _stream_fallback(self, reason: str) -> None:
+        """A poll timer fired: with the stream up, it is a fallback (the stream said nothing)."""
+        if self.stream is not None and self._stream_up and self.status == "ok":
+            self._count_fallback(reason)
+            self._fell_back = True
+            self._set_source("rest")
+
+    def _count_fallback(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_fallbacks.labels(self.key.exchange, reason).inc()
+
+    def _on_audit(self) -> None:
+        """Re-read over REST the candles stored since the last audit (and a little before): a
+        revised candle or a missed message is corrected by the same idempotent write."""
+        self.schedule(self.settings.audit_interval, _AUDIT)
+        if self._audit_from is None or not self._idle_caught_up():
+            return  # not live yet, or busy: the next one covers this stretch too
+        tf = self.tf_ms
+        lo = max(self.start_ms, self._audit_from - AUDIT_OVERLAP * tf, self.cursor - AUDIT_MAX * tf)
+        if lo >= self.cursor:
+            return
+        self._audit_from = self.cursor
+        self.log.debug("audit", audit_from=_iso(lo), audit_to=_iso(self.cursor))
+        self.gaps_todo.append((lo, self.cursor))
+        self._cancel_timer()
+        self._next()
+
+    def _observe_lag(self, rows: tuple[Candle, ...]) -> None:
+        """Close-to-store lag of candles this series wrote itself, while caught up."""
+        streamed, self._writing_streamed = self._writing_streamed, False
+        if self.metrics is None or self.status not in ("ok", "retrying"):
+            return
+        now = self.runtime.wall()
+        tf_s = self.tf_ms / 1000
+        hist = self.metrics.close_to_store.labels(self.key.exchange, "stream" if streamed else "rest")
+        for c in rows:
+            lag = now - c[0] / 1000 - tf_s
+            if 0 <= lag <= LIVE_LAG_S:
+                hist.observe(lag)
 
 
 def _iso(ms: int) -> str:

@@ -163,6 +163,8 @@ class ExchangeConfig:
     page_limit: int | None = None  # None: the exchange's own maximum page
     heartbeat: float = 30.0
     markets_refresh: float = 300.0
+    live: str = "auto"  # "auto", "websocket" or "rest": how caught-up series get new candles
+    ws_url: str | None = None  # the exchange's WebSocket streams elsewhere (a proxy, a test server)
     ingest: IngestConfig = IngestConfig()
     resilience: ResilienceConfig = ResilienceConfig()
 
@@ -369,6 +371,40 @@ def _api_base(value: Any) -> str:
     return _url(value, bare=True)
 
 
+LIVE_MODES = ("auto", "websocket", "rest")
+
+
+def _live(value: Any) -> str:
+    if value not in LIVE_MODES:
+        raise _Invalid('expected "auto", "websocket" or "rest"')
+    return str(value)
+
+
+def _ws_url(value: Any) -> str:
+    expected = '"ws://host[:port]" or "wss://host[:port]" (a path is kept as a prefix)'
+    if not isinstance(value, str):
+        raise _Invalid(f"expected {expected}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise _Invalid(f"expected {expected}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query or parts.fragment or parts.username:
+        raise _Invalid(f"expected {expected}")
+    return value.rstrip("/")
+
+
+def _check_live(exchange_id: str, live: str) -> None:
+    """`live = "websocket"` needs an exchange the daemon can stream (ccxt.pro and its closed flag)."""
+    if live != "websocket":
+        return
+    from ..actors.sources.ccxt_stream import supports  # deferred: imports ccxt.pro
+
+    if not supports(exchange_id):
+        raise _Invalid(f'"websocket": no WebSocket candles with a closed flag for {exchange_id} '
+                       '(streamed: binance, okx, bybit); use "auto" or "rest"', whole=False)
+
+
 def _symbols(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid('expected a non-empty list of "BASE/QUOTE" strings')
@@ -519,6 +555,8 @@ _EXCHANGE_OWN: _Spec = {
     "environment": _choice("practice", "live"),
     "price": _choice("M", "B", "A"),
     "account_id": _string,
+    "live": _live,
+    "ws_url": _ws_url,
 }
 _EXCHANGE: _Spec = {**_EXCHANGE_OWN, **_INGEST, **_RESILIENCE}
 #: an OANDA section: the same keys, read as OANDA means them
@@ -694,6 +732,10 @@ class _Loader:
         merged_ingest = self.ingest(values, where, ingest)
         if kind == "oanda":
             self.check_oanda(values, merged_ingest, where)
+        try:
+            _check_live(values["exchange"], own.get("live", "auto"))
+        except _Invalid as exc:
+            raise self.fail(where, f"live: {exc.args[0]}") from None
         return ExchangeConfig(
             name=name,
             ingest=merged_ingest,
@@ -806,10 +848,12 @@ def to_dict(config: Config, *, secrets: bool = False) -> dict[str, Any]:
                     body[key] = getattr(ex, key)
         if ex.api_base is not None:
             body["api_base"] = ex.api_base
-        for key in ("rate_limit", "timeout", "page_limit", "heartbeat", "markets_refresh"):
+        for key in ("rate_limit", "timeout", "page_limit", "heartbeat", "markets_refresh", "ws_url"):
             value = getattr(ex, key)
             if value is not None:
                 body[key] = value
+        if ex.live != "auto":
+            body["live"] = ex.live
         e_ingest = _ingest_dict(ex.ingest)
         body.update({k: v for k, v in e_ingest.items() if g_ingest.get(k) != v})
         body.update(

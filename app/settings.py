@@ -17,7 +17,9 @@ from ..actors.notifier import NotifierSettings
 from ..actors.series import SeriesSettings
 from ..actors.sources.base import Profile, Source
 from ..actors.sources.ccxt_source import CcxtSource
+from ..actors.sources.ccxt_stream import pro_client, stream_profile, supports
 from ..actors.sources.profiles import profile
+from ..actors.stream import StreamSettings
 from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
@@ -27,6 +29,12 @@ from .errors import CredentialsMissing
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
 ANY_PAGE = 1_000_000
+#: A streamed series polls REST for a candle its stream has not delivered this long after the
+#: close (the stream stores a candle within a second or two; its word to the series is paced).
+STREAM_GRACE_S = 10.0
+#: How often a streamed series re-reads over REST the candles stored since its last audit: one
+#: request per series per 2 h, 1/120 of what polling 1m candles costs.
+AUDIT_INTERVAL_S = 7200.0
 
 
 def retry_config(r: ResilienceConfig) -> RetryConfig:
@@ -119,6 +127,40 @@ def check_credentials(cfg: Config) -> None:
                                          " it must hold the OANDA API token")
 
 
+@functools.lru_cache(maxsize=64)
+def _can_stream(exchange_id: str) -> bool:
+    return supports(exchange_id)
+
+
+def streams(ex: ExchangeConfig) -> bool:
+    """Whether the exchange's caught-up series get their candles over WebSocket (`live`):
+    "websocket" yes, "rest" no; "auto" yes where the daemon can stream the exchange, unless
+    `api_base` sends REST elsewhere (a proxy, a test server) with no `ws_url` beside it, since
+    its streams would then go to the real exchange. Only ccxt's exchanges stream (not OANDA)."""
+    if ex.live == "rest" or ex.source != "ccxt":
+        return False
+    if ex.live == "websocket":
+        return True
+    if ex.api_base is not None and ex.ws_url is None:
+        return False
+    return _can_stream(ex.exchange)
+
+
+def _stream_client(ex: ExchangeConfig, wall: WallClock, symbols: list[str]) -> Any:
+    return pro_client(ex.exchange, symbols=symbols, timeout=ex.timeout, wall=wall, api_base=ex.api_base,
+                      ws_url=ex.ws_url)
+
+
+def stream_settings(ex: ExchangeConfig) -> StreamSettings:
+    return StreamSettings(
+        name=ex.name,
+        client=functools.partial(_stream_client, ex),
+        profile=stream_profile(ex.exchange),
+        timeout=ex.timeout,
+        retry=retry_config(ex.resilience),
+    )
+
+
 def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
     """`series_count`: how many series the exchange serves, over which polls are spread."""
     per_second = requests_per_second(ex)
@@ -132,6 +174,8 @@ def series_settings(ex: ExchangeConfig, series_count: int) -> SeriesSettings:
         retry=retry_config(ex.resilience),
         quarantine=quarantine_config(ex.resilience),
         invalid_recheck=ex.markets_refresh,
+        stream_grace=STREAM_GRACE_S,
+        audit_interval=AUDIT_INTERVAL_S,
     )
 
 

@@ -8,6 +8,7 @@
     ├── control          ControlServer, when the system runs with its control surface
     ├── NAME             Supervisor (rest_for_one), one per exchange
     │   ├── exchange     ExchangeActor: exchange client, rate-limit bucket, circuit breaker
+    │   ├── stream       StreamActor: live candles over WebSocket (only when the exchange streams)
     │   └── series       Supervisor (one_for_one)
     │       └── SYMBOL@TF  SeriesActor, one per (symbol, timeframe)
     └── cluster          ClusterActor, only with [cluster] enabled: which series run here
@@ -15,7 +16,12 @@
 Why these strategies: series are independent, so one crashing restarts only itself
 (one_for_one). An exchange's series depend on its exchange actor, so a crash of the exchange
 actor also restarts its series (rest_for_one): their requests in flight died with it, and they
-resume cleanly from the store. The breaker object is created here and handed to every
+resume cleanly from the store. The stream sits between them: series depend on it (they join it,
+it stores their live candles), so its crash restarts them too and they join the new incarnation
+(each resumes from the store and asks REST once); its own crash is rare, and a dropped connection
+is not a crash (the stream reconnects by itself). The exchange's clock (`ServerClock`, measured by
+the exchange actor, read by the stream to close candles) is created here and shared by both, as
+is each stream's breaker. The breaker object is created here and handed to every
 incarnation of the exchange actor, so no restart resets an open breaker. Storage, health and
 control are independent of each other at the root (one_for_one): a storage restart changes the
 store generation and every series re-reads its resume point; the health actor's knowledge
@@ -37,11 +43,13 @@ from ..actors.cluster import ClusterActor, new_incarnation
 from ..actors.exchange import ExchangeActor
 from ..actors.fencing import Fences
 from ..actors.health import HealthActor, HealthState
+from ..actors.market.closing import ServerClock
 from ..actors.messages import SeriesKey
 from ..actors.metrics import Metrics, MetricsEndpoint
 from ..actors.notifier import NotifierActor
 from ..actors.series import SeriesActor
 from ..actors.storage import StorageActor
+from ..actors.stream import StreamActor
 from ..resilience.breaker import CircuitBreaker
 from ..supervisors.child import Address, Fanout, Runtime
 from ..supervisors.events import EventBus
@@ -78,6 +86,16 @@ class Blueprint:
             ex.name: CircuitBreaker(settings.breaker_config(ex.resilience), clock=runtime.clock, rng=runtime.rng)
             for ex in config.exchanges
         }
+        self.server_clocks: dict[str, ServerClock] = {ex.name: ServerClock() for ex in config.exchanges}
+        # the live stream of each exchange that streams, and its breaker (outlives its restarts)
+        self.streams: dict[str, Address] = {
+            ex.name: Address(f"{ex.name}/stream") for ex in config.exchanges if settings.streams(ex)
+        }
+        self.stream_breakers: dict[str, CircuitBreaker] = {
+            name: CircuitBreaker(settings.breaker_config(self._exchange(name).resilience), clock=runtime.clock,
+                                 rng=runtime.rng)
+            for name in self.streams
+        }
         # The wanted series of each exchange. The list object is the series supervisor's own
         # child-spec list, so a restarted series supervisor starts from it: run-time additions
         # and removals survive restarts, not only the daemon's.
@@ -90,6 +108,11 @@ class Blueprint:
         self.fences: Fences | None = Fences() if self.clustered else None
         self.running: dict[str, list[ChildSpec]] = {ex.name: [] for ex in config.exchanges}
         self.series_sups: dict[str, Address] = {ex.name: Address(f"{ex.name}/series") for ex in config.exchanges}
+
+    def _exchange(self, name: str) -> ExchangeConfig:
+        ex = self.exchange_config(name)
+        assert ex is not None
+        return ex
 
     def exchange_config(self, name: str) -> ExchangeConfig | None:
         return next((ex for ex in self.config.exchanges if ex.name == name), None)
@@ -132,6 +155,7 @@ class Blueprint:
                 "health": self.health,
                 "alerts": self.notifier,
                 "metrics": self.metrics,
+                "stream": self.streams.get(ex.name),
             },
             kind="series",
             shutdown=10.0,
@@ -141,6 +165,7 @@ class Blueprint:
         exchange = ChildSpec(
             "exchange", ExchangeActor,
             args=(settings.exchange_settings(ex), self.breakers[ex.name], self.status, self.metrics),
+            kwargs={"server_clock": self.server_clocks[ex.name]},
             address=self.exchanges[ex.name], kind="exchange", shutdown=ex.timeout + 5.0,
         )
         series = ChildSpec(
@@ -148,8 +173,17 @@ class Blueprint:
             kwargs={"strategy": "one_for_one", "start_timeout": 30.0}, kind="supervisor", shutdown=120.0,
             address=self.series_sups[ex.name],
         )
+        children = [exchange, series]
+        if ex.name in self.streams:
+            stream = ChildSpec(
+                "stream", StreamActor,
+                args=(settings.stream_settings(ex), self.stream_breakers[ex.name], self.server_clocks[ex.name]),
+                kwargs={"storage": self.storage, "health": self.health, "metrics": self.metrics},
+                address=self.streams[ex.name], kind="stream", shutdown=ex.timeout + 5.0,
+            )
+            children.insert(1, stream)
         return ChildSpec(
-            ex.name, Supervisor, args=([exchange, series],),
+            ex.name, Supervisor, args=(children,),
             kwargs={"strategy": "rest_for_one", "start_timeout": 60.0}, kind="supervisor", shutdown=180.0,
         )
 

@@ -4,14 +4,20 @@
     python bench/soak.py --minutes 3          # a quick check
     python bench/soak.py --seed 7 --no-write  # another schedule; do not touch RESULTS.md
 
-What it does: starts 5 simulated Binance exchanges (20 symbols each) in this process, writes a
+What it does: starts 5 simulated Binance exchanges (20 symbols each) in this process, each with
+a Binance WebSocket kline stream simulator sharing its candles (caught-up series take their
+candles from the stream, `live = "websocket"`; `--no-stream` for REST polling only), writes a
 config for them (with `[control] chaos = true`, the test-only switch that enables the `crash`
 command), and runs `python run.py --config ...` as a child process. For `--minutes` it plays a
 fault schedule drawn from `--seed` (same seed, same schedule, printed at the start): random
 5xx / 429 with Retry-After / 418 bans / resets / stalls / truncated JSON / short reads / trickles at one
 exchange, full outages of one exchange at a time, a poisoned symbol, crashes injected into
 random actors, `kill -9` of the daemon and a restart, deletion of the SQLite file, its disk full
-and its write lock held by another process. It then
+and its write lock held by another process; and on the streams: dropped connections (RST, close
+frames), duplicated, reordered and missed pushes, missed finals, data and silent stalls, a refused
+subscription, refused upgrades (503), and connections expiring every few seconds. (Not finals the
+exchange revises afterwards: those are the periodic REST audit's, every 2 hours, longer than a
+soak.) It then
 lifts every fault, waits for the daemon to catch up (`--settle` seconds at most), stops it with
 SIGTERM, and checks the store against the exchanges' own history.
 
@@ -66,6 +72,7 @@ import psutil
 
 from candlekeeper.simulator.faults import RANDOM_KINDS, FaultKind, Faults, OutageMode, PoisonKind
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
+from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults, WsSimulator
 from candlekeeper.surfaces.control import request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +88,11 @@ STORAGE_ACTIONS = ("disk_full", "db_lock")
 DB_DIR = "db"  # the database's directory: a small tmpfs, so that it can be filled
 DB = f"{DB_DIR}/candles.db"
 TMPFS_SIZE = "64m"
+
+#: Stream fault kinds (`stream:<kind>` events): the simulator's random kinds drawn per push, and
+#: the ones that hold while they last.
+STREAM_RATE_KINDS = ("drop_reset", "drop_close", "duplicate", "reorder", "miss", "miss_final")
+STREAM_KINDS = (*STREAM_RATE_KINDS, "stall_data", "stall_silent", "refuse", "handshake_503", "expire")
 
 
 # -- the schedule ----------------------------------------------------------------------------
@@ -102,9 +114,11 @@ class Event:
 
     @property
     def kind(self) -> str:
-        """`faults:http_418`, `outage:refuse`, `poison:nulls`, `crash:series`, `kill9`, ..."""
+        """`faults:http_418`, `outage:refuse`, `stream:miss_final`, `poison:nulls`, `crash:series`, `kill9`, ..."""
         if self.action in ("faults", "outage"):
             return f"{self.action}:{self.detail}"
+        if self.action == "stream":
+            return f"stream:{self.detail.partition(':')[0]}"
         if self.action == "poison":
             return f"poison:{self.detail.rpartition(':')[2]}"
         if self.action == "crash":
@@ -119,6 +133,8 @@ def crash_target_kind(target: str) -> str:
         return "series"
     if target.endswith("/exchange"):
         return "exchange"
+    if target.endswith("/stream"):
+        return "stream"
     if target.endswith("/series"):
         return "series_supervisor"
     return "exchange_supervisor"
@@ -129,6 +145,7 @@ REQUIRED_KINDS: tuple[str, ...] = (
     *(f"faults:{k.value}" for k in SOAK_KINDS), *(f"outage:{m.value}" for m in OutageMode),
     "poison", "crash", "kill9", "delete_db", *STORAGE_ACTIONS,
 )
+STREAM_REQUIRED: tuple[str, ...] = (*(f"stream:{k}" for k in STREAM_KINDS), "crash:stream")
 MIN_FULL_S = 180.0
 
 
@@ -148,12 +165,16 @@ def fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
-def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]) -> list[Event]:
-    """The storm: first one event of every required kind (`REQUIRED_KINDS`) at a seeded random
-    time, then random ones about every 12 s. Outages never overlap (one exchange down at a time;
-    the required ones get disjoint slots, random ones are dropped where they would overlap);
-    nothing starts in the first 15 s (let it backfill)."""
+def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str], *,
+             streams: bool = True) -> list[Event]:
+    """The storm: first one event of every required kind (`REQUIRED_KINDS`, and with `streams`
+    `STREAM_REQUIRED`) at a seeded random time, then random ones about every 12 s. Outages never
+    overlap (one exchange down at a time; the required ones get disjoint slots, random ones are
+    dropped where they would overlap); nothing starts in the first 15 s (let it backfill).
+    Stream events are drawn from a generator of their own, so the rest of the schedule of a seed
+    is the same with and without them."""
     rng = random.Random(seed)
+    srng = random.Random(f"{seed}:stream")
     start, end = 15.0, max(30.0, seconds - 5.0)
     kills = max(1, int(seconds // 300))
     deletions = max(1, int(seconds // 300))
@@ -180,6 +201,14 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         if action in STORAGE_ACTIONS:
             return Event(at, action, duration=duration if duration is not None else rng.uniform(10, 30))
         return Event(at, action)
+
+    def stream_event(at: float, kind: str | None = None) -> Event:
+        """A stream fault at one exchange's stream simulator (a refusal names its symbol)."""
+        ex = srng.choice(exchanges)
+        kind = kind or srng.choice(STREAM_KINDS)
+        detail = f"{kind}:{srng.choice(symbols)}" if kind == "refuse" else kind
+        rate = srng.uniform(0.05, 0.3) if kind in STREAM_RATE_KINDS else 0.0
+        return Event(at, "stream", ex, detail, duration=srng.uniform(20, 60), rate=rate)
 
     # 1. required events. Outages: one per mode, each in its own slot of the storm, ending at
     # least 5 s before the next slot starts.
@@ -217,6 +246,11 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
         duration = min(rng.uniform(10, 30), max(5.0, slot - 20.0))
         required.append(random_event(action, rng.uniform(lo, max(lo, lo + slot - duration - 20.0)),
                                      duration=duration))
+    if streams:
+        for kind in STREAM_KINDS:
+            required.append(stream_event(srng.uniform(start, max(start, end - 60.0)), kind))
+        ex = srng.choice(exchanges)
+        required.append(Event(srng.uniform(start, end), "crash", ex, f"{ex}/stream"))
 
     # 2. fill the rest at random, as before
     extra: list[Event] = []
@@ -227,6 +261,14 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
             break
         extra.append(random_event(rng.choices(["faults", "outage", "poison", "crash", *STORAGE_ACTIONS],
                                               [5, 2, 1, 3, 0.5, 0.5])[0], t))
+
+    if streams:
+        t = start
+        while True:
+            t += srng.expovariate(1 / 30.0)
+            if t >= end:
+                break
+            extra.append(stream_event(t))
 
     outages = [(e.at, e.at + e.duration + 5.0) for e in required if e.action == "outage"]
     # storage faults: none at once, and none within 20 s of a process event
@@ -249,7 +291,7 @@ def schedule(seed: int, seconds: float, exchanges: list[str], symbols: list[str]
     out.sort(key=lambda e: e.at)
     if seconds >= MIN_FULL_S:
         kinds = {e.kind for e in out}
-        missing = [k for k in REQUIRED_KINDS if not covers(kinds, k)]
+        missing = [k for k in (*REQUIRED_KINDS, *(STREAM_REQUIRED if streams else ())) if not covers(kinds, k)]
         assert not missing, f"schedule misses {missing}"
     return out
 
@@ -540,7 +582,7 @@ class Locker:
 
 
 def write_config(workdir: Path, sims: dict[str, BinanceSimulator], symbols: list[str], since: int,
-                 rate: int) -> Path:
+                 rate: int, streams: dict[str, WsSimulator]) -> Path:
     lines = [
         "[storage]", f'path = "{DB}"', "",
         "[control]", 'socket = "ctl.sock"', "chaos = true  # test-only: enables the crash command", "",
@@ -551,7 +593,10 @@ def write_config(workdir: Path, sims: dict[str, BinanceSimulator], symbols: list
     ]
     for name, sim in sims.items():
         lines += [f"[exchanges.{name}]", 'exchange = "binance"', f'api_base = "{sim.url}"',
-                  f"symbols = {json.dumps(symbols)}", f"rate_limit = {rate}", 'timeout = "2s"', ""]
+                  f"symbols = {json.dumps(symbols)}", f"rate_limit = {rate}", 'timeout = "2s"']
+        if name in streams:
+            lines += ['live = "websocket"', f'ws_url = "{streams[name].ws_base}"']
+        lines += [""]
     path = workdir / "soak.toml"
     path.write_text("\n".join(lines))
     return path
@@ -578,6 +623,7 @@ def main() -> None:
     p.add_argument("--calm", type=float, default=20.0,
                    help="seconds without faults before the storm, for the same-run baselines (default 20)")
     p.add_argument("--workdir", help="keep files here (default: a temporary directory)")
+    p.add_argument("--no-stream", action="store_true", help="REST polling only: no WebSocket streams, no stream faults")
     p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = p.parse_args()
     if args.minutes <= 0 or args.exchanges < 1 or args.symbols < 1 or args.calm < 0:
@@ -592,7 +638,8 @@ def main() -> None:
     names = [f"ex{i}" for i in range(args.exchanges)]
     symbols = synthetic_symbols(args.symbols)
     since = (int(time.time() * 1000) // TF) * TF - int(args.lookback_hours * 3600_000)
-    events = schedule(args.seed, seconds, names, symbols)
+    streaming = not args.no_stream
+    events = schedule(args.seed, seconds, names, symbols, streams=streaming)
     print(f"soak: {args.minutes:g} min, seed {args.seed}, {len(names)} exchanges x {len(symbols)} symbols, "
           f"workdir {workdir}")
     print(f"schedule ({len(events)} events):")
@@ -609,7 +656,12 @@ def main() -> None:
         sims[name] = BinanceSimulator(symbols, name=name, seed=i, history_start_ms=since - 3600_000,
                                       faults=base[name],
                                       on_request=lambda path, *_, a=arrivals: a.append((time.time(), path))).start()
-    config = write_config(workdir, sims, symbols, since, args.rate)
+    wss: dict[str, WsSimulator] = {}
+    if streaming:
+        for name, sim in sims.items():
+            wss[name] = WsSimulator.sharing(sim, "binance", serve_markets=False, update_period_s=2.0,
+                                            prompt_finals=True).start()
+    config = write_config(workdir, sims, symbols, since, args.rate, wss)
     daemon = Daemon(workdir, config)
     stop_observing = threading.Event()
     started = time.monotonic()
@@ -641,7 +693,7 @@ def main() -> None:
     timeline.sort(key=lambda x: x[0])
     # what is active at each exchange, by the event that started it: overlapping faults add up
     # (scaled down if they would sum above 1), so one event never cuts another short
-    active: dict[str, dict[str, Any]] = {n: {"rates": {}, "outage": None, "poisoned": {}} for n in names}
+    active: dict[str, dict[str, Any]] = {n: {"rates": {}, "outage": None, "poisoned": {}, "stream": {}} for n in names}
     counts: dict[str, int] = {}
     counts_by_kind: dict[str, int] = {}
     crash_refusals: list[str] = []
@@ -658,6 +710,26 @@ def main() -> None:
         poisoned = dict(a["poisoned"].values())
         f = dataclasses.replace(base[name], rates=rates, outage=a["outage"], poisoned=poisoned)
         sims[name].set_faults(f)
+        if name in wss:
+            apply_stream(name)
+
+    def apply_stream(name: str) -> None:
+        """The stream faults active at one exchange, added up as `apply` does."""
+        kinds = list(active[name]["stream"].values())
+        srates: dict[StreamFault, float] = {}
+        for kind, rate in kinds:
+            if kind in STREAM_RATE_KINDS:
+                srates[StreamFault(kind)] = srates.get(StreamFault(kind), 0.0) + rate
+        total = sum(srates.values())
+        if total > 0.9:
+            srates = {k: v * 0.9 / total for k, v in srates.items()}
+        stall = next((StallMode.SILENT for k, _ in kinds if k == "stall_silent"),
+                     next((StallMode.DATA for k, _ in kinds if k == "stall_data"), None))
+        refuse = frozenset(k.partition(":")[2] for k, _ in kinds if k.startswith("refuse:"))
+        handshake = 503 if any(k == "handshake_503" for k, _ in kinds) else None
+        wss[name].set_faults(StreamFaults(srates, seed=args.seed * 100 + names.index(name), stall=stall,
+                                          refuse=refuse, handshake_status=handshake))
+        wss[name].update_rules(max_age_s=5.0 if any(k == "expire" for k, _ in kinds) else None)
 
     fillers: dict[int, Filler] = {}
     lockers: dict[int, Locker] = {}
@@ -692,6 +764,12 @@ def main() -> None:
             elif e.action == "outage":
                 active[e.exchange]["outage"] = OutageMode(e.detail) if phase == "start" else None
                 apply(e.exchange)
+            elif e.action == "stream":
+                if phase == "start":
+                    active[e.exchange]["stream"][id(e)] = (e.detail, e.rate)
+                else:
+                    active[e.exchange]["stream"].pop(id(e), None)
+                apply_stream(e.exchange)
             elif e.action == "poison":
                 sym, _, kind = e.detail.rpartition(":")
                 sym_id = sym.replace("/", "").upper()
@@ -743,6 +821,9 @@ def main() -> None:
         # the storm is over: lift every fault, let the daemon catch up, stop it
         for name in names:
             sims[name].set_faults(base[name])
+            if name in wss:
+                wss[name].set_faults(StreamFaults())
+                wss[name].update_rules(max_age_s=None)
         release_storage()
         storm_end = time.monotonic()
         settled = False
@@ -779,6 +860,8 @@ def main() -> None:
         release_storage()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
+        for ws in wss.values():
+            ws.stop()
         for sim in sims.values():
             sim.stop()
         if (workdir / DB).exists():
@@ -804,6 +887,10 @@ def main() -> None:
         for kind, n in st.by_fault.items():
             if kind in SOAK_KINDS:
                 injected[kind.value] = injected.get(kind.value, 0) + n
+    stream_injected: dict[str, int] = {}
+    for ws in wss.values():
+        for kind, n in ws.stats().faults.items():
+            stream_injected[kind.value] = stream_injected.get(kind.value, 0) + n
     calm_injected_429 = sum(s.by_fault.get(FaultKind.HTTP_429, 0) for s in calm_stats)
     calm_limiter_429 = sum(s.by_fault.get(FaultKind.RATE_LIMIT, 0) for s in calm_stats)
     result = {
@@ -815,6 +902,10 @@ def main() -> None:
         "faults_injected": dict(sorted(injected.items())),
         "faults_never_injected": sorted({k.partition(":")[2] for k in counts_by_kind if k.startswith("faults:")}
                                         - set(injected)),
+        "streams": streaming,
+        "stream_faults_injected": dict(sorted(stream_injected.items())),
+        "stream_reconnects": sum((e.get("stream") or {}).get("reconnects", 0)
+                                 for e in obs.last_health.get("exchanges", [])),
         "crash_commands": crash_commands,
         "crash_refusals": len(crash_refusals),
         "settled": settled,
@@ -938,6 +1029,9 @@ def report(r: dict[str, Any], crash_refusals: list[str], args: argparse.Namespac
           f"{fmt_counts(r['storage_log'])}" + (f"; skipped: {', '.join(r['storage_faults_skipped'])}"
                                                if r["storage_faults_skipped"] else ""))
     print(f"random faults injected by the exchanges (requests): {fmt_counts(r['faults_injected'])}")
+    if r["streams"]:
+        print(f"stream faults the stream simulators counted: {fmt_counts(r['stream_faults_injected'])}; "
+              f"stream reconnects (last incarnation): {r['stream_reconnects']}")
     if r["faults_never_injected"]:
         print(f"scheduled but never injected (no request drew them): {', '.join(r['faults_never_injected'])}")
     print(f"RSS peak {r['peak_rss_mb']} MB, growth over the longest incarnation {r['rss_growth_pct_longest_incarnation']} %")
@@ -977,6 +1071,7 @@ from a {args.calm:g} s calm phase (no faults) before the storm, in the same run.
 By kind: {fmt_counts(r["events_by_kind"])}.
 Random faults injected by the exchanges (requests): {fmt_counts(r["faults_injected"])}{
 "; scheduled but never drawn by a request: " + ", ".join(r["faults_never_injected"]) if r["faults_never_injected"] else ""}.
+{stream_line(r)}
 
 | figure | result | baseline (same run) | target | met |
 |---|---|---|---|---|
@@ -998,6 +1093,14 @@ Random faults injected by the exchanges (requests): {fmt_counts(r["faults_inject
 Last line of its output: `{json.dumps({k: r[k] for k in ("expected", "stored", "missing", "duplicated", "invalid")})}`
 {end}"""
     return section
+
+
+def stream_line(r: dict[str, Any]) -> str:
+    if not r["streams"]:
+        return "REST polling only (`--no-stream`): no WebSocket streams."
+    return (f"Caught-up series take their candles from a WebSocket stream per exchange (`live = \"websocket\"`); "
+            f"stream faults counted by the stream simulators: {fmt_counts(r['stream_faults_injected'])}; "
+            f"stream reconnects in the last daemon incarnation: {r['stream_reconnects']}.")
 
 
 def markers(minutes: float) -> tuple[str, str]:

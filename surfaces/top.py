@@ -1,8 +1,10 @@
 """`python run.py ctl top`: a live terminal view of a running daemon, refreshed every second.
 
-It shows the health roll-up and its reasons, each exchange's breaker, the actors of the tree
-with their restarts, and every series with its status, lag (seconds since its newest stored
-candle closed), restarts and failures, worst first, cut to the terminal's height. `q` quits,
+It shows the health roll-up and its reasons, each exchange's breaker and live stream (state,
+series it serves of those it should, reconnects), the actors of the tree with their restarts,
+and every series with its status, source (`stream` or `rest`, for exchanges that stream), lag
+(seconds since its newest stored candle closed), restarts and failures, worst first, cut to the
+terminal's height. `q` quits,
 any other key refreshes at once, Ctrl-C quits too (exit code 0).
 
 When the daemon cannot be reached at start, `run_top` raises (the `ctl` client prints "the daemon
@@ -49,6 +51,8 @@ SERIES_STYLE = {
     "stopped": "bold red",
 }
 ACTOR_STYLE = {"running": "green", "restarting": "yellow", "starting": "cyan"}
+STREAM_STYLE = {"up": "green", "partial": "yellow", "connecting": "cyan", "down": "bold red"}
+SOURCE_STYLE = {"stream": "green", "rest": "yellow"}
 # worst first: the rows an operator has to look at come before the healthy ones
 SEVERITY = {"stopped": 0, "invalid": 1, "quarantined": 2, "retrying": 3, "backfilling": 5, "paused": 6, "ok": 7}
 MAX_REASONS = 3
@@ -127,8 +131,9 @@ def _exchanges_table(exchanges: list[dict[str, Any]], *, stale: bool) -> Table:
     t.add_column("STATUS", no_wrap=True)
     t.add_column("NEXT PROBE", justify="right", no_wrap=True)
     t.add_column("OPENINGS", justify="right", no_wrap=True)
+    t.add_column("STREAM", no_wrap=True)
     if not exchanges:
-        t.add_row(Text("no exchanges reported yet", style="dim"), "", "", "", "")
+        t.add_row(Text("no exchanges reported yet", style="dim"), "", "", "", "", "")
     for e in sorted(exchanges, key=lambda e: str(e.get("name"))):
         breaker, st = str(e.get("breaker") or "?"), str(e.get("status") or "?")
         probe = e.get("next_probe_in")
@@ -138,8 +143,21 @@ def _exchanges_table(exchanges: list[dict[str, Any]], *, stale: bool) -> Table:
             Text(st, style=EXCHANGE_STYLE.get(st, "")),
             _duration(probe) if isinstance(probe, (int, float)) else "-",
             str(e.get("openings", 0)),
+            _stream_cell(e.get("stream")),
         )
     return t
+
+
+def _stream_cell(stream: Any) -> Text:
+    """An exchange's live stream: state, series it serves of those it should, reconnects."""
+    if not isinstance(stream, dict) or stream.get("state") in (None, "off"):
+        return Text("-", style="dim")
+    state = str(stream.get("state"))
+    cell = Text(state, style=STREAM_STYLE.get(state, ""))
+    cell.append(f" {stream.get('streams_up', 0)}/{stream.get('streams', 0)}")
+    if stream.get("reconnects"):
+        cell.append(f" ↻{stream['reconnects']}", style="yellow")
+    return cell
 
 
 def _series_table(series: list[dict[str, Any]], now: float, *, room: int | None, stale: bool) -> RenderableType:
@@ -148,6 +166,7 @@ def _series_table(series: list[dict[str, Any]], now: float, *, room: int | None,
     # columns may shrink, their cells are one line cut with an ellipsis): one row, one line.
     t.add_column("SERIES", min_width=20, max_width=36)
     t.add_column("STATUS", no_wrap=True, width=11)
+    t.add_column("SOURCE", no_wrap=True, width=6)
     t.add_column("LAG", justify="right", no_wrap=True, width=6)
     t.add_column("LAST CANDLE", no_wrap=True, width=11)  # UTC, MM-DD HH:MM
     t.add_column("RESTARTS", justify="right", no_wrap=True, width=8)
@@ -156,7 +175,7 @@ def _series_table(series: list[dict[str, Any]], now: float, *, room: int | None,
     rows = sorted(series, key=lambda s: _severity(s, now))
     shown = rows if room is None or len(rows) <= room else rows[: max(0, room - 1)]
     if not rows:
-        t.add_row(Text("no series", style="dim"), "", "", "", "", "", "")
+        t.add_row(Text("no series", style="dim"), "", "", "", "", "", "", "")
     for s in shown:
         st = str(s.get("status") or "?")
         lag, tf_s = lag_seconds(s, now), _tf_seconds(s.get("timeframe"))
@@ -169,6 +188,7 @@ def _series_table(series: list[dict[str, Any]], now: float, *, room: int | None,
         t.add_row(
             _line(f"{s.get('exchange')}:{s.get('symbol')}@{s.get('timeframe')}"),
             Text(st, style=SERIES_STYLE.get(st, "")),
+            Text(str(s.get("source") or "-"), style=SOURCE_STYLE.get(str(s.get("source")), "dim")),
             Text(_duration(lag), style=_lag_colour(lag, tf_s)) if lag is not None else Text("-", style="dim"),
             _candle_time(s.get("last_ts")),
             Text(str(restarts), style="yellow" if restarts else ""),

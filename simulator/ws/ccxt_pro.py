@@ -9,8 +9,8 @@ caller after `watch_ohlcv` returns; the frame is handled before ccxt resolves th
 nothing is missed. Copies matter: ccxt's cache updates rows in place, and a late (out of
 order) in-progress frame would overwrite the closed values there.
 
-This module is for tests and the daemon alike (the daemon would move `KlineTap` next to its
-own ccxt client code).
+The taps themselves live with the daemon's stream client (`actors.sources.ccxt_stream`); this
+module adds the test-side view of them (`KlineEvent`, `drain_closed`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import ccxt.pro
 
+from ...actors.sources.ccxt_stream import TAPS
 from ...actors.sources.urls import rebase_urls
 from .server import WsSimulator
 
@@ -85,23 +86,20 @@ class KlineEvent:
 
 
 class KlineTap:
-    """Mixin (put before the ccxt.pro exchange class) exposing each kline's closed flag.
+    """Test-side mixin over the daemon's tap (`actors.sources.ccxt_stream.KlineTap`, put after
+    this one by `tapped`): every frame parsed by ccxt, each one an `on_kline(KlineEvent)`, the
+    closed ones kept for `drain_closed`."""
 
-    Subclasses implement `raw_klines`: (symbol, timeframe, open ts, closed) per candle in a
-    raw frame, read with ccxt's own helpers so symbols and timeframes match ccxt's.
-    """
+    parse_all = True
 
-    def handle_ohlcv(self, client: Any, message: Any) -> None:
-        raw = list(self.raw_klines(client, message))
-        super().handle_ohlcv(client, message)  # type: ignore[misc]
-        for symbol, timeframe, ts, closed in raw:
-            stored = self.ohlcvs.get(symbol, {}).get(timeframe)  # type: ignore[attr-defined]
-            row = stored.hashmap.get(ts) if stored is not None else None
-            if row is not None:
-                self.on_kline(KlineEvent(symbol, timeframe, tuple(row), closed))
+    @property
+    def kline_sink(self) -> KlineTap:
+        return self
 
-    def raw_klines(self, client: Any, message: Any) -> list[tuple[str, str, int, bool]]:
-        raise NotImplementedError
+    def frame(self, symbol: str, timeframe: str, ts: int, closed: bool | None, event_ms: int | None,
+              row: tuple[Any, ...] | None) -> None:
+        if row is not None:
+            self.on_kline(KlineEvent(symbol, timeframe, tuple(row), closed is True))
 
     def on_kline(self, event: KlineEvent) -> None:
         """Called for every kline frame; by default keeps the closed ones for `drain_closed`.
@@ -121,50 +119,7 @@ class KlineTap:
         return store
 
 
-class BinanceKlineTap(KlineTap):
-    """Binance kline events: closed flag `k.x` (true on the candle's final update)."""
-
-    def raw_klines(self, client: Any, message: Any) -> list[tuple[str, str, int, bool]]:
-        ex: Any = self
-        k = ex.safe_dict(message, "k", {})
-        market_type = "spot" if ex.is_spot_url(client) else "contract"
-        symbol = ex.safe_symbol(ex.safe_string_2(k, "s", "ps"), None, None, market_type)
-        timeframe = ex.find_timeframe(ex.safe_string(k, "i"))
-        return [(symbol, timeframe, ex.safe_integer(k, "t"), k.get("x") is True)]
-
-
-class OkxKlineTap(KlineTap):
-    """OKX candle events: closed flag is the 9th column `confirm` ("1" = closed)."""
-
-    def raw_klines(self, client: Any, message: Any) -> list[tuple[str, str, int, bool]]:
-        ex: Any = self
-        arg = ex.safe_dict(message, "arg", {})
-        channel = ex.safe_string(arg, "channel", "")
-        symbol = ex.safe_market(ex.safe_string(arg, "instId"))["symbol"]
-        timeframe = ex.find_timeframe(channel.replace("candle", ""))
-        return [(symbol, timeframe, ex.safe_integer(row, 0), ex.safe_string(row, 8) == "1")
-                for row in ex.safe_list(message, "data", [])]
-
-
-class BybitKlineTap(KlineTap):
-    """Bybit kline events: closed flag `confirm` (true = closed)."""
-
-    def raw_klines(self, client: Any, message: Any) -> list[tuple[str, str, int, bool]]:
-        ex: Any = self
-        parts = ex.safe_string(message, "topic", "").split(".")
-        timeframe = ex.find_timeframe(ex.safe_string(parts, 1))
-        market_type = "spot" if client.url.find("spot") > -1 else "contract"
-        symbol = ex.safe_market(parts[-1], None, None, market_type)["symbol"]
-        return [(symbol, timeframe, ex.safe_integer(d, "start"), d.get("confirm") is True)
-                for d in ex.safe_list(message, "data", [])]
-
-
-_TAPS: dict[str, type[KlineTap]] = {
-    "binance": BinanceKlineTap, "okx": OkxKlineTap, "bybit": BybitKlineTap,
-}
-
-
 def tapped(exchange: str) -> type:
-    """The ccxt.pro class of `exchange` with its `KlineTap` mixed in."""
-    base = getattr(ccxt.pro, exchange)
-    return type(f"{exchange}_tapped", (_TAPS[exchange], base), {})
+    """The ccxt.pro class of `exchange` with the daemon's `KlineTap` for it and the test-side
+    `KlineTap` above mixed in."""
+    return type(f"{exchange}_tapped", (KlineTap, TAPS[exchange], getattr(ccxt.pro, exchange)), {})

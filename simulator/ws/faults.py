@@ -33,6 +33,7 @@ class StreamFault(str, enum.Enum):
     OVER_RATE = "over_rate"  # client sent too many frames per second
     IDLE = "idle"  # closed after nothing was sent for idle_close_s
     PONG_TIMEOUT = "pong_timeout"  # closed because the client stopped answering pings
+    STALE_FINAL = "stale_final"  # a final pushed with values the exchange revises afterwards
 
 
 #: Kinds `StreamFaults.rates` may hold; the order fixes the schedule.
@@ -68,6 +69,10 @@ class StreamFaults:
     refuse_rate: probability per subscription argument of an injected refusal.
     handshake_status: while set, every WebSocket upgrade is answered with this HTTP status
         (e.g. 503 during an outage) and no connection is made.
+    stale_final_rate: probability per final push that it carries values the exchange revises
+        afterwards (its volume short by a tenth: late trades counted later), so REST serves
+        the revised candle and the stream's is wrong. Drawn from a third generator per
+        connection (the push schedule does not move).
     """
 
     rates: Mapping[StreamFault, float] = field(default_factory=dict)
@@ -76,6 +81,7 @@ class StreamFaults:
     refuse: frozenset[str] = frozenset()
     refuse_rate: float = 0.0
     handshake_status: int | None = None
+    stale_final_rate: float = 0.0
 
     def __post_init__(self) -> None:
         rates = {StreamFault(k): float(v) for k, v in self.rates.items()}
@@ -89,6 +95,8 @@ class StreamFaults:
                 raise ValueError("stream fault rates sum to more than 1 for one kind of push")
         if not 0.0 <= self.refuse_rate <= 1.0:
             raise ValueError("refuse_rate must be in [0, 1]")
+        if not 0.0 <= self.stale_final_rate <= 1.0:
+            raise ValueError("stale_final_rate must be in [0, 1]")
         object.__setattr__(self, "rates", MappingProxyType(rates))
         object.__setattr__(self, "refuse", frozenset(_norm_symbol(s) for s in self.refuse))
         if self.stall is not None:
@@ -103,6 +111,7 @@ class StreamFaultInjector:
         self._faults = faults or StreamFaults()
         self._push_rngs: dict[int, random.Random] = {}
         self._refuse_rngs: dict[int, random.Random] = {}
+        self._stale_rngs: dict[int, random.Random] = {}
 
     @property
     def faults(self) -> StreamFaults:
@@ -117,6 +126,8 @@ class StreamFaultInjector:
                 self._push_rngs.clear()
             if faults.seed != old.seed or faults.refuse_rate != old.refuse_rate:
                 self._refuse_rngs.clear()
+            if faults.seed != old.seed or faults.stale_final_rate != old.stale_final_rate:
+                self._stale_rngs.clear()
             self._faults = faults
             return old
 
@@ -140,6 +151,17 @@ class StreamFaultInjector:
                 if x < acc:
                     return kind
             return None
+
+    def stale(self, conn_no: int) -> bool:
+        """Whether the next final push on connection `conn_no` carries pre-revision values."""
+        with self._lock:
+            f = self._faults
+            if f.stale_final_rate <= 0.0:
+                return False
+            rng = self._stale_rngs.get(conn_no)
+            if rng is None:
+                rng = self._stale_rngs[conn_no] = random.Random(f"{f.seed}:{conn_no}:stale")
+            return rng.random() < f.stale_final_rate
 
     def refuses(self, conn_no: int, symbol_id: str) -> bool:
         """Whether one subscription argument for `symbol_id` is refused."""

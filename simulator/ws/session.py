@@ -230,8 +230,13 @@ class Session:
                 for due in cursor.due(now):
                     if market is None:  # Binance: an unknown symbol's stream stays silent
                         continue
-                    await self._push(ctx.dialect.push(topic, market, due.candle, due.closed,
-                                                      now, self.view), due.closed)
+                    candle = due.candle
+                    if due.closed and ctx.injector.stale(self.conn_no):
+                        ctx.stats.fault(StreamFault.STALE_FINAL)
+                        candle = candle._replace(volume=f"{float(candle.volume) * 0.9:.8f}")
+                    await self._push(ctx.dialect.push(topic, market, candle, due.closed,
+                                                      now, self.view, ctx.rules().closed_flag),
+                                     due.closed)
                     if self._closing:
                         return
             await self._sleep_until_next(now)

@@ -102,6 +102,7 @@ class Rules:
     max_args_per_request: int | None
     max_incoming_per_s: int | None  # client frames per second; over it: dialect's reaction
     max_connections_per_window: tuple[int, float] | None  # (count, window s) per server
+    closed_flag: bool = True  # False: pushes carry no closed flag (a dialect of an exchange without one)
 
 
 @dataclass
@@ -152,8 +153,8 @@ class Dialect(Protocol):
         ...
 
     def push(self, topic: Topic, market: Market, candle: Candle, closed: bool, now_ms: int,
-             view: SessionView) -> str:
-        """One kline/candle update frame."""
+             view: SessionView, flag: bool = True) -> str:
+        """One kline/candle update frame (`flag`: with the closed flag, else without it)."""
         ...
 
     def expiry_notice(self, now_ms: int, view: SessionView) -> list[str]:

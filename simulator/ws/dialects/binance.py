@@ -124,11 +124,12 @@ class BinanceDialect:
         return [self._error(code, req.error, req.req_id)]
 
     def push(self, topic: Topic, market: Market, candle: Candle, closed: bool, now_ms: int,
-             view: SessionView) -> str:
+             view: SessionView, flag: bool = True) -> str:
         first = candle.open_time // 1000 * 7 + 1  # any increasing trade-id stand-in
+        kline: dict[str, object]
         payload = {
             "e": "kline", "E": now_ms, "s": market.id,
-            "k": {
+            "k": (kline := {
                 "t": candle.open_time, "T": candle.close_time, "s": market.id,
                 "i": topic.key.interval,
                 "f": first if candle.trades else -1,
@@ -136,8 +137,10 @@ class BinanceDialect:
                 "o": candle.open, "c": candle.close, "h": candle.high, "l": candle.low,
                 "v": candle.volume, "n": candle.trades, "x": closed, "q": candle.quote_volume,
                 "V": candle.taker_base, "Q": candle.taker_quote, "B": "0",
-            },
+            }),
         }
+        if not flag:
+            del kline["x"]
         if view.combined:
             return dumps({"stream": topic.name, "data": payload})
         return dumps(payload)

@@ -98,19 +98,18 @@ class BybitDialect:
         return [self._answer(req, False, req.error, "", view)]
 
     def push(self, topic: Topic, market: Market, candle: Candle, closed: bool, now_ms: int,
-             view: SessionView) -> str:
+             view: SessionView, flag: bool = True) -> str:
         interval = topic.name.split(".")[1]
-        return dumps({
-            "topic": topic.name,
-            "data": [{
-                "start": candle.open_time, "end": candle.close_time, "interval": interval,
-                "open": plain(candle.open), "close": plain(candle.close),
-                "high": plain(candle.high), "low": plain(candle.low),
-                "volume": plain(candle.volume), "turnover": plain(candle.quote_volume),
-                "confirm": closed, "timestamp": now_ms,
-            }],
-            "ts": now_ms, "type": "snapshot",
-        })
+        data: dict[str, object] = {
+            "start": candle.open_time, "end": candle.close_time, "interval": interval,
+            "open": plain(candle.open), "close": plain(candle.close),
+            "high": plain(candle.high), "low": plain(candle.low),
+            "volume": plain(candle.volume), "turnover": plain(candle.quote_volume),
+            "confirm": closed, "timestamp": now_ms,
+        }
+        if not flag:
+            del data["confirm"]
+        return dumps({"topic": topic.name, "data": [data], "ts": now_ms, "type": "snapshot"})
 
     def expiry_notice(self, now_ms: int, view: SessionView) -> list[str]:
         return []

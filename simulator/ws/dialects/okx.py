@@ -127,10 +127,12 @@ class OkxDialect:
                                     "connId": view.conn_id})]
 
     def push(self, topic: Topic, market: Market, candle: Candle, closed: bool, now_ms: int,
-             view: SessionView) -> str:
+             view: SessionView, flag: bool = True) -> str:
         row = [str(candle.open_time), plain(candle.open), plain(candle.high), plain(candle.low),
                plain(candle.close), plain(candle.volume), plain(candle.quote_volume),
-               plain(candle.quote_volume), "1" if closed else "0"]
+               plain(candle.quote_volume)]
+        if flag:
+            row.append("1" if closed else "0")
         return dumps({"arg": topic.arg, "data": [row]})
 
     def expiry_notice(self, now_ms: int, view: SessionView) -> list[str]:

@@ -1,0 +1,86 @@
+"""When is a streamed candle closed? The rule for kline streams, per series, pure.
+
+A stream pushes the candle in progress over and over (Binance every 2 s) and, when it closes,
+its final values. Only closed candles are stored:
+
+- by the exchange's own word where the message carries it (Binance kline `x`, OKX `confirm`,
+  Bybit `confirm`): a message flagged closed is the closed candle, with its final values;
+- otherwise (a stream with no flag) a candle is closed when a later candle has started and its
+  close time has passed on the exchange's clock (ours corrected by the offset the exchange actor
+  measures: `market.closing.ServerClock`). Its values are those of the last message seen for it,
+  so they are taken only when that message was sent at or after the close (where the message
+  says when it was sent: Binance `E`, Bybit `timestamp`): a last message from before the close
+  may miss the final trades, and that candle is left to REST.
+
+A candle that fails the same validation as REST rows (`market.candles.validate`) is not taken
+either. Whatever is not taken from the stream is fetched over REST by the series (it notices the
+missing candle when a later one arrives, or when its fallback timer fires).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .candles import Candle, InvalidCandles, validate
+
+
+@dataclass
+class _Last:
+    ts: int
+    row: Sequence[Any] | None
+    event_ms: int | None
+
+
+class CloseTracker:
+    """One series' stream messages in, its closed candles out (each at most once)."""
+
+    __slots__ = ("_emitted", "_last", "_pending", "tf_ms")
+
+    KEEP = 16  # open times remembered as handed out (a duplicated or reordered final is dropped)
+
+    def __init__(self, tf_ms: int) -> None:
+        self.tf_ms = tf_ms
+        self._emitted: list[int] = []  # open times handed out, newest last
+        self._last: _Last | None = None  # the newest candle seen without a flag
+        self._pending: _Last | None = None  # a candle a later one has followed, waiting for the clock
+
+    def frame(self, ts: int, closed: bool | None, event_ms: int | None, row: Sequence[Any] | None,
+              now_ms: int, margin_ms: int) -> list[Candle]:
+        """One message for the candle opening at `ts`: the candles it proves closed.
+
+        closed: the exchange's flag (None: the message has none); row: the candle as ccxt parsed
+        it (needed for a flagged-closed message and for every message without a flag);
+        now_ms / margin_ms: the exchange's clock and how far off it may be."""
+        if closed is True:
+            return self._take(ts, row)
+        if closed is False:
+            return []
+        last = self._last
+        if last is not None and ts > last.ts:
+            self._pending = last  # a later candle has started: `last` ended with its last message
+        if last is None or ts >= last.ts:
+            self._last = _Last(ts, row, event_ms)
+        pending = self._pending
+        if pending is None or now_ms - margin_ms < pending.ts + self.tf_ms:
+            return []  # nothing ended, or its close has not passed on the exchange's clock yet
+        self._pending = None
+        if pending.event_ms is not None and pending.event_ms < pending.ts + self.tf_ms:
+            return []  # its last message was sent before the close: maybe not its final values
+        return self._take(pending.ts, pending.row)
+
+    def _take(self, ts: int, row: Sequence[Any] | None) -> list[Candle]:
+        emitted = self._emitted
+        if row is None or ts in emitted or (len(emitted) == self.KEEP and ts < emitted[0]):
+            return []  # a duplicate, or a late message for a candle already handed out
+        try:
+            candles = validate([row], self.tf_ms, ts)
+        except InvalidCandles:
+            return []
+        if not candles or candles[0][0] != ts:
+            return []
+        emitted.append(ts)
+        emitted.sort()
+        del emitted[: -self.KEEP]
+        return candles
