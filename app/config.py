@@ -732,6 +732,11 @@ class _Loader:
         merged_ingest = self.ingest(values, where, ingest)
         if kind == "oanda":
             self.check_oanda(values, merged_ingest, where)
+        for tf in merged_ingest.timeframes:
+            refusal = timeframe_refusal(kind, values["exchange"], tf)
+            if refusal is not None:
+                inherited = "" if "timeframes" in values else " (inherited from [ingest]: set timeframes here)"
+                raise self.fail(where, f"timeframes: {refusal}{inherited}")
         try:
             _check_live(values["exchange"], own.get("live", "auto"))
         except _Invalid as exc:
@@ -745,16 +750,34 @@ class _Loader:
 
     def check_oanda(self, values: dict[str, Any], ingest: IngestConfig, where: str) -> None:
         """What OANDA cannot serve is a config error now, not a series failing forever later."""
-        from ..actors.sources.oanda import GRANULARITIES, MAX_COUNT  # deferred: it imports aiohttp
+        from ..actors.sources.oanda import MAX_COUNT  # deferred: it imports aiohttp
 
-        for tf in ingest.timeframes:
-            if tf not in GRANULARITIES:
-                inherited = "" if "timeframes" in values else " (inherited from [ingest]: set timeframes here)"
-                raise self.fail(where, f"timeframes: OANDA has no {tf} candles (it has: {' '.join(GRANULARITIES)})"
-                                       + inherited)
         if values.get("page_limit", 0) > MAX_COUNT:
             raise self.fail(where, f"page_limit: OANDA serves at most {MAX_COUNT} candles a request,"
                                    f" got {values['page_limit']}")
+
+
+def timeframe_refusal(source: str, exchange: str, timeframe: str) -> str | None:
+    """Why this exchange cannot serve candles of this timeframe, or None when it can: a config
+    error at start and a refused `add`, not a series failing forever later. ccxt's own
+    `timeframes` table says what each exchange has (Kraken has no 3m, OKX no 3d)."""
+    if source == "oanda":
+        from ..actors.sources.oanda import GRANULARITIES  # deferred: it imports aiohttp
+
+        has = tuple(GRANULARITIES)
+        name = "OANDA"
+    else:
+        import ccxt  # deferred: see _ccxt_id
+
+        cls = getattr(ccxt, exchange, None)
+        table = getattr(cls(), "timeframes", None) if cls is not None else None
+        if not isinstance(table, dict) or not table:
+            return None  # ccxt does not say: the exchange's answer will
+        has = tuple(tf for tf in table if tf in TIMEFRAME_MS)
+        name = exchange
+    if timeframe in has:
+        return None
+    return f"{name} has no {timeframe} candles (it has: {' '.join(has)})"
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:

@@ -35,7 +35,7 @@ from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 from . import config as config_mod
 from . import data, settings
-from .config import Config, ExchangeConfig, StorageConfig, parse_host_port
+from .config import Config, ExchangeConfig, StorageConfig, parse_host_port, timeframe_refusal
 from .errors import CommandError, SocketInUse, SocketUnusable, StartupError, StorageUnusable
 from .tree import Blueprint, SeriesChange, series_id
 
@@ -358,6 +358,9 @@ class System:
         reads the changes at its next round)."""
         ex = self._exchange_config(exchange)
         _timeframe(timeframe)
+        refusal = timeframe_refusal(ex.source, ex.exchange, timeframe)
+        if refusal is not None:
+            raise CommandError(refusal)
         try:
             check_symbol(symbol)
         except ValueError as exc:

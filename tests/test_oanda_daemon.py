@@ -36,7 +36,7 @@ from candlekeeper.actors.market.progress import take
 from candlekeeper.actors.sources.oanda import PROFILE, OandaSource
 from candlekeeper.app import config as config_mod
 from candlekeeper.app import data, settings
-from candlekeeper.app.errors import CredentialsMissing
+from candlekeeper.app.errors import CommandError, CredentialsMissing
 from candlekeeper.app.system import System
 from candlekeeper.simulator import ExchangeSimulator, FaultKind, Faults
 from candlekeeper.simulator.faults import DRAWABLE_KINDS
@@ -334,6 +334,10 @@ def test_a_saturday_is_not_polled_and_is_no_lag(tmp_path, token, simulator, daem
     health = system.health()
     assert health["status"] == "ok", health["reasons"]
     assert all(s["status"] == "ok" and s["lag_seconds"] == 0 for s in health["series"]), health["series"]
+    # a timeframe OANDA has no candles of is refused at once, not a series failing forever
+    with pytest.raises(CommandError, match="OANDA has no 3m candles"):
+        system.add_series(NAME, "EUR/USD", "3m")
+    assert len(system.health()["series"]) == len(health["series"])
 
 
 def test_live_candles_after_the_reopening(tmp_path, token, simulator, daemons) -> None:
@@ -610,6 +614,11 @@ def test_config_oanda_keys_and_round_trip() -> None:
      "[exchanges.fx] timeframes: OANDA has no 3m candles (it has: 1m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 1w)"),
     ({"ingest": {"timeframes": ["3d"]}, **oanda_section()},
      "[exchanges.fx] timeframes: OANDA has no 3d candles (it has: 1m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 1w)"
+     " (inherited from [ingest]: set timeframes here)"),
+    ({"exchanges": {"kraken": {"symbols": ["BTC/USD"], "timeframes": ["1m", "3m"]}}},
+     "[exchanges.kraken] timeframes: kraken has no 3m candles (it has: 1m 5m 15m 30m 1h 4h 1d 1w)"),
+    ({"ingest": {"timeframes": ["2h"]}, "exchanges": {"k": {"exchange": "kraken", "symbols": ["BTC/USD"]}}},
+     "[exchanges.k] timeframes: kraken has no 2h candles (it has: 1m 5m 15m 30m 1h 4h 1d 1w)"
      " (inherited from [ingest]: set timeframes here)"),
     (oanda_section(symbols=["BTC/USDT:USDT"]), '[exchanges.fx] symbols: "BTC/USDT:USDT" is not an OANDA instrument'),
     (oanda_section(exchange="binance"), '[exchanges.fx] exchange: with source = "oanda" the exchange is "oanda"'),
