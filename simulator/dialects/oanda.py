@@ -130,7 +130,9 @@ def display_precision(m: Market) -> int:
     if m.base in METALS:
         return 3 if m.base == "XAU" else 5
     if instrument_type(m) == "CFD":
-        return 1
+        # indices print one decimal; a synthetic instrument priced in cents (the benchmarks'
+        # S0001/USD) keeps its own digits, or its prices would round to 0
+        return 1 if m.base_price >= 100 else m.price_decimals
     return 3 if m.quote == "JPY" else 5
 
 
