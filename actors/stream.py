@@ -79,6 +79,8 @@ class StreamSettings:
     retry: RetryConfig = RetryConfig()
     idle_s: float | None = None  # None: the profile's
     notify_per_s: float = 2000.0  # stream -> series tells a second at most (see the module docstring)
+    # the exchange actor's market list (None: each client loads its own, as in tests of the actor alone)
+    markets: Callable[[], list[dict[str, Any]] | None] | None = None
 
     @property
     def idle(self) -> float:
@@ -441,7 +443,7 @@ class StreamActor(Child):
         symbols = sorted({k.symbol for k in self.members})
         client = self.settings.client(self.runtime.wall, symbols)
         feed = Feed(client, self.settings.profile, self.dispatch.sink(fid), timeout=self.settings.timeout,
-                    clock=self.runtime.clock, idle_s=self.settings.idle)
+                    clock=self.runtime.clock, idle_s=self.settings.idle, markets=self.settings.markets)
         slot = self.slots[fid] = _Slot(fid, feed)
         return slot
 

@@ -16,7 +16,7 @@ from ..actors.health import HealthSettings, Pace
 from ..actors.notifier import NotifierSettings
 from ..actors.series import SeriesSettings
 from ..actors.sources.base import Profile, Source
-from ..actors.sources.ccxt_source import CcxtSource
+from ..actors.sources.ccxt_source import CcxtSource, MarketList
 from ..actors.sources.ccxt_stream import pro_client, stream_profile, supports
 from ..actors.sources.profiles import profile
 from ..actors.stream import StreamSettings
@@ -64,8 +64,9 @@ def quarantine_config(r: ResilienceConfig) -> QuarantineConfig:
     )
 
 
-def _ccxt_source(ex: ExchangeConfig, wall: WallClock) -> Source:
-    return CcxtSource(ex.exchange, symbols=list(ex.symbols), timeout=ex.timeout, wall=wall, api_base=ex.api_base)
+def _ccxt_source(ex: ExchangeConfig, wall: WallClock, markets: MarketList | None = None) -> Source:
+    return CcxtSource(ex.exchange, symbols=list(ex.symbols), timeout=ex.timeout, wall=wall, api_base=ex.api_base,
+                      shared=markets)
 
 
 def _oanda_source(ex: ExchangeConfig, wall: WallClock) -> Source:
@@ -79,10 +80,13 @@ def _oanda_source(ex: ExchangeConfig, wall: WallClock) -> Source:
 SOURCES = {"ccxt": _ccxt_source, "oanda": _oanda_source}
 
 
-def exchange_settings(ex: ExchangeConfig) -> ExchangeSettings:
+def exchange_settings(ex: ExchangeConfig, markets: MarketList | None = None) -> ExchangeSettings:
+    """`markets`: where a ccxt source shares the market list it loads with the exchange's stream."""
+    source = (functools.partial(_ccxt_source, ex, markets=markets) if ex.source == "ccxt" and markets is not None
+              else functools.partial(SOURCES[ex.source], ex))
     return ExchangeSettings(
         name=ex.name,
-        source=functools.partial(SOURCES[ex.source], ex),
+        source=source,
         rate_limit=ex.rate_limit,
         timeout=ex.timeout,
         page_limit=ex.page_limit,
@@ -151,13 +155,15 @@ def _stream_client(ex: ExchangeConfig, wall: WallClock, symbols: list[str]) -> A
                       ws_url=ex.ws_url)
 
 
-def stream_settings(ex: ExchangeConfig) -> StreamSettings:
+def stream_settings(ex: ExchangeConfig, markets: MarketList | None = None) -> StreamSettings:
+    """`markets`: the exchange actor's market list (its stream clients never load their own)."""
     return StreamSettings(
         name=ex.name,
         client=functools.partial(_stream_client, ex),
         profile=stream_profile(ex.exchange),
         timeout=ex.timeout,
         retry=retry_config(ex.resilience),
+        markets=markets.get if markets is not None else None,
     )
 
 

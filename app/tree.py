@@ -48,6 +48,7 @@ from ..actors.messages import SeriesKey
 from ..actors.metrics import Metrics, MetricsEndpoint
 from ..actors.notifier import NotifierActor
 from ..actors.series import SeriesActor
+from ..actors.sources.ccxt_source import MarketList
 from ..actors.storage import StorageActor
 from ..actors.stream import StreamActor
 from ..resilience.breaker import CircuitBreaker
@@ -87,6 +88,8 @@ class Blueprint:
             for ex in config.exchanges
         }
         self.server_clocks: dict[str, ServerClock] = {ex.name: ServerClock() for ex in config.exchanges}
+        # the market list each exchange actor loads, shared with its stream's clients
+        self.market_lists: dict[str, MarketList] = {ex.name: MarketList() for ex in config.exchanges}
         # the live stream of each exchange that streams, and its breaker (outlives its restarts)
         self.streams: dict[str, Address] = {
             ex.name: Address(f"{ex.name}/stream") for ex in config.exchanges if settings.streams(ex)
@@ -164,7 +167,8 @@ class Blueprint:
     def exchange_spec(self, ex: ExchangeConfig) -> ChildSpec:
         exchange = ChildSpec(
             "exchange", ExchangeActor,
-            args=(settings.exchange_settings(ex), self.breakers[ex.name], self.status, self.metrics),
+            args=(settings.exchange_settings(ex, self.market_lists[ex.name]), self.breakers[ex.name], self.status,
+                  self.metrics),
             kwargs={"server_clock": self.server_clocks[ex.name]},
             address=self.exchanges[ex.name], kind="exchange", shutdown=ex.timeout + 5.0,
         )
@@ -177,7 +181,8 @@ class Blueprint:
         if ex.name in self.streams:
             stream = ChildSpec(
                 "stream", StreamActor,
-                args=(settings.stream_settings(ex), self.stream_breakers[ex.name], self.server_clocks[ex.name]),
+                args=(settings.stream_settings(ex, self.market_lists[ex.name]), self.stream_breakers[ex.name],
+                      self.server_clocks[ex.name]),
                 kwargs={"storage": self.storage, "health": self.health, "metrics": self.metrics},
                 address=self.streams[ex.name], kind="stream", shutdown=ex.timeout + 5.0,
             )

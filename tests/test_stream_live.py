@@ -172,3 +172,25 @@ def test_a_stream_crash_restarts_its_series_which_join_the_new_one(clock, tmp_pa
         wait_until(lambda: set(sources(system).values()) == {"stream"}, 20, "series on the new stream")
         live.next_candle(system)
         live.assert_exact()
+        # the stream's clients take the exchange actor's market list: one load in all, none of
+        # their own at start or after the crash (a load of theirs would pass the exchange's
+        # breaker and rate budget: Binance's exchangeInfo weighs 20)
+        assert live.rest.stats().by_path.get("/api/v3/exchangeInfo", 0) == 1
+
+
+def test_the_stream_waits_for_the_exchange_actors_market_list(clock, tmp_path, fast_stream) -> None:
+    """The exchange's market list fails to load: the stream asks for none of its own (nothing
+    passes the failing exchange's breaker), and connects once the exchange actor has it."""
+    from candlekeeper.simulator.faults import FaultKind, Faults
+
+    with live_exchange("binance", clock, tmp_path) as live:
+        live.rest.set_faults(Faults(rates={FaultKind.HTTP_503: 1.0}, paths=frozenset({"/api/v3/exchangeInfo"})))
+        system = live.start()
+        wait_until(lambda: live.rest.stats().by_path.get("/api/v3/exchangeInfo", 0) >= 3, what="failing loads")
+        live.rest.set_faults(Faults())
+        live.wait_complete()
+        wait_until(lambda: set(sources(system).values()) == {"stream"}, 20, "series on the stream")
+        loads = live.rest.stats().by_path.get("/api/v3/exchangeInfo", 0)
+        live.next_candle(system)
+        live.assert_exact()
+        assert live.rest.stats().by_path.get("/api/v3/exchangeInfo", 0) == loads

@@ -19,6 +19,9 @@ What it adds to ccxt, each because a real exchange made it necessary:
 - Market lists are loaded one market type at a time (only the types the configured symbols need),
   so a failing derivatives listing never blocks the spot series.
 - ccxt's own clock (it chooses OKX's history endpoint and some windows by it) is the runtime's.
+- The markets it loads are shared (`MarketList`) with the exchange's stream, whose ccxt.pro
+  clients would otherwise load them again on every reconnect: past the breaker and the budget
+  (Binance's exchangeInfo weighs 20), while the exchange is failing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ from .profiles import QUIET_HAS, budget, client_options, market_kind, market_typ
 from .urls import rebase_urls
 
 T = TypeVar("T")
+
+
+class MarketList:
+    """The market list (ccxt's market structures) the exchange actor last loaded, for the
+    exchange's stream clients: one load, under the exchange actor's breaker and rate budget.
+    Set on the exchange's loop thread, read on the stream's: one reference, swapped whole."""
+
+    def __init__(self) -> None:
+        self._listed: list[dict[str, Any]] | None = None
+
+    def publish(self, listed: list[dict[str, Any]]) -> None:
+        self._listed = list(listed)
+
+    def get(self) -> list[dict[str, Any]] | None:
+        return self._listed
 
 
 @dataclass
@@ -118,8 +136,9 @@ class CcxtSource:
     """One ccxt exchange (see the module docstring)."""
 
     def __init__(self, exchange_id: str, *, symbols: list[str], timeout: float, wall: WallClock,
-                 api_base: str | None = None) -> None:
+                 api_base: str | None = None, shared: MarketList | None = None) -> None:
         self.exchange_id = exchange_id
+        self.shared = shared
         self.timeout = timeout
         self._wall = wall
         self._types = market_types(exchange_id, symbols)
@@ -251,6 +270,8 @@ class CcxtSource:
         self.markets_answer = _together(answers)
         if not listed:
             raise SourceFailure(ccxt.BadResponse(f"{self.exchange_id} listed no markets"))
+        if self.shared is not None:
+            self.shared.publish(listed)
         return {m["symbol"]: MarketInfo(m["symbol"], _listed_ms(m)) for m in listed if m.get("symbol")}
 
     def pending(self, symbol: str) -> bool:

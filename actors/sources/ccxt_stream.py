@@ -347,8 +347,10 @@ class Feed:
     """
 
     def __init__(self, client: Any, profile: StreamProfile, sink: FeedSink, *, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, idle_s: float | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, idle_s: float | None = None,
+                 markets: Callable[[], list[dict[str, Any]] | None] | None = None) -> None:
         self.client = client
+        self.markets = markets
         self.profile = profile
         self.timeout = timeout
         self.idle_s = idle_s if idle_s is not None else profile.idle_s
@@ -393,6 +395,13 @@ class Feed:
 
     async def _run(self) -> None:
         ex = self.client
+        if ex.markets is None and self.markets is not None:
+            # the exchange actor's list: it loads it under its breaker and rate budget; none yet
+            # (it is failing, or not started): no connection now, the backoff asks again
+            listed = self.markets()
+            if not listed:
+                raise StreamDown(ccxt.ExchangeNotAvailable(f"{ex.id}: waiting for the exchange's market list"))
+            ex.set_markets(listed)
         if ex.markets is None:
             try:
                 await asyncio.wait_for(ex.load_markets(), self.timeout)
