@@ -114,13 +114,13 @@ class Backfill:
 
     def run(self) -> int:
         from ..app.system import System
-        from .cli import _simulated
         from .control import ControlSurface
+        from .simulate import simulated
 
         sims: list[Any] = []
         cfg = self.cfg
         if self.simulate:
-            cfg, sims = _simulated(cfg)
+            cfg, sims = simulated(cfg)
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         system = System(cfg, runtime=self.runtime, surfaces=[ControlSurface(cfg.control)], on_shutdown=self.stop.set)

@@ -561,7 +561,7 @@ def test_the_daemon_exits_2_naming_the_variable(tmp_path) -> None:
 def test_simulate_serves_an_oanda_exchange_with_a_token_it_never_shows(tmp_path, monkeypatch) -> None:
     """`--simulate`: an OANDA exchange is served by the OANDA dialect, with a made-up token put in
     its variable (a real one there is never sent), and the token is in no log line."""
-    from candlekeeper.surfaces.cli import _simulated
+    from candlekeeper.surfaces.simulate import simulated as _simulated
 
     monkeypatch.setenv(TOKEN_ENV, "a-real-token-that-must-not-leave")
     cfg = config_mod.from_dict({

@@ -15,8 +15,8 @@ import pytest
 
 from candlekeeper.app import config as config_mod
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper.surfaces.cli import _simulated
 from candlekeeper.surfaces.control import request
+from candlekeeper.surfaces.simulate import simulated as _simulated
 from tests.test_daemon import RUN, Daemon, count, daemon_config, run, workdir, write_config  # noqa: F401 - fixture
 from tests.test_ingest import TF, now_ms, wait_until
 
