@@ -241,10 +241,15 @@ class Session:
                         return
             await self._sleep_until_next(now)
 
-    async def _sleep_until_next(self, now_ms: int) -> None:
-        wait = self.ctx.rules().update_period_s
+    async def _sleep_until_next(self, started_ms: int) -> None:
+        """Sleep until the next pass is due: one update period after this pass began (a pass over
+        a thousand streams takes a while: counting from its end would stretch the exchange's
+        pace), or, with prompt finals, at the next close after it began, at once if the pass
+        ran past it (finals go out when the candle closes, not a pass later)."""
+        now_ms = self.ctx.now_ms()
+        wait = max(0.0, self.ctx.rules().update_period_s - (now_ms - started_ms) / 1000.0)
         if self.ctx.prompt_finals and self._cursors:
-            to_close = min(c.next_close_ms(now_ms) for c in self._cursors.values()) - now_ms
+            to_close = min(c.next_close_ms(started_ms) for c in self._cursors.values()) - now_ms
             wait = min(wait, max(0.0, to_close / 1000.0) + 0.002)
         await self._wait_wake(wait, self._new_topics)
 
