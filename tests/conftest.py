@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pykka
 import pytest
@@ -83,3 +84,31 @@ def no_leftovers() -> Iterator[None]:
     pykka.ActorRegistry.stop_all(block=True, timeout=5)
     assert not actors, f"actors left registered: {actors}"
     assert not left, f"threads left running: {[t.name for t in left]}"
+
+
+@pytest.fixture
+def logs() -> Iterator[Any]:
+    """The daemon's structlog events of this test (`tests.test_alerts.LogWatch`)."""
+    import structlog
+
+    from tests.test_alerts import LogWatch
+
+    watch = LogWatch()
+    with structlog.testing.capture_logs(processors=[watch]):
+        yield watch
+
+
+@pytest.fixture
+def running(clock: ShiftedClock) -> Iterator[Callable[[Any], Any]]:
+    """Start `System`s on the test's shifted clock; every one is stopped at the end."""
+    from candlekeeper.app.system import System
+
+    systems: list[System] = []
+
+    def start(cfg: Any) -> System:
+        systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
+        return systems[-1]
+
+    yield start
+    for system in systems:
+        system.stop()

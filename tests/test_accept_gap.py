@@ -8,23 +8,20 @@ learns the accepted stretches from the store when candles fail validation again)
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import config as config_mod
 from candlekeeper.app import data
 from candlekeeper.app.errors import CommandError
 from candlekeeper.app.system import System
-from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.surfaces import cli
 from candlekeeper.surfaces.control import commands
 from tests.sim_variants import VariantSimulator
-from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, complete, expected, make_config, stored, wait_until
 
 BAD = (45, 48)  # candles 45, 46 and 47 after the series' start come with low above high
@@ -41,26 +38,6 @@ def sim(sim_start: int, clock: ShiftedClock) -> Iterator[VariantSimulator]:
     s.corrupt("BTC/USDT", sim_start + BAD[0] * TF, sim_start + BAD[1] * TF)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
-
-
-@pytest.fixture
-def running(clock: ShiftedClock) -> Iterator[Callable[[config_mod.Config], System]]:
-    systems: list[System] = []
-
-    def start(cfg: config_mod.Config) -> System:
-        systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
-        return systems[-1]
-
-    yield start
-    for system in systems:
-        system.stop()
 
 
 def config(tmp_path: Any, sim: VariantSimulator, start: int) -> config_mod.Config:

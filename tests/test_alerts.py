@@ -15,7 +15,6 @@ from typing import Any
 
 import pykka
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -454,13 +453,6 @@ class LogWatch:
             if not self.cond.wait_for(lambda: len(self.of(event, **match)) >= n, timeout):
                 raise AssertionError(f"fewer than {n} {event} {match}: {[e['event'] for e in self.entries]}")
             return self.of(event, **match)
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
 
 
 FAST = AlertTuning(base_delay=0.02, max_delay=0.1, http_timeout=2.0)

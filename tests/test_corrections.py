@@ -12,7 +12,6 @@ from typing import Any
 
 import pykka
 import pytest
-import structlog
 
 from candlekeeper.actors.messages import StoredCandle, Write, Written
 from candlekeeper.actors.metrics import Metrics
@@ -84,13 +83,6 @@ class Storage:
     def stop(self) -> None:
         self.acks_ref.stop()
         self.root.stop()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
 
 
 @pytest.fixture

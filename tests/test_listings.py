@@ -11,19 +11,15 @@ shared test clock.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-import structlog
 
-from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import PoisonKind
-from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.surfaces.control import commands
 from tests.sim_variants import VariantSimulator
-from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, wait_until
 
 NEW = "NEW/USDT"
@@ -42,26 +38,6 @@ def sim(sim_start: int, clock: ShiftedClock) -> Iterator[VariantSimulator]:
                          unlisted=[NEW], listed_at={NEW: sim_start + 3600_000}).start()
     yield s
     s.stop()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
-
-
-@pytest.fixture
-def running(clock: ShiftedClock) -> Iterator[Callable[[config_mod.Config], System]]:
-    systems: list[System] = []
-
-    def start(cfg: config_mod.Config) -> System:
-        systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
-        return systems[-1]
-
-    yield start
-    for system in systems:
-        system.stop()
 
 
 def status(system: System, symbol: str) -> str | None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from candlekeeper.actors.messages import StoredCandle
 from candlekeeper.actors.stores.errors import StoreError, StoreGone, StoreUnavailable
@@ -41,13 +40,6 @@ def rows(times: range | list[int]) -> list[tuple[Any, ...]]:
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     with small_tmpfs(tmp_path / "fs") as where:
         yield where
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
 
 
 @pytest.fixture

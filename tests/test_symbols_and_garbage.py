@@ -10,13 +10,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
 
 import pytest
 
 from candlekeeper.app import config as config_mod
-from candlekeeper.app.system import System
-from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.surfaces.control import commands
 from tests.sim_variants import EMPTY_BODY, HTML_PAGE, NO_CANDLES, TRUNCATED_JSON, VariantSimulator
@@ -28,19 +25,6 @@ BAD_SYMBOLS = ["BTC/USDT\n", "../..", "--/--", "A" * 10_240 + "/USDT", "BTC/USDT
 @pytest.fixture
 def sim_start(clock: ShiftedClock) -> int:
     return (clock.ms() // TF) * TF - 3600_000
-
-
-@pytest.fixture
-def running(clock: ShiftedClock) -> Iterator[Callable[[config_mod.Config], System]]:
-    systems: list[System] = []
-
-    def start(cfg: config_mod.Config) -> System:
-        systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
-        return systems[-1]
-
-    yield start
-    for system in systems:
-        system.stop()
 
 
 def series_rows(db: str) -> list[tuple[str, ...]]:

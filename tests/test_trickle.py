@@ -6,18 +6,14 @@ exchange's other series keep their pace and end exact. In process, on the shared
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-import structlog
 
-from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import Faults
-from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from tests.sim_variants import VariantSimulator
-from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
 
 SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
@@ -37,26 +33,6 @@ def sim(sim_start: int, clock: ShiftedClock) -> Iterator[VariantSimulator]:
     s.trickle(TRICKLING)
     yield s
     s.stop()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    with structlog.testing.capture_logs(processors=[watch]):
-        yield watch
-
-
-@pytest.fixture
-def running(clock: ShiftedClock) -> Iterator[Callable[[config_mod.Config], System]]:
-    systems: list[System] = []
-
-    def start(cfg: config_mod.Config) -> System:
-        systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
-        return systems[-1]
-
-    yield start
-    for system in systems:
-        system.stop()
 
 
 def timeouts(system: System) -> float:
