@@ -9,6 +9,7 @@ a key is one line and unknown keys can be rejected by name: a typo like
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -757,6 +758,17 @@ class _Loader:
                                    f" got {values['page_limit']}")
 
 
+@functools.cache
+def _ccxt_timeframes(exchange: str) -> tuple[str, ...]:
+    """ccxt's `timeframes` table of an exchange, read once (an instance of its class costs a few
+    ms, and each configured timeframe and each `add` asks)."""
+    import ccxt  # deferred: see _ccxt_id
+
+    cls = getattr(ccxt, exchange, None)
+    table = getattr(cls(), "timeframes", None) if cls is not None else None
+    return tuple(table) if isinstance(table, dict) else ()
+
+
 def timeframe_refusal(source: str, exchange: str, timeframe: str) -> str | None:
     """Why this exchange cannot serve candles of this timeframe, or None when it can: a config
     error at start and a refused `add`, not a series failing forever later. ccxt's own
@@ -767,11 +779,8 @@ def timeframe_refusal(source: str, exchange: str, timeframe: str) -> str | None:
         has = tuple(GRANULARITIES)
         name = "OANDA"
     else:
-        import ccxt  # deferred: see _ccxt_id
-
-        cls = getattr(ccxt, exchange, None)
-        table = getattr(cls(), "timeframes", None) if cls is not None else None
-        if not isinstance(table, dict) or not table:
+        table = _ccxt_timeframes(exchange)
+        if not table:
             return None  # ccxt does not say: the exchange's answer will
         has = tuple(tf for tf in table if tf in TIMEFRAME_MS)
         name = exchange
