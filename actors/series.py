@@ -45,6 +45,7 @@ from .market.candles import InvalidCandles, timeframe_ms
 from .market.errors import EmptyAnswer, describe, is_retryable
 from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE
 from .market.progress import Gap, ListingSearch, Outcome, take
+from .market.streamed import STREAM_WRITE_PATIENCE_S, StreamLedger
 from .messages import (
     AcceptedGaps,
     AcceptedGapsQuery,
@@ -137,6 +138,7 @@ class SeriesActor(Child):
         alerts: Address | None = None,
         metrics: Any = None,
         stream: Address | None = None,
+        stream_ledger: StreamLedger | None = None,
     ) -> None:
         super().__init__()
         self.key = key
@@ -190,6 +192,7 @@ class SeriesActor(Child):
         self._audit_from: int | None = None  # the cursor when the last audit was taken
         self._hole_at: int | None = None  # the cursor a hole before streamed candles was last asked from
         self._fell_back = False  # the stream said nothing of a closed candle: on REST until it does
+        self.stream_ledger = stream_ledger  # what the stream took (its word to this series may lag)
 
     def _start_ms(self) -> int:
         if self.settings.since_ms is not None:
@@ -221,6 +224,8 @@ class SeriesActor(Child):
             self._on_store_changed(message)
         elif message is _TICK or isinstance(message, _Tick):
             self._timer = None
+            if self._stream_word_on_its_way():
+                return
             self._stream_fallback("silent")
             self._next()
         elif isinstance(message, StreamedCandles):
@@ -761,6 +766,23 @@ class SeriesActor(Child):
         if delay <= 0:
             delay = self.settings.poll_interval  # overdue: not published yet, ask at the usual pace
         self._schedule(delay)
+
+    def _stream_word_on_its_way(self) -> bool:
+        """The poll timer fired, but the stream took the candle at the cursor (or a later one):
+        its write is queued or done and its word to this series on the way. Asking REST would
+        only queue the same write again: wait for the word, for as long as the stream may take
+        to write (`STREAM_WRITE_PATIENCE_S` after the close). True when it waits."""
+        ledger = self.stream_ledger
+        if ledger is None or not self._stream_up or not self._idle_caught_up():
+            return False
+        newest = ledger.newest(self.key)
+        if newest is None or newest < self.cursor:
+            return False
+        closed_for = self.runtime.wall() - (self.cursor + self.tf_ms) / 1000
+        if closed_for > STREAM_WRITE_PATIENCE_S:
+            return False
+        self._schedule(self.settings.stream_grace)
+        return True
 
     def _stream_fallback(self, reason: str) -> None:
         """A poll timer fired: with the stream up, it is a fallback (the stream said nothing)."""

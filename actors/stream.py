@@ -42,7 +42,7 @@ from ..supervisors.clock import WallClock
 from .market.candles import Candle, timeframe_ms
 from .market.closing import ServerClock
 from .market.errors import describe
-from .market.streamed import CloseTracker
+from .market.streamed import STREAM_WRITE_PATIENCE_S, CloseTracker, StreamLedger
 from .messages import (
     Reset,
     SeriesKey,
@@ -63,7 +63,7 @@ FLUSH_S = 0.02  # frames are told to the actor in batches at most this old (a cl
 COUNT_FLUSH_S = 1.0  # message counts alone are told this often
 PLAN_S = 0.2  # joins are gathered this long before new subscriptions go out
 NOTIFY_TICK_S = 0.01
-WRITE_TIMEOUT_S = 60.0  # a write unanswered this long is forgotten (the series' REST fallback has it)
+WRITE_TIMEOUT_S = STREAM_WRITE_PATIENCE_S  # a write unanswered this long is forgotten (REST has it)
 PARK_FIRST_S = 60.0  # a subscription refused on its own is asked again after this, doubling
 PARK_MAX_S = 1800.0
 
@@ -275,9 +275,11 @@ class _Slot:
 
 class StreamActor(Child):
     def __init__(self, settings: StreamSettings, breaker: CircuitBreaker, server_clock: ServerClock, *,
-                 storage: Address, health: Address | None = None, metrics: Any = None) -> None:
+                 storage: Address, health: Address | None = None, metrics: Any = None,
+                 ledger: StreamLedger | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.ledger = ledger if ledger is not None else StreamLedger()  # what it took, for its series
         self.log = self.log.bind(exchange=settings.name)
         self.breaker = breaker
         self.clock = server_clock
@@ -594,6 +596,8 @@ class StreamActor(Child):
                 groups.setdefault(key, []).append(candle)
         if not groups:
             return
+        for key, candles in groups.items():
+            self.ledger.took(key, max(c[0] for c in candles))  # their series wait for the word
         self._tokens += 1
         token = self._tokens
         rows = tuple((k.exchange, k.symbol, k.timeframe, *c) for k, cs in groups.items() for c in cs)

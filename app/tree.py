@@ -44,6 +44,7 @@ from ..actors.exchange import ExchangeActor
 from ..actors.fencing import Fences
 from ..actors.health import HealthActor, HealthState
 from ..actors.market.closing import ServerClock
+from ..actors.market.streamed import StreamLedger
 from ..actors.messages import SeriesKey
 from ..actors.metrics import Metrics, MetricsEndpoint
 from ..actors.notifier import NotifierActor
@@ -99,6 +100,8 @@ class Blueprint:
                                  rng=runtime.rng)
             for name in self.streams
         }
+        # what each stream stored, read by its series before they ask REST (outlives restarts)
+        self.stream_ledgers: dict[str, StreamLedger] = {name: StreamLedger() for name in self.streams}
         # The wanted series of each exchange. The list object is the series supervisor's own
         # child-spec list, so a restarted series supervisor starts from it: run-time additions
         # and removals survive restarts, not only the daemon's.
@@ -159,6 +162,7 @@ class Blueprint:
                 "alerts": self.notifier,
                 "metrics": self.metrics,
                 "stream": self.streams.get(ex.name),
+                "stream_ledger": self.stream_ledgers.get(ex.name),
             },
             kind="series",
             shutdown=10.0,
@@ -183,7 +187,8 @@ class Blueprint:
                 "stream", StreamActor,
                 args=(settings.stream_settings(ex, self.market_lists[ex.name]), self.stream_breakers[ex.name],
                       self.server_clocks[ex.name]),
-                kwargs={"storage": self.storage, "health": self.health, "metrics": self.metrics},
+                kwargs={"storage": self.storage, "health": self.health, "metrics": self.metrics,
+                        "ledger": self.stream_ledgers[ex.name]},
                 address=self.streams[ex.name], kind="stream", shutdown=ex.timeout + 5.0,
             )
             children.insert(1, stream)

@@ -8,14 +8,18 @@ is moved: tests/stream_support.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from candlekeeper.simulator.ws import StreamFault, StreamFaults
 from tests.stream_support import (
+    GRACE_S,
     TF,
     fast_stream,  # noqa: F401 - a fixture
     klines,
     live_exchange,
+    series,
     sources,
     stream_row,
     wait_until,
@@ -92,6 +96,32 @@ def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp
         live.ws.set_faults(StreamFaults())
         live.next_candle(system)
         wait_until(lambda: set(sources(system).values()) == {"stream"}, what="back on the stream")
+        live.assert_exact()
+
+
+def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
+                                                                     monkeypatch) -> None:
+    """The stream stored a candle but its word to a series is slower than `stream_grace` (at
+    10,000 series the paced word takes seconds): the series reads the stream's ledger when its
+    fallback timer fires and waits once more, instead of asking REST for what is stored."""
+    from candlekeeper.actors import stream as stream_mod
+    from candlekeeper.app import settings as settings_mod
+
+    built = settings_mod.stream_settings
+    monkeypatch.setattr(settings_mod, "stream_settings",
+                        lambda *a, **k: dataclasses.replace(built(*a, **k), notify_per_s=1.0))
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
+        system = live.start()
+        live.wait_complete()
+        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
+        before = klines(live.rest)
+        ts = live.closed_to()  # the candle in progress
+        # from now on one word a 1.25 s (GRACE_S = 1 s): the second series hears of its candle late
+        monkeypatch.setattr(stream_mod, "NOTIFY_TICK_S", 1.25 * GRACE_S)
+        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
+        assert klines(live.rest) == before, "a series asked REST for a candle the stream had stored"
+        assert set(sources(system).values()) == {"stream"}
         live.assert_exact()
 
 

@@ -19,7 +19,7 @@ missing candle when a later one arrives, or when its fallback timer fires).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,3 +84,36 @@ class CloseTracker:
         emitted.sort()
         del emitted[: -self.KEEP]
         return candles
+
+
+#: A candle the stream took for a series is written within this (or the write is forgotten,
+#: and the series' REST fallback has it): how long a series waits for the stream's word.
+STREAM_WRITE_PATIENCE_S = 60.0
+
+
+class StreamLedger:
+    """The newest open time of a closed candle an exchange's stream took for each series (its
+    write sent to the storage actor, or done).
+
+    The stream actor tells each series what it stored after the write, paced (thousands of
+    series threads woken at once cost seconds in lock convoys), and the write itself queues
+    behind everything else the one storage actor has to do (at start-up, 10,000 backfills). A
+    series whose fallback timer fires first would ask REST for a candle the stream holds, and
+    write it through the same queue: at 10,000 series those requests and writes are the load
+    that delays the next minute further, the spiral that empties the stream (measured: 7,000
+    fallbacks in the first minute, each for a candle in hand). The series reads this ledger
+    instead, and keeps waiting for the word while the candle is in hand. Written on the stream
+    actor's thread, read on series threads: single dict item operations, no lock.
+    """
+
+    __slots__ = ("_newest",)
+
+    def __init__(self) -> None:
+        self._newest: dict[Hashable, int] = {}
+
+    def took(self, key: Hashable, ts: int) -> None:
+        if ts > self._newest.get(key, -1):
+            self._newest[key] = ts
+
+    def newest(self, key: Hashable) -> int | None:
+        return self._newest.get(key)
