@@ -10,8 +10,10 @@ a later candle and the exchange's clock) and told to the actor in small batches.
 Closed candles of caught-up series are stored by this actor, one `Write` per burst (all 1m
 candles close at the same instant: 1,000 series of an exchange make one write, not 1,000), the
 same idempotent write as REST's, so a candle both paths see is stored once. Each series is told
-afterwards (`StreamedCandles`), paced: waking thousands of series threads at once costs seconds
-of CPU in lock convoys, and nothing waits for it, since the candle is already stored.
+afterwards (`StreamedCandles`), once the close's burst is parsed (`WORD_DELAY_S`) and paced:
+waking thousands of series threads at once costs seconds of CPU in lock convoys, and nothing
+waits for it, since the candle is already stored; a series that has not heard yet when its
+fallback timer fires reads the `StreamLedger` (what the stream took) instead of asking REST.
 
 Each series is told when its subscription is up (its first frame since the stream last
 (re)subscribed) and when it is not (`StreamState`); it polls over REST meanwhile. A subscription
@@ -63,6 +65,12 @@ FLUSH_S = 0.02  # frames are told to the actor in batches at most this old (a cl
 COUNT_FLUSH_S = 1.0  # message counts alone are told this often
 PLAN_S = 0.2  # joins are gathered this long before new subscriptions go out
 NOTIFY_TICK_S = 0.01
+# What a write stored is told to its series this long after the write: all 1m candles close at
+# the same instant, and at 10,000 series, thousands of series threads woken while the loop
+# threads still parse that close's burst of finals take the GIL from them (the finals of the
+# last connections wait). Nothing waits for the word: the candle is stored, and a series whose
+# fallback timer fires first reads the ledger (`market.streamed.StreamLedger`).
+WORD_DELAY_S = 2.0
 WRITE_TIMEOUT_S = STREAM_WRITE_PATIENCE_S  # a write unanswered this long is forgotten (REST has it)
 PARK_FIRST_S = 60.0  # a subscription refused on its own is asked again after this, doubling
 PARK_MAX_S = 1800.0
@@ -136,7 +144,11 @@ class _Notify:
     pass
 
 
-_PLAN, _NOTIFY = _Plan(), _Notify()
+class _Words:
+    pass
+
+
+_PLAN, _NOTIFY, _WORDS = _Plan(), _Notify(), _Words()
 
 
 # -- the loop side ---------------------------------------------------------------------------------
@@ -297,6 +309,8 @@ class StreamActor(Child):
         self._tokens = 0
         self._outbox: deque[tuple[pykka.ActorRef[Any], Any]] = deque()
         self._notify_timer: Any = None
+        self._words: list[tuple[pykka.ActorRef[Any], Any]] = []  # told WORD_DELAY_S after their write
+        self._words_timer: Any = None
         self._next_connect_at = 0.0
         self.reconnects = 0
         self.messages = 0
@@ -334,6 +348,11 @@ class StreamActor(Child):
         elif message is _NOTIFY or isinstance(message, _Notify):
             self._notify_timer = None
             self._drain_outbox()
+        elif message is _WORDS or isinstance(message, _Words):
+            self._words_timer = None
+            words, self._words = self._words, []
+            for ref, word in words:
+                self._tell(ref, word)
         elif isinstance(message, Written):
             self._on_written(message)
         elif isinstance(message, StreamJoin):
@@ -622,7 +641,8 @@ class StreamActor(Child):
                 for c in candles:
                     lag.observe(max(0.0, now - c[0] / 1000 - tf_s))
             if member is not None:
-                self._tell(member.ref, StreamedCandles(key, tuple(candles), stored=stored, generation=ack.generation))
+                self._tell_later(member.ref, StreamedCandles(key, tuple(candles), stored=stored,
+                                                             generation=ack.generation))
         if not stored:
             self.log.warning("stream_write_failed", error=ack.error, series=len(entry[1]))
 
@@ -693,6 +713,12 @@ class StreamActor(Child):
         if self._notify_timer is None:
             self._notify_timer = _NOTIFY  # a drain is on its way
             self.actor_ref.tell(_NOTIFY)
+
+    def _tell_later(self, ref: pykka.ActorRef[Any], message: Any) -> None:
+        """Queue a tell to go out `WORD_DELAY_S` from now (with the others queued meanwhile)."""
+        self._words.append((ref, message))
+        if self._words_timer is None:
+            self._words_timer = self.schedule(WORD_DELAY_S, _WORDS)
 
     def _drain_outbox(self) -> None:
         budget = max(1, int(self.settings.notify_per_s * NOTIFY_TICK_S))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from candlekeeper.actors import stream as stream_mod
 from candlekeeper.actors.sources import ccxt_stream
 from candlekeeper.app import config as config_mod
 from candlekeeper.app import settings as settings_mod
@@ -52,6 +53,7 @@ def fast_stream(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(ccxt_stream.PROFILES, name,
                             dataclasses.replace(ccxt_stream.PROFILES[name], idle_s=IDLE_S, connect_spacing_s=0.05))
     monkeypatch.setattr(settings_mod, "STREAM_GRACE_S", GRACE_S)
+    monkeypatch.setattr(stream_mod, "WORD_DELAY_S", GRACE_S / 5)  # as 2 s is to the real 10 s grace
 
 
 class Live:
