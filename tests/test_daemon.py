@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import signal
@@ -39,6 +41,23 @@ def write_config(d: Path, body: str) -> Path:
 
 def run(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def ctl_here(cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`run(args, cwd)` for a `ctl` command line, in this process (see `Daemon.ctl_here`)."""
+    from candlekeeper.surfaces.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse's usage errors: as the interpreter would exit
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize(
@@ -104,6 +123,12 @@ class Daemon:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run(["ctl", "--config", str(self.config), *args], self.workdir)
+
+    def ctl_here(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`ctl` as `ctl()` runs it, but in this process: the same `main`, arguments, working
+        directory, exit code, stdout and stderr, without a second of imports per question (the
+        daemon is still its own process; `ctl` as a process is what `ctl()` and `run()` test)."""
+        return ctl_here(self.workdir, ["ctl", "--config", str(self.config), *args])
 
     def kill9(self) -> None:
         assert self.proc is not None

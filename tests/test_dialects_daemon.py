@@ -11,6 +11,7 @@ reach, a failing derivative listing.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,21 +125,21 @@ def wait_exact(sim: ExchangeSimulator, db: str, symbols: list[str], start: int, 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_backfill_live_and_restart_are_exact(tmp_path, clock, systems, dialect: str) -> None:
-    clock.offset += clock.until_boundary(60) - 6  # a candle closes 6 s from now
     with exchange(dialect, clock) as sim:
         symbols = symbols_of(dialect)
         start = (clock.ms() // TF) * TF - 3 * 3600_000
         cfg = config(tmp_path, sim, start, symbols)
         db = cfg.storage.path
         system = systems(cfg)
-        wait_exact(sim, db, symbols, start)
+        wait_exact(sim, db, symbols, start)  # well before the next close (the clock starts LEAD_S before it)
+        system.stop()
         last = stored(db, symbols[0])[-1][0]
+        # a restart resumes from the store (nothing lost, nothing twice), then, caught up, stores the
+        # next candle after it closes: moved to 3 s from now, not waited for
+        clock.offset += (clock.until_boundary(60) - 3) % 60
+        systems(cfg)
         wait_until(lambda: stored(db, symbols[0])[-1][0] > last, timeout=40, what="a live candle")
         assert clock.ms() >= stored(db, symbols[0])[-1][0] + TF, "a candle was stored before it closed"
-        wait_exact(sim, db, symbols, start)
-        system.stop()
-        # a restart resumes from the store: nothing lost, nothing twice
-        systems(cfg)
         wait_exact(sim, db, symbols, start)
 
 
@@ -240,6 +241,30 @@ def test_a_failing_derivative_listing_blocks_no_spot_series(tmp_path, clock, sys
         assert status[swap] != "invalid", status
 
 
+class CandleGate:
+    """A request hook that answers the first `passed` candle requests and holds every later one
+    until `release()`: a daemon killed while it waits is killed in the middle of its backfill,
+    however fast or slow the machine, with no slow rate limit to make it so."""
+
+    def __init__(self, passed: int) -> None:
+        self.passed = passed
+        self.seen = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+
+    def __call__(self, path: str, params: Any, status: Any, fault: Any) -> None:
+        if not any(word in path.lower() for word in ("kline", "candles", "ohlc")):
+            return
+        with self._lock:
+            self.seen += 1
+            hold = self.seen > self.passed
+        if hold:
+            self._released.wait(60)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_kill_9_mid_backfill_then_resume_exact(tmp_path, dialect: str) -> None:
     """The daemon process killed with -9 in the middle of a backfill, then started again: the store
@@ -248,7 +273,9 @@ def test_kill_9_mid_backfill_then_resume_exact(tmp_path, dialect: str) -> None:
 
     now = int(time.time() * 1000)
     start = (now // TF) * TF - 20 * 3600_000
-    with ExchangeSimulator(symbols_of(dialect), dialect=dialect, history_start_ms=start - 3600_000) as sim:
+    gate = CandleGate(passed=2)  # two pages of 100 answered, of at least 8 per symbol (Kraken: 720 bars)
+    with ExchangeSimulator(symbols_of(dialect), dialect=dialect, history_start_ms=start - 3600_000,
+                           on_request=gate) as sim:
         symbols = symbols_of(dialect)
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start / 1000))
         cfg = write_config(tmp_path, f"""
@@ -266,7 +293,7 @@ retry_max_delay = "500ms"
 exchange = "{dialect}"
 symbols = {symbols!r}
 api_base = "{sim.url}"
-rate_limit = 3
+rate_limit = 50
 page_limit = 100
 timeout = "2s"
 heartbeat = "off"
@@ -276,10 +303,14 @@ heartbeat = "off"
         # wherever it was when the series first asked, anywhere from here to the check
         reach_before = {s: max(start, sim.reachable_from(s, "1m")) for s in symbols}
         daemon = Daemon(tmp_path, cfg).start()
-        wait_until(lambda: len(stored(db, symbols[0])) > 0, what="first page stored")
-        daemon.kill9()
-        reach = sim.reachable_from(symbols[0], "1m")
-        assert len(stored(db, symbols[0])) < len(expected(sim, symbols[0], max(start, reach))), "finished before the kill"
+        try:
+            wait_until(lambda: any(stored(db, s) for s in symbols), what="first page stored")
+        finally:
+            daemon.kill9()  # while its next pages are held on the wire
+            gate.release()
+        for s in symbols:
+            reach = sim.reachable_from(s, "1m")
+            assert len(stored(db, s)) < len(expected(sim, s, max(start, reach))), f"{s} finished before the kill"
         daemon = Daemon(tmp_path, cfg).start()
         try:
             def exact_from_its_reach(s: str) -> bool:

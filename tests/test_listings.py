@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from candlekeeper.actors import exchange as exchange_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import PoisonKind
 from candlekeeper.supervisors.clock import ShiftedClock
@@ -93,7 +94,15 @@ def test_add_of_a_symbol_listed_after_start_is_accepted(tmp_path, sim, sim_start
         conn.close()
 
 
-def test_bad_symbol_for_a_listed_symbol_is_transient(tmp_path, sim, sim_start, running, logs) -> None:
+@pytest.fixture
+def refused_refresh(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The floor between market refreshes a refused symbol triggers, shrunk for tests (10 s)."""
+    monkeypatch.setattr(exchange_mod, "REFUSED_REFRESH_S", 2.0)
+    return 2.0
+
+
+def test_bad_symbol_for_a_listed_symbol_is_transient(tmp_path, sim, sim_start, running, logs,
+                                                     refused_refresh) -> None:
     sim.poison("ETH/USDT", PoisonKind.BAD_SYMBOL_200)  # 200 {"code":-1121,"msg":"Invalid symbol."}
     cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "ETH/USDT"])
     system = running(cfg)
@@ -114,7 +123,7 @@ def test_bad_symbol_for_a_listed_symbol_is_transient(tmp_path, sim, sim_start, r
 
 
 def test_bad_symbol_and_a_refreshed_list_without_it_make_the_series_invalid(tmp_path, sim, sim_start, running,
-                                                                          logs) -> None:
+                                                                          logs, refused_refresh) -> None:
     cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "ETH/USDT"])
     system = running(cfg)
     db = cfg.storage.path

@@ -17,7 +17,7 @@ from candlekeeper.app import config as config_mod
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.surfaces.control import request
 from candlekeeper.surfaces.simulate import simulated as _simulated
-from tests.test_daemon import RUN, Daemon, count, daemon_config, run, workdir, write_config  # noqa: F401 - fixture
+from tests.test_daemon import RUN, Daemon, count, ctl_here, daemon_config, run, workdir, write_config  # noqa: F401 - fixture
 from tests.test_ingest import TF, now_ms, wait_until
 
 
@@ -67,7 +67,7 @@ def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
                        .get("NOPE/USDT") == "invalid", what="invalid series")
 
             # the table says why: the reason, the detail of the invalid series, lag and candle count
-            table = daemon.ctl("health")
+            table = daemon.ctl_here("health")
             assert table.returncode == 0, table.stderr
             assert "1 series invalid: binance:NOPE/USDT@1m" in table.stdout
             nope = next(line for line in table.stdout.splitlines() if line.startswith("binance:NOPE/USDT@1m"))
@@ -78,23 +78,23 @@ def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
             assert str(count(db, "ETH/USDT")) in eth.split()
 
             # messages that agree with each other
-            paused = daemon.ctl("pause", "binance:BTC/USDT")
+            paused = daemon.ctl_here("pause", "binance:BTC/USDT")
             assert paused.returncode == 0 and paused.stdout.strip() == "paused binance:BTC/USDT (1 series)"
-            assert daemon.ctl("resume", "binance").stdout.strip() == "resumed binance (3 series)"
-            missing = daemon.ctl("reset", "binance:BTC/USDT@5m")
+            assert daemon.ctl_here("resume", "binance").stdout.strip() == "resumed binance (3 series)"
+            missing = daemon.ctl_here("reset", "binance:BTC/USDT@5m")
             assert missing.returncode == 1 and "refused: no series binance:BTC/USDT@5m" in missing.stderr
-            missing = daemon.ctl("latest", "binance:XRP/USDT")
+            missing = daemon.ctl_here("latest", "binance:XRP/USDT")
             assert missing.returncode == 1 and "refused: no series binance:XRP/USDT@1m" in missing.stderr
-            bad_n = daemon.ctl("latest", "binance:BTC/USDT", "-n", "0")
+            bad_n = daemon.ctl_here("latest", "binance:BTC/USDT", "-n", "0")
             assert bad_n.returncode == 2 and "-n must be 1-1000" in one_line(bad_n)
-            root = daemon.ctl("restart", "root")
+            root = daemon.ctl_here("restart", "root")
             assert root.returncode == 1 and "cannot restart the root supervisor" in root.stderr
-            assert daemon.ctl("restart", "root/binance/exchange").stdout.strip() == "restarted root/binance/exchange"
+            assert daemon.ctl_here("restart", "root/binance/exchange").stdout.strip() == "restarted root/binance/exchange"
 
             # `ctl top` without a terminal: one frame; with --json: one snapshot
-            top = daemon.ctl("top")
+            top = daemon.ctl_here("top")
             assert top.returncode == 0 and "binance:ETH/USDT@1m" in top.stdout and "\x1b[" not in top.stdout
-            snap = json.loads(daemon.ctl("top", "--json").stdout)
+            snap = json.loads(daemon.ctl_here("top", "--json").stdout)
             assert set(snap) == {"health", "tree"} and snap["tree"]["path"] == "root"
 
             # a reader that goes away early: a quiet exit, no traceback
@@ -106,22 +106,22 @@ def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
             assert piped.stdout.strip() == "{" and piped.stderr == ""
 
             # coverage through the daemon
-            cov = daemon.ctl("coverage", "binance:ETH/USDT", "--json")
+            cov = daemon.ctl_here("coverage", "binance:ETH/USDT", "--json")
             assert cov.returncode == 0, cov.stderr
             [eth_cov] = json.loads(cov.stdout)
             assert eth_cov["first_ts"] == start and eth_cov["count"] == count(db, "ETH/USDT")
             assert eth_cov["complete"] and eth_cov["missing"] == []
-            text = daemon.ctl("coverage", "binance")
+            text = daemon.ctl_here("coverage", "binance")
             assert text.returncode == 0 and "binance:NOPE/USDT@1m  0 candles" in text.stdout
-            assert daemon.ctl("coverage", "binance:BTC").returncode == 1  # no such series: refused
+            assert daemon.ctl_here("coverage", "binance:BTC").returncode == 1  # no such series: refused
 
             # restart of the control server itself: the reply arrives, then it listens again
             reply = request(sock, "restart", target="control")
             assert reply == {"id": 1, "ok": True, "result": {"restarted": "root/control"}}
-            wait_until(lambda: daemon.ctl("health", "--json").returncode == 0, timeout=10, what="control back")
-            restarted = daemon.ctl("restart", "control")
+            wait_until(lambda: daemon.ctl_here("health", "--json").returncode == 0, timeout=10, what="control back")
+            restarted = daemon.ctl_here("restart", "control")
             assert restarted.returncode == 0 and restarted.stdout.strip() == "restarted root/control"
-            wait_until(lambda: daemon.ctl("health", "--json").returncode == 0, timeout=10, what="control back")
+            wait_until(lambda: daemon.ctl_here("health", "--json").returncode == 0, timeout=10, what="control back")
         finally:
             assert daemon.stop() == 0
         log = (workdir / "daemon.log").read_text()
@@ -132,7 +132,7 @@ def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
             ("restart", "root/control")}
 
         # coverage with the daemon stopped: straight from the database
-        offline = run(["ctl", "--config", str(cfg), "coverage", "binance:BTC/USDT", "--json"], workdir)
+        offline = ctl_here(workdir, ["ctl", "--config", str(cfg), "coverage", "binance:BTC/USDT", "--json"])
         assert offline.returncode == 0, offline.stderr
         [btc] = json.loads(offline.stdout)
         assert btc["count"] == count(db, "BTC/USDT") and btc["first_ts"] == start
@@ -152,9 +152,9 @@ def test_restart_control_replies_with_connections_open(workdir: Path) -> None:
             idle.connect(sock)
             half.connect(sock)
             half.sendall(msgpack.packb({"id": 1, "cmd": "health"})[:4])
-            res = daemon.ctl("restart", "control")
+            res = daemon.ctl_here("restart", "control")
             assert res.returncode == 0 and res.stdout.strip() == "restarted root/control", res.stderr
-            wait_until(lambda: daemon.ctl("health", "--json").returncode == 0, timeout=10, what="control back")
+            wait_until(lambda: daemon.ctl_here("health", "--json").returncode == 0, timeout=10, what="control back")
         finally:
             idle.close()
             half.close()

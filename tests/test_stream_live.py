@@ -57,18 +57,19 @@ def _scrape(system) -> str:
 
 def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, fast_stream) -> None:
     with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 6  # the next candle closes 6 s from now
         system = live.start()
         live.wait_complete()
         wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
         before = klines(live.rest)
+        # the next candle closes 3 s from now (time moved, not waited for): the series fall back
+        # to REST before it, on the moved clock
+        ts = live.to_close(system, lead=3.0)
         live.ws.update_faults(handshake_status=503)
         live.ws.drop_connections()
         wait_until(lambda: set(sources(system).values()) == {"rest"}, what="series back on REST")
         assert stream_row(system)["state"] == "down"
         assert any("live stream down" in r for r in system.health()["reasons"])
         # the candle closing while the stream is down comes over REST, polled after the close
-        ts = live.closed_to()
         wait_until(lambda: all((live.last(s) or 0) >= ts for s in live.symbols), 20, "candle over REST")
         assert klines(live.rest) >= before + 2
         live.ws.update_faults(handshake_status=None)
@@ -128,7 +129,8 @@ def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_p
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 10  # ETH polls REST after the close 10 s from now
+        clock.offset += clock.until_boundary(60) - 4  # ETH polls REST after the close 4 s from now
+        ts = live.closed_to()  # the candle closing then: ETH's by REST, BTC's by the stream
         live.ws.update_faults(refuse=frozenset({"ETHUSDT"}))
         system = live.start()
         live.wait_complete()
@@ -138,7 +140,6 @@ def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, cl
                    20, "ETH told why")
         assert sources(system)["ETH/USDT"] == "rest"
         assert stream_row(system)["state"] == "up"
-        ts = live.closed_to()  # ETH's by REST, BTC's by the stream
         wait_until(lambda: all((live.last(s) or 0) >= ts for s in live.symbols), 20, "the candle closing next")
         live.assert_exact()
         assert live.ws.stats().faults.get(StreamFault.REFUSE, 0) >= 1
