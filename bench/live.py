@@ -49,7 +49,6 @@ import time
 from typing import Any
 
 import psutil
-import pykka
 import structlog
 
 from candlekeeper.actors.storage import StoredCandle
@@ -267,18 +266,19 @@ def start_system(cfg: dict[str, Any], recorder: Recorder) -> System:
     return System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder]).start()
 
 
-HEALTH_TIMEOUTS: list[float] = []  # when a `health` ask went unanswered for 10 s (reported)
+HEALTH_TIMEOUTS: list[float] = []  # when a `health` answer took longer than 10 s (reported)
 
 
 def health_of(system: System) -> dict[str, Any]:
-    """The daemon's health, asked again when an ask times out (the daemon busy subscribing
-    10,000 streams): each timeout is counted and reported, never the end of the run."""
-    while True:
-        try:
-            return system.health()
-        except pykka.Timeout:
-            HEALTH_TIMEOUTS.append(time.time())
-            print("health ask timed out (10 s); asking again", flush=True)
+    """The daemon's health, waited for up to 2 minutes (one ask: asking again after a timeout
+    would queue a second 10,000-series report behind the first); an answer slower than 10 s
+    (what `System.health` waits) is counted and reported, never the end of the run."""
+    asked = time.time()
+    report: dict[str, Any] = system.health_address.proxy().health().get(timeout=120)
+    if time.time() - asked > 10:
+        HEALTH_TIMEOUTS.append(asked)
+        print(f"health answered after {time.time() - asked:.1f} s", flush=True)
+    return report
 
 
 def all_sources(system: System) -> dict[str, int]:
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers.ask("restore")
         restored_at = time.time()
         while not streams_up(system) and time.time() - restored_at < 300:
-            time.sleep(0.1)
+            time.sleep(0.5)
         reconnected_at = time.time()
         print(f"[outage] streams up again {reconnected_at - restored_at:.1f} s after the exchanges took connections",
               flush=True)
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             time.sleep(0.5)
         while all_sources(system).get("stream", 0) < n_series and time.time() - reconnected_at < 180:
-            time.sleep(0.5)
+            time.sleep(2.0)
         back_s = time.time() - reconnected_at
         during = recorder.lags(int(close * 1000) - TF_MS)
         result["outage"] = {
@@ -486,7 +486,7 @@ def section(r: dict[str, Any], command: str) -> str:
         "",
         f"Per minute, streaming: {per_minute}. Every series on the stream {r['stream_all_on_stream_s']} s after "
         f"`System.start()`; stream reconnects over the run: {r['stream_reconnects']}; sources at the end: "
-        f"{r['sources_end']}; stop {r['stop_s']} s; `health` asks unanswered within 10 s: "
+        f"{r['sources_end']}; stop {r['stop_s']} s; `health` answers slower than 10 s: "
         f"{r.get('health_timeouts', 0)}.",
         "",
         ("Every target is met." if not misses else f"**Targets missed: {', '.join(misses)}.**"),
