@@ -100,7 +100,7 @@ class Blueprint:
                                  rng=runtime.rng)
             for name in self.streams
         }
-        # what each stream stored, read by its series before they ask REST (outlives restarts)
+        # what each stream took, read by its series before they ask REST (outlives restarts)
         self.stream_ledgers: dict[str, StreamLedger] = {name: StreamLedger() for name in self.streams}
         # The wanted series of each exchange. The list object is the series supervisor's own
         # child-spec list, so a restarted series supervisor starts from it: run-time additions
