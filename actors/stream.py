@@ -85,6 +85,7 @@ class StreamSettings:
     profile: StreamProfile
     timeout: float = 10.0
     retry: RetryConfig = RetryConfig()
+    max_reconnect: float = 15.0  # the longest wait between connection attempts (`stream_max_recovery`)
     idle_s: float | None = None  # None: the profile's
     notify_per_s: float = 2000.0  # stream -> series tells a second at most (see the module docstring)
     # the exchange actor's market list (None: each client loads its own, as in tests of the actor alone)
@@ -546,7 +547,7 @@ class StreamActor(Child):
         self.breaker.record_failure()
         slot.attempt += 1
         decision = self.retry.decide(slot.attempt, msg.error)
-        delay = getattr(decision, "delay", self.settings.retry.max_delay)
+        delay = min(getattr(decision, "delay", self.settings.max_reconnect), self.settings.max_reconnect)
         probe = self.breaker.time_until_probe()
         if probe is not None:
             delay = max(delay, probe)

@@ -133,6 +133,8 @@ class ResilienceConfig:
     breaker_half_open_calls: int = 1
     quarantine_after: int = 10
     quarantine_probe: float = 60.0
+    stream_recovery: float = 5.0
+    stream_max_recovery: float = 15.0
 
 
 #: where an exchange's candles come from: ccxt (crypto exchanges), or OANDA's v20 REST API
@@ -541,6 +543,8 @@ _RESILIENCE: _Spec = {
     "breaker_half_open_calls": _int(1),
     "quarantine_after": _int(1),
     "quarantine_probe": _duration(),
+    "stream_recovery": _duration(),
+    "stream_max_recovery": _duration(),
 }
 _EXCHANGE_OWN: _Spec = {
     "symbols": _symbols,

@@ -8,6 +8,7 @@ here, into the resilience layer's own configs; no key silently drives another.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from ..actors.cluster import ClusterSettings
@@ -54,6 +55,15 @@ def breaker_config(r: ResilienceConfig) -> BreakerConfig:
         max_recovery_timeout=max(r.breaker_max_recovery, r.breaker_recovery),
         half_open_max_calls=r.breaker_half_open_calls,
     )
+
+
+def stream_breaker_config(r: ResilienceConfig) -> BreakerConfig:
+    """The stream's breaker: the exchange's failure rule, its own open times. A stream that is
+    down costs no candle (its series poll REST meanwhile) and a connection attempt costs no
+    request budget, so it probes sooner than REST does: a WebSocket outage of 30 s must not
+    keep every series on REST for another minute or more after the exchange is back."""
+    return replace(breaker_config(r), recovery_timeout=r.stream_recovery,
+                   max_recovery_timeout=max(r.stream_max_recovery, r.stream_recovery))
 
 
 def quarantine_config(r: ResilienceConfig) -> QuarantineConfig:
@@ -163,6 +173,7 @@ def stream_settings(ex: ExchangeConfig, markets: MarketList | None = None) -> St
         profile=stream_profile(ex.exchange),
         timeout=ex.timeout,
         retry=retry_config(ex.resilience),
+        max_reconnect=max(ex.resilience.stream_max_recovery, ex.resilience.stream_recovery),
         markets=markets.get if markets is not None else None,
     )
 

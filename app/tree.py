@@ -96,7 +96,7 @@ class Blueprint:
             ex.name: Address(f"{ex.name}/stream") for ex in config.exchanges if settings.streams(ex)
         }
         self.stream_breakers: dict[str, CircuitBreaker] = {
-            name: CircuitBreaker(settings.breaker_config(self._exchange(name).resilience), clock=runtime.clock,
+            name: CircuitBreaker(settings.stream_breaker_config(self._exchange(name).resilience), clock=runtime.clock,
                                  rng=runtime.rng)
             for name in self.streams
         }

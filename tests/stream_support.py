@@ -88,6 +88,8 @@ class Live:
             "retry_base_delay": "50ms",
             "retry_max_delay": "500ms",
             "breaker_recovery": "1s",
+            "stream_recovery": "1s",
+            "stream_max_recovery": "1s",
         }
         ex.update(exchange)
         return config_mod.from_dict({"storage": {"path": self.db}, "exchanges": {self.exchange: ex}})

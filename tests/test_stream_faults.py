@@ -70,3 +70,25 @@ def test_a_stalled_feed_is_noticed_and_reconnected(stall, clock, tmp_path, fast_
         wait_until(lambda: stream_row(system).get("state") == "up", what="stream up again")
         live.next_candle(system)
         live.assert_exact()
+
+
+def test_after_an_outage_the_stream_is_back_by_its_own_probe_not_the_exchanges(clock, tmp_path, fast_stream) -> None:
+    """Upgrades refused long enough to open the stream's breaker: once the exchange takes
+    connections again, the stream probes within `stream_max_recovery`, not after the REST
+    breaker's minute (`breaker_recovery`) or the REST retry cap (`retry_max_delay`). The deadline
+    below only tells "seconds" from "a minute": it is no timing claim."""
+    with live_exchange("binance", clock, tmp_path) as live:
+        system = live.start(breaker_recovery="60s", retry_max_delay="60s", breaker_threshold=2,
+                            stream_recovery="200ms", stream_max_recovery="1s")
+        live.wait_complete()
+        wait_until(lambda: stream_row(system).get("state") == "up", what="stream up")
+        live.ws.update_faults(handshake_status=503)
+        live.ws.drop_connections()
+        wait_until(lambda: stream_row(system).get("breaker") == "open", what="the stream's breaker open")
+        wait_until(lambda: live.ws.stats().handshakes_refused >= 4,
+                   what="probes refused while the exchange is out")
+        live.ws.update_faults(handshake_status=None)
+        wait_until(lambda: stream_row(system).get("state") == "up", timeout=20.0, what="stream up again")
+        live.next_candle(system)
+        live.wait_complete()
+        live.assert_exact()
