@@ -22,6 +22,7 @@ import pykka
 import structlog
 
 from ..actors.cluster import Rebalance
+from ..actors.fencing import LeaseNotHeld
 from ..actors.market.candles import Candle, timeframe_ms
 from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
@@ -572,6 +573,8 @@ class System:
         """The storage actor's answer; a store that cannot answer now is a refusal that says why."""
         try:
             return future.get(timeout=ASK_TIMEOUT)
+        except LeaseNotHeld as exc:  # clustering: another node owns the series
+            raise CommandError(str(exc)) from None
         except StoreError as exc:
             raise CommandError(f"storage unavailable: {exc}") from None
 
