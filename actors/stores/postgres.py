@@ -52,6 +52,7 @@ from .coverage import Coverage
 from .errors import StoreError, StoreGone
 from .postgres_errors import Redactor, StoreUnavailable, connect_error, translate
 from .postgres_leases import FencedWrite, Lease, LeasesMixin, fence_check
+from .postgres_lock import holder_name, take_lock
 from .postgres_sql import (
     CHUNK_ROWS,
     COPY_CANDLES,
@@ -108,6 +109,7 @@ class PostgresStore(LeasesMixin):
         timescale: bool | None = None,
         timescale_chunk_ms: int = 7 * 86_400_000,
         idle_in_transaction_s: float = 5.0,
+        exclusive: bool = False,
     ) -> None:
         self._url = url
         self._redact = Redactor(url)
@@ -123,6 +125,10 @@ class PostgresStore(LeasesMixin):
         self.idle_in_transaction_s = idle_in_transaction_s
         self.hypertable = False
         self.hypertable_note: str | None = None
+        # One daemon per database (no clustering): a writing store holds the database's
+        # advisory lock on a session of its own (`stores.postgres_lock`) while it is open.
+        self.exclusive = exclusive and not readonly
+        self._lock_conn: Conn | None = None
         #: fenced writes refused since this object was made: series refused, rows not stored
         self.refused_writes = 0
         self.refused_rows = 0
@@ -171,6 +177,8 @@ class PostgresStore(LeasesMixin):
             return self
         self._wanted = True
         self._stage_ready = False
+        if self.exclusive:
+            self._hold_lock()
         failed: StoreError | None = None
         try:
             conn: Conn = psycopg.connect(
@@ -205,6 +213,43 @@ class PostgresStore(LeasesMixin):
         self._recreated = created if self._opened_before else ()
         self._opened_before = True
         return self
+
+    def _hold_lock(self) -> None:
+        """Hold the database's lock (kept across ``reopen()``; taken again when its session was
+        lost, e.g. by a server restart): raises DatabaseInUse while another daemon holds it."""
+        held = self._lock_conn
+        if held is not None:
+            try:
+                held.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self._release_lock()
+        failed: StoreError | None = None
+        try:
+            conn: Conn = psycopg.connect(
+                self._url, autocommit=True, connect_timeout=self.connect_timeout_s, application_name=holder_name(),
+            )
+        except psycopg.Error as exc:
+            failed = connect_error(exc, self.url, self._redact)
+        if failed is not None:
+            raise failed  # outside the handler: the driver's error may quote the URL
+        try:
+            take_lock(conn, self.url)
+        except psycopg.Error as exc:
+            conn.close()
+            raise translate(exc, self.url, "cannot lock", self._redact, conn.broken) from None
+        except StoreError:
+            conn.close()
+            raise
+        self._lock_conn = conn
+
+    def _release_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            try:
+                conn.close()  # the session's end releases the lock
+            except psycopg.Error:
+                pass
 
     def _ensure_schema(self, conn: Conn) -> tuple[str, ...]:
         """Create the missing tables; returns their names. Skips all DDL when nothing is
@@ -266,6 +311,7 @@ class PostgresStore(LeasesMixin):
         """Close the connection; errors are swallowed since the server may be gone."""
         self._wanted = False
         self._disconnect()
+        self._release_lock()
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
