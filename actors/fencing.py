@@ -13,7 +13,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
+from .stores.errors import StoreError
+
 Key = tuple[str, str, str]  # (exchange, symbol, timeframe)
+
+
+class LeaseNotHeld(StoreError):
+    """An operator's write of a series this node does not hold the lease of (clustering)."""
 
 
 class Fences:

@@ -19,8 +19,9 @@ the error at once. PostgreSQL's faults are the same exceptions (a server restart
 unreachable, a lost connection, a read-only or full server: `StoreUnavailable`; a dropped table:
 `StoreGone`, recreated by a reopen, a new generation), so they take the same paths.
 
-Clustering (`fences` given): every candle write carries the writer's fencing token of its
-series (`actors.fencing`), checked by the database in the write's own transaction. A write
+Clustering (`fences` given): every write of a series (candles, confirmed gaps, gaps alone, an
+operator's accepted gap) carries the writer's fencing token of its series (`actors.fencing`),
+checked by the database in the write's own transaction. A write
 whose lease has moved to another node (or that this node no longer holds at all) is refused:
 nothing of it is stored, the series is answered with the refusal, the refusal is counted
 (`candlekeeper_refused_writes_total`) and the cluster actor is told (`LeaseLost`), which
@@ -44,7 +45,7 @@ from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
 from ..supervisors.scheduler import Timer
-from .fencing import Fences
+from .fencing import Fences, LeaseNotHeld
 from .market.gaps import OPERATOR_ACCEPTED
 from .messages import (
     AcceptedGaps,
@@ -192,9 +193,29 @@ class StorageActor(Child):
 
     def accept_gap(self, exchange: str, symbol: str, timeframe: str, start_ms: int, end_ms: int) -> None:
         """Record an operator's accepted gap (`ctl accept-gap`): [start_ms, end_ms) is confirmed
-        empty, never fetched again (a refusal carries the store's error, as for `add`)."""
-        self._ask_write(lambda: self.store.record_gap(exchange, symbol, timeframe, start_ms, end_ms,
-                                                      OPERATOR_ACCEPTED))
+        empty, never fetched again (a refusal carries the store's error, as for `add`).
+        Clustering: a write of the series like any other, fenced by this node's token in its
+        own transaction; `LeaseNotHeld` (naming the owner) when this node does not hold it."""
+        gap = (exchange, symbol, timeframe, start_ms, end_ms, OPERATOR_ACCEPTED)
+        if self.fences is None:
+            self._ask_write(lambda: self.store.record_gap(*gap))
+            return
+        from .stores.postgres import PostgresStore
+
+        store = cast(PostgresStore, self.store)
+        key = (exchange, symbol, timeframe)
+        token = self.fences.get(key)
+        if token is not None:
+            result = self._ask_write(lambda: store.upsert([], fence={key: token}, gaps=[gap]))
+            if not result.refused:
+                return
+            self._refused([Write(rows=(), gaps=(gap,), token=0, reply_to=None)],
+                          {0: f"refused: the lease of {_name(key)} moved to another node"
+                              f" (fencing token {token} is stale)"}, {key: token})
+        owner = self._with_store(lambda: store.owner_of(key))
+        where = f"node {owner!r} owns it" if owner else "no node holds its lease right now"
+        raise LeaseNotHeld(f"this node does not hold the lease of {_name(key)} ({where}):"
+                           " accept the gap on the node that runs the series")
 
     def status(self) -> dict[str, Any]:
         """Whether the store can write now, and why not."""
@@ -370,10 +391,14 @@ class StorageActor(Child):
         have = self._stored_before(live) if rows and (publish or self.metrics is not None) else None
         if fence is None:
             changed = self.store.upsert(rows)
+            for w in live:
+                for gap in w.gaps:
+                    self.store.record_gap(*gap)
         elif fence:
             from .stores.postgres import PostgresStore
 
-            result = cast(PostgresStore, self.store).upsert(rows, fence=fence)
+            # the gaps go in the candles' transaction: fenced by the same check
+            result = cast(PostgresStore, self.store).upsert(rows, fence=fence, gaps=[g for w in live for g in w.gaps])
             changed = result.changed
             for i, w in enumerate(writes):
                 key = _key_of(w)
@@ -383,10 +408,6 @@ class StorageActor(Child):
                                   f" (fencing token {fence[key]} is stale)")
         else:
             changed = 0
-        for i, w in enumerate(writes):
-            if i not in refused:
-                for gap in w.gaps:
-                    self.store.record_gap(*gap)
         stored = [w for i, w in enumerate(writes) if i not in refused]
         if have is not None:
             stored_rows = rows if len(stored) == len(live) else [r for w in stored for r in w.rows]

@@ -217,12 +217,15 @@ def notifier_settings(alerts: AlertsConfig) -> NotifierSettings:
 def store_options(storage: StorageConfig, cluster: ClusterConfig | None = None) -> dict[str, Any]:
     """What the PostgreSQL store is opened with (nothing for SQLite). Clustering: a session
     frozen inside a transaction is ended by the server within a third of a lease, so the locks
-    it holds never delay another node's failover."""
+    it holds never delay another node's failover. Without it a writing store holds the
+    database's lock: one daemon per database, as with a SQLite file."""
     if not storage.url:
         return {}
     options: dict[str, Any] = {"timescale": storage.timescale}
     if cluster is not None and cluster.enabled:
         options["idle_in_transaction_s"] = max(1.0, cluster.lease / 3)
+    else:
+        options["exclusive"] = True  # one daemon per database (stores.postgres_lock)
     return options
 
 

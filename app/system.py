@@ -22,6 +22,7 @@ import pykka
 import structlog
 
 from ..actors.cluster import Rebalance
+from ..actors.fencing import LeaseNotHeld
 from ..actors.market.candles import Candle, timeframe_ms
 from ..actors.market.symbols import check_symbol
 from ..actors.messages import ForgetSeries, Pause
@@ -35,7 +36,7 @@ from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
 from . import config as config_mod
 from . import data, settings
-from .config import Config, ExchangeConfig, StorageConfig, parse_host_port, timeframe_refusal
+from .config import ClusterConfig, Config, ExchangeConfig, StorageConfig, parse_host_port, timeframe_refusal
 from .errors import CommandError, SocketInUse, SocketUnusable, StartupError, StorageUnusable
 from .tree import Blueprint, SeriesChange, series_id
 
@@ -109,7 +110,7 @@ class System:
             if self.config.metrics.listen:
                 check_port_free(self.config.metrics.listen)
             settings.check_credentials(self.config)
-            self.blueprint.plan(stored_series_changes(self.config.storage))
+            self.blueprint.plan(stored_series_changes(self.config.storage, self.config.cluster))
             if self.blueprint.clustered:
                 check_node_free(self.config)
         except BaseException:
@@ -572,6 +573,8 @@ class System:
         """The storage actor's answer; a store that cannot answer now is a refusal that says why."""
         try:
             return future.get(timeout=ASK_TIMEOUT)
+        except LeaseNotHeld as exc:  # clustering: another node owns the series
+            raise CommandError(str(exc)) from None
         except StoreError as exc:
             raise CommandError(f"storage unavailable: {exc}") from None
 
@@ -595,17 +598,18 @@ def check_port_free(listen: str) -> None:
         raise SocketInUse(f"[metrics] cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def stored_series_changes(storage: StorageConfig | str) -> list[SeriesChange]:
+def stored_series_changes(storage: StorageConfig | str, cluster: ClusterConfig | None = None) -> list[SeriesChange]:
     """The series added and removed at run time, from the database; opening it is also the
     start-up check that fails fast (`StorageUnusable`) when it cannot be opened or created, or is
     not a SQLite database at all: at start that is the user's file, which is never moved aside
     (the storage actor does that only to a database that goes bad while running). A PostgreSQL
-    database that cannot be reached, or refuses the URL's user, is refused the same way."""
+    database that cannot be reached, or refuses the URL's user, is refused the same way, and so
+    is one whose lock another daemon holds (no `[cluster]`: `stores.postgres_lock`)."""
     if isinstance(storage, str):
         storage = StorageConfig(path=storage)
     key = "[storage] url" if storage.url else "[storage] path"
     try:
-        with make_store(storage.location, **settings.store_options(storage)) as store:
+        with make_store(storage.location, **settings.store_options(storage, cluster)) as store:
             return store.list_series()
     except StoreCorrupt as exc:
         raise StorageUnusable(f"{key}: {storage.display} is not a usable SQLite database ({exc.__cause__ or exc});"

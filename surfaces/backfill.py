@@ -170,7 +170,8 @@ class Backfill:
                    TimeElapsedColumn(), TextColumn("[dim]{task.fields[slowest]}")]
         with Progress(*columns, console=console, redirect_stderr=True, redirect_stdout=False) as bars:
             tasks: dict[str, Any] = {}
-            while not self._finished():
+
+            def update() -> None:
                 for name, p in self._progress().items():
                     f = self._fields(p)
                     shown = {"rate": f"{f['rate_per_s']:.0f}/s" if f["rate_per_s"] is not None else "-",
@@ -181,7 +182,11 @@ class Backfill:
                         tasks[name] = bars.add_task(name, total=max(p.expected, 1), rate="-", eta="-", slowest="")
                     bars.update(tasks[name], completed=p.done, total=max(p.expected, 1), rate=shown["rate"],
                                 eta=shown["eta"], slowest=shown["slowest"])
+
+            while not self._finished():
+                update()
                 self.stop.wait(POLL_S)
+            update()  # the last frame stays on the screen: the state the run ended in
 
     def _progress(self) -> dict[str, ExchangeProgress]:
         rows = [dict(s.row, start_ms=s.start_ms) for s in self.series.values() if s.row]

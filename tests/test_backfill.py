@@ -141,3 +141,19 @@ def test_backfill_progress_lines_in_process(tmp_path, sim, sim_start, clock, mon
     lines = [e for e in logs if e["event"] == "backfill_progress"]
     assert lines and all(e["exchange"] == "binance" and e["expected"] == 2 * 3 * 60 for e in lines)
     assert lines[-1]["candles"] >= lines[0]["candles"]
+
+
+def test_backfill_bars_in_process(tmp_path, sim, sim_start, clock, capsys, monkeypatch) -> None:
+    """On a terminal (here forced by `bars=True`): rich progress bars on stderr, per exchange,
+    candles stored of expected; the last frame shows the run complete."""
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = make_config(tmp_path, sim, sim_start)
+    cfg = config_mod.from_dict({**config_mod.to_dict(cfg, secrets=True),
+                                "control": {"socket": str(tmp_path / "c.sock")}})
+    until = (sim.now_ms() // TF) * TF
+    rc = backfill_mod.Backfill(cfg, until, stall=60, bars=True, runtime=Runtime(wall=clock)).run()
+    assert rc == 0
+    err = capsys.readouterr().err
+    expected = 2 * 3 * 60
+    bar = next(line for line in err.splitlines() if line.startswith("binance"))
+    assert f"{expected}/{expected}" in bar and "candles 100%" in bar and "ETA" in bar, err

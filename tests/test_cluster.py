@@ -161,6 +161,11 @@ def test_two_nodes_share_the_series_by_placement_and_store_them_exactly(pg_db) -
         assert all(n["rate_budget"] == 200 and n["last_heartbeat_s"] < 3 for n in view["nodes"])
         assert {lease["symbol"]: lease["owner"] for lease in view["leases"]} == placed
         assert all(lease["token"] >= 1 and 0 < lease["expires_in_s"] <= 3 for lease in view["leases"])
+        # an operator's accepted gap is a write of the series: on the owner only (fenced by its token)
+        of_b = min(s for s, n in placed.items() if n == "b")
+        with pytest.raises(candlekeeper.CommandError, match="node 'b' owns it"):
+            a.accept_gap("binance", of_b, c.start, c.start + TF)
+        assert b.accept_gap("binance", of_b, c.start, c.start + TF)["gap"] == "operator_accepted"
         assert refused_metric(a) == refused_metric(b) == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from typing import Any
 
 import pykka
@@ -32,7 +33,7 @@ def recorded_gaps(db: str) -> list[tuple[int, int]]:
         return store.gaps("binance", "BTC/USDT", "1m")
 
 
-def test_gaps_recorded_and_holes_refetched_past_the_exchange_page_cap(tmp_path, running) -> None:
+def test_gaps_recorded_and_holes_refetched_past_the_exchange_page_cap(tmp_path, running, logs) -> None:
     start = (now_ms() // TF) * TF - CANDLES * TF
     genuine = [start + i * TF for i in (50, 51, 52, 53, 54, 1400)]
     with BinanceSimulator(["BTC/USDT"], history_start_ms=start, gaps={"BTC/USDT": genuine}) as sim:
@@ -44,6 +45,10 @@ def test_gaps_recorded_and_holes_refetched_past_the_exchange_page_cap(tmp_path, 
         assert_exact(sim, db, "BTC/USDT", start)
         recorded = [(start + 50 * TF, start + 55 * TF), (start + 1400 * TF, start + 1401 * TF)]
         assert recorded_gaps(db) == recorded
+        # the log line says when, in UTC, and why (not raw epoch-ms tuples)
+        said = [g for e in logs.of("exchange_gaps_recorded") for g in e["gaps"]]
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((start + 50 * TF) / 1000))
+        assert any(g.startswith(f"{iso} to ") and g.endswith("(exchange_hole)") for g in said), said
         system.stop()
 
         # rows lost: a hole of 1200 candles, more than the exchange serves in one page

@@ -4,8 +4,9 @@ Same tables, columns, key and semantics as ``stores.sqlite.Store`` (candles, gap
 protocols both meet are in ``stores.base``), plus ``nodes`` and ``leases`` for clustering
 (``stores.postgres_leases``): each series is owned by one live
 daemon through a lease whose fencing token grows by one on every change of owner, and a fenced
-``upsert`` checks the tokens in the write's own transaction, so a daemon that lost a lease
-(paused, partitioned, slow) can never overwrite the new owner's work.
+``upsert`` (candles and confirmed gaps, or gaps alone) checks the tokens in the write's own
+transaction, so a daemon that lost a lease (paused, partitioned, slow) can never overwrite the
+new owner's work.
 
 Like ``Store``, it never logs, never sleeps and never retries a fault; reconnecting is
 ``reopen()``. Faults map onto the store's exceptions (``stores.postgres_errors``):
@@ -51,18 +52,21 @@ from .coverage import Coverage
 from .errors import StoreError, StoreGone
 from .postgres_errors import Redactor, StoreUnavailable, connect_error, translate
 from .postgres_leases import FencedWrite, Lease, LeasesMixin, fence_check
+from .postgres_lock import holder_name, take_lock
 from .postgres_sql import (
     CHUNK_ROWS,
     COPY_CANDLES,
     COPY_STAGE,
     DDL,
     OVERLAP,
+    RECORD_GAP,
     SCHEMA_LOCK,
     SERIES,
     STAGE_DDL,
     STAGE_UPSERT,
     TABLES,
     Conn,
+    GapRow,
     Key,
     copy_rows,
     dedupe,
@@ -105,6 +109,7 @@ class PostgresStore(LeasesMixin):
         timescale: bool | None = None,
         timescale_chunk_ms: int = 7 * 86_400_000,
         idle_in_transaction_s: float = 5.0,
+        exclusive: bool = False,
     ) -> None:
         self._url = url
         self._redact = Redactor(url)
@@ -120,6 +125,10 @@ class PostgresStore(LeasesMixin):
         self.idle_in_transaction_s = idle_in_transaction_s
         self.hypertable = False
         self.hypertable_note: str | None = None
+        # One daemon per database (no clustering): a writing store holds the database's
+        # advisory lock on a session of its own (`stores.postgres_lock`) while it is open.
+        self.exclusive = exclusive and not readonly
+        self._lock_conn: Conn | None = None
         #: fenced writes refused since this object was made: series refused, rows not stored
         self.refused_writes = 0
         self.refused_rows = 0
@@ -168,6 +177,8 @@ class PostgresStore(LeasesMixin):
             return self
         self._wanted = True
         self._stage_ready = False
+        if self.exclusive:
+            self._hold_lock()
         failed: StoreError | None = None
         try:
             conn: Conn = psycopg.connect(
@@ -202,6 +213,43 @@ class PostgresStore(LeasesMixin):
         self._recreated = created if self._opened_before else ()
         self._opened_before = True
         return self
+
+    def _hold_lock(self) -> None:
+        """Hold the database's lock (kept across ``reopen()``; taken again when its session was
+        lost, e.g. by a server restart): raises DatabaseInUse while another daemon holds it."""
+        held = self._lock_conn
+        if held is not None:
+            try:
+                held.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self._release_lock()
+        failed: StoreError | None = None
+        try:
+            conn: Conn = psycopg.connect(
+                self._url, autocommit=True, connect_timeout=self.connect_timeout_s, application_name=holder_name(),
+            )
+        except psycopg.Error as exc:
+            failed = connect_error(exc, self.url, self._redact)
+        if failed is not None:
+            raise failed  # outside the handler: the driver's error may quote the URL
+        try:
+            take_lock(conn, self.url)
+        except psycopg.Error as exc:
+            conn.close()
+            raise translate(exc, self.url, "cannot lock", self._redact, conn.broken) from None
+        except StoreError:
+            conn.close()
+            raise
+        self._lock_conn = conn
+
+    def _release_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            try:
+                conn.close()  # the session's end releases the lock
+            except psycopg.Error:
+                pass
 
     def _ensure_schema(self, conn: Conn) -> tuple[str, ...]:
         """Create the missing tables; returns their names. Skips all DDL when nothing is
@@ -263,6 +311,7 @@ class PostgresStore(LeasesMixin):
         """Close the connection; errors are swallowed since the server may be gone."""
         self._wanted = False
         self._disconnect()
+        self._release_lock()
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
@@ -374,11 +423,15 @@ class PostgresStore(LeasesMixin):
     # -- candles -------------------------------------------------------------------------
 
     @overload
-    def upsert(self, rows: Sequence[Row], fence: None = None, *, strategy: Strategy | None = None) -> int: ...
+    def upsert(
+        self, rows: Sequence[Row], fence: None = None, *, strategy: Strategy | None = None,
+        gaps: Sequence[GapRow] = (),
+    ) -> int: ...
 
     @overload
     def upsert(
-        self, rows: Sequence[Row], fence: Mapping[Any, int], *, strategy: Strategy | None = None
+        self, rows: Sequence[Row], fence: Mapping[Any, int], *, strategy: Strategy | None = None,
+        gaps: Sequence[GapRow] = (),
     ) -> FencedWrite: ...
 
     def upsert(
@@ -387,17 +440,24 @@ class PostgresStore(LeasesMixin):
         fence: Mapping[Any, int] | None = None,
         *,
         strategy: Strategy | None = None,
+        gaps: Sequence[GapRow] = (),
     ) -> int | FencedWrite:
-        """Insert or correct candles in one transaction; returns rows inserted or changed.
+        """Insert or correct candles, and record confirmed ``gaps`` (exchange, symbol,
+        timeframe, from, to, reason: as ``record_gap``), in one transaction; returns candle
+        rows inserted or changed.
 
         Idempotent: the same rows again change nothing and return 0. Several rows with one key
         in a batch: the last one is stored (counted once). With ``fence`` ({series key: token},
-        one entry per series in ``rows``), series whose lease row no longer carries that token
-        (another owner took it, or it was released) are refused in the same transaction,
-        under a share lock on their lease rows: nothing of them is stored, and a
-        ``FencedWrite`` says which were refused.
+        one entry per series in ``rows`` and ``gaps``), series whose lease row no longer
+        carries that token (another owner took it, or it was released) are refused in the same
+        transaction, under a share lock on their lease rows: nothing of them is stored, gaps
+        included (a write of gaps alone is fenced the same way), and a ``FencedWrite`` says
+        which were refused.
         """
-        if fence is None and not rows:
+        for g in gaps:
+            if g[4] <= g[3]:
+                raise ValueError(f"empty gap [{g[3]}, {g[4]})")
+        if fence is None and not rows and not gaps:
             return 0
         how = strategy or self.strategy
         if how not in ("auto", "copy", "values"):
@@ -407,14 +467,14 @@ class PostgresStore(LeasesMixin):
         if fence is not None:
             given = {key_of(k): k for k in fence}
             fenced = {key_of(k): int(tok) for k, tok in fence.items()}
-            unfenced = {(r[0], r[1], r[2]) for r in rows} - fenced.keys()
+            unfenced = ({(r[0], r[1], r[2]) for r in rows} | {(g[0], g[1], g[2]) for g in gaps}) - fenced.keys()
             if unfenced:
                 raise ValueError(f"fenced upsert has rows of series without a token: {sorted(unfenced)[:3]}")
         with self._db("upsert", write=True) as conn:
             try:
-                changed, refused = self._upsert_tx(conn, rows, fenced, how, safe=False)
+                changed, refused = self._upsert_tx(conn, rows, gaps, fenced, how, safe=False)
             except _Duplicate:
-                changed, refused = self._upsert_tx(conn, dedupe(rows), fenced, how, safe=True)
+                changed, refused = self._upsert_tx(conn, dedupe(rows), gaps, fenced, how, safe=True)
         if fenced is None:
             return changed
         self.refused_writes += len(refused)
@@ -422,20 +482,26 @@ class PostgresStore(LeasesMixin):
         return FencedWrite(changed, frozenset(given[k] for k in refused))
 
     def _upsert_tx(
-        self, conn: Conn, rows: Sequence[Row], fenced: dict[Key, int] | None, how: str, safe: bool
+        self, conn: Conn, rows: Sequence[Row], gaps: Sequence[GapRow], fenced: dict[Key, int] | None, how: str,
+        safe: bool,
     ) -> tuple[int, set[Key]]:
         refused: set[Key] = set()
+        changed = 0
         try:
             with conn.transaction():
                 if fenced:
                     refused = fence_check(conn, fenced)
                     if refused:
                         rows = [r for r in rows if (r[0], r[1], r[2]) not in refused]
-                if not rows:
+                        gaps = [g for g in gaps if (g[0], g[1], g[2]) not in refused]
+                if not rows and not gaps:
                     return 0, refused
                 self._stage_used = False
-                copy = how == "copy" or (how == "auto" and len(rows) >= COPY_FROM_ROWS)
-                changed = self._write_copy(conn, rows, safe) if copy else self._write_values(conn, rows)
+                if rows:
+                    copy = how == "copy" or (how == "auto" and len(rows) >= COPY_FROM_ROWS)
+                    changed = self._write_copy(conn, rows, safe) if copy else self._write_values(conn, rows)
+                if gaps:
+                    conn.cursor().executemany(RECORD_GAP, gaps)
         except (psycopg.errors.UniqueViolation, psycopg.errors.CardinalityViolation) as exc:
             if safe or exc.sqlstate not in DUPLICATE_CODES:
                 raise
@@ -698,12 +764,7 @@ class PostgresStore(LeasesMixin):
         if ts_to <= ts_from:
             raise ValueError(f"empty gap [{ts_from}, {ts_to})")
         with self._db("record_gap", write=True) as conn:
-            conn.execute(
-                "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
-                " DO UPDATE SET ts_to = GREATEST(gaps.ts_to, excluded.ts_to), reason = excluded.reason",
-                (exchange, symbol, timeframe, ts_from, ts_to, reason),
-            )
+            conn.execute(RECORD_GAP, (exchange, symbol, timeframe, ts_from, ts_to, reason))
 
     def gaps(self, exchange: str, symbol: str, timeframe: str) -> list[tuple[int, int]]:
         """Recorded confirmed gaps of a series as [from, to) ranges, oldest first."""

@@ -251,6 +251,17 @@ class LeasesMixin:
             ).fetchall()
         return {wanted[(e, s, t)] for e, s, t in rows}
 
+    def owner_of(self, key: Any) -> str | None:
+        """The node holding the live lease of a series now (its name, without the run), or None."""
+        e, s, t = key_of(key)
+        with self._db("owner_of") as conn:
+            row = conn.execute(
+                "SELECT owner FROM leases WHERE exchange = %s AND symbol = %s AND timeframe = %s"
+                " AND owner IS NOT NULL AND expires_at > clock_timestamp()",
+                (e, s, t),
+            ).fetchone()
+        return None if row is None else str(row[0]).partition("#")[0]
+
     def leases(self) -> list[Lease]:
         """Every lease row (held, expired or released), by series: what ``ctl cluster`` shows."""
         with self._db("leases") as conn:

@@ -13,6 +13,7 @@ import psycopg
 from ..market.candles import Row
 
 Key = tuple[str, str, str]
+GapRow = tuple[str, str, str, int, int, str]  # exchange, symbol, timeframe, ts_from, ts_to, reason
 Conn: TypeAlias = "psycopg.Connection[tuple[Any, ...]]"
 
 TABLES = ("candles", "gaps", "series", "nodes", "leases")
@@ -101,6 +102,13 @@ STAGE_DDL = (
 )
 COPY_STAGE = f"COPY _ck_stage ({COLS}) FROM STDIN (FORMAT BINARY)"
 STAGE_UPSERT = f"INSERT INTO candles ({COLS}) SELECT {COLS} FROM _ck_stage" + ON_CONFLICT
+
+# A confirmed gap: a later confirmation of the same start widens it and takes its reason.
+RECORD_GAP = (
+    "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (%s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
+    " DO UPDATE SET ts_to = GREATEST(gaps.ts_to, excluded.ts_to), reason = excluded.reason"
+)
 
 CHUNK_ROWS = 1000  # rows per multi-row INSERT (9,000 parameters; the protocol allows 65,535)
 
