@@ -768,20 +768,35 @@ class SeriesActor(Child):
         self._schedule(delay)
 
     def _stream_word_on_its_way(self) -> bool:
-        """The poll timer fired, but the stream took the candle at the cursor (or a later one):
-        its write is queued or done and its word to this series on the way. Asking REST would
-        only queue the same write again: wait for the word, for as long as the stream may take
-        to write (`STREAM_WRITE_PATIENCE_S` after the close). True when it waits."""
+        """The poll timer fired with the stream up: True when the series waits for the stream
+        once more instead of asking REST, because
+        - the stream took the candle at the cursor (or a later one): its write is queued or done
+          and its word on the way; REST would only queue the same write again (up to
+          `STREAM_WRITE_PATIENCE_S` after the close);
+        - or the stream is behind: it has not yet shown a candle after the close for any series
+          of this timeframe (parsing a backlog under load), or did so less than `stream_grace`
+          ago and not yet for this series (up to 3 x `stream_grace` after the close).
+        A stream that passed the close without the candle missed it, or is silent for this
+        series: False, ask REST."""
         ledger = self.stream_ledger
         if ledger is None or not self._stream_up or not self._idle_caught_up():
             return False
+        now, grace = self.runtime.wall(), self.settings.stream_grace
+        closed_for = now - (self.cursor + self.tf_ms) / 1000
         newest = ledger.newest(self.key)
-        if newest is None or newest < self.cursor:
+        if newest is not None and newest >= self.cursor:
+            if closed_for > STREAM_WRITE_PATIENCE_S:
+                return False
+            self._schedule(grace)
+            return True
+        seen = ledger.seen(self.key)
+        if closed_for > 3 * grace or (seen is not None and seen > self.cursor):
             return False
-        closed_for = self.runtime.wall() - (self.cursor + self.tf_ms) / 1000
-        if closed_for > STREAM_WRITE_PATIENCE_S:
+        passed = ledger.passed_at(self.key.timeframe, self.cursor)
+        left = grace if passed is None else passed + grace - now
+        if left <= 0:
             return False
-        self._schedule(self.settings.stream_grace)
+        self._schedule(left)
         return True
 
     def _stream_fallback(self, reason: str) -> None:

@@ -159,8 +159,9 @@ class _Dispatch:
     """Frames in (on the loop thread), batches out to the actor (see `_Frames`)."""
 
     def __init__(self, name: str, actor: pykka.ActorRef[Any], clock: ServerClock, wall: WallClock,
-                 loop: Any) -> None:
+                 loop: Any, ledger: StreamLedger) -> None:
         self.name = name
+        self.ledger = ledger
         self.actor = actor
         self.clock = clock
         self.wall = wall
@@ -186,6 +187,7 @@ class _Dispatch:
         key = self.wanted.get((symbol, timeframe))
         if key is None:
             return  # a stream nobody wants any more (it goes at the next reconnect)
+        self.ledger.saw(key, timeframe, ts, self.wall)
         self._frames += 1
         epoch, seen = self.seen.get(fid, (0, set()))
         urgent = False
@@ -322,7 +324,8 @@ class StreamActor(Child):
 
     def on_start(self) -> None:
         self.loop = LoopThread(f"{self.path}/io")
-        self.dispatch = _Dispatch(self.settings.name, self.actor_ref, self.clock, self.runtime.wall, self.loop.loop)
+        self.dispatch = _Dispatch(self.settings.name, self.actor_ref, self.clock, self.runtime.wall, self.loop.loop,
+                                  self.ledger)
         self._report(force=True)
 
     def on_stop(self) -> None:

@@ -126,6 +126,43 @@ def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_p
         live.assert_exact()
 
 
+def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp_path, fast_stream,
+                                                                      monkeypatch) -> None:
+    """Under load the stream parses a close's burst of frames seconds after they came (measured
+    at 10,000 series): the finals and the next candle's first frames reach the stream late, all
+    of them. While the stream has not shown a candle after the close for any series, it is
+    behind, not silent: its series wait (up to 3 x `stream_grace`) instead of asking REST, whose
+    answers would only add to the load that makes the stream late."""
+    from candlekeeper.actors import stream as stream_mod
+    from candlekeeper.app import settings as settings_mod
+
+    grace = 2.0
+    monkeypatch.setattr(settings_mod, "STREAM_GRACE_S", grace)
+    hold: dict[str, int | None] = {"after": None}
+    parse = stream_mod._Dispatch.frame
+
+    def late(self, fid, symbol, timeframe, ts, closed, *rest) -> None:
+        after = hold["after"]
+        if after is not None and (ts > after or closed):  # the close's finals, the next candle's frames
+            self.loop.call_later(1.5 * grace, parse, self, fid, symbol, timeframe, ts, closed, *rest)
+            return
+        parse(self, fid, symbol, timeframe, ts, closed, *rest)
+
+    monkeypatch.setattr(stream_mod._Dispatch, "frame", late)
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
+        system = live.start()
+        live.wait_complete()
+        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
+        before = klines(live.rest)
+        ts = live.closed_to()  # the candle in progress
+        hold["after"] = ts
+        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
+        assert klines(live.rest) == before, "a series asked REST while its stream was behind"
+        assert set(sources(system).values()) == {"stream"}
+        live.assert_exact()
+
+
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:

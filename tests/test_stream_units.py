@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from candlekeeper.actors.market.streamed import CloseTracker
+from candlekeeper.actors.market.streamed import CloseTracker, StreamLedger
 from candlekeeper.actors.sources.ccxt_stream import rebase_ws_urls, stream_profile, supports
 from candlekeeper.app import config as config_mod
 from candlekeeper.app import settings
@@ -152,3 +152,25 @@ def test_top_shows_each_exchanges_stream_and_each_series_source() -> None:
     assert "down 0/2 ↻3" in text
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("binance:")}
     assert " rest " in lines["binance:BTC/USDT@1m"] and " stream " in lines["binance:ETH/USDT@1m"]
+
+
+def test_the_ledger_tells_a_stream_behind_from_one_that_passed_a_series_by() -> None:
+    now = [100.0]
+    ledger = StreamLedger()
+    ledger.saw("a", "1m", 0, lambda: now[0])
+    ledger.saw("b", "1m", 0, lambda: now[0])
+    assert ledger.passed_at("1m", 0) is None  # nothing after candle 0 yet: behind
+    now[0] = 161.0
+    ledger.saw("a", "1m", 60_000, lambda: now[0])  # the next candle begins, for a only
+    now[0] = 170.0
+    ledger.saw("a", "1m", 60_000, lambda: now[0])  # more frames of it change nothing
+    assert ledger.passed_at("1m", 0) == 161.0
+    assert ledger.passed_at("1m", 60_000) is None
+    assert (ledger.seen("a"), ledger.seen("b"), ledger.seen("c")) == (60_000, 0, None)
+    assert ledger.passed_at("5m", 0) is None  # per timeframe
+    for i in range(2, 10):
+        ledger.saw("a", "1m", i * 60_000, lambda i=i: 100.0 + 60 * i)
+    assert ledger.passed_at("1m", 0) == 100.0 + 60 * 6  # only the last few are kept: the oldest of those
+    ledger.took("a", 60_000)
+    ledger.took("a", 0)
+    assert ledger.newest("a") == 60_000

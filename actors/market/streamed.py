@@ -19,7 +19,7 @@ missing candle when a later one arrives, or when its fallback timer fires).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +102,28 @@ class StreamLedger:
     write it through the same queue: at 10,000 series those requests and writes are the load
     that delays the next minute further, the spiral that empties the stream (measured: 7,000
     fallbacks in the first minute, each for a candle in hand). The series reads this ledger
-    instead, and keeps waiting for the word while the candle is in hand. Written on the stream
-    actor's thread, read on series threads: single dict item operations, no lock.
+    instead, and keeps waiting for the word while the candle is in hand.
+
+    It also keeps how far the stream has read: the newest candle any frame showed for each
+    series, and when the stream first showed a candle after each close. Under load the stream
+    parses a close's burst of frames seconds late; a series whose stream has not yet shown the
+    next candle of any series is behind, not silent, and asking REST would add to the load
+    that makes it late (measured: 8,334 `silent` fallbacks in a start-up). A series the stream
+    has passed without its candle is silent, and asks REST at once.
+
+    Written on the stream's threads, read on series threads: single dict item operations and
+    tuples replaced whole, no lock.
     """
 
-    __slots__ = ("_newest",)
+    __slots__ = ("_begun", "_front", "_newest", "_seen")
 
     def __init__(self) -> None:
         self._newest: dict[Hashable, int] = {}
+        self._seen: dict[Hashable, int] = {}  # series -> newest candle any frame showed
+        self._front: dict[str, int] = {}  # timeframe -> newest candle any series' frame showed
+        # timeframe -> ((candle, wall time the stream first showed it), ...), the last few:
+        # replaced whole (read on other threads while the loop thread writes)
+        self._begun: dict[str, tuple[tuple[int, float], ...]] = {}
 
     def took(self, key: Hashable, ts: int) -> None:
         if ts > self._newest.get(key, -1):
@@ -117,3 +131,24 @@ class StreamLedger:
 
     def newest(self, key: Hashable) -> int | None:
         return self._newest.get(key)
+
+    def saw(self, key: Hashable, timeframe: str, ts: int, now: Callable[[], float]) -> None:
+        """A frame of candle `ts` (in progress or closed) for a series: called for every frame,
+        on the stream's loop thread, so the common case is two dict reads."""
+        if ts > self._seen.get(key, -1):
+            self._seen[key] = ts
+            if ts > self._front.get(timeframe, -1):
+                self._front[timeframe] = ts
+                self._begun[timeframe] = self._begun.get(timeframe, ())[-(self.KEEP - 1):] + ((ts, now()),)
+
+    def seen(self, key: Hashable) -> int | None:
+        """The newest candle the stream has shown any frame of for this series."""
+        return self._seen.get(key)
+
+    def passed_at(self, timeframe: str, ts: int) -> float | None:
+        """When the stream first showed a candle after `ts` of any series of this timeframe
+        (None: not yet, as far as the last few candles tell)."""
+        after = [at for t, at in self._begun.get(timeframe, ()) if t > ts]
+        return min(after) if after else None
+
+    KEEP = 4
