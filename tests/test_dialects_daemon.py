@@ -327,3 +327,38 @@ heartbeat = "off"
             wait_until(done, timeout=120, what="backfill after restart")
         finally:
             assert daemon.stop() == 0
+
+
+def test_confirmed_gaps_show_in_health_detail_also_after_a_restart(tmp_path, clock, systems) -> None:
+    """A series' confirmed gaps are visible in its health `detail` (by reason, counted), from
+    the moment they are recorded and, after a restart, from the store."""
+    symbol = symbols_of("coinbase", 3)[2]
+    start = (clock.ms() // TF) * TF - 3 * 3600_000
+    listing = start + 40 * TF
+    quiet = {listing + k * TF for k in (5, 6, 30)}
+    with exchange("coinbase", clock, listed_at={symbol: listing}, no_trade={symbol: quiet}) as sim:
+        cfg = config(tmp_path, sim, start, [symbol])
+        db = cfg.storage.path
+
+        def detail(system: System) -> str:
+            return next(s for s in system.health()["series"] if s["symbol"] == symbol).get("detail") or ""
+
+        def said() -> str:
+            by: dict[str, list[int]] = {}
+            for a, b, why in gaps(db, symbol):
+                by.setdefault(why, [0, 0])
+                by[why][0] += 1
+                by[why][1] += (b - a) // TF
+            return ", ".join(f"{why} {n} ({c} candle{'s' if c != 1 else ''})" for why, (n, c) in by.items())
+
+        system = systems(cfg)
+        wait_exact(sim, db, [symbol], start)
+        recorded = {why for _, _, why in gaps(db, symbol)}
+        assert recorded == {"before_listing", "no_trades"}, gaps(db, symbol)
+        wait_until(lambda: detail(system) == f"confirmed gaps: {said()}", timeout=10,
+                   what=f"the gaps in health detail: {detail(system)!r}, {said()!r}")
+        assert "before_listing 1 (40 candles)" in detail(system)
+        system.stop()
+        again = systems(cfg)
+        wait_until(lambda: detail(again) == f"confirmed gaps: {said()}", timeout=20,
+                   what=f"the gaps in health detail after a restart: {detail(again)!r}")
