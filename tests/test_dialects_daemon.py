@@ -22,7 +22,7 @@ import pytest
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator import DEFAULT_MARKETS
-from candlekeeper.simulator.faults import FaultKind, Faults
+from candlekeeper.simulator.faults import OPT_IN_KINDS, RANDOM_KINDS, FaultKind, Faults
 from candlekeeper.simulator.server import ExchangeSimulator
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
@@ -145,16 +145,20 @@ def test_backfill_live_and_restart_are_exact(tmp_path, clock, systems, dialect: 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_random_faults_end_exact(tmp_path, clock, systems, dialect: str) -> None:
-    faults = Faults(rates={k: 0.04 for k in (FaultKind.HTTP_500, FaultKind.HTTP_503, FaultKind.RESET,
-                                             FaultKind.TRUNCATED, FaultKind.SHORT_READ, FaultKind.HTTP_429)},
-                    seed=7, retry_after_s=1)
+    # every random kind in the dialect's shape but a ban, which holds the exchange for as long as it
+    # documents when the answer says nothing (Bybit: 10 minutes; see tests/test_budget_holds.py); a
+    # stall and a trickle outlast the 2 s timeout
+    kinds = [k for k in (*RANDOM_KINDS, *OPT_IN_KINDS) if k is not FaultKind.HTTP_418]
+    faults = Faults(rates={k: 0.04 for k in kinds}, seed=7, retry_after_s=1, stall_s=2.5)
     with exchange(dialect, clock, faults=faults) as sim:
         symbols = symbols_of(dialect)
         start = (clock.ms() // TF) * TF - 3 * 3600_000
-        cfg = config(tmp_path, sim, start, symbols, retry_attempts=5)
+        # pages of 30: enough requests for the faults to hit; the budget is not under test here
+        # (Kraken's is under one request a second)
+        cfg = config(tmp_path, sim, start, symbols, retry_attempts=5, page_limit=30, rate_limit=20)
         systems(cfg)
         wait_exact(sim, cfg.storage.path, symbols, start, timeout=90)
-        assert sum(sim.stats().by_fault.values()) > 0
+        assert sum(sim.stats().by_fault.values()) >= 5, sim.stats().by_fault
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
