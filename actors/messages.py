@@ -178,6 +178,8 @@ class ResumePoint:
     last_ts: int | None
     missing: tuple[tuple[int, int], ...]
     generation: str
+    # the series' confirmed gaps as (reason, stretches, candles): shown in its health `detail`
+    gap_totals: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from .market.candles import InvalidCandles, timeframe_ms
 from .market.errors import EmptyAnswer, describe, is_retryable
-from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE
+from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE, OPERATOR_ACCEPTED, GapTotals, add_gaps, gaps_note
 from .market.progress import Gap, ListingSearch, Outcome, take
 from .market.streamed import STREAM_WRITE_PATIENCE_S, StreamLedger
 from .messages import (
@@ -172,6 +172,8 @@ class SeriesActor(Child):
         self._outstanding: Any = None  # the message to resend if the watchdog fires
         # rows, next cursor, the answer, and whether the backfill goes on at once
         self._pending: tuple[tuple[Candle, ...], int, FetchResult, bool] | None = None
+        self._pending_gaps: list[Gap] = []  # the confirmed gaps that write records
+        self._gaps: GapTotals = {}  # confirmed gaps in the store, by reason: said in `detail`
         self._stored_any = False  # this incarnation stored a candle (first_ever then no longer holds)
         self.search: ListingSearch | None = None
         # stretches an operator accepted as lost (`ctl accept-gap`), left out of every request;
@@ -266,6 +268,7 @@ class SeriesActor(Child):
         store): leave it out from now on, and try again at once with a fresh retry state and
         quarantine, so a series stuck on invalid candles there moves on."""
         self._add_skip([(start_ms, end_ms)])
+        self._gaps = add_gaps(self._gaps, [(start_ms, end_ms, OPERATOR_ACCEPTED)], self.tf_ms)
         self.log.info("gap_accepted", gap_from=_iso(start_ms), gap_to=_iso(end_ms))
         return self.reset()
 
@@ -312,7 +315,7 @@ class SeriesActor(Child):
             "last_ts": self.last_ts,
             "failures": self.failures,
             "cursor": self.cursor,
-            "detail": self.detail,
+            "detail": self._detail(),
             "quarantine": self.quarantine.snapshot(),
             "source": self.source,
             "stream_up": self._stream_up,
@@ -333,6 +336,7 @@ class SeriesActor(Child):
         self.last_ts = rp.last_ts
         self.cursor = self.start_ms if rp.last_ts is None else max(self.start_ms, rp.last_ts + self.tf_ms)
         self.gaps_todo = [g for g in rp.missing if g[1] > self.start_ms]
+        self._gaps = {why: (n, candles) for why, n, candles in rp.gap_totals}
         if self.gaps_todo:
             self.log.info("refetching_holes", holes=len(self.gaps_todo))
         self._report()
@@ -466,6 +470,7 @@ class SeriesActor(Child):
             self.log.info("exchange_gaps_recorded", count=len(gaps),
                           gaps=[f"{_iso(a)} to {_iso(b)} ({why})" for a, b, why in gaps[:5]])
         self._pending = (tuple(rows), next_cursor, res, more)
+        self._pending_gaps = list(gaps)
         self._await(token, msg, self.storage)
 
     def _on_written(self, ack: Written) -> None:
@@ -484,6 +489,9 @@ class SeriesActor(Child):
             self.generation = None
             self._resume()
             return
+        if self._pending_gaps:
+            self._gaps = add_gaps(self._gaps, self._pending_gaps, self.tf_ms)
+            self._pending_gaps = []
         if rows:
             self._stored_any = True
             self.last_ts = max(self.last_ts or rows[-1][0], rows[-1][0])
@@ -611,14 +619,18 @@ class SeriesActor(Child):
         self.status = status
         self._report()
 
+    def _detail(self) -> str | None:
+        """What went wrong last, else where the market is closed, else the confirmed gaps."""
+        return self.detail or gaps_note(self._gaps)
+
     def _report(self) -> None:
-        now = (self.status, self.last_ts, self.failures, self.reopens_ms, self.source)
+        now = (self.status, self.last_ts, self.failures, self.reopens_ms, self.source, tuple(self._gaps.items()))
         if now == self._reported:
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
         self._reported = now
-        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self.detail, self.start_ms,
-                              self.reopens_ms, source=self.source)
+        report = SeriesStatus(self.path, self.key, self.status, self.last_ts, self.failures, self._detail(),
+                              self.start_ms, self.reopens_ms, source=self.source)
         if self.health is not None:
             self.health.tell(report)
         if self.alerts is not None and status_changed:

@@ -46,7 +46,7 @@ from ..supervisors.clock import wall_ms
 from ..supervisors.events import EventBus
 from ..supervisors.scheduler import Timer
 from .fencing import Fences, LeaseNotHeld
-from .market.gaps import OPERATOR_ACCEPTED
+from .market.gaps import OPERATOR_ACCEPTED, add_gaps
 from .messages import (
     AcceptedGaps,
     AcceptedGapsQuery,
@@ -267,7 +267,9 @@ class StorageActor(Child):
                 missing = self.store.missing_ranges(
                     k.exchange, k.symbol, k.timeframe, q.timeframe_ms, q.start_ms, last
                 )
-            return ResumePoint(last_ts=last, missing=tuple(missing), generation=self.generation)
+            totals = add_gaps({}, self.store.gap_reasons(k.exchange, k.symbol, k.timeframe), q.timeframe_ms)
+            return ResumePoint(last_ts=last, missing=tuple(missing), generation=self.generation,
+                               gap_totals=tuple((why, n, candles) for why, (n, candles) in totals.items()))
 
         return self._with_store(read)
 

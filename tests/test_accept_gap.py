@@ -81,7 +81,8 @@ def test_a_stretch_of_invalid_candles_accepted_as_lost_lets_the_series_move_on(t
                timeout=30, what="BTC past the accepted gap")
     assert_exact_around_the_gap(sim, db, sim_start)
     wait_until(lambda: series(system, "BTC/USDT")["status"] == "ok", timeout=10, what="BTC ok")
-    # recorded with its reason, shown by coverage, logged
+    # recorded with its reason, shown by health and coverage, logged
+    assert series(system, "BTC/USDT")["detail"] == "confirmed gaps: operator_accepted 1 (3 candles)"
     with Store(db, readonly=True) as store:
         assert (sim_start + BAD[0] * TF, sim_start + BAD[1] * TF, "operator_accepted") in \
             store.gap_reasons("binance", "BTC/USDT", "1m")

@@ -69,6 +69,7 @@ def ctl_here(cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
         ("[ingest]\npoll_interval = '10 parsecs'\n[exchanges.binance]\nsymbols = ['BTC/USDT']\n", "poll_interval"),
         ("[storage]\npath = 'x.db'\n", "exchange"),
         ("[exchanges.binance]\nsymbols = 'BTC/USDT'\n", "symbols"),
+        ("[exchanges.cc]\nexchange = 'coincheck'\nsymbols = ['BTC/JPY']\n", "fetchOHLCV"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(workdir: Path, body: str, needle: str) -> None:
