@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any
 
+from results import replace_section
+
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import FaultKind, Faults
@@ -315,18 +317,4 @@ def write_section(path: str, results: list[dict[str, Any]], command: str) -> Non
             f"| {r['backfill_s']:.2f} s / {r['ideal_s']:.2f} s | {ratio} | {r['requests']} ({r['requests_needed']}) "
             f"| {r['rate_limited']} | {'yes' if r['exact'] else '**no**'} | {r['cpu_s']} s / {r['sim_cpu_s']} s |")
     lines.append(END)
-    text = "\n".join(lines)
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        new = head + text + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
+    replace_section(path, "\n".join(lines), BEGIN, END)

@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psycopg
+from results import replace_section
 
 from candlekeeper.actors.placement import rendezvous_owner
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
@@ -314,22 +315,6 @@ def section(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str, text: str) -> None:
-    try:
-        with open(path) as fh:
-            old = fh.read()
-    except FileNotFoundError:
-        old = "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        new = head + text + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as fh:
-        fh.write(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--daemons", type=int, default=3)
@@ -348,7 +333,7 @@ def main() -> None:
     text = section(result, command)
     print(text)
     if not args.no_results:
-        write_results(args.results, text)
+        replace_section(args.results, text, BEGIN, END)
     print(json.dumps(result))
 
 

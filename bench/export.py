@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import psutil
+from results import replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TF_MS = 60_000
@@ -143,23 +144,6 @@ def section(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str, text: str) -> None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        new = head + text + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
@@ -171,7 +155,7 @@ def main() -> None:
     shown = [a for a in sys.argv[1:] if a != "--no-results"]
     result = run(args)
     if not args.no_results:
-        write_results(args.results, section(result, " ".join(["python bench/export.py", *shown])))
+        replace_section(args.results, section(result, " ".join(["python bench/export.py", *shown])), BEGIN, END)
     result["targets_met"] = {fmt: verdict(result, fmt) for fmt in result["formats"]}
     print(json.dumps(result))
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import psutil
 import structlog
+from results import replace_section
 
 from candlekeeper.actors.storage import StoredCandle
 from candlekeeper.app import config as config_mod
@@ -495,29 +496,6 @@ def section(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str, text: str) -> None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        new = head + text + tail
-    else:
-        marker = "<!-- scale-notes:end -->"
-        if marker in old:
-            head, tail = old.split(marker, 1)
-            new = head + marker + "\n\n" + text + tail
-        else:
-            new = old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exchanges", type=int, default=10)
@@ -549,7 +527,7 @@ def main() -> None:
     command = " ".join(["python bench/live.py", *shown])
     result = run(args)
     if not args.no_results:
-        write_results(args.results, section(result, command))
+        replace_section(args.results, section(result, command), BEGIN, END, after="<!-- scale-notes:end -->")
     result["targets_met"] = verdicts(result)
     print(json.dumps(result))
 
