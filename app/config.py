@@ -427,6 +427,12 @@ def _timeframes(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid("expected a non-empty list of timeframes")
     for tf in value:
+        if tf == "1M":
+            raise _Invalid(
+                '"1M": monthly candles are not supported: months differ in length, and a series steps'
+                " through time by one fixed length (use 1d or 1w and roll up)",
+                whole=False,
+            )
         if not isinstance(tf, str) or tf not in TIMEFRAME_MS:
             raise _Invalid(
                 f"unknown timeframe {_show(tf)} (supported: {' '.join(TIMEFRAME_MS)})",
