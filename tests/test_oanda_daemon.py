@@ -334,6 +334,37 @@ def test_seconds_and_three_hour_candles_are_exact_and_stored_after_each_close(tm
     wait_until(lambda: all(exact(s, "5s") for s in SYMBOLS), timeout=10, what="the live 5 s candles exact")
 
 
+def test_bid_and_ask_as_two_sections_of_one_account_side_by_side(tmp_path, token, simulator, daemons) -> None:
+    """price = "BA" cannot be one stored candle: bid and ask are two sections of the same account
+    (the config error says so), run side by side in one daemon, each storing its own component
+    exactly under its section's name, the weekend a `market_closed` gap in both."""
+    clock = clock_at(MONDAY)
+    sim = simulator(clock)
+    sides = {"fx_bid": "B", "fx_ask": "A"}
+    cfg = config_of(tmp_path, {name: section(sim, price=price) for name, price in sides.items()})
+    system = daemons(clock).start(cfg)
+    db = cfg.storage.path
+
+    def want(symbol: str, price: str) -> list[tuple[Any, ...]]:
+        return [tuple(c) for c in sim.expected_candles(symbol, "1m", start_of("1m"), horizon(sim, "1m"), price=price)]
+
+    wait_until(lambda: all(len(stored(db, s, "1m", name)) >= len(want(s, price))
+                           for s in SYMBOLS for name, price in sides.items()), what="bid and ask backfill")
+    wait_until(lambda: len(rows := system.health()["series"]) == 2 * len(SYMBOLS)
+               and all(s["status"] == "ok" for s in rows), what="the four series ok")
+    for symbol in SYMBOLS:
+        bid, ask = stored(db, symbol, "1m", "fx_bid"), stored(db, symbol, "1m", "fx_ask")
+        assert bid == want(symbol, "B") and ask == want(symbol, "A")
+        assert bid and all(b[0] == a[0] and b[4] < a[4] for b, a in zip(bid, ask, strict=True))  # bid below ask
+        opens = {"EUR/USD": SUNDAY_OPEN, "XAU/USD": METAL_OPEN}[symbol]
+        for name in sides:
+            assert gaps(db, symbol, "1m", name) == [(FRIDAY_CLOSE, opens, MARKET_CLOSED)]
+    assert stored(db, "EUR/USD", "1m") == []  # nothing under any other name
+    health = system.health()
+    assert health["status"] == "ok", health["reasons"]
+    assert sorted(e["name"] for e in health["exchanges"]) == ["fx_ask", "fx_bid"]
+
+
 def test_live_candles_up_to_the_close_then_no_polling(tmp_path, token, simulator, daemons) -> None:
     """Friday, the week's last candle closing in 3 s: it is stored once closed, then the series
     wait for Sunday's reopening (health: ok, not lagging, the detail says until when) and the
@@ -646,6 +677,12 @@ def oanda_section(**values: Any) -> dict[str, Any]:
     return {"exchanges": {NAME: {"source": "oanda", "symbols": ["EUR/USD"], **values}}}
 
 
+BID_AND_ASK = ('[exchanges.fx] price: "BA" asks for several price components at once, but a stored candle holds one'
+               " price (its OHLC); collect each in a section of its own for the same account, e.g."
+               ' [exchanges.fx_bid] source = "oanda", price = "B" and [exchanges.fx_ask] source = "oanda",'
+               ' price = "A" (the section name keeps their rows apart)')
+
+
 def test_config_takes_every_fixed_length_granularity() -> None:
     """S5 ... W: the config accepts each timeframe OANDA has candles of (M, a month, aside)."""
     (ex,) = config_mod.from_dict(oanda_section(timeframes=["5s", "3h"])).exchanges
@@ -656,6 +693,18 @@ def test_config_takes_every_fixed_length_granularity() -> None:
     # ccxt exchanges keep what their ccxt table has: Gate's 10s, Deribit's 3h
     assert config_mod.from_dict({"exchanges": {"gate": {"symbols": ["BTC/USDT"], "timeframes": ["10s"]}}})
     assert config_mod.from_dict({"exchanges": {"deribit": {"symbols": ["BTC/USD:BTC"], "timeframes": ["3h"]}}})
+
+
+def test_bid_and_ask_together_exit_2_with_the_way_out(tmp_path, capsys) -> None:
+    """The daemon refuses price = "BA" at start, one line on stderr, exit 2 (a usage error)."""
+    from candlekeeper.surfaces import cli
+
+    path = tmp_path / "fx.toml"
+    path.write_text(f'[storage]\npath = "{tmp_path / "fx.db"}"\n'
+                    f'[exchanges.fx]\nsource = "oanda"\nsymbols = ["EUR/USD"]\nprice = "BA"\n')
+    assert cli.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"candlekeeper: {path}: {BID_AND_ASK}\n"
 
 
 def test_config_oanda_keys_and_round_trip() -> None:
@@ -690,6 +739,8 @@ def test_config_oanda_keys_and_round_trip() -> None:
     ({"ingest": {"timeframes": ["3h"]}, "exchanges": {"binance": {"symbols": ["BTC/USDT"]}}},
      "[exchanges.binance] timeframes: binance has no 3h candles (it has: 1m 3m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 3d"
      " 1w) (inherited from [ingest]: set timeframes here)"),
+    (oanda_section(price="BA"), BID_AND_ASK),
+    (oanda_section(price="MBA"), BID_AND_ASK.replace('"BA"', '"MBA"')),
     (oanda_section(symbols=["BTC/USDT:USDT"]), '[exchanges.fx] symbols: "BTC/USDT:USDT" is not an OANDA instrument'),
     (oanda_section(exchange="binance"), '[exchanges.fx] exchange: with source = "oanda" the exchange is "oanda"'),
     (oanda_section(environment="demo"), '[exchanges.fx] environment: expected "practice" or "live", got "demo"'),
@@ -723,6 +774,12 @@ def test_the_documented_oanda_sections_load() -> None:
     for text in (example.group(1), section):
         (ex,) = config_mod.from_dict(tomllib.loads(text)).exchanges
         assert ex.source == "oanda" and ex.token_env == "OANDA_TOKEN" and "XAU/USD" in ex.symbols
+    # bid and ask: two sections of one account
+    sides = re.search(r"\n  ```toml\n  (\[exchanges\.oanda_bid\].*?)  ```", readme, re.S)
+    assert sides is not None
+    bid, ask = config_mod.from_dict(tomllib.loads(sides.group(1).replace("\n  ", "\n"))).exchanges
+    assert (bid.name, bid.price, ask.name, ask.price) == ("oanda_bid", "B", "oanda_ask", "A")
+    assert bid.source == ask.source == "oanda" and bid.token_env == ask.token_env
 
 
 def test_a_token_written_as_token_env_is_not_echoed() -> None:

@@ -383,8 +383,10 @@ def test_the_token_appears_in_no_log_repr_or_error(caplog: pytest.LogCaptureFixt
 def test_settings_are_checked_and_the_token_problem_is_named_not_shown() -> None:
     with pytest.raises(ValueError, match="environment"):
         OandaSettings(environment="sandbox")
-    with pytest.raises(ValueError, match="price"):
+    with pytest.raises(ValueError, match=r"price must be one of M, B, A, got 'BA' \(a candle row holds one price"):
         OandaSettings(price="BA")
+    with pytest.raises(ValueError, match=r"price must be one of M, B, A, got 'X'$"):
+        OandaSettings(price="X")
     with pytest.raises(ValueError, match="timeout"):
         OandaSettings(timeout=0)
     assert OandaSettings().base_url == "https://api-fxpractice.oanda.com"

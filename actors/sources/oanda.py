@@ -6,7 +6,7 @@ Plain HTTP over aiohttp, one session per source, on the exchange actor's asyncio
   settings name one), then GET /v3/accounts/{id}/instruments. No account id to configure.
 - candles: GET /v3/instruments/{EUR_USD}/candles with `granularity` (5s -> S5 ... 1w -> W,
   `GRANULARITIES`), `price` (M mid by default, B bid or A ask: the stored OHLC is that one
-  component), `from`
+  component; a candle row holds one price, so bid and ask are two configured exchanges), `from`
   (UNIX seconds, `Accept-Datetime-Format: UNIX`) + `count` + `includeFirst=true`, and
   `alignmentTimezone=UTC&dailyAlignment=0&weeklyAlignment=Monday` so H2..D candles open on
   multiples of their length since the epoch and weeks on Monday 00:00 UTC, as the daemon's
@@ -106,7 +106,9 @@ class OandaSettings:
         if self.environment not in HOSTS:
             raise ValueError(f"environment must be one of {', '.join(HOSTS)}, got {self.environment!r}")
         if self.price not in PRICES:
-            raise ValueError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}")
+            several = len(self.price) > 1 and set(self.price) <= set(PRICES)
+            why = " (a candle row holds one price: one source per component)" if several else ""
+            raise ValueError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}{why}")
         if not self.token_env:
             raise ValueError("token_env must name an environment variable")
         if not self.timeout > 0:
