@@ -427,6 +427,12 @@ def _timeframes(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid("expected a non-empty list of timeframes")
     for tf in value:
+        if tf == "1M":
+            raise _Invalid(
+                '"1M": monthly candles are not supported: months differ in length, and a series steps'
+                " through time by one fixed length (use 1d or 1w and roll up)",
+                whole=False,
+            )
         if not isinstance(tf, str) or tf not in TIMEFRAME_MS:
             raise _Invalid(
                 f"unknown timeframe {_show(tf)} (supported: {' '.join(TIMEFRAME_MS)})",
@@ -715,6 +721,8 @@ class _Loader:
         body = self.table(body, where)
         source = self.section({"source": body.get("source")}, where, {"source": _EXCHANGE_OWN["source"]})
         kind = source.get("source", "ccxt")
+        if kind == "oanda":
+            self.check_oanda_price(name, body.get("price"), where)
         values = self.section(body, where, _OANDA_EXCHANGE if kind == "oanda" else _EXCHANGE)
         for key in values:
             owner = next((k for k, keys in SOURCE_KEYS.items() if key in keys), None)
@@ -752,6 +760,18 @@ class _Loader:
             resilience=self.resilience(values, where, resilience),
             **own,
         )
+
+    def check_oanda_price(self, name: str, price: Any, where: str) -> None:
+        """Several price components at once ("BA": bid and ask) is OANDA's, not ours: the candles
+        table holds one price a row (key exchange, symbol, timeframe, ts), so each component is a
+        section of its own, whose name keeps its rows apart. Say so, and how."""
+        if not (isinstance(price, str) and len(price) > 1 and set(price) <= {"M", "B", "A"}):
+            return
+        raise self.fail(where, f"price: {_show(price)} asks for several price components at once, but a stored"
+                               " candle holds one price (its OHLC); collect each in a section of its own for the"
+                               f' same account, e.g. [exchanges.{name}_bid] source = "oanda", price = "B" and'
+                               f' [exchanges.{name}_ask] source = "oanda", price = "A" (the section name keeps'
+                               " their rows apart)")
 
     def check_oanda(self, values: dict[str, Any], ingest: IngestConfig, where: str) -> None:
         """What OANDA cannot serve is a config error now, not a series failing forever later."""

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 
 from .faults import PoisonKind
-from .history import INTERVALS, CandleHistory, Market
+from .history import BINANCE_INTERVALS, CandleHistory, Market
 from .reply import JSON_TYPE, Reply, dumps, gateway_page
 
 __all__ = ["JSON_TYPE", "Reply", "dumps"]  # re-exported: older code imports them from here
@@ -175,7 +175,7 @@ def klines(history: CandleHistory, params: Mapping[str, str], now_ms: int,
     if (history.market(sym) is None or sym != sym.upper() or "/" in sym
             or (listed is not None and not listed(sym))):
         return invalid_symbol()
-    if interval not in INTERVALS:
+    if interval not in BINANCE_INTERVALS:
         return error(400, -1120, "Invalid interval.")
     limit = parsed["limit"]
     limit = KLINES_DEFAULT_LIMIT if limit is None else max(1, min(limit, KLINES_MAX_LIMIT))

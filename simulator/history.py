@@ -26,17 +26,25 @@ _MINUTE = 60_000
 #: Binance aligns weekly candles to Monday 00:00 UTC; the epoch was a Thursday.
 _WEEK_OFFSET_MS = 4 * _DAY_MS
 
-#: interval name -> (duration ms, alignment offset ms). 3d and 1M are left out: Binance aligns
-#: them to a calendar we do not model.
+#: interval name -> (duration ms, alignment offset ms): every interval a dialect serves. 3d and
+#: 1M are left out: Binance aligns them to a calendar we do not model (and OANDA's M is a month).
 INTERVALS: dict[str, tuple[int, int]] = {
     "1s": (1_000, 0),
+    "5s": (5_000, 0),
+    "10s": (10_000, 0),
+    "15s": (15_000, 0),
+    "30s": (30_000, 0),
     "1m": (60_000, 0),
+    "2m": (120_000, 0),
     "3m": (180_000, 0),
+    "4m": (240_000, 0),
     "5m": (300_000, 0),
+    "10m": (600_000, 0),
     "15m": (900_000, 0),
     "30m": (1_800_000, 0),
     "1h": (3_600_000, 0),
     "2h": (7_200_000, 0),
+    "3h": (10_800_000, 0),
     "4h": (14_400_000, 0),
     "6h": (21_600_000, 0),
     "8h": (28_800_000, 0),
@@ -44,6 +52,9 @@ INTERVALS: dict[str, tuple[int, int]] = {
     "1d": (_DAY_MS, 0),
     "1w": (7 * _DAY_MS, _WEEK_OFFSET_MS),
 }
+#: the ones Binance serves (its `interval` names; the others are OANDA's)
+BINANCE_INTERVALS: tuple[str, ...] = ("1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h",
+                                      "12h", "1d", "1w")
 
 # Periods (minutes) of the price path's components; amplitude ~ sqrt(period) like a random walk,
 # capped at ~4 days so prices stay near their catalogue level (typically within +-15%).

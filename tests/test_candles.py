@@ -26,8 +26,13 @@ def test_timeframes():
     assert timeframe_ms("1m") == 60_000
     assert timeframe_ms("1h") == 3_600_000
     assert timeframe_ms("1w") == 604_800_000
-    assert list(TIMEFRAME_MS) == ["1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w"]
-    for bad in ("2m", "1M", "", None):
+    assert list(TIMEFRAME_MS) == ["5s", "10s", "15s", "30s", "1m", "2m", "3m", "4m", "5m", "10m", "15m", "30m",
+                                  "1h", "2h", "3h", "4h", "6h", "8h", "12h", "1d", "3d", "1w"]
+    assert list(TIMEFRAME_MS.values()) == sorted(TIMEFRAME_MS.values())
+    # up to a day, candles open on multiples of their length: each divides the day
+    assert all(86_400_000 % ms == 0 for ms in TIMEFRAME_MS.values() if ms <= 86_400_000)
+    assert timeframe_ms("5s") == 5_000 and timeframe_ms("3h") == 10_800_000
+    for bad in ("7m", "1s", "1M", "", None):
         with pytest.raises(ValueError, match="unknown timeframe"):
             timeframe_ms(bad)  # type: ignore[arg-type]
 

@@ -372,8 +372,12 @@ def test_config_is_frozen():
          'config.toml: [ingest] since: expected a date in the past, got "2999-01-01"'),
         (with_section("ingest", since=dt.time(12, 0)),
          "config.toml: [ingest] since: expected an ISO 8601 date or datetime, got datetime.time(12, 0)"),
-        (with_section("ingest", timeframes=["1m", "2m"]),
-         'config.toml: [ingest] timeframes: unknown timeframe "2m" (supported: 1m 3m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 3d 1w)'),
+        (with_section("ingest", timeframes=["1m", "7m"]),
+         'config.toml: [ingest] timeframes: unknown timeframe "7m" (supported: 5s 10s 15s 30s 1m 2m 3m 4m 5m 10m 15m'
+         ' 30m 1h 2h 3h 4h 6h 8h 12h 1d 3d 1w)'),
+        (with_section("ingest", timeframes=["1d", "1M"]),
+         'config.toml: [ingest] timeframes: "1M": monthly candles are not supported: months differ in length,'
+         ' and a series steps through time by one fixed length (use 1d or 1w and roll up)'),
         (with_section("ingest", timeframes=[]),
          "config.toml: [ingest] timeframes: expected a non-empty list of timeframes, got []"),
         (with_section("ingest", timeframes="1m"),

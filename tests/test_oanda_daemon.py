@@ -105,6 +105,16 @@ def simulator() -> Iterator[Callable[..., ExchangeSimulator]]:
 
 
 def make_config(tmp_path: Any, sim: ExchangeSimulator, **exchange: Any) -> config_mod.Config:
+    return config_of(tmp_path, {NAME: section(sim, **exchange)})
+
+
+def config_of(tmp_path: Any, exchanges: dict[str, dict[str, Any]]) -> config_mod.Config:
+    return config_mod.from_dict({"storage": {"path": str(tmp_path / "fx.db")},
+                                 "control": {"socket": str(tmp_path / "fx.sock")}, "exchanges": exchanges})
+
+
+def section(sim: ExchangeSimulator, **exchange: Any) -> dict[str, Any]:
+    """An OANDA section served by `sim`, with short timeouts and retries for tests."""
     ex = {
         "source": "oanda",
         "token_env": TOKEN_ENV,
@@ -120,8 +130,7 @@ def make_config(tmp_path: Any, sim: ExchangeSimulator, **exchange: Any) -> confi
         "page_limit": 500,  # a weekend of minutes takes several pages
     }
     ex.update(exchange)
-    return config_mod.from_dict({"storage": {"path": str(tmp_path / "fx.db")},
-                                 "control": {"socket": str(tmp_path / "fx.sock")}, "exchanges": {NAME: ex}})
+    return ex
 
 
 class Daemons:
@@ -179,27 +188,27 @@ class Requests:
             return sum(p.startswith(CANDLES) for p in self.paths)
 
 
-def stored(db: str, symbol: str, tf: str) -> list[tuple[Any, ...]]:
+def stored(db: str, symbol: str, tf: str, exchange: str = NAME) -> list[tuple[Any, ...]]:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     except sqlite3.OperationalError:
         return []
     try:
         return conn.execute("SELECT ts, open, high, low, close, volume FROM candles WHERE exchange=? AND symbol=?"
-                            " AND timeframe=? ORDER BY ts", (NAME, symbol, tf)).fetchall()
+                            " AND timeframe=? ORDER BY ts", (exchange, symbol, tf)).fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
         conn.close()
 
 
-def gaps(db: str, symbol: str, tf: str) -> list[tuple[int, int, str]]:
+def gaps(db: str, symbol: str, tf: str, exchange: str = NAME) -> list[tuple[int, int, str]]:
     """The recorded gaps, adjacent or overlapping ones of one reason merged (a weekend may take
     several pages, and a restart may ask for it again in other pages)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT ts_from, ts_to, reason FROM gaps WHERE exchange=? AND symbol=? AND timeframe=?"
-                            " ORDER BY ts_from", (NAME, symbol, tf)).fetchall()
+                            " ORDER BY ts_from", (exchange, symbol, tf)).fetchall()
     finally:
         conn.close()
     merged: list[tuple[int, int, str]] = []
@@ -282,6 +291,78 @@ def test_backfill_across_a_weekend_is_exact_with_market_closed_gaps(tmp_path, to
     health = system.health()
     assert health["status"] == "ok", health["reasons"]
     assert health["exchanges"][0]["status"] == "ok"
+
+
+def test_seconds_and_three_hour_candles_are_exact_and_stored_after_each_close(tmp_path, token, simulator,
+                                                                             daemons) -> None:
+    """OANDA's S5 and H3 (timeframes 5s and 3h), Monday 03:00 to 10:00: every closed candle
+    stored once, nothing missing. Then live, with poll_interval far longer than 5 s: each new 5 s
+    candle is stored soon after it closes (a caught-up series polls after each close, not every
+    poll_interval)."""
+    clock = clock_at(utc(2025, 1, 13, 10), lead_s=2.0)
+    sim = simulator(clock)
+    tfs = ["5s", "3h"]
+    since = utc(2025, 1, 13, 3)
+    cfg = make_config(tmp_path, sim, timeframes=tfs, since=iso(since), page_limit=5000, poll_interval="60s")
+    system = daemons(clock).start(cfg)
+    db = cfg.storage.path
+
+    def want(symbol: str, tf: str) -> list[tuple[Any, ...]]:
+        ms = timeframe_ms(tf)
+        return [tuple(c) for c in sim.expected_candles(symbol, tf, since, sim.now_ms() // ms * ms)]
+
+    def exact(symbol: str, tf: str) -> bool:
+        """The store holds every closed candle, and only those (read around a close, a candle
+        just closed may not be stored yet: asked again)."""
+        return stored(db, symbol, tf) == want(symbol, tf)
+
+    wait_until(lambda: all(len(stored(db, s, tf)) >= len(want(s, tf)) for s in SYMBOLS for tf in tfs),
+               what="S5 and H3 backfill")
+    wait_until(all_ok(system), what="series ok")
+    wait_until(lambda: all(exact(s, tf) for s in SYMBOLS for tf in tfs), timeout=10, what="S5 and H3 exact")
+    for symbol in SYMBOLS:
+        for tf in tfs:
+            assert gaps(db, symbol, tf) == []  # the market is open, and every interval has ticks
+        assert [r[0] for r in stored(db, symbol, "3h")] == [utc(2025, 1, 13, 3), utc(2025, 1, 13, 6)]
+        assert stored(db, symbol, "5s")[0][0] == since
+    assert system.health()["status"] == "ok"
+    # live, caught up: the next 5 s candle comes from a poll after its close, well within one
+    # poll_interval (60 s)
+    last = {s: stored(db, s, "5s")[-1][0] for s in SYMBOLS}
+    wait_until(lambda: all(stored(db, s, "5s")[-1][0] > last[s] for s in SYMBOLS), timeout=30,
+               what="the next 5 s candle, polled after its close")
+    wait_until(lambda: all(exact(s, "5s") for s in SYMBOLS), timeout=10, what="the live 5 s candles exact")
+
+
+def test_bid_and_ask_as_two_sections_of_one_account_side_by_side(tmp_path, token, simulator, daemons) -> None:
+    """price = "BA" cannot be one stored candle: bid and ask are two sections of the same account
+    (the config error says so), run side by side in one daemon, each storing its own component
+    exactly under its section's name, the weekend a `market_closed` gap in both."""
+    clock = clock_at(MONDAY)
+    sim = simulator(clock)
+    sides = {"fx_bid": "B", "fx_ask": "A"}
+    cfg = config_of(tmp_path, {name: section(sim, price=price) for name, price in sides.items()})
+    system = daemons(clock).start(cfg)
+    db = cfg.storage.path
+
+    def want(symbol: str, price: str) -> list[tuple[Any, ...]]:
+        return [tuple(c) for c in sim.expected_candles(symbol, "1m", start_of("1m"), horizon(sim, "1m"), price=price)]
+
+    wait_until(lambda: all(len(stored(db, s, "1m", name)) >= len(want(s, price))
+                           for s in SYMBOLS for name, price in sides.items()), what="bid and ask backfill")
+    wait_until(lambda: len(rows := system.health()["series"]) == 2 * len(SYMBOLS)
+               and all(s["status"] == "ok" for s in rows), what="the four series ok")
+    for symbol in SYMBOLS:
+        bid, ask = stored(db, symbol, "1m", "fx_bid"), stored(db, symbol, "1m", "fx_ask")
+        assert bid == want(symbol, "B") and ask == want(symbol, "A")
+        assert bid and all(b[0] == a[0] and b[4] < a[4] for b, a in zip(bid, ask, strict=True))  # bid below ask
+        opens = {"EUR/USD": SUNDAY_OPEN, "XAU/USD": METAL_OPEN}[symbol]
+        for name in sides:
+            assert gaps(db, symbol, "1m", name) == [(FRIDAY_CLOSE, opens, MARKET_CLOSED)]
+    assert stored(db, "EUR/USD", "1m") == []  # nothing under any other name
+    health = system.health()
+    assert health["status"] == "ok", health["reasons"]
+    assert sorted(e["name"] for e in health["exchanges"]) == ["fx_ask", "fx_bid"]
 
 
 def test_live_candles_up_to_the_close_then_no_polling(tmp_path, token, simulator, daemons) -> None:
@@ -596,6 +677,36 @@ def oanda_section(**values: Any) -> dict[str, Any]:
     return {"exchanges": {NAME: {"source": "oanda", "symbols": ["EUR/USD"], **values}}}
 
 
+BID_AND_ASK = ('[exchanges.fx] price: "BA" asks for several price components at once, but a stored candle holds one'
+               " price (its OHLC); collect each in a section of its own for the same account, e.g."
+               ' [exchanges.fx_bid] source = "oanda", price = "B" and [exchanges.fx_ask] source = "oanda",'
+               ' price = "A" (the section name keeps their rows apart)')
+
+
+def test_config_takes_every_fixed_length_granularity() -> None:
+    """S5 ... W: the config accepts each timeframe OANDA has candles of (M, a month, aside)."""
+    (ex,) = config_mod.from_dict(oanda_section(timeframes=["5s", "3h"])).exchanges
+    assert ex.ingest.timeframes == ("5s", "3h")
+    every = ["5s", "10s", "15s", "30s", "1m", "2m", "4m", "5m", "10m", "15m", "30m", "1h", "2h", "3h", "4h", "6h",
+             "8h", "12h", "1d", "1w"]
+    assert config_mod.from_dict(oanda_section(timeframes=every)).exchanges[0].ingest.timeframes == tuple(every)
+    # ccxt exchanges keep what their ccxt table has: Gate's 10s, Deribit's 3h
+    assert config_mod.from_dict({"exchanges": {"gate": {"symbols": ["BTC/USDT"], "timeframes": ["10s"]}}})
+    assert config_mod.from_dict({"exchanges": {"deribit": {"symbols": ["BTC/USD:BTC"], "timeframes": ["3h"]}}})
+
+
+def test_bid_and_ask_together_exit_2_with_the_way_out(tmp_path, capsys) -> None:
+    """The daemon refuses price = "BA" at start, one line on stderr, exit 2 (a usage error)."""
+    from candlekeeper.surfaces import cli
+
+    path = tmp_path / "fx.toml"
+    path.write_text(f'[storage]\npath = "{tmp_path / "fx.db"}"\n'
+                    f'[exchanges.fx]\nsource = "oanda"\nsymbols = ["EUR/USD"]\nprice = "BA"\n')
+    assert cli.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"candlekeeper: {path}: {BID_AND_ASK}\n"
+
+
 def test_config_oanda_keys_and_round_trip() -> None:
     c = config_mod.from_dict(oanda_section(token_env="MY_TOKEN", environment="live", price="B",
                                            account_id="001-001-1234567-001", timeframes=["1m", "1d", "1w"]))
@@ -611,15 +722,25 @@ def test_config_oanda_keys_and_round_trip() -> None:
 
 @pytest.mark.parametrize(("data", "message"), [
     (oanda_section(timeframes=["1m", "3m"]),
-     "[exchanges.fx] timeframes: OANDA has no 3m candles (it has: 1m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 1w)"),
+     "[exchanges.fx] timeframes: OANDA has no 3m candles (it has: 5s 10s 15s 30s 1m 2m 4m 5m 10m 15m 30m 1h 2h 3h 4h 6h 8h 12h 1d 1w)"),
     ({"ingest": {"timeframes": ["3d"]}, **oanda_section()},
-     "[exchanges.fx] timeframes: OANDA has no 3d candles (it has: 1m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 1w)"
+     "[exchanges.fx] timeframes: OANDA has no 3d candles (it has: 5s 10s 15s 30s 1m 2m 4m 5m 10m 15m 30m 1h 2h 3h 4h 6h 8h 12h 1d 1w)"
      " (inherited from [ingest]: set timeframes here)"),
     ({"exchanges": {"kraken": {"symbols": ["BTC/USD"], "timeframes": ["1m", "3m"]}}},
      "[exchanges.kraken] timeframes: kraken has no 3m candles (it has: 1m 5m 15m 30m 1h 4h 1d 1w)"),
     ({"ingest": {"timeframes": ["2h"]}, "exchanges": {"k": {"exchange": "kraken", "symbols": ["BTC/USD"]}}},
      "[exchanges.k] timeframes: kraken has no 2h candles (it has: 1m 5m 15m 30m 1h 4h 1d 1w)"
      " (inherited from [ingest]: set timeframes here)"),
+    (oanda_section(timeframes=["1d", "1M"]),
+     '[exchanges.fx] timeframes: "1M": monthly candles are not supported: months differ in length, and a series'
+     " steps through time by one fixed length (use 1d or 1w and roll up)"),
+    ({"exchanges": {"okx": {"symbols": ["BTC/USDT"], "timeframes": ["1m", "5s"]}}},
+     "[exchanges.okx] timeframes: okx has no 5s candles (it has: "),
+    ({"ingest": {"timeframes": ["3h"]}, "exchanges": {"binance": {"symbols": ["BTC/USDT"]}}},
+     "[exchanges.binance] timeframes: binance has no 3h candles (it has: 1m 3m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 3d"
+     " 1w) (inherited from [ingest]: set timeframes here)"),
+    (oanda_section(price="BA"), BID_AND_ASK),
+    (oanda_section(price="MBA"), BID_AND_ASK.replace('"BA"', '"MBA"')),
     (oanda_section(symbols=["BTC/USDT:USDT"]), '[exchanges.fx] symbols: "BTC/USDT:USDT" is not an OANDA instrument'),
     (oanda_section(exchange="binance"), '[exchanges.fx] exchange: with source = "oanda" the exchange is "oanda"'),
     (oanda_section(environment="demo"), '[exchanges.fx] environment: expected "practice" or "live", got "demo"'),
@@ -653,6 +774,12 @@ def test_the_documented_oanda_sections_load() -> None:
     for text in (example.group(1), section):
         (ex,) = config_mod.from_dict(tomllib.loads(text)).exchanges
         assert ex.source == "oanda" and ex.token_env == "OANDA_TOKEN" and "XAU/USD" in ex.symbols
+    # bid and ask: two sections of one account
+    sides = re.search(r"\n  ```toml\n  (\[exchanges\.oanda_bid\].*?)  ```", readme, re.S)
+    assert sides is not None
+    bid, ask = config_mod.from_dict(tomllib.loads(sides.group(1).replace("\n  ", "\n"))).exchanges
+    assert (bid.name, bid.price, ask.name, ask.price) == ("oanda_bid", "B", "oanda_ask", "A")
+    assert bid.source == ask.source == "oanda" and bid.token_env == ask.token_env
 
 
 def test_a_token_written_as_token_env_is_not_echoed() -> None:

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import ccxt
 import pytest
 
-from candlekeeper.actors.market.candles import validate
+from candlekeeper.actors.market.candles import TIMEFRAME_MS, validate
 from candlekeeper.actors.market.errors import classify
 from candlekeeper.actors.sources.base import Page, SourceFailure
 from candlekeeper.actors.sources.forex_hours import kind_of, reopens_at
@@ -98,7 +98,7 @@ async def backfill(src: OandaSource, symbol: str, timeframe: str, since: int, li
                    end: int = NOW) -> tuple[list[list[Any]], int]:
     """Page forward the way a series backfills a "window" exchange: [since, since + limit
     candles), then the next window, until `end`. Returns (rows, pages)."""
-    tf = {"1m": MIN, "1h": HOUR, "4h": 4 * HOUR, "1d": DAY, "1w": 7 * DAY}[timeframe]
+    tf = TIMEFRAME_MS[timeframe]
     rows: list[list[Any]] = []
     pages = 0
     while since < end:
@@ -183,6 +183,20 @@ def test_longer_timeframes_align_like_the_daemon_expects(timeframe: str) -> None
             assert all(datetime.fromtimestamp(r[0] / 1000, UTC).weekday() == 0 for r in rows)
         if timeframe == "1d":  # no Saturday candle
             assert all(datetime.fromtimestamp(r[0] / 1000, UTC).weekday() != 5 for r in rows)
+
+
+@pytest.mark.parametrize(("timeframe", "span"), [
+    ("5s", HOUR), ("10s", HOUR), ("15s", HOUR), ("30s", 2 * HOUR), ("2m", DAY), ("4m", DAY), ("10m", DAY),
+    ("3h", 8 * DAY),
+])
+def test_seconds_and_odd_lengths_are_served_as_the_daemon_expects(timeframe: str, span: int) -> None:
+    """S5..S30, M2, M4, M10 and H3: every closed candle once, across the weekend for H3, on the
+    daemon's alignment (the validator accepts them)."""
+    with oanda() as sim:
+        since = NOW - span
+        rows, _ = run(source(sim), lambda s: backfill(s, "EUR/USD", timeframe, since, 5000))
+        assert rows and rows == expected(sim, "EUR/USD", timeframe, since, NOW)
+        assert [list(c) for c in validate(rows, TIMEFRAME_MS[timeframe], NOW)] == rows
 
 
 def test_only_complete_candles_become_rows() -> None:
@@ -369,8 +383,10 @@ def test_the_token_appears_in_no_log_repr_or_error(caplog: pytest.LogCaptureFixt
 def test_settings_are_checked_and_the_token_problem_is_named_not_shown() -> None:
     with pytest.raises(ValueError, match="environment"):
         OandaSettings(environment="sandbox")
-    with pytest.raises(ValueError, match="price"):
+    with pytest.raises(ValueError, match=r"price must be one of M, B, A, got 'BA' \(a candle row holds one price"):
         OandaSettings(price="BA")
+    with pytest.raises(ValueError, match=r"price must be one of M, B, A, got 'X'$"):
+        OandaSettings(price="X")
     with pytest.raises(ValueError, match="timeout"):
         OandaSettings(timeout=0)
     assert OandaSettings().base_url == "https://api-fxpractice.oanda.com"
@@ -389,7 +405,10 @@ def test_names_granularities_and_times() -> None:
     for bad in ("EURUSD", "BTC/USDT:USDT", "/USD", "EUR/"):
         with pytest.raises(ValueError):
             instrument_of(bad)
-    assert set(GRANULARITIES) == {"1m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "1w"}
+    # every OANDA granularity of fixed length; not M (a month): a series steps by one fixed length
+    assert list(GRANULARITIES.values()) == ["S5", "S10", "S15", "S30", "M1", "M2", "M4", "M5", "M10", "M15", "M30",
+                                            "H1", "H2", "H3", "H4", "H6", "H8", "H12", "D", "W"]
+    assert set(GRANULARITIES) <= set(TIMEFRAME_MS) and "M" not in GRANULARITIES.values()
     assert first_open(NOW, MIN) == NOW - NOW % MIN + MIN and first_open(NOW - NOW % MIN, MIN) == NOW - NOW % MIN
     monday = first_open(NOW - 3 * DAY, 7 * DAY)
     assert datetime.fromtimestamp(monday / 1000, UTC).weekday() == 0 and monday >= NOW - 3 * DAY

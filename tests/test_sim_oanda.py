@@ -18,7 +18,7 @@ import pytest
 
 from candlekeeper.simulator import ExchangeSimulator, FaultKind, Faults, OutageMode, PoisonKind
 from candlekeeper.simulator.__main__ import _parse
-from candlekeeper.simulator.dialects.oanda import format_time, market_closed, parse_time
+from candlekeeper.simulator.dialects.oanda import GRANULARITIES, format_time, market_closed, parse_time
 
 NY = ZoneInfo("America/New_York")
 MIN = 60_000
@@ -163,7 +163,7 @@ def test_count_limits_and_parameter_errors() -> None:
         start = NOW - 2 * HOUR
         bad = [
             {"count": 5001}, {"count": 0}, {"count": "x"}, {"granularity": "M7"},
-            {"granularity": "S5"}, {"granularity": "H3"}, {"price": "X"}, {"price": "MM"},
+            {"granularity": "M"}, {"granularity": "H3"}, {"price": "X"}, {"price": "MM"},
             {"from": "yesterday"}, {"from": (NOW + MIN) // 1000}, {"to": (NOW + MIN) // 1000},
             {"from": start // 1000, "to": NOW // 1000, "count": 10},
             {"from": (NOW - 5000 * MIN) // 1000, "to": NOW // 1000},
@@ -180,9 +180,34 @@ def test_count_limits_and_parameter_errors() -> None:
         assert body["errorMessage"] == "Invalid value specified for 'to'. Time is in the future"
         status, body = candles(sim, "NOPE_USD")
         assert (status, body) == (400, {"errorMessage": "Invalid value specified for 'instrument'"})
+        _, body = candles(sim, granularity="M", **UTC_ALIGN)
+        assert "not modelled" in body["errorMessage"]  # a calendar month
         # the alignment the daemon sends is accepted for every granularity it maps
-        for g in ("M1", "M5", "M15", "M30", "H1", "H2", "H4", "H6", "H8", "H12", "D", "W"):
+        for g in GRANULARITIES:
             assert candles(sim, granularity=g, count=3, **UTC_ALIGN)[0] == 200, g
+
+
+@pytest.mark.parametrize(("granularity", "length"), [
+    ("S5", 5_000), ("S10", 10_000), ("S15", 15_000), ("S30", 30_000),
+    ("M2", 2 * MIN), ("M4", 4 * MIN), ("M10", 10 * MIN), ("H3", 3 * HOUR),
+])
+def test_seconds_and_odd_lengths_open_on_multiples_of_their_length(granularity: str, length: int) -> None:
+    """S5..S30 open on multiples of their length within the minute, M2/M4/M10 within the hour,
+    H3 (UTC-aligned, as the daemon asks) from midnight UTC: all on multiples since the epoch.
+    A `from` between two opens starts at the candle covering it; the last is in progress."""
+    with oanda() as sim:
+        frm = NOW - 3 * length - 1_234  # Monday: the market is open throughout
+        status, body = candles(sim, granularity=granularity, count=30, **{"from": frm / 1000}, **UTC_ALIGN)
+        assert status == 200 and body["granularity"] == granularity
+        got = times(body)
+        assert got[0] == frm - frm % length
+        assert got == [got[0] + i * length for i in range(len(got))]  # no quiet interval on EUR/USD here
+        assert got[-1] == NOW - NOW % length  # the candle in progress
+        assert [c["complete"] for c in body["candles"]] == [True] * (len(got) - 1) + [False]
+        interval = GRANULARITIES[granularity]
+        closed = sim.expected_candles("EUR/USD", interval, got[0], got[-1] + length)
+        assert [(t, float(c["mid"]["o"]), float(c["mid"]["c"])) for t, c in zip(got, body["candles"], strict=False)
+                if c["complete"]] == [(r[0], r[1], r[4]) for r in closed]
 
 
 def test_from_and_to_is_a_closed_window_to_and_count_the_newest() -> None:

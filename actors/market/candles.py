@@ -24,19 +24,32 @@ __all__ = [
     "validate",
 ]
 
-_MINUTE = 60_000
+_SECOND = 1_000
+_MINUTE = 60 * _SECOND
 _HOUR = 60 * _MINUTE
 _DAY = 24 * _HOUR
 
-#: Supported ccxt timeframes and their length in milliseconds.
+#: Supported timeframes and their length in milliseconds, shortest first: ccxt's usual ones,
+#: and the seconds, 2m, 4m, 10m and 3h OANDA also has (an exchange without one of them refuses it
+#: in the config, by ccxt's `timeframes` table or the source's own list). Those up to 1d divide a
+#: day, so their candles open on multiples of their length since the epoch (`alignment_ms`). Monthly candles
+#: (1M) are not here: a series steps by one fixed length, and months differ in length.
 TIMEFRAME_MS: dict[str, int] = {
+    "5s": 5 * _SECOND,
+    "10s": 10 * _SECOND,
+    "15s": 15 * _SECOND,
+    "30s": 30 * _SECOND,
     "1m": _MINUTE,
+    "2m": 2 * _MINUTE,
     "3m": 3 * _MINUTE,
+    "4m": 4 * _MINUTE,
     "5m": 5 * _MINUTE,
+    "10m": 10 * _MINUTE,
     "15m": 15 * _MINUTE,
     "30m": 30 * _MINUTE,
     "1h": _HOUR,
     "2h": 2 * _HOUR,
+    "3h": 3 * _HOUR,
     "4h": 4 * _HOUR,
     "6h": 6 * _HOUR,
     "8h": 8 * _HOUR,

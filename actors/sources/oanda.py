@@ -4,8 +4,9 @@ Plain HTTP over aiohttp, one session per source, on the exchange actor's asyncio
 
 - markets: GET /v3/accounts (the accounts the token may use; the first one, unless the
   settings name one), then GET /v3/accounts/{id}/instruments. No account id to configure.
-- candles: GET /v3/instruments/{EUR_USD}/candles with `granularity` (1m -> M1 ... 1w -> W),
-  `price` (M mid by default, B bid or A ask: the stored OHLC is that one component), `from`
+- candles: GET /v3/instruments/{EUR_USD}/candles with `granularity` (5s -> S5 ... 1w -> W,
+  `GRANULARITIES`), `price` (M mid by default, B bid or A ask: the stored OHLC is that one
+  component; a candle row holds one price, so bid and ask are two configured exchanges), `from`
   (UNIX seconds, `Accept-Datetime-Format: UNIX`) + `count` + `includeFirst=true`, and
   `alignmentTimezone=UTC&dailyAlignment=0&weeklyAlignment=Monday` so H2..D candles open on
   multiples of their length since the epoch and weeks on Monday 00:00 UTC, as the daemon's
@@ -48,6 +49,7 @@ import aiohttp
 import ccxt
 
 from ...resilience.retry import parse_retry_after
+from ..market.candles import timeframe_ms
 from .base import Answer, MarketInfo, Page, Profile, SourceFailure
 from .forex_hours import kind_of, reopens_at
 
@@ -55,16 +57,15 @@ HOSTS: dict[str, str] = {
     "practice": "https://api-fxpractice.oanda.com",
     "live": "https://api-fxtrade.oanda.com",
 }
-#: daemon timeframe -> OANDA granularity; 3m and 3d have none (OANDA has M2, M4, H3, M)
+#: daemon timeframe -> OANDA granularity: every one of fixed length. 3m and 3d have none; OANDA's
+#: M (monthly) is not served: a series steps by one fixed length, and months differ in length.
 GRANULARITIES: dict[str, str] = {
-    "1m": "M1", "5m": "M5", "15m": "M15", "30m": "M30", "1h": "H1", "2h": "H2", "4h": "H4",
-    "6h": "H6", "8h": "H8", "12h": "H12", "1d": "D", "1w": "W",
+    "5s": "S5", "10s": "S10", "15s": "S15", "30s": "S30",
+    "1m": "M1", "2m": "M2", "4m": "M4", "5m": "M5", "10m": "M10", "15m": "M15", "30m": "M30",
+    "1h": "H1", "2h": "H2", "3h": "H3", "4h": "H4", "6h": "H6", "8h": "H8", "12h": "H12",
+    "1d": "D", "1w": "W",
 }
-_TIMEFRAME_MS: dict[str, int] = {
-    "1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000,
-    "2h": 7_200_000, "4h": 14_400_000, "6h": 21_600_000, "8h": 28_800_000,
-    "12h": 43_200_000, "1d": 86_400_000, "1w": 604_800_000,
-}
+_WEEK_MS = 7 * 86_400_000
 _WEEK_OFFSET_MS = 4 * 86_400_000  # weeks open on Monday; the epoch was a Thursday
 #: price component -> the candle's field holding it
 PRICES: dict[str, str] = {"M": "mid", "B": "bid", "A": "ask"}
@@ -105,7 +106,9 @@ class OandaSettings:
         if self.environment not in HOSTS:
             raise ValueError(f"environment must be one of {', '.join(HOSTS)}, got {self.environment!r}")
         if self.price not in PRICES:
-            raise ValueError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}")
+            several = len(self.price) > 1 and set(self.price) <= set(PRICES)
+            why = " (a candle row holds one price: one source per component)" if several else ""
+            raise ValueError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}{why}")
         if not self.token_env:
             raise ValueError("token_env must name an environment variable")
         if not self.timeout > 0:
@@ -144,10 +147,10 @@ def symbol_of(name: str) -> str | None:
     return f"{parts[0]}/{parts[1]}"
 
 
-def first_open(since_ms: int, timeframe_ms: int) -> int:
+def first_open(since_ms: int, tf_ms: int) -> int:
     """The first candle open at or after `since_ms` (weeks open on Monday 00:00 UTC)."""
-    offset = _WEEK_OFFSET_MS if timeframe_ms == _TIMEFRAME_MS["1w"] else 0
-    return -((offset - since_ms) // timeframe_ms) * timeframe_ms + offset
+    offset = _WEEK_OFFSET_MS if tf_ms == _WEEK_MS else 0
+    return -((offset - since_ms) // tf_ms) * tf_ms + offset
 
 
 def parse_time(raw: object) -> int:
@@ -285,7 +288,7 @@ class OandaSource:
             instrument = instrument_of(symbol)
         except ValueError as e:
             raise SourceFailure(ccxt.BadSymbol(str(e))) from None
-        tf_ms = _TIMEFRAME_MS[timeframe]
+        tf_ms = timeframe_ms(timeframe)
         start = first_open(since, tf_ms)
         count = min(limit, MAX_COUNT)
         if until is not None:

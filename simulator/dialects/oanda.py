@@ -27,7 +27,8 @@ Semantics (OANDA's docs, where they say; "modelled" where they do not):
   (default 17 America/New_York) and weekly ones by `weeklyAlignment` (default Friday); the
   simulator serves only the UTC alignment the daemon asks for (UTC, 0, Monday: candles open on
   multiples of their length since the epoch, weeks on Monday) and refuses others with a 400
-  that says so. Granularities S5..S30, M2, M4, M10, H3 and M (month) are not modelled (400).
+  that says so. Every granularity of fixed length is served (S5 ... W); M (a calendar month)
+  is not modelled (400).
 - Market hours (modelled; holidays not): currencies and CFDs closed from Friday 17:00 to
   Sunday 17:00 New York time; metals (XAU, XAG, XPT, XPD) from Friday 17:00 to Sunday 18:00
   and daily 17:00-18:00 Monday to Thursday.
@@ -64,10 +65,14 @@ DEFAULT_COUNT = 500
 #: every granularity OANDA knows
 GRANULARITY_NAMES = ("S5", "S10", "S15", "S30", "M1", "M2", "M4", "M5", "M10", "M15", "M30",
                      "H1", "H2", "H3", "H4", "H6", "H8", "H12", "D", "W", "M")
-#: the ones the simulator serves -> its interval
-GRANULARITIES = {"M1": "1m", "M5": "5m", "M15": "15m", "M30": "30m", "H1": "1h", "H2": "2h",
-                 "H4": "4h", "H6": "6h", "H8": "8h", "H12": "12h", "D": "1d", "W": "1w"}
-#: granularities whose phase follows dailyAlignment (shorter ones divide an hour)
+#: the ones the simulator serves -> its interval: all but M (a calendar month)
+GRANULARITIES = {"S5": "5s", "S10": "10s", "S15": "15s", "S30": "30s",
+                 "M1": "1m", "M2": "2m", "M4": "4m", "M5": "5m", "M10": "10m", "M15": "15m", "M30": "30m",
+                 "H1": "1h", "H2": "2h", "H3": "3h", "H4": "4h", "H6": "6h", "H8": "8h", "H12": "12h",
+                 "D": "1d", "W": "1w"}
+#: granularities whose phase follows dailyAlignment (shorter ones divide an hour: S5..S30 open
+#: on multiples of their length within the minute, M2..M30 and H1 within the hour, whatever
+#: the alignment parameters)
 _DAILY_ALIGNED = frozenset({"H2", "H3", "H4", "H6", "H8", "H12", "D", "W", "M"})
 _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "GMT", "Etc/GMT", "Z"})
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
-from ...history import INTERVALS, Candle, CandleHistory, Market
+from ...history import BINANCE_INTERVALS, Candle, CandleHistory, Market
 from .base import Op, Refusal, Request, Resolved, Rules, SessionView, StreamKey, Topic, dumps, utc_align
 
 _METHODS = {
@@ -23,7 +23,7 @@ _METHODS = {
 }
 _STREAM = re.compile(r"^([a-z0-9]+)@kline_([0-9]+[smhdwM])$")
 #: Binance kline intervals the simulator can serve (3d and 1M are not modelled by history).
-_INTERVALS = tuple(INTERVALS)
+_INTERVALS = BINANCE_INTERVALS
 
 #: Error words. Code 2 "Invalid request: invalid stream" is what Binance sends for a bad
 #: stream (ccxt quotes it in handle_ws_error); the too-many-streams reply is undocumented,
