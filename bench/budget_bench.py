@@ -186,6 +186,67 @@ def ideal_seconds(oracle: ExchangeSimulator, paths: list[str]) -> float:
     return max(units[k] / per_s[k] for k in units)
 
 
+# -- the baseline: a plain ccxt loop at the ideal pace ------------------------------------------
+
+
+async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], page: int, rate: float) -> int:
+    """Each (symbol, since) page fetched by a bare ccxt async client, request i sent at i / rate s
+    (the ideal pace, evenly spaced), all in flight at once; a rate-limit answer is asked again
+    1 s later. Returns how many answers were rate-limit answers."""
+    import asyncio
+
+    import ccxt.async_support as accxt
+
+    from candlekeeper.actors.sources.urls import rebase_urls
+    from candlekeeper.simulator.ccxt_client import SPOT_ONLY_OPTIONS
+
+    client = getattr(accxt, dialect)({"enableRateLimit": False, "timeout": 30_000,
+                                       "options": dict(SPOT_ONLY_OPTIONS.get(dialect, {}))})
+    client.urls["api"] = rebase_urls(client.urls["api"], url)
+    limited = 0
+    try:
+        await client.load_markets()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(i: int, symbol: str, since: int) -> None:
+            nonlocal limited
+            await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
+            while True:
+                try:
+                    await client.fetch_ohlcv(symbol, "1m", since=since, limit=page)
+                    return
+                except (accxt.RateLimitExceeded, accxt.DDoSProtection):
+                    limited += 1
+                    await asyncio.sleep(1.0)
+
+        await asyncio.gather(*(one(i, sym, since) for i, (sym, since) in enumerate(pages)))
+    finally:
+        await client.close()
+    return limited
+
+
+def plain_ccxt(script: str, dialect: str, symbols: list[str], start_ms: int, page: int, now_ms: int,
+               ideal_s: float) -> dict[str, Any] | None:
+    """The same candle pages, from a fresh simulated exchange, by the plain loop at the ideal
+    pace: how long this machine needs to ask for and parse them with ccxt alone, the baseline
+    for the daemon's time (None for OANDA, which ccxt does not speak)."""
+    import asyncio
+
+    if dialect == "oanda":
+        return None
+    first_open = (now_ms // TF) * TF
+    pages = [(sym, start_ms + i * page * TF) for sym in symbols
+             for i in range(1 if dialect == "kraken" else math.ceil(((first_open - start_ms) // TF + 1) / page))]
+    sim = SimProcess(script, dialect, symbols, start_ms, 0.0)
+    try:
+        t0 = time.perf_counter()
+        limited = asyncio.run(_plain_pages(dialect, sim.url, pages, page, len(pages) / ideal_s))
+        return {"seconds": round(time.perf_counter() - t0, 3), "requests": len(pages), "rate_limited": limited}
+    finally:
+        sim.close()
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -246,6 +307,8 @@ def run(script: str, dialect: str, series: int, candles: int, page_limit: int | 
         oracle.stop()
     needed = needed_requests(oracle, dialect, symbols, start_ms, page, t0_ms)
     ideal = ideal_seconds(oracle, needed)
+    candle_ideal = ideal * (len(needed) - len(MARKET_PATHS[dialect])) / len(needed)
+    plain = plain_ccxt(script, dialect, symbols, start_ms, page, t0_ms, candle_ideal)
     candle_requests = sum(n for p, n in stats["by_path"].items() if "andle" in p or "kline" in p or "OHLC" in p)
     return {
         "exchange": dialect, "series": series, "candles_per_series": candles, "page": page,
@@ -255,6 +318,8 @@ def run(script: str, dialect: str, series: int, candles: int, page_limit: int | 
         "rate_limited": stats["rate_limited"], "errors": stats["errors"], "exact": exact, "rows": rows_stored,
         "cpu_s": round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 2),
         "sim_cpu_s": round(stats["cpu_s"] - sim_cpu0, 2),
+        "plain_s": None if plain is None else plain["seconds"],
+        "vs_plain": None if plain is None else round(elapsed / plain["seconds"], 3),
     }
 
 
@@ -304,9 +369,13 @@ def write_section(path: str, results: list[dict[str, Any]], command: str) -> Non
         "exchange's own budget and page size. Ideal: the fewest requests a backfill needs at that page",
         "size over the documented rate of the limit they count against.",
         "",
-        "| exchange | series x candles | page | backfill / ideal | ratio (target <= 1.1) | requests (needed) "
-        "| rate-limit answers (target 0) | exact | CPU: daemon / simulator |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "The baseline, in the same run: the same candle pages from a fresh simulated exchange by a bare",
+        "ccxt async client, sent at the ideal pace (evenly spaced, all in flight at once): how long this",
+        "machine takes to ask for and parse them at all, without the daemon.",
+        "",
+        "| exchange | series x candles | page | backfill / ideal | ratio (target <= 1.1) | plain ccxt loop | "
+        "backfill / plain | requests (needed) | rate-limit answers (target 0) | exact | CPU: daemon / simulator |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         met = r["ratio"] <= 1.1 and r["rate_limited"] == 0 and r["exact"]
@@ -314,7 +383,10 @@ def write_section(path: str, results: list[dict[str, Any]], command: str) -> Non
         lines.append(
             f"| {r['exchange']} | {r['series']} x {r['candles_per_series']:,} "
             f"| {r['page']}{' (page_limit)' if r['page_limit'] else ''} "
-            f"| {r['backfill_s']:.2f} s / {r['ideal_s']:.2f} s | {ratio} | {r['requests']} ({r['requests_needed']}) "
+            f"| {r['backfill_s']:.2f} s / {r['ideal_s']:.2f} s | {ratio} "
+            f"| {'-' if r.get('plain_s') is None else format(r['plain_s'], '.2f') + ' s'} "
+            f"| {'-' if r.get('vs_plain') is None else format(r['vs_plain'], '.3f')} "
+            f"| {r['requests']} ({r['requests_needed']}) "
             f"| {r['rate_limited']} | {'yes' if r['exact'] else '**no**'} | {r['cpu_s']} s / {r['sim_cpu_s']} s |")
     lines.append(END)
     replace_section(path, "\n".join(lines), BEGIN, END)
