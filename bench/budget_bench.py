@@ -205,7 +205,13 @@ async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], pag
     client.urls["api"] = rebase_urls(client.urls["api"], url)
     limited = 0
     try:
-        await client.load_markets()
+        while True:  # Kraken's two market requests at once may already count as too many
+            try:
+                await client.load_markets()
+                break
+            except (accxt.RateLimitExceeded, accxt.DDoSProtection):
+                limited += 1
+                await asyncio.sleep(1.0)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 
