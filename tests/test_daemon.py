@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,30 @@ class Daemon:
         return self.proc.returncode
 
 
+class CandleGate:
+    """A request hook that answers the first `passed` candle requests and holds every later one
+    until `release()`: a daemon killed while it waits is killed in the middle of its backfill,
+    however fast or slow the machine, with no slow rate limit to make it so."""
+
+    def __init__(self, passed: int) -> None:
+        self.passed = passed
+        self.seen = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+
+    def __call__(self, path: str, params: Any, status: Any, fault: Any) -> None:
+        if not any(word in path.lower() for word in ("kline", "candles", "ohlc")):
+            return
+        with self._lock:
+            self.seen += 1
+            hold = self.seen > self.passed
+        if hold:
+            self._released.wait(60)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 def daemon_config(workdir: Path, sim: BinanceSimulator, since_ms: int, rate_limit: float = 200) -> Path:
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since_ms / 1000))
     return write_config(
@@ -221,13 +246,18 @@ def test_daemon_health_json_and_graceful_stop(workdir: Path) -> None:
 
 def test_kill_9_mid_backfill_then_resume_exact(workdir: Path) -> None:
     start = (now_ms() // TF) * TF - 30 * 3600_000  # 1800 candles per symbol: several pages
-    with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start) as sim:
-        cfg = daemon_config(workdir, sim, start, rate_limit=4)  # slow enough to be killed mid-way
+    gate = CandleGate(passed=1)  # one page answered (1000 candles at most), the next ones held on the wire
+    with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start, on_request=gate) as sim:
+        cfg = daemon_config(workdir, sim, start)
         db = workdir / "candles.db"
         daemon = Daemon(workdir, cfg).start()
-        wait_until(lambda: count(db, "BTC/USDT") > 0, what="first page stored")
-        daemon.kill9()
-        assert count(db, "BTC/USDT") < 1799, "backfill finished before the kill: test proves nothing"
+        try:
+            wait_until(lambda: count(db, "BTC/USDT") + count(db, "ETH/USDT") > 0, what="first page stored")
+        finally:
+            daemon.kill9()
+            gate.release()
+        for symbol in ("BTC/USDT", "ETH/USDT"):
+            assert count(db, symbol) < 1799, "backfill finished before the kill: test proves nothing"
         assert (workdir / "ctl.sock").exists()  # stale socket left by the crash
         daemon = Daemon(workdir, cfg).start()  # replaces the stale socket
         try:
