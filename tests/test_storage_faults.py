@@ -15,9 +15,7 @@ from typing import Any
 
 import pytest
 
-from candlekeeper.actors import storage as storage_mod
 from candlekeeper.actors.messages import StoredCandle
-from candlekeeper.actors.stores import sqlite as sqlite_mod
 from candlekeeper.actors.stores.errors import StoreError, StoreGone, StoreUnavailable
 from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import config as config_mod
@@ -29,6 +27,8 @@ from tests.faults_fs import Filler, Immutable, Locker, small_tmpfs
 from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
 
+pytestmark = pytest.mark.usefixtures("quick_storage")
+
 SYMBOLS = ["BTC/USDT", "ETH/USDT"]
 STORAGE_ALERT = "candlekeeper/storage"
 KEY = ("binance", "BTC/USDT", "1m")
@@ -36,16 +36,6 @@ KEY = ("binance", "BTC/USDT", "1m")
 
 def rows(times: range | list[int]) -> list[tuple[Any, ...]]:
     return [(*KEY, t, 1.0, 2.0, 0.5, 1.5, 3.0) for t in times]
-
-
-@pytest.fixture(autouse=True)
-def quick_storage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lock held elsewhere fails a write after 1 s (not 5), and a failing store is probed every
-    second at most (not every 5): the same failures and recoveries, without waiting them out."""
-    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(storage_mod, "PROBE_FIRST_S", 0.2)
-    monkeypatch.setattr(storage_mod, "PROBE_MAX_S", 1.0)
-    monkeypatch.setattr(storage_mod, "PROBE_BUSY_S", 0.5)
 
 
 @pytest.fixture
