@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -108,6 +109,19 @@ def test_ctl_without_daemon_says_so(workdir: Path) -> None:
     assert "not running" in res.stderr and "Traceback" not in res.stderr
 
 
+def listening(path: Path) -> bool:
+    """Someone accepts connections on the Unix socket `path` (a stale file refuses them)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 class Daemon:
     def __init__(self, workdir: Path, config: Path) -> None:
         self.workdir = workdir
@@ -118,7 +132,8 @@ class Daemon:
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(RUN + ["--config", str(self.config)], cwd=self.workdir,
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        wait_until(lambda: (self.workdir / "ctl.sock").exists() or self.proc.poll() is not None, timeout=30,
+        # listening, not merely there: a daemon killed with -9 leaves its socket file behind
+        wait_until(lambda: listening(self.workdir / "ctl.sock") or self.proc.poll() is not None, timeout=30,
                    what="daemon socket")
         assert self.proc.poll() is None, (self.workdir / "daemon.log").read_text()
         return self
