@@ -61,9 +61,9 @@ from .messages import (
     Write,
     Written,
 )
+from .stores import sqlite as sqlite_store
 from .stores.base import make_store
 from .stores.errors import StoreError, StoreGone, StoreUnavailable
-from .stores.sqlite import BUSY_TIMEOUT_S
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ _PROBE = _Probe()
 CHECK_FILE_S = 2.0  # how often the database is checked while idle (a stat, or one round trip)
 PROBE_FIRST_S = 0.5  # first retry after the store failed; doubles while it keeps failing
 PROBE_MAX_S = 5.0  # the longest wait between retries: how late recovery is noticed at most
-# While failing, a write waits this long (not BUSY_TIMEOUT_S) for another process's lock, so
+# While failing, a write waits this long (not sqlite's BUSY_TIMEOUT_S) for another process's lock, so
 # the mailbox keeps answering resume queries and `latest` between probes.
 PROBE_BUSY_S = 1.0
 
@@ -483,7 +483,7 @@ class StorageActor(Child):
         if self._probe_timer is not None:
             self._probe_timer.cancel()
             self._probe_timer = None
-        self._set_busy_timeout(BUSY_TIMEOUT_S)
+        self._set_busy_timeout(sqlite_store.BUSY_TIMEOUT_S)
         self._report()
 
     def _probe(self) -> None:
@@ -523,7 +523,7 @@ class StorageActor(Child):
         try:
             return fn()
         finally:
-            self._set_busy_timeout(BUSY_TIMEOUT_S if self.failing is None else PROBE_BUSY_S)
+            self._set_busy_timeout(sqlite_store.BUSY_TIMEOUT_S if self.failing is None else PROBE_BUSY_S)
 
     def _set_busy_timeout(self, seconds: float) -> None:
         try:

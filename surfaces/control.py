@@ -34,15 +34,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ..app.config import ControlConfig, parse_host_port
 from ..app.errors import SocketInUse, SocketUnusable
-from ..app.system import System
 from ..supervisors.child import Child
 from ..supervisors.supervisor import ChildSpec
+
+if TYPE_CHECKING:  # the server's side only: `ctl` (the client, `request`) does not import the whole tree
+    from ..app.system import System
 
 MAX_MESSAGE = 1 << 20
 MAX_CONNECTIONS = 32  # per listener: the Unix socket and the TCP listener each have their own

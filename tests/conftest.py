@@ -10,6 +10,8 @@ from typing import Any
 import pykka
 import pytest
 
+from candlekeeper.actors import storage as storage_mod
+from candlekeeper.actors.stores import sqlite as sqlite_mod
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.supervisors.events import LifecycleEvent
@@ -84,6 +86,16 @@ def no_leftovers() -> Iterator[None]:
     pykka.ActorRegistry.stop_all(block=True, timeout=5)
     assert not actors, f"actors left registered: {actors}"
     assert not left, f"threads left running: {[t.name for t in left]}"
+
+
+@pytest.fixture
+def quick_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock held elsewhere fails a write after 1 s (not 5), and a failing store is probed every
+    second at most (not every 5): the same failures and recoveries, without waiting them out."""
+    monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage_mod, "PROBE_FIRST_S", 0.2)
+    monkeypatch.setattr(storage_mod, "PROBE_MAX_S", 1.0)
+    monkeypatch.setattr(storage_mod, "PROBE_BUSY_S", 0.5)
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ class Live:
 
     # -- time --------------------------------------------------------------------------------------
 
-    def to_close(self, system: System, lead: float = 1.0) -> int:
+    def to_close(self, system: System, lead: float = 0.3) -> int:
         """Move time to `lead` s before the next minute close (forward only, once the exchange
         actor has nothing in flight); returns the open time of the candle that closes then."""
         ref = system.blueprint.exchanges[self.exchange]

@@ -63,7 +63,7 @@ def test_one_stop_answer_holds_every_request_of_the_exchange(tmp_path, systems, 
     sim = ExchangeSimulator(SYMBOLS, dialect=dialect, catalogue=False, history_start_ms=start, now_ms=clock.ms,
                             faults=Faults(documented_limits=True, retry_after_s=int(hold)), on_request=log).start()
     try:
-        cfg = config(tmp_path, sim, dialect, SYMBOLS, start, page_limit=10, heartbeat="1s")
+        cfg = config(tmp_path, sim, dialect, SYMBOLS, start, page_limit=20, heartbeat="1s")
         with capture_logs() as logs:
             systems.append(System(cfg, runtime=Runtime(wall=clock)).start())
             wait_until(lambda: log.count(candles) >= 20, 30, "the backfill under way")

@@ -68,6 +68,9 @@ poll_interval = "2s"
 [resilience]
 retry_base_delay = "50ms"
 retry_max_delay = "500ms"
+# the stopped daemon wakes to requests timed out while it slept, which may open its breaker:
+# it probes again after 2 s, not the default minute
+breaker_recovery = "2s"
 
 [exchanges.binance]
 symbols = {json.dumps(symbols)}

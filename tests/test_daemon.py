@@ -7,10 +7,12 @@ import io
 import json
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +109,19 @@ def test_ctl_without_daemon_says_so(workdir: Path) -> None:
     assert "not running" in res.stderr and "Traceback" not in res.stderr
 
 
+def listening(path: Path) -> bool:
+    """Someone accepts connections on the Unix socket `path` (a stale file refuses them)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 class Daemon:
     def __init__(self, workdir: Path, config: Path) -> None:
         self.workdir = workdir
@@ -117,7 +132,8 @@ class Daemon:
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(RUN + ["--config", str(self.config)], cwd=self.workdir,
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        wait_until(lambda: (self.workdir / "ctl.sock").exists() or self.proc.poll() is not None, timeout=30,
+        # listening, not merely there: a daemon killed with -9 leaves its socket file behind
+        wait_until(lambda: listening(self.workdir / "ctl.sock") or self.proc.poll() is not None, timeout=30,
                    what="daemon socket")
         assert self.proc.poll() is None, (self.workdir / "daemon.log").read_text()
         return self
@@ -143,6 +159,30 @@ class Daemon:
             self.proc.wait(60)
         self.log.close()
         return self.proc.returncode
+
+
+class CandleGate:
+    """A request hook that answers the first `passed` candle requests and holds every later one
+    until `release()`: a daemon killed while it waits is killed in the middle of its backfill,
+    however fast or slow the machine, with no slow rate limit to make it so."""
+
+    def __init__(self, passed: int) -> None:
+        self.passed = passed
+        self.seen = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+
+    def __call__(self, path: str, params: Any, status: Any, fault: Any) -> None:
+        if not any(word in path.lower() for word in ("kline", "candles", "ohlc")):
+            return
+        with self._lock:
+            self.seen += 1
+            hold = self.seen > self.passed
+        if hold:
+            self._released.wait(60)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 def daemon_config(workdir: Path, sim: BinanceSimulator, since_ms: int, rate_limit: float = 200) -> Path:
@@ -221,13 +261,18 @@ def test_daemon_health_json_and_graceful_stop(workdir: Path) -> None:
 
 def test_kill_9_mid_backfill_then_resume_exact(workdir: Path) -> None:
     start = (now_ms() // TF) * TF - 30 * 3600_000  # 1800 candles per symbol: several pages
-    with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start) as sim:
-        cfg = daemon_config(workdir, sim, start, rate_limit=4)  # slow enough to be killed mid-way
+    gate = CandleGate(passed=1)  # one page answered (1000 candles at most), the next ones held on the wire
+    with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start, on_request=gate) as sim:
+        cfg = daemon_config(workdir, sim, start)
         db = workdir / "candles.db"
         daemon = Daemon(workdir, cfg).start()
-        wait_until(lambda: count(db, "BTC/USDT") > 0, what="first page stored")
-        daemon.kill9()
-        assert count(db, "BTC/USDT") < 1799, "backfill finished before the kill: test proves nothing"
+        try:
+            wait_until(lambda: count(db, "BTC/USDT") + count(db, "ETH/USDT") > 0, what="first page stored")
+        finally:
+            daemon.kill9()
+            gate.release()
+        for symbol in ("BTC/USDT", "ETH/USDT"):
+            assert count(db, symbol) < 1799, "backfill finished before the kill: test proves nothing"
         assert (workdir / "ctl.sock").exists()  # stale socket left by the crash
         daemon = Daemon(workdir, cfg).start()  # replaces the stale socket
         try:

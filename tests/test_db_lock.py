@@ -88,7 +88,7 @@ def test_second_daemon_refuses_and_kill_9_leaves_no_stale_lock(workdir: Path) ->
             before = count(db, "BTC/USDT")
             wait_until(lambda: count(db, "BTC/USDT") >= 59, what="the restarted daemon ingests")
             assert count(db, "BTC/USDT") >= before
-            assert restarted.ctl("health", "--json").returncode == 0
+            assert restarted.ctl_here("health", "--json").returncode == 0
         finally:
             assert restarted.stop() == 0
         DatabaseLock(str(db)).acquire().release()

@@ -11,7 +11,6 @@ reach, a failing derivative listing.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -245,35 +244,11 @@ def test_a_failing_derivative_listing_blocks_no_spot_series(tmp_path, clock, sys
         assert status[swap] != "invalid", status
 
 
-class CandleGate:
-    """A request hook that answers the first `passed` candle requests and holds every later one
-    until `release()`: a daemon killed while it waits is killed in the middle of its backfill,
-    however fast or slow the machine, with no slow rate limit to make it so."""
-
-    def __init__(self, passed: int) -> None:
-        self.passed = passed
-        self.seen = 0
-        self._lock = threading.Lock()
-        self._released = threading.Event()
-
-    def __call__(self, path: str, params: Any, status: Any, fault: Any) -> None:
-        if not any(word in path.lower() for word in ("kline", "candles", "ohlc")):
-            return
-        with self._lock:
-            self.seen += 1
-            hold = self.seen > self.passed
-        if hold:
-            self._released.wait(60)
-
-    def release(self) -> None:
-        self._released.set()
-
-
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_kill_9_mid_backfill_then_resume_exact(tmp_path, dialect: str) -> None:
     """The daemon process killed with -9 in the middle of a backfill, then started again: the store
     ends exact for every dialect (real time here: the daemon is another process)."""
-    from tests.test_daemon import Daemon, write_config
+    from tests.test_daemon import CandleGate, Daemon, write_config
 
     now = int(time.time() * 1000)
     start = (now // TF) * TF - 20 * 3600_000

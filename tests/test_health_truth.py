@@ -280,6 +280,7 @@ def test_a_418_ban_shows_lagging_within_the_bound_while_the_breaker_stays_closed
 
 def test_a_read_only_database_at_start_shows_storage_failing_and_lagging_series(
     tmp_path: Path, sim: BinanceSimulator, sim_start: int, running: Callable[[config_mod.Config], System],
+    quick_storage: None,
 ) -> None:
     # a 1 s request timeout: a page's time, and so the stall bound of 5 pages, is half the default's
     cfg = make_config(tmp_path, sim, sim_start, timeout="1s")

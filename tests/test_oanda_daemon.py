@@ -509,7 +509,7 @@ def test_random_faults_at_a_rate_leave_the_store_exact(tmp_path, token, simulato
 
 
 def test_a_429_with_retry_after_is_waited_out(tmp_path, token, simulator, daemons) -> None:
-    """Every request answered 429 with Retry-After: 2 mid-backfill: the breaker stays closed, the
+    """Every request answered 429 with Retry-After: 1 mid-backfill: the breaker stays closed, the
     series say they are rate limited, the exchange asks about once per Retry-After instead of
     spinning, and once the limit lifts the store is exact."""
     clock = clock_at(MONDAY)
@@ -521,7 +521,7 @@ def test_a_429_with_retry_after_is_waited_out(tmp_path, token, simulator, daemon
     def trip(path: str, params: Mapping[str, str], status: int | None, fault: Any) -> None:
         if path.startswith(CANDLES) and requests.candles >= 4 and not tripped.is_set():
             tripped.set()
-            sim.set_faults(Faults(rates={FaultKind.HTTP_429: 1.0}, retry_after_s=2))
+            sim.set_faults(Faults(rates={FaultKind.HTTP_429: 1.0}, retry_after_s=1))
 
     sim.add_request_hook(trip)
     system = daemons(clock).start(cfg)
@@ -530,9 +530,9 @@ def test_a_429_with_retry_after_is_waited_out(tmp_path, token, simulator, daemon
     wait_until(lambda: any("RateLimitExceeded" in (s.get("detail") or "") for s in series(system).values()),
                what="series rate limited")
     at = requests.total
-    time.sleep(4.0)  # the one fixed wait: how many requests 4 s of a held budget let through
+    time.sleep(2.0)  # the one fixed wait: how many requests 2 s of a held budget let through
     during = requests.total - at
-    assert during <= 8, f"{during} requests in 4 s while told to wait 2 s (spinning would be hundreds)"
+    assert during <= 8, f"{during} requests in 2 s while told to wait 1 s (spinning would be hundreds)"
     health = system.health()
     assert health["exchanges"][0]["breaker"] == "closed"
     sim.set_faults(Faults())

@@ -27,6 +27,8 @@ from tests.faults_fs import Filler, Immutable, Locker, small_tmpfs
 from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
 
+pytestmark = pytest.mark.usefixtures("quick_storage")
+
 SYMBOLS = ["BTC/USDT", "ETH/USDT"]
 STORAGE_ALERT = "candlekeeper/storage"
 KEY = ("binance", "BTC/USDT", "1m")

@@ -1,5 +1,5 @@
 """A reply that trickles (issue 16, point 1): one symbol's candle answers arrive at 1 byte/s with
-`timeout = "2s"`. ccxt's timeout alone bounds each socket read, never the request, so such a
+`timeout = "1s"`. ccxt's timeout alone bounds each socket read, never the request, so such a
 request would never end. The daemon's `timeout` is a deadline for the whole request: each of
 that symbol's requests fails at it (a `timeout` outcome), the series says so in health, and the
 exchange's other series keep their pace and end exact. In process, on the shared test clock."""
@@ -42,10 +42,10 @@ def timeouts(system: System) -> float:
 
 def test_trickling_symbol_times_out_and_the_others_keep_their_pace(tmp_path, sim, sim_start, running, clock,
                                                                    logs) -> None:
-    # the next candle closes 20 s from now: after the backfill and six timeouts of 2 s (if a loaded
+    # the next candle closes 12 s from now: after the backfill and six timeouts of 1 s (if a loaded
     # machine is slower, the candle after it is the one waited for below)
-    clock.offset += clock.until_boundary(60) - 20
-    cfg = make_config(tmp_path, sim, sim_start, symbols=SYMBOLS, timeout="2s")
+    clock.offset += clock.until_boundary(60) - 12
+    cfg = make_config(tmp_path, sim, sim_start, symbols=SYMBOLS, timeout="1s")
     db = cfg.storage.path
     system = running(cfg)
     # the other series backfill in full while the trickling one's requests hang on the wire
@@ -78,7 +78,7 @@ def test_trickling_symbol_times_out_and_the_others_keep_their_pace(tmp_path, sim
 
 
 def test_trickle_ends_and_the_series_catches_up(tmp_path, sim, sim_start, running) -> None:
-    cfg = make_config(tmp_path, sim, sim_start, symbols=SYMBOLS, timeout="2s")
+    cfg = make_config(tmp_path, sim, sim_start, symbols=SYMBOLS, timeout="1s")
     db = cfg.storage.path
     system = running(cfg)
     wait_until(lambda: timeouts(system) >= 2, timeout=30, what="trickling requests timed out")

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import ccxt
-
 Outcome = Literal["ok", "rate_limited", "timeout", "bad_response", "network_error", "exchange_error", "error"]
 OUTCOMES: tuple[Outcome, ...] = (
     "ok", "rate_limited", "timeout", "bad_response", "network_error", "exchange_error", "error",
@@ -75,6 +73,8 @@ def classify(error: BaseException | None) -> ErrorClass:
     """
     if error is None:
         return OK
+    import ccxt  # on first use: `ctl` reads configs (timeframes, this module's vocabulary) without ccxt
+
     if isinstance(error, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
         return RATE_LIMITED
     if isinstance(error, ccxt.RequestTimeout | TimeoutError):

@@ -206,11 +206,12 @@ class Store:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], readonly: bool = False, *, busy_timeout: float = BUSY_TIMEOUT_S
+        self, path: str | os.PathLike[str], readonly: bool = False, *, busy_timeout: float | None = None
     ) -> None:
         self.path = os.fspath(path)
         self.readonly = readonly
-        self.busy_timeout = busy_timeout
+        # None: BUSY_TIMEOUT_S as it is when the store is made (tests shorten it)
+        self.busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._corrupt = False
