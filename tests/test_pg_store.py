@@ -3,6 +3,9 @@ nothing, and leases with fencing tokens between racing nodes."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -788,19 +791,37 @@ def test_owner_change_committing_during_a_fenced_write_is_seen(store, pg_db):
 def test_owner_change_waits_for_a_fenced_write_in_flight(store, pg_db):
     """a's fenced write holds its lease row until it commits: b cannot take the series
     between a's check and a's write, so a's rows (written while it still held the token)
-    stay, and b's token comes after them."""
+    stay, and b's token comes after them. (a's write is held inside its one message by a lock
+    on the candles table that a third session takes.)"""
     t_a = store.acquire(KEY, "a", 30)
     expire(pg_db)  # expired but not taken: a's token is still the current one
-    with PostgresStore(pg_db.url) as b:
-        store._conn.execute("BEGIN")  # the write's transaction stays open after the check
-        assert store.upsert(rows(minutes(0, 300)), fence={KEY: t_a}).changed == 300
+    with pg_db.admin() as blocker, PostgresStore(pg_db.url) as b:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE candles IN EXCLUSIVE MODE")
+        writer = Thread(lambda: store.upsert(rows(minutes(0, 300)), fence={KEY: t_a}))
+        writer.start()
+        wait_until_blocked(pg_db)  # a checked its token (lease row share-locked), waits to write
         taker = Thread(lambda: b.acquire(KEY, "b", 30))
         taker.start()
-        wait_until_blocked(pg_db)
-        store._conn.execute("COMMIT")
+        wait_until_blocked_n(pg_db, 2)  # b waits on a's lease row
+        blocker.execute("COMMIT")
+        assert writer.result() == FencedWrite(300, frozenset())
         assert taker.result() == t_a + 1
     assert store.count(*KEY) == 300
     assert store.upsert(rows([400 * TF]), fence={KEY: t_a}).refused == {KEY}
+
+
+def wait_until_blocked_n(db: PgDatabase, n: int, timeout: float = 10.0) -> None:
+    """Until ``n`` candlekeeper sessions wait on a lock."""
+    deadline = time.monotonic() + timeout
+    with db.admin() as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'candlekeeper'"
+                               " AND wait_event_type = 'Lock'").fetchone()
+            if row is not None and row[0] >= n:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"fewer than {n} sessions blocked")
 
 
 def test_missing_server_binaries_fail_loudly(monkeypatch):
@@ -811,3 +832,57 @@ def test_missing_server_binaries_fail_loudly(monkeypatch):
     monkeypatch.setattr(pg.glob, "glob", lambda pattern: [])
     with pytest.raises(pg.PgUnavailable, match=r"apt-get install -y postgresql"):
         pg.find_bindir()
+
+
+_STALLING_WRITER = """
+import sys
+from candlekeeper.actors.stores.postgres import PostgresStore
+
+key = ("binance", "BTC/USDT", "1m")
+with PostgresStore(sys.argv[1], idle_in_transaction_s=1.0) as store:
+    token = store.acquire(key, "a", 300)
+    print("writing", flush=True)
+    i = 0
+    while True:  # large fenced batches of new candles, one after the other
+        store.upsert([(*key, (i * 50_000 + j) * 60_000, 1.0, 2.0, 0.5, 1.5, 3.0) for j in range(50_000)],
+                     fence={key: token})
+        i += 1
+"""
+
+
+def _writer_state(db: PgDatabase) -> str | None:
+    with db.admin() as conn:
+        row = conn.execute("SELECT state FROM pg_stat_activity WHERE application_name = 'candlekeeper'"
+                           " AND query NOT LIKE '%%pg_stat_activity%%'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_a_writer_stopped_mid_write_never_blocks_a_takeover(pg_db):
+    """A daemon SIGSTOPped in the middle of a fenced write holds its share lock on the lease rows
+    only until the server ends its idle transaction (`idle_in_transaction_s`). A writer frozen
+    in the middle of sending a COPY looked active to the server, which never ended it: every
+    takeover of its series blocked for as long as it stayed stopped (a cluster test lost 2 runs
+    in 5 to it). The writer is stopped while the server is running one of its statements, again
+    until one such stop leaves the session stuck `active` (or 20 tries); the deadline is a
+    "never" check."""
+    child = subprocess.Popen([sys.executable, "-c", _STALLING_WRITER, pg_db.url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "writing"
+        for _ in range(20):
+            deadline = time.monotonic() + 10
+            while _writer_state(pg_db) != "active":  # the server is in one of its statements
+                assert time.monotonic() < deadline, "the writer never ran a statement"
+            child.send_signal(signal.SIGSTOP)
+            time.sleep(0.3)  # sleep-ok: whatever the server does with a stopped client, it does now
+            if _writer_state(pg_db) == "active":
+                break  # stuck in a statement that waits for the client: the case that blocked
+            child.send_signal(signal.SIGCONT)
+        with PostgresStore(pg_db.url) as b:
+            taker = Thread(lambda: (expire(pg_db), b.acquire(KEY, "b", 30))[1])
+            taker.start()
+            taker.join(30.0)
+            assert not taker.is_alive(), "the stopped writer still blocks the takeover"
+            assert taker.result() is not None
+    finally:
+        child.kill()
+        child.wait()

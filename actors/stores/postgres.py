@@ -39,6 +39,7 @@ table is used and ``hypertable_note`` says why; ``timescale=False`` never tries,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -51,13 +52,19 @@ from ..market.candles import Candle, Row
 from .coverage import Coverage
 from .errors import StoreError, StoreGone
 from .postgres_errors import Redactor, StoreUnavailable, connect_error, translate
-from .postgres_leases import FencedWrite, Lease, LeasesMixin, fence_check
+from .postgres_leases import FencedWrite, Lease, LeasesMixin
 from .postgres_lock import holder_name, take_lock
 from .postgres_sql import (
     CHUNK_ROWS,
     COPY_CANDLES,
+    COPY_FENCE,
+    COPY_GAPS,
     COPY_STAGE,
     DDL,
+    FENCE_STAGE,
+    FENCE_TYPES,
+    FENCED_COMMIT,
+    GAP_TYPES,
     OVERLAP,
     RECORD_GAP,
     SCHEMA_LOCK,
@@ -69,9 +76,11 @@ from .postgres_sql import (
     GapRow,
     Key,
     copy_rows,
+    copy_typed,
     dedupe,
     key_columns,
     key_of,
+    merge_gaps,
     spans,
     values_sql,
 )
@@ -488,12 +497,9 @@ class PostgresStore(LeasesMixin):
         refused: set[Key] = set()
         changed = 0
         try:
+            if fenced:
+                return self._fenced_tx(conn, rows, gaps, fenced)
             with conn.transaction():
-                if fenced:
-                    refused = fence_check(conn, fenced)
-                    if refused:
-                        rows = [r for r in rows if (r[0], r[1], r[2]) not in refused]
-                        gaps = [g for g in gaps if (g[0], g[1], g[2]) not in refused]
                 if not rows and not gaps:
                     return 0, refused
                 self._stage_used = False
@@ -508,6 +514,33 @@ class PostgresStore(LeasesMixin):
             raise _Duplicate() from None
         if self._stage_used:
             self._stage_ready = True  # committed, so the temporary table exists from now on
+        return changed, refused
+
+    def _fenced_tx(
+        self, conn: Conn, rows: Sequence[Row], gaps: Sequence[GapRow], fenced: dict[Key, int]
+    ) -> tuple[int, set[Key]]:
+        """Stage the rows, gaps and tokens (no lock held), then check the tokens and write in
+        one message ending with COMMIT (`FENCED_COMMIT`): a writer stopped at any moment never
+        holds the lease rows while the server waits for it. Rows of refused series are not
+        written; several rows of one key raise (the caller writes the batch again deduplicated)."""
+        conn.execute("BEGIN")
+        try:
+            conn.execute(STAGE_DDL + "; " + FENCE_STAGE, prepare=False)
+            copy_typed(conn, COPY_FENCE, FENCE_TYPES, [(*k, tok) for k, tok in fenced.items()])
+            if rows:
+                copy_rows(conn, COPY_STAGE, rows)
+            if gaps:
+                copy_typed(conn, COPY_GAPS, GAP_TYPES, merge_gaps(gaps))
+            cur = conn.cursor()
+            cur.execute(FENCED_COMMIT, prepare=False)
+            refused = {(e, s, t) for e, s, t in cur.fetchall()}
+            cur.nextset()
+            changed = max(0, cur.rowcount)
+        except BaseException:
+            if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):  # the first error is the one to tell
+                    conn.execute("ROLLBACK")
+            raise
         return changed, refused
 
     def _write_copy(self, conn: Conn, rows: Sequence[Row], safe: bool) -> int:

@@ -5,7 +5,7 @@ Each series is owned by at most one node through a lease row. A lease is free wh
 so nodes with skewed clocks agree. The fencing token of a series grows by one on every change
 of owner and lease rows are never deleted, so a token is never reused: a write fenced with an
 older token is refused (``PostgresStore.upsert(rows, fence=...)``, checked in the write's own
-transaction under a share lock on the lease rows, see ``fence_check``).
+transaction under a share lock on the lease rows, see ``postgres_sql.FENCED_COMMIT``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .postgres_sql import IN_KEYS, Conn, Key, key_columns, key_of
+from .postgres_sql import IN_KEYS, Conn, key_columns, key_of
 
-__all__ = ["Acquired", "FencedWrite", "Lease", "LeasesMixin", "NodeInfo", "fence_check"]
+__all__ = ["Acquired", "FencedWrite", "Lease", "LeasesMixin", "NodeInfo"]
 
 
 @dataclass(frozen=True)
@@ -72,20 +72,6 @@ class Acquired:
 
     tokens: dict[Any, int]
     retry_in_s: float | None
-
-
-def fence_check(conn: Conn, fenced: dict[Key, int]) -> set[Key]:
-    """The series whose lease does not carry the given token (taken by another node, released,
-    or never leased). Run inside the write's transaction: the lease rows stay share-locked
-    until it ends, so no change of owner can commit between this check and the write."""
-    keys = sorted(fenced)
-    held = conn.execute(
-        f"SELECT exchange, symbol, timeframe, token FROM leases WHERE owner IS NOT NULL AND {IN_KEYS}"
-        " ORDER BY exchange, symbol, timeframe FOR SHARE",
-        key_columns(keys),
-    ).fetchall()
-    current = {(e, s, t): tok for e, s, t, tok in held}
-    return {k for k in keys if current.get(k) != fenced[k]}
 
 
 def _check_seconds(s: float) -> None:

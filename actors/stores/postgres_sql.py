@@ -103,6 +103,60 @@ STAGE_DDL = (
 COPY_STAGE = f"COPY _ck_stage ({COLS}) FROM STDIN (FORMAT BINARY)"
 STAGE_UPSERT = f"INSERT INTO candles ({COLS}) SELECT {COLS} FROM _ck_stage" + ON_CONFLICT
 
+# A fenced write (clustering) stages everything first, holding no lock, then locks, checks and
+# writes in ONE simple-protocol message that ends with COMMIT: once it is sent the server needs
+# nothing more from the writer, so a writer stopped at any moment (SIGSTOP, a VM pause) never
+# holds its share lock on the lease rows while the server waits for it. (A writer stopped in the
+# middle of a COPY under that lock looked active to the server, which never ended it, and every
+# takeover of its series waited for as long as it stayed stopped.)
+FENCE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS _ck_fence (exchange TEXT, symbol TEXT, timeframe TEXT, token BIGINT)"
+    " ON COMMIT DELETE ROWS;"
+    " CREATE TEMP TABLE IF NOT EXISTS _ck_gaps (exchange TEXT, symbol TEXT, timeframe TEXT, ts_from BIGINT,"
+    " ts_to BIGINT, reason TEXT) ON COMMIT DELETE ROWS"
+)
+COPY_FENCE = "COPY _ck_fence (exchange, symbol, timeframe, token) FROM STDIN (FORMAT BINARY)"
+FENCE_TYPES = ["text", "text", "text", "int8"]
+COPY_GAPS = "COPY _ck_gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) FROM STDIN (FORMAT BINARY)"
+GAP_TYPES = ["text", "text", "text", "int8", "int8", "text"]
+_HELD = ("JOIN _ck_fence f USING (exchange, symbol, timeframe) JOIN leases l USING (exchange, symbol, timeframe)"
+         " WHERE l.owner IS NOT NULL AND l.token = f.token")
+FENCED_COMMIT = (
+    # the lease rows of the batch's series, share-locked (no change of owner commits until this
+    # transaction ends); the series whose lease does not carry the writer's token come back
+    "SELECT f.exchange, f.symbol, f.timeframe FROM _ck_fence f LEFT JOIN ("
+    " SELECT exchange, symbol, timeframe, token FROM leases WHERE owner IS NOT NULL"
+    " AND (exchange, symbol, timeframe) IN (SELECT exchange, symbol, timeframe FROM _ck_fence)"
+    " ORDER BY exchange, symbol, timeframe FOR SHARE) l USING (exchange, symbol, timeframe)"
+    " WHERE l.token IS DISTINCT FROM f.token;"
+    f" INSERT INTO candles ({COLS}) SELECT {COLS} FROM _ck_stage {_HELD}" + ON_CONFLICT + ";"
+    " INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason)"
+    f" SELECT exchange, symbol, timeframe, ts_from, ts_to, reason FROM _ck_gaps {_HELD}"
+    " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
+    " DO UPDATE SET ts_to = GREATEST(gaps.ts_to, excluded.ts_to), reason = excluded.reason;"
+    " COMMIT"
+)
+
+
+def merge_gaps(gaps: Iterable[GapRow]) -> list[GapRow]:
+    """One row per (series, start), as recording them one by one leaves it: the widest end,
+    the last reason (one INSERT cannot update a row twice)."""
+    out: dict[tuple[str, str, str, int], GapRow] = {}
+    for g in gaps:
+        k = (g[0], g[1], g[2], g[3])
+        before = out.get(k)
+        out[k] = g if before is None else (g[0], g[1], g[2], g[3], max(g[4], before[4]), g[5])
+    return list(out.values())
+
+
+def copy_typed(conn: Conn, statement: str, types: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Binary COPY of rows of the given types."""
+    with conn.cursor().copy(statement) as copy:
+        copy.set_types(list(types))
+        for row in rows:
+            copy.write_row(row)
+
+
 # A confirmed gap: a later confirmation of the same start widens it and takes its reason.
 RECORD_GAP = (
     "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (%s, %s, %s, %s, %s, %s)"
