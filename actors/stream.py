@@ -203,6 +203,10 @@ class _Dispatch:
             candles = tracker.frame(ts, closed, event_ms, row, now_ms, self.clock.margin_ms())
             if candles:
                 self._closed.extend((key, c) for c in candles)
+                # in hand from now: the ledger says so at once, not when the actor (busy at a
+                # close) has taken the batch, or the series' timer would find the stream past
+                # the close without its candle and ask REST for it
+                self.ledger.took(key, max(c[0] for c in candles))
                 urgent = True
         self._schedule(FLUSH_S if urgent else COUNT_FLUSH_S)
 

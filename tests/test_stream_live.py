@@ -9,6 +9,7 @@ is moved: tests/stream_support.py)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -159,6 +160,41 @@ def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp
         hold["after"] = ts
         wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
         assert klines(live.rest) == before, "a series asked REST while its stream was behind"
+        assert set(sources(system).values()) == {"stream"}
+        live.assert_exact()
+
+
+def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
+                                                                         monkeypatch) -> None:
+    """At 10,000 series the stream actor takes a close's batches of frames seconds after its
+    loop thread parsed them (its mailbox is busy at every close), while the series' timers fire
+    on time and find the stream already showing the next candle. The candle is in hand from the
+    moment it was parsed closed: the series waits for the word instead of asking REST."""
+    from candlekeeper.actors import stream as stream_mod
+    from candlekeeper.app import settings as settings_mod
+
+    grace = 2.0
+    monkeypatch.setattr(settings_mod, "STREAM_GRACE_S", grace)
+    busy: dict[str, int | None] = {"after": None}
+    handle = stream_mod.StreamActor._on_frames
+
+    def slow(self, msg) -> None:
+        after = busy["after"]
+        if after is not None and any(c[0] >= after for _, c in msg.closed):
+            time.sleep(1.5 * grace)  # sleep-ok: the busy mailbox this test is about
+        handle(self, msg)
+
+    monkeypatch.setattr(stream_mod.StreamActor, "_on_frames", slow)
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
+        system = live.start()
+        live.wait_complete()
+        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
+        before = klines(live.rest)
+        ts = live.closed_to()  # the candle in progress
+        busy["after"] = ts
+        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
+        assert klines(live.rest) == before, "a series asked REST for a candle its stream had parsed closed"
         assert set(sources(system).values()) == {"stream"}
         live.assert_exact()
 

@@ -92,8 +92,8 @@ STREAM_WRITE_PATIENCE_S = 60.0
 
 
 class StreamLedger:
-    """The newest open time of a closed candle an exchange's stream took for each series (its
-    write sent to the storage actor, or done).
+    """The newest open time of a closed candle an exchange's stream took for each series (from
+    the moment its loop thread parsed it closed: its write follows, or is done).
 
     The stream actor tells each series what it stored after the write, paced (thousands of
     series threads woken at once cost seconds in lock convoys), and the write itself queues
