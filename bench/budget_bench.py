@@ -190,9 +190,10 @@ def ideal_seconds(oracle: ExchangeSimulator, paths: list[str]) -> float:
 
 
 async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], page: int, rate: float) -> int:
-    """Each (symbol, since) page fetched by a bare ccxt async client, request i sent at i / rate s
-    (the ideal pace, evenly spaced), all in flight at once; a rate-limit answer is asked again
-    1 s later. Returns how many answers were rate-limit answers."""
+    """Each (symbol, since) page fetched by a bare ccxt async client: requests leave at the ideal
+    pace, one every 1 / rate s, from a few workers sharing one queue; a page answered with a
+    rate-limit reply goes back into the queue and takes a later slot (retries never add to the
+    pace). Returns how many answers were rate-limit answers."""
     import asyncio
 
     import ccxt.async_support as accxt
@@ -205,6 +206,7 @@ async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], pag
     client.urls["api"] = rebase_urls(client.urls["api"], url)
     limited = 0
     try:
+        loop = asyncio.get_running_loop()
         while True:  # Kraken's two market requests at once may already count as too many
             try:
                 await client.load_markets()
@@ -212,21 +214,24 @@ async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], pag
             except (accxt.RateLimitExceeded, accxt.DDoSProtection):
                 limited += 1
                 await asyncio.sleep(1.0)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        for p in pages:
+            queue.put_nowait(p)
+        slot = [loop.time()]
 
-        async def one(i: int, symbol: str, since: int) -> None:
+        async def worker() -> None:
             nonlocal limited
-            await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
-            while True:
+            while not queue.empty():
+                symbol, since = queue.get_nowait()
+                at, slot[0] = slot[0], max(slot[0], loop.time()) + 1.0 / rate
+                await asyncio.sleep(max(0.0, at - loop.time()))
                 try:
                     await client.fetch_ohlcv(symbol, "1m", since=since, limit=page)
-                    return
                 except (accxt.RateLimitExceeded, accxt.DDoSProtection):
                     limited += 1
-                    await asyncio.sleep(1.0)
+                    queue.put_nowait((symbol, since))
 
-        await asyncio.gather(*(one(i, sym, since) for i, (sym, since) in enumerate(pages)))
+        await asyncio.gather(*(worker() for _ in range(min(16, len(pages)))))
     finally:
         await client.close()
     return limited
