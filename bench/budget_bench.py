@@ -207,13 +207,9 @@ async def _plain_pages(dialect: str, url: str, pages: list[tuple[str, int]], pag
     limited = 0
     try:
         loop = asyncio.get_running_loop()
-        while True:  # Kraken's two market requests at once may already count as too many
-            try:
-                await client.load_markets()
-                break
-            except (accxt.RateLimitExceeded, accxt.DDoSProtection):
-                limited += 1
-                await asyncio.sleep(1.0)
+        client.enableRateLimit = True  # the market load at ccxt's own pace (Kraken's two requests
+        await client.load_markets()    # at once count as too many), the pages at the ideal one
+        client.enableRateLimit = False
         queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         for p in pages:
             queue.put_nowait(p)

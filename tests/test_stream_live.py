@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -101,6 +102,23 @@ def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp
         live.assert_exact()
 
 
+def _next_close_without_rest(clock, tmp_path, arm: Callable[[int], None], why: str) -> None:
+    """Series on the stream, a close 8 s away (the series' timers run on the real clock): `arm`
+    is given the candle in progress, then every series must store it with no REST request."""
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 8
+        system = live.start()
+        live.wait_complete()
+        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
+        before = klines(live.rest)
+        ts = live.closed_to()  # the candle in progress
+        arm(ts)
+        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
+        assert klines(live.rest) == before, why
+        assert set(sources(system).values()) == {"stream"}
+        live.assert_exact()
+
+
 def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
                                                                      monkeypatch) -> None:
     """The stream stored a candle but its word to a series is slower than `stream_grace` (at
@@ -112,19 +130,10 @@ def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_p
     built = settings_mod.stream_settings
     monkeypatch.setattr(settings_mod, "stream_settings",
                         lambda *a, **k: dataclasses.replace(built(*a, **k), notify_per_s=1.0))
-    with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
-        before = klines(live.rest)
-        ts = live.closed_to()  # the candle in progress
-        # from now on one word a 1.25 s (GRACE_S = 1 s): the second series hears of its candle late
+    def slow_words(_ts: int) -> None:  # from now on one word a 1.25 s (GRACE_S = 1 s): the second hears late
         monkeypatch.setattr(stream_mod, "NOTIFY_TICK_S", 1.25 * GRACE_S)
-        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
-        assert klines(live.rest) == before, "a series asked REST for a candle the stream had stored"
-        assert set(sources(system).values()) == {"stream"}
-        live.assert_exact()
+
+    _next_close_without_rest(clock, tmp_path, slow_words, "a series asked REST for a candle the stream had stored")
 
 
 def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp_path, fast_stream,
@@ -150,18 +159,8 @@ def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp
         parse(self, fid, symbol, timeframe, ts, closed, *rest)
 
     monkeypatch.setattr(stream_mod._Dispatch, "frame", late)
-    with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
-        before = klines(live.rest)
-        ts = live.closed_to()  # the candle in progress
-        hold["after"] = ts
-        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
-        assert klines(live.rest) == before, "a series asked REST while its stream was behind"
-        assert set(sources(system).values()) == {"stream"}
-        live.assert_exact()
+    _next_close_without_rest(clock, tmp_path, lambda ts: hold.update(after=ts),
+                             "a series asked REST while its stream was behind")
 
 
 def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
@@ -185,18 +184,8 @@ def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, 
         handle(self, msg)
 
     monkeypatch.setattr(stream_mod.StreamActor, "_on_frames", slow)
-    with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 8  # the series' timers run on the real clock
-        system = live.start()
-        live.wait_complete()
-        wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
-        before = klines(live.rest)
-        ts = live.closed_to()  # the candle in progress
-        busy["after"] = ts
-        wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
-        assert klines(live.rest) == before, "a series asked REST for a candle its stream had parsed closed"
-        assert set(sources(system).values()) == {"stream"}
-        live.assert_exact()
+    _next_close_without_rest(clock, tmp_path, lambda ts: busy.update(after=ts),
+                             "a series asked REST for a candle its stream had parsed closed")
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
