@@ -199,7 +199,7 @@ class PostgresStore(LeasesMixin):
         if failed is not None:  # raised outside the handler: the driver's error (which may
             self._wanted = isinstance(failed, StoreUnavailable)  # quote the URL) is not even
             raise failed  # its __context__
-        try:
+        with self._closed_on_error(conn, "cannot open"):
             conn.execute("SET jit = off")  # JIT compiles big upserts for longer than they run
             conn.execute("SET temp_buffers = '64MB'")  # COPY staging stays in memory
             conn.execute(sql.SQL("SET lock_timeout = {}").format(int(self.lock_timeout_s * 1000)))
@@ -212,12 +212,6 @@ class PostgresStore(LeasesMixin):
             self._candles_oid = int(row[0]) if row and row[0] is not None else None
             if "candles" not in created and self.timescale is not False:
                 self.hypertable = self._is_hypertable(conn)
-        except psycopg.Error as exc:
-            conn.close()
-            raise translate(exc, self.url, "cannot open", self._redact, conn.broken) from None
-        except StoreError:
-            conn.close()
-            raise
         self._conn = conn
         self._recreated = created if self._opened_before else ()
         self._opened_before = True
@@ -242,15 +236,22 @@ class PostgresStore(LeasesMixin):
             failed = connect_error(exc, self.url, self._redact)
         if failed is not None:
             raise failed  # outside the handler: the driver's error may quote the URL
-        try:
+        with self._closed_on_error(conn, "cannot lock"):
             take_lock(conn, self.url)
+        self._lock_conn = conn
+
+    @contextmanager
+    def _closed_on_error(self, conn: Conn, what: str) -> Iterator[None]:
+        """A connection being set up: closed if setting it up fails, the driver's error
+        translated into the store's (its message may quote the URL: not chained)."""
+        try:
+            yield
         except psycopg.Error as exc:
             conn.close()
-            raise translate(exc, self.url, "cannot lock", self._redact, conn.broken) from None
+            raise translate(exc, self.url, what, self._redact, conn.broken) from None
         except StoreError:
             conn.close()
             raise
-        self._lock_conn = conn
 
     def _release_lock(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
