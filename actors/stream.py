@@ -623,8 +623,6 @@ class StreamActor(Child):
                 groups.setdefault(key, []).append(candle)
         if not groups:
             return
-        for key, candles in groups.items():
-            self.ledger.took(key, max(c[0] for c in candles))  # their series wait for the word
         self._tokens += 1
         token = self._tokens
         rows = tuple((k.exchange, k.symbol, k.timeframe, *c) for k, cs in groups.items() for c in cs)
