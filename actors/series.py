@@ -624,7 +624,8 @@ class SeriesActor(Child):
         return self.detail or gaps_note(self._gaps)
 
     def _report(self) -> None:
-        now = (self.status, self.last_ts, self.failures, self.reopens_ms, self.source, tuple(self._gaps.items()))
+        # `_gaps` is replaced whole, never changed in place: the dict itself can be kept and compared
+        now = (self.status, self.last_ts, self.failures, self.reopens_ms, self.source, self._gaps)
         if now == self._reported:
             return
         status_changed = self._reported is None or now[0] != self._reported[0]
