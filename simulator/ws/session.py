@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -27,7 +27,7 @@ from .pacer import KlineCursor
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from ..history import CandleHistory
+    from ..history import Candle, CandleHistory
     from .dialects import Rules
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,14 @@ class Session:
 
     # --------------------------------------------------------------------- pushes
     async def _pusher(self) -> None:
+        """One pass per update period (and at each close): every stream's owed pushes, the
+        finals of all streams before any update in progress, as an exchange sends a close: its
+        finals at the close, the new candles' first updates after them."""
         ctx = self.ctx
         while not self._closing:
             self._new_topics.clear()
             now = ctx.now_ms()
+            updates: list[tuple[Topic, Any, Candle]] = []
             for name, cursor in list(self._cursors.items()):
                 topic = self.view.topics.get(name)
                 market = ctx.history.market(topic.key.symbol_id) if topic else None
@@ -230,15 +234,22 @@ class Session:
                 for due in cursor.due(now):
                     if market is None:  # Binance: an unknown symbol's stream stays silent
                         continue
+                    if not due.closed:
+                        updates.append((topic, market, due.candle))
+                        continue
                     candle = due.candle
-                    if due.closed and ctx.injector.stale(self.conn_no):
+                    if ctx.injector.stale(self.conn_no):
                         ctx.stats.fault(StreamFault.STALE_FINAL)
                         candle = candle._replace(volume=f"{float(candle.volume) * 0.9:.8f}")
-                    await self._push(ctx.dialect.push(topic, market, candle, due.closed,
-                                                      now, self.view, ctx.rules().closed_flag),
-                                     due.closed)
+                    await self._push(ctx.dialect.push(topic, market, candle, True, now, self.view,
+                                                      ctx.rules().closed_flag), True)
                     if self._closing:
                         return
+            for topic, market, candle in updates:
+                await self._push(ctx.dialect.push(topic, market, candle, False, now, self.view,
+                                                  ctx.rules().closed_flag), False)
+                if self._closing:
+                    return
             await self._sleep_until_next(now)
 
     async def _sleep_until_next(self, started_ms: int) -> None:
