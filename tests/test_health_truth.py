@@ -184,6 +184,28 @@ def test_lag_is_judged_on_a_schedule_without_any_report_or_question() -> None:
             h.stop()
 
 
+def test_the_tick_notices_a_stalled_backfill_and_never_one_that_keeps_reporting() -> None:
+    # each row is judged again at the instant its verdict would change (a heap of instants):
+    # a row that reports meanwhile moves its instant, and the old one must not judge it
+    watch = LogWatch()
+    with structlog.testing.capture_logs(processors=[watch]):
+        h = Health(tick=0.02)
+        try:
+            old = last_closed_ts(T0) - 1000 * TF
+            h.tell(status(BTC, "backfilling", old), status(ETH, "backfilling", old))
+            h.report()
+            for i in range(1, 4):  # ETH stores a page every 8 s (bound 10 s); BTC stores nothing
+                h.wall.advance(8)
+                h.tell(status(ETH, "backfilling", old + i * 100 * TF))
+                h.report()
+            [entry] = watch.wait("series_lagging", timeout=5)
+            assert entry["series"] == path(BTC)
+            assert {s["symbol"]: s["status"] for s in h.report()["series"]} == {
+                "BTC/USDT": "lagging", "ETH/USDT": "backfilling"}
+        finally:
+            h.stop()
+
+
 def test_many_series_lagging_at_once_are_one_log_line() -> None:
     watch = LogWatch()
     with structlog.testing.capture_logs(processors=[watch]):
