@@ -418,16 +418,19 @@ class ExchangeActor(Child):
             self._report()
             return
         held: set[str] = set()  # budgets with nothing left for now (OKX: two, one per endpoint)
-        for key in list(self._queue):
+        # the queue is walked only as far as requests can go (it holds every waiting series: a
+        # copy of it at each pump cost a hash of each key, most of the exchange actor's time at
+        # 1,000 series); what leaves it is removed after the walk
+        gone: list[SeriesKey] = []
+        for key, req in self._queue.items():
             if self._busy >= self.concurrency:
                 break
-            req = self._queue[key]
             if key in self._in_flight:
                 continue  # its first copy is still out: one request per series at a time
             if self._markets is not None and key.symbol not in self._markets:
                 if self._loading or self._refresh_due or self._waiting_for_listing(key.symbol):
                     continue  # the (re)load will tell
-                del self._queue[key]
+                gone.append(key)
                 self._refuse(req, f"{self.settings.name} does not list {key.symbol}")
                 continue
             lane = self._lane("ohlcv", req)
@@ -438,9 +441,11 @@ class ExchangeActor(Child):
                 if not self._rate_held or len(held) == len(self._lanes):
                     break  # the breaker, or every budget: nothing else goes either
                 continue
-            del self._queue[key]
+            gone.append(key)
             self._in_flight.add(key)
             self._submit("ohlcv", self._fetch(req), req)
+        for key in gone:
+            del self._queue[key]
         self._schedule_heartbeat()
         self._report()
 
