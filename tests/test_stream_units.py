@@ -3,6 +3,8 @@ and `ws_url` keys and what they mean, and the stream's health and `ctl top` rows
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from candlekeeper.actors.market.streamed import CloseTracker, StreamLedger
@@ -174,3 +176,25 @@ def test_the_ledger_tells_a_stream_behind_from_one_that_passed_a_series_by() -> 
     ledger.took("a", 60_000)
     ledger.took("a", 0)
     assert ledger.newest("a") == 60_000
+
+
+def test_ccxt_keeps_only_the_last_few_candles_of_each_stream() -> None:
+    # ccxt.pro's cache holds 1000 candles per stream by default: ten million rows a day at
+    # 10,000 series, none of them read again (the store keeps the candles)
+    from candlekeeper.actors.sources.ccxt_stream import OHLCV_KEPT, pro_client
+    from candlekeeper.simulator.ws.testing import T0, advance, run, stream_sim, watch_until
+
+    with stream_sim("binance") as (sim, clock):
+        async def scenario() -> None:
+            ex = pro_client("binance", symbols=["BTC/USDT"], timeout=5.0, wall=clock, api_base=sim.http_base,
+                            ws_url=sim.ws_base)
+            try:
+                watching = asyncio.ensure_future(
+                    watch_until(ex, "BTC/USDT", "1m", lambda rows: rows[-1][0] == T0 + 9 * TF))
+                await asyncio.to_thread(sim.wait_for, lambda s: s.subscribed >= 1)
+                advance(sim, clock, T0 + 10 * TF + 1_000)  # ten candles close at once
+                await watching
+                assert len(ex.ohlcvs["BTC/USDT"]["1m"]) == OHLCV_KEPT < 10
+            finally:
+                await ex.close()
+        run(scenario())

@@ -51,6 +51,7 @@ Pair = tuple[str, str]  # (unified symbol, timeframe)
 
 SENTINEL = "candlekeeper:connection"  # the hash of the future a Feed keeps pending on its connection
 TICK_S = 0.5  # how often a connection's watchdog looks at the clock
+OHLCV_KEPT = 4  # candles ccxt keeps per stream (see `pro_client`)
 
 
 # -- what each exchange allows ---------------------------------------------------------------
@@ -293,6 +294,10 @@ def pro_client(exchange_id: str, *, symbols: Iterable[str], timeout: float, wall
     cls = tapped(exchange_id, tap)
     options = copy.deepcopy(client_options(exchange_id, market_types(exchange_id, list(symbols))))
     options["adjustForTimeDifference"] = False
+    # ccxt keeps the last `OHLCVLimit` candles of every stream (1000 by default): at 10,000
+    # series that grows to ten million rows over a day, for nothing (the tap reads only the row
+    # a frame just wrote, and the store keeps the candles)
+    options["OHLCVLimit"] = OHLCV_KEPT
     ex = cls({"enableRateLimit": throttle, "timeout": int(timeout * 1000), "options": options})
     ws = ex.urls["api"].get("ws")
     if api_base:
