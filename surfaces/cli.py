@@ -19,6 +19,7 @@ import structlog
 
 from ..app import config as config_mod
 from ..app.config import Config, ConfigError, parse_host_port
+from ..supervisors.heap import HeapKeeper
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -160,6 +161,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
         return EXIT_USAGE
     log.info("candlekeeper_started", config=cfg.source, db=cfg.storage.display, socket=cfg.control.socket,
              exchanges=[e.name for e in cfg.exchanges])
+    heap = HeapKeeper(system.runtime.scheduler, system.runtime.wall).start()  # full collections at quiet instants
     def watch() -> None:
         system.exited.wait()
         stop.set()
@@ -175,6 +177,7 @@ def run_daemon(cfg: Config, *, simulate: bool = False) -> int:
         print(f"candlekeeper: stopping, the root supervisor gave up: {system.exit.reason}", file=sys.stderr)
     else:
         log.info("candlekeeper_stopping")
+    heap.stop()
     system.stop()
     for sim in sims:
         sim.stop()
