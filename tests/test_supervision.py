@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 from typing import Any
 
@@ -352,3 +353,38 @@ def test_nested_supervisor_tree_reports_states(make_root, journal: Journal) -> N
     assert [(c["id"], c["state"], c["restarts"]) for c in inner_row["children"]] == [("x", "running", 0), ("y", "running", 0)]
     root.stop()
     assert journal.of("stop") == ["y", "x", "a"]
+
+
+class Counter(Child):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "seen":
+            return list(self.seen)
+        self.seen.append(message)
+        return None
+
+
+def test_many_threads_telling_one_child_lose_nothing_and_keep_each_senders_order(make_root) -> None:
+    # a child's inbox takes no Python-level lock (a `queue.SimpleQueue`: pykka's `queue.Queue`
+    # mutex made thousands of senders and the one consumer queue on it at 10,000 series)
+    root = make_root([ChildSpec("counter", Counter)])
+    ref = root.child("counter")
+    assert type(ref.actor_inbox) is queue.SimpleQueue
+    senders, each = 50, 200
+
+    def send(i: int) -> None:
+        for n in range(each):
+            ref.tell((i, n))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = ref.ask("seen", timeout=10)
+    assert len(seen) == senders * each
+    for i in range(senders):
+        assert [n for s, n in seen if s == i] == list(range(each))
