@@ -20,8 +20,13 @@ Measured, in this order, in one run:
    series takes its candles from the stream, for `--minutes` minute closes: the same figures.
 3. A forced disconnect: every stream connection dropped and refused (HTTP 503 at the upgrade)
    for `--outage` seconds, starting 20 s before a close. Meanwhile the series poll over REST. Once
-   the stream is up again everywhere (the reconnect), how long until the store holds every closed
-   candle exactly (compared with the simulators' history, computed here the same way).
+   every exchange has its connection open again (the reconnect, as the simulators count it), how
+   long until the store holds every closed candle exactly (compared with the simulators' history,
+   computed here the same way), with a timeline of that close's REST requests and writes.
+
+Probes (on this process's own objects, for the per-minute lines): when the stream's loop thread
+read each candle's final frame, so a close's lag splits into the final's arrival and the store;
+the garbage collector's pauses over 50 ms near each close; writes reaching the storage actor.
 
 REST requests while streaming: those measured over the streaming minutes (an exchange actor's
 heartbeat, every 30 s it sends nothing else), and the audit's share, computed: each streamed series
@@ -45,6 +50,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -134,12 +140,14 @@ class Servers:
         self.urls: list[str] = urls["urls"]
         self.ws: list[str] = urls["ws"]
         self.pid = self.proc.pid
+        self._lock = threading.Lock()
 
     def ask(self, cmd: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        with self._lock:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+            return json.loads(self.proc.stdout.readline())
 
     def close(self) -> None:
         try:
@@ -172,6 +180,163 @@ class Recorder:
     def lags(self, ts: int) -> list[float]:
         close = (ts + TF_MS) / 1000
         return [t - close for (_, _, cts), t in list(self.arrivals.items()) if cts == ts]
+
+
+class Finals:
+    """When the stream's loop thread first read each candle's final frame (wall s): a probe on
+    the stream actor's frame dispatch, so each close's lag splits into the final's arrival
+    (received - close) and what the daemon took to store it (stored - received)."""
+
+    def __init__(self) -> None:
+        self.received: dict[tuple[str, str, int], float] = {}
+
+    def install(self) -> None:
+        from candlekeeper.actors import stream
+
+        original = stream._Dispatch.frame
+        received = self.received
+
+        def frame(dispatch: Any, fid: int, symbol: str, timeframe: str, ts: int, closed: bool | None,
+                  *rest: Any) -> None:
+            if closed:
+                received.setdefault((dispatch.name, symbol, ts), time.time())
+            original(dispatch, fid, symbol, timeframe, ts, closed, *rest)
+
+        stream._Dispatch.frame = frame  # type: ignore[method-assign]
+
+    def split(self, recorder: Recorder, ts: int) -> dict[str, float | None]:
+        close = (ts + TF_MS) / 1000
+        arrived, stored = [], []
+        for key, t in list(self.received.items()):
+            if key[2] != ts:
+                continue
+            arrived.append(t - close)
+            at = recorder.arrivals.get(key)
+            if at is not None:
+                stored.append(at - t)
+        return {"final_p50_s": r3(pct(arrived, 0.5)), "final_max_s": r3(max(arrived) if arrived else None),
+                "store_p50_s": r3(pct(stored, 0.5)), "store_max_s": r3(max(stored) if stored else None)}
+
+
+FINALS = Finals()
+
+
+class Pauses:
+    """The garbage collector's pauses longer than 50 ms (wall s at its start, seconds, generation):
+    a full collection over a 10,000-series heap stops every thread at once."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._began = 0.0
+
+    def install(self) -> None:
+        import gc
+
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        took = time.perf_counter() - self._began
+        if took > 0.05:
+            self.pauses.append((time.time() - took, took, info["generation"]))
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, int]]:
+        return [p for p in self.pauses if start <= p[0] < end]
+
+
+PAUSES = Pauses()
+
+
+class StoreProbe:
+    """When writes holding a watched candle reached the storage actor, and how long each of its
+    flushes took (a probe on the actor, for the forced disconnect's timeline)."""
+
+    def __init__(self) -> None:
+        self.watch: int | None = None
+        self.arrived: list[float] = []
+        self.flushes: list[tuple[float, int, float]] = []  # (wall s at start, writes, seconds)
+        self.handled: list[tuple[float, str, float]] = []  # every message: (wall s, type, seconds)
+        # the watched candle on its way: REST answers holding it, at the exchange actor and at
+        # their series, and the series' writes of it (wall s each)
+        self.stages: dict[str, list[float]] = {}
+
+    def stage_counts(self, since: float, step: float = 2.0) -> list[tuple[float, dict[str, int]]]:
+        out: dict[int, dict[str, int]] = {}
+        for name, times in self.stages.items():
+            for t in times:
+                row = out.setdefault(int((t - since) // step), {})
+                row[name] = row.get(name, 0) + 1
+        return [(i * step, row) for i, row in sorted(out.items())]
+
+    def mailbox(self, since: float, step: float = 5.0) -> list[tuple[float, float, dict[str, int]]]:
+        """Per `step` seconds from `since`: the storage actor's busy seconds and messages by type."""
+        buckets: dict[int, tuple[float, dict[str, int]]] = {}
+        for at, kind, took in self.handled:
+            i = int((at - since) // step)
+            busy, kinds = buckets.get(i, (0.0, {}))
+            kinds[kind] = kinds.get(kind, 0) + 1
+            buckets[i] = (busy + took, kinds)
+        return [(i * step, round(busy, 2), kinds) for i, (busy, kinds) in sorted(buckets.items())]
+
+    def install(self) -> None:
+        from candlekeeper.actors import storage
+        from candlekeeper.actors.messages import Write
+
+        on_receive, flush = storage.StorageActor.on_receive, storage.StorageActor._flush
+        probe = self
+
+        def receive(actor: Any, message: Any) -> Any:
+            if probe.watch is None:
+                return on_receive(actor, message)
+            if isinstance(message, Write) and any(r[3] == probe.watch for r in message.rows):
+                probe.arrived.append(time.time())
+            began = time.time()
+            try:
+                return on_receive(actor, message)
+            finally:
+                probe.handled.append((began, type(message).__name__, time.time() - began))
+
+        def timed_flush(actor: Any) -> None:
+            n, began = len(actor._pending), time.time()
+            flush(actor)
+            if probe.watch is not None:
+                probe.flushes.append((began, n, time.time() - began))
+
+        from candlekeeper.actors import exchange, series
+
+        stages = self.stages
+        on_done, on_result, write = exchange.ExchangeActor._on_done, series.SeriesActor._on_result, \
+            series.SeriesActor._write
+
+        def has_watched(candles: Any) -> bool:
+            return probe.watch is not None and any(c[0] == probe.watch for c in candles or ())
+
+        def done(actor: Any, d: Any) -> None:
+            if d.kind == "ohlcv" and d.result is not None and has_watched(d.result.candles):
+                stages.setdefault("answered", []).append(time.time())
+            on_done(actor, d)
+
+        def result(actor: Any, res: Any) -> None:
+            if has_watched(res.candles):
+                stages.setdefault("series_took" if res.req_id == actor._waiting_for else "series_dropped",
+                                  []).append(time.time())
+            on_result(actor, res)
+
+        def wrote(actor: Any, rows: Any, *rest: Any) -> None:
+            if has_watched(rows):
+                stages.setdefault("series_wrote", []).append(time.time())
+            write(actor, rows, *rest)
+
+        exchange.ExchangeActor._on_done = done  # type: ignore[method-assign]
+        series.SeriesActor._on_result = result  # type: ignore[method-assign]
+        series.SeriesActor._write = wrote  # type: ignore[method-assign]
+        storage.StorageActor.on_receive = receive  # type: ignore[method-assign]
+        storage.StorageActor._flush = timed_flush  # type: ignore[method-assign]
+
+
+STORE_PROBE = StoreProbe()
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -239,10 +404,14 @@ def measure_minutes(recorder: Recorder, servers: Servers, n_series: int, minutes
                "within_2s": within, "share_within_2s": round(within / n_series, 5),
                "lag_p50_s": r3(pct(lags, 0.5)), "lag_p99_s": r3(pct(lags, 0.99)),
                "lag_max_s": r3(max(lags) if lags else None)}
+        row.update(FINALS.split(recorder, int(close * 1000) - TF_MS))
+        row["gc_pauses"] = [(round(at - close, 2), round(took, 3), gen) for at, took, gen in PAUSES.between(close - 5, close + 10)]
         rows.append(row)
         print(f"[{label}] close {row['close']}: {within}/{n_series} within {WITHIN_S:g} s "
               f"({within / n_series:.2%}), stored {len(lags)}; lag p50 {row['lag_p50_s']} s, p99 {row['lag_p99_s']} s, "
-              f"max {row['lag_max_s']} s", flush=True)
+              f"max {row['lag_max_s']} s; final frame read p50 {row['final_p50_s']} s, max {row['final_max_s']} s "
+              f"after the close, stored p50 {row['store_p50_s']} s, max {row['store_max_s']} s after that; "
+              f"gc pauses (s from the close, s, generation): {row['gc_pauses']}", flush=True)
     out: dict[str, Any] = {"minutes": rows, "lag_p50_s": r3(pct(all_lags, 0.5)), "lag_p99_s": r3(pct(all_lags, 0.99)),
                            "lag_max_s": r3(max(all_lags) if all_lags else None),
                            "share_within_2s": round(sum(1 for x in all_lags if x <= WITHIN_S) / max(1, n_series * minutes), 5),
@@ -261,10 +430,24 @@ def measure_minutes(recorder: Recorder, servers: Servers, n_series: int, minutes
 
 
 def start_system(cfg: dict[str, Any], recorder: Recorder) -> System:
+    """The system as the daemon runs it: its control socket, and its heap keeper (full garbage
+    collections at quiet instants, `candlekeeper.supervisors.heap`)."""
+    from candlekeeper.supervisors.heap import HeapKeeper
     from candlekeeper.surfaces.control import ControlSurface
 
     config = config_mod.from_dict(cfg)
-    return System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder]).start()
+    system = System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder]).start()
+    HEAPS.append(HeapKeeper(system.runtime.scheduler, system.runtime.wall).start())
+    return system
+
+
+HEAPS: list[Any] = []  # stopped with their system (`stop_system`)
+
+
+def stop_system(system: System) -> None:
+    while HEAPS:
+        HEAPS.pop().stop()
+    system.stop()
 
 
 HEALTH_TIMEOUTS: list[float] = []  # when a `health` answer took longer than 10 s (reported)
@@ -287,11 +470,6 @@ def all_sources(system: System) -> dict[str, int]:
     for s in health_of(system)["series"]:
         counts[str(s.get("source"))] = counts.get(str(s.get("source")), 0) + 1
     return counts
-
-
-def streams_up(system: System) -> bool:
-    rows = health_of(system)["exchanges"]
-    return bool(rows) and all((e.get("stream") or {}).get("state") == "up" for e in rows)
 
 
 def exact_since(db: str, histories: dict[str, CandleHistory], symbols: list[str], since_ms: int,
@@ -317,6 +495,9 @@ def exact_since(db: str, histories: dict[str, CandleHistory], symbols: list[str]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet_logs()
+    FINALS.install()
+    PAUSES.install()
+    STORE_PROBE.install()
     n_series = args.exchanges * args.symbols
     start_ms = (int(time.time() * 1000) // 86_400_000) * 86_400_000 - 86_400_000
     servers = Servers(args.exchanges, args.symbols, args.rate_limit, start_ms)
@@ -342,7 +523,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
             print(f"[polling] backfilled in {time.time() - t0:.1f} s", flush=True)
             result["polling"] = measure_minutes(recorder, servers, n_series, args.rest_minutes, time.time(), "polling")
-            system.stop()
+            stop_system(system)
             system = None
 
         recorder = Recorder()
@@ -350,7 +531,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         system = start_system(config(args, servers, db, sock, "websocket"), recorder)
         result["stream_start_s"] = round(time.time() - t0, 2)
         while all_sources(system).get("stream", 0) < n_series and time.time() - t0 < args.backfill_timeout:
-            time.sleep(0.5)
+            time.sleep(3.0)  # a 10,000-series report is work for the daemon: not too often
         result["stream_all_on_stream_s"] = round(time.time() - t0, 2)
         print(f"[stream] every series on the stream after {result['stream_all_on_stream_s']} s: {all_sources(system)}",
               flush=True)
@@ -360,6 +541,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         close = next_close(time.time() + 25)
         wait_until(close - 20)
         outage_at = time.time()
+        # (s from the close, klines served, writes of the close's candle at the store, stored)
+        timeline: list[tuple[float, int, int, int]] = []
+        sampling = threading.Event()
+        STORE_PROBE.watch = int(close * 1000) - TF_MS
+
+        def sample() -> None:
+            ts = int(close * 1000) - TF_MS
+            while not sampling.wait(1.0):
+                klines = servers.ask("stats")["klines"]
+                timeline.append((round(time.time() - close, 1), klines, len(STORE_PROBE.arrived),
+                                 sum(1 for k in list(recorder.arrivals) if k[2] == ts)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         dropped = servers.ask("outage")["dropped"]
         print(f"[outage] {dropped} connections dropped, upgrades refused for {args.outage:g} s", flush=True)
         time.sleep(1.0)
@@ -367,8 +562,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wait_until(outage_at + args.outage)
         servers.ask("restore")
         restored_at = time.time()
-        while not streams_up(system) and time.time() - restored_at < 300:
-            time.sleep(0.5)
+        # the simulators say when every connection is open again (asking the daemon's health every
+        # half second would load the daemon while it fills the gap)
+        while servers.ask("stats")["ws_open"] < len(servers.ws) and time.time() - restored_at < 300:
+            time.sleep(0.2)
         reconnected_at = time.time()
         print(f"[outage] streams up again {reconnected_at - restored_at:.1f} s after the exchanges took connections",
               flush=True)
@@ -385,6 +582,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while all_sources(system).get("stream", 0) < n_series and time.time() - reconnected_at < 180:
             time.sleep(2.0)
         back_s = time.time() - reconnected_at
+        sampling.set()
+        sampler.join()
+        STORE_PROBE.watch = None
+        print(f"[outage] timeline (s from the close, klines served, writes at the store, stored): {timeline}",
+              flush=True)
+        slow = [(round(at - close, 1), n, round(took, 2)) for at, n, took in STORE_PROBE.flushes if took > 0.5]
+        print(f"[outage] store flushes over 0.5 s (s from the close, writes, s): {slow}", flush=True)
+        print(f"[outage] the watched candle per 2 s (s from the close, counts): {STORE_PROBE.stage_counts(close)}",
+              flush=True)
+        print(f"[outage] the storage actor per 5 s (s from the close, busy s, messages): {STORE_PROBE.mailbox(close)}",
+              flush=True)
         during = recorder.lags(int(close * 1000) - TF_MS)
         result["outage"] = {
             "dropped_connections": dropped,
@@ -403,12 +611,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["sources_end"] = all_sources(system)
         result["health_timeouts"] = len(HEALTH_TIMEOUTS)
         t0 = time.perf_counter()
-        system.stop()
+        stop_system(system)
         result["stop_s"] = round(time.perf_counter() - t0, 2)
         system = None
     finally:
         if system is not None:
-            system.stop()
+            stop_system(system)
         servers.close()
         tmp.cleanup()
     return result
@@ -446,6 +654,9 @@ def section(r: dict[str, Any], command: str) -> str:
     misses = [k for k, ok in v.items() if not ok]
     per_minute = "; ".join(
         f"{m['close']}: {m['within_2s']:,}/{n:,} within 2 s, lag p50 {m['lag_p50_s']} s, max {m['lag_max_s']} s"
+        f" (final frame read p50 {m.get('final_p50_s')} s, max {m.get('final_max_s')} s after the close; stored "
+        f"p50 {m.get('store_p50_s')} s, max {m.get('store_max_s')} s after that; garbage collector pauses over "
+        f"50 ms within 2 s of the close: {[g for g in m.get('gc_pauses', []) if 0 <= g[0] <= 2] or 'none'})"
         for m in s["minutes"])
     lines = [
         BEGIN,
@@ -477,7 +688,8 @@ def section(r: dict[str, Any], command: str) -> str:
         f"| the candle that closed during it, stored (by REST) lag p50 / max | "
         f"{o['candle_closed_during_outage']['lag_p50_s']} / {o['candle_closed_during_outage']['lag_max_s']} s "
         f"({o['candle_closed_during_outage']['stored']:,} stored) | | | |",
-        f"| reconnected (every stream up) after the exchanges took connections again | "
+        f"| reconnected (every connection open again, as the simulators count) after the exchanges took "
+        f"connections again | "
         f"{o['reconnect_after_restore_s']} s | | | |",
         f"| store exact (every series, from 2 min before the outage) after reconnecting | "
         f"{o['exact_after_reconnect_s']} s ({o['series_exact']:,}/{n:,} series) | | <= {TARGET_GAP_S:g} s | "
