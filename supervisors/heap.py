@@ -7,7 +7,9 @@ actors, their threads' state, the markets) and stops every thread for over a sec
 0.8 to 1.2 s, the whole difference between a close stored within 2 s and one stored in 4).
 
 `HeapKeeper` moves what is alive into the collector's permanent generation (`gc.freeze`), so the
-automatic collections scan only what was made since. At a quiet instant every `every_s` seconds
+automatic collections scan only what was made since: at start, again at the first quiet instant
+of a minute (what the start-up built once the system is running: connections, market lists,
+streams), and then at a quiet instant every `every_s` seconds
 (`phase_s` past a multiple of it: by default half a minute past a minute boundary, where no
 candle of a minute or longer closes) it lets everything back (`gc.unfreeze`), collects it all
 once (garbage that arose among frozen objects too: nothing leaks) and freezes again.
@@ -79,4 +81,8 @@ class HeapKeeper:
         self._gc.freeze()
         self.settled += 1
         now = self._wall()
-        self._timer = self._scheduler.call_later(next_quiet(now, self.every_s, self.phase_s) - now, self._settle)
+        if self.settled == 1:  # the start-up's own objects, once it has built them
+            at = next_quiet(now, 60.0, self.phase_s % 60.0)
+        else:
+            at = next_quiet(now, self.every_s, self.phase_s)
+        self._timer = self._scheduler.call_later(at - now, self._settle)
