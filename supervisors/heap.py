@@ -6,13 +6,13 @@ because the burst is what allocates: the collection scans every object in the pr
 actors, their threads' state, the markets) and stops every thread for over a second (measured:
 0.8 to 1.2 s, the whole difference between a close stored within 2 s and one stored in 4).
 
-`HeapKeeper` moves what is alive into the collector's permanent generation (`gc.freeze`), so the
-automatic collections scan only what was made since: at start, again at the first quiet instant
-of a minute (what the start-up built once the system is running: connections, market lists,
-streams), and then at a quiet instant every `every_s` seconds
-(`phase_s` past a multiple of it: by default half a minute past a minute boundary, where no
-candle of a minute or longer closes) it lets everything back (`gc.unfreeze`), collects it all
-once (garbage that arose among frozen objects too: nothing leaks) and freezes again.
+`HeapKeeper` keeps what lives in the collector's permanent generation (`gc.freeze`), so the
+automatic collections scan only what was made since the last settle. It settles at a quiet
+instant every `every_s` seconds (`phase_s` past a multiple of it: by default each minute, half a
+minute past it, where no candle of a minute or longer closes): it collects what is not frozen
+(the minute's survivors, cheap) and freezes what is left. Every `full_every_s` it first lets
+everything back (`gc.unfreeze`), so garbage that arose among frozen objects is freed too and
+nothing leaks; that one costs what an automatic full collection cost, at a quiet instant.
 
 The collector is the process's, so this is the daemon's choice (`candlekeeper` runs one); an
 application embedding candlekeeper can run one as well, or leave its collector alone.
@@ -44,20 +44,23 @@ class Collector:
 
 
 class HeapKeeper:
-    """See the module docstring. `start` settles the heap at once, then at each quiet instant."""
+    """See the module docstring. `start` settles the whole heap at once, then every `every_s`
+    what is new, and every `full_every_s` the whole heap again."""
 
-    def __init__(self, scheduler: Scheduler, wall: WallClock, *, every_s: float = 300.0, phase_s: float = 30.0,
-                 collector: Collector | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, wall: WallClock, *, every_s: float = 60.0, phase_s: float = 30.0,
+                 full_every_s: float = 3600.0, collector: Collector | None = None) -> None:
         if not 0 <= phase_s < every_s:
             raise ValueError(f"phase_s must be in [0, every_s), got {phase_s} and {every_s}")
         self._scheduler = scheduler
         self._wall = wall
         self.every_s = every_s
         self.phase_s = phase_s
+        self.full_every_s = full_every_s
         self._gc = collector or Collector()
         self._timer: Timer | None = None
         self._running = False
-        self.settled = 0  # how many times the heap was settled
+        self._full_at = 0.0  # wall time of the last full settle
+        self.settled = 0  # how many times the heap was settled (full ones included)
 
     def start(self) -> HeapKeeper:
         self._running = True
@@ -73,16 +76,15 @@ class HeapKeeper:
         self._gc.unfreeze()
 
     def _settle(self) -> None:
-        # on the timer thread: a full collection stops every thread whichever one runs it
+        # on the timer thread: a collection stops every thread whichever one runs it
         if not self._running:
             return
-        self._gc.unfreeze()
+        now = self._wall()
+        if self.settled == 0 or now - self._full_at >= self.full_every_s - self.every_s / 2:
+            self._gc.unfreeze()
+            self._full_at = now
         self._gc.collect()
         self._gc.freeze()
         self.settled += 1
         now = self._wall()
-        if self.settled == 1:  # the start-up's own objects, once it has built them
-            at = next_quiet(now, 60.0, self.phase_s % 60.0)
-        else:
-            at = next_quiet(now, self.every_s, self.phase_s)
-        self._timer = self._scheduler.call_later(at - now, self._settle)
+        self._timer = self._scheduler.call_later(next_quiet(now, self.every_s, self.phase_s) - now, self._settle)

@@ -62,25 +62,28 @@ class _Timer:
             self.fn()
 
 
-def test_settles_at_start_then_at_each_quiet_instant_and_stop_unfreezes() -> None:
+def test_settles_at_start_then_each_quiet_minute_and_the_whole_heap_each_hour() -> None:
     calls, timers, wall = Calls(), Timers(), [T]
-    keeper = HeapKeeper(timers, lambda: wall[0], every_s=300.0, phase_s=30.0,  # type: ignore[arg-type]
-                        collector=calls.collector()).start()
-    assert calls.log == ["unfreeze", "collect", "freeze"]  # garbage among frozen objects is freed too
-    delay, timer = timers.pending[-1]  # once more at the next quiet minute: what start-up built
-    assert delay == pytest.approx(next_quiet(T, 60.0, 30.0) - T) and (T + delay) % 60 == 30
-    wall[0] = T + delay
-    timer.fire()
-    assert calls.log == ["unfreeze", "collect", "freeze"] * 2 and keeper.settled == 2
-    delay, timer = timers.pending[-1]  # then every 5 minutes
-    assert delay == pytest.approx(next_quiet(wall[0], 300.0, 30.0) - wall[0]) and (wall[0] + delay) % 300 == 30
-    wall[0] += delay
-    timer.fire()
-    assert keeper.settled == 3 and timers.pending[-1][0] == pytest.approx(300.0)
+    keeper = HeapKeeper(timers, lambda: wall[0], collector=calls.collector()).start()  # type: ignore[arg-type]
+    assert calls.log == ["unfreeze", "collect", "freeze"]  # the whole heap: start-up's garbage too
+
+    def fire() -> None:
+        delay, timer = timers.pending[-1]
+        assert (wall[0] + delay) % 60 == pytest.approx(30.0)  # half a minute past a boundary
+        wall[0] += delay
+        timer.fire()
+
+    fire()  # each minute: what is new since, collected and frozen (the frozen heap is not scanned)
+    assert calls.log[3:] == ["collect", "freeze"]
+    for _ in range(59):
+        fire()
+    assert "unfreeze" not in calls.log[3:]
+    fire()  # an hour after the last whole one: everything back, collected, frozen again
+    assert calls.log[-3:] == ["unfreeze", "collect", "freeze"] and keeper.settled == 62
     keeper.stop()
     assert calls.log[-1] == "unfreeze" and timers.pending[-1][1].cancelled
     timers.pending[-1][1].fn()  # a timer already on its way when stopped: nothing more
-    assert calls.log.count("collect") == 3
+    assert calls.log.count("collect") == 62
 
 
 def test_a_phase_outside_the_period_is_refused() -> None:
