@@ -309,8 +309,9 @@ class StoreProbe:
         def timed_flush(actor: Any) -> None:
             n, began = len(actor._pending), time.time()
             flush(actor)
-            if probe.watch is not None:
-                probe.flushes.append((began, n, time.time() - began))
+            took = time.time() - began
+            if probe.watch is not None or took > 0.3:
+                probe.flushes.append((began, n, took))
 
         from candlekeeper.actors import exchange, series
 
@@ -414,12 +415,15 @@ def measure_minutes(recorder: Recorder, servers: Servers, n_series: int, minutes
                "lag_max_s": r3(max(lags) if lags else None)}
         row.update(FINALS.split(recorder, int(close * 1000) - TF_MS))
         row["gc_pauses"] = [(round(at - close, 2), round(took, 3), gen) for at, took, gen in PAUSES.between(close - 5, close + 10)]
+        row["slow_flushes"] = [(round(at - close, 2), n, round(took, 2)) for at, n, took in STORE_PROBE.flushes
+                               if close - 5 <= at < close + 10 and took > 0.3]
         rows.append(row)
         print(f"[{label}] close {row['close']}: {within}/{n_series} within {WITHIN_S:g} s "
               f"({within / n_series:.2%}), stored {len(lags)}; lag p50 {row['lag_p50_s']} s, p99 {row['lag_p99_s']} s, "
               f"max {row['lag_max_s']} s; final frame read p50 {row['final_p50_s']} s, max {row['final_max_s']} s "
               f"after the close, stored p50 {row['store_p50_s']} s, max {row['store_max_s']} s after that; "
-              f"gc pauses (s from the close, s, generation): {row['gc_pauses']}", flush=True)
+              f"gc pauses (s from the close, s, generation): {row['gc_pauses']}; store flushes over 0.3 s (s from "
+              f"the close, writes, s): {row['slow_flushes']}", flush=True)
     out: dict[str, Any] = {"minutes": rows, "lag_p50_s": r3(pct(all_lags, 0.5)), "lag_p99_s": r3(pct(all_lags, 0.99)),
                            "lag_max_s": r3(max(all_lags) if all_lags else None),
                            "share_within_2s": round(sum(1 for x in all_lags if x <= WITHIN_S) / max(1, n_series * minutes), 5),
@@ -602,7 +606,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         STORE_PROBE.watch = None
         print(f"[outage] timeline (s from the close, klines served, writes at the store, stored): {timeline}",
               flush=True)
-        slow = [(round(at - close, 1), n, round(took, 2)) for at, n, took in STORE_PROBE.flushes if took > 0.5]
+        slow = [(round(at - close, 1), n, round(took, 2)) for at, n, took in STORE_PROBE.flushes if took > 0.5 and at >= outage_at]
         print(f"[outage] store flushes over 0.5 s (s from the close, writes, s): {slow}", flush=True)
         print(f"[outage] the watched candle per 2 s (s from the close, counts): {STORE_PROBE.stage_counts(close)}",
               flush=True)
