@@ -257,6 +257,57 @@ class Pauses:
 PAUSES = Pauses()
 
 
+class ThreadCpu:
+    """CPU seconds by group of threads (series, exchange loops, stream loops, storage, ...) over a
+    span, from the kernel's per-thread counters: which part of the daemon used the cores."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def _group(self, tid: int) -> str:
+        name = self._names.get(tid)
+        if name is None:
+            for t in threading.enumerate():
+                if t.native_id is not None:
+                    self._names[t.native_id] = t.name
+            name = self._names.get(tid, "?")
+        parts = name.split("/")
+        if "series" in parts:
+            return "series actors"
+        if name.endswith("/stream/io"):
+            return "stream loops"
+        if name.endswith("/exchange/io"):
+            return "exchange loops"
+        return parts[-1] if name.startswith("root") else name.split("-")[0]
+
+    def snapshot(self) -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+
+    def between(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tid, cpu in after.items():
+            group = self._group(tid)
+            out[group] = out.get(group, 0.0) + cpu - before.get(tid, 0.0)
+        return {g: round(c, 2) for g, c in sorted(out.items(), key=lambda kv: -kv[1])[:8] if c >= 0.05}
+
+
+THREAD_CPU = ThreadCpu()
+SYSTEMS: list[System] = []  # the running one, for `fallbacks`
+
+
+def fallbacks() -> dict[str, float]:
+    """The daemon's `candlekeeper_stream_fallbacks_total` by reason (summed over exchanges)."""
+    out: dict[str, float] = {}
+    for system in SYSTEMS[-1:]:
+        for metric in system.metrics.registry.collect():
+            if metric.name == "candlekeeper_stream_fallbacks":
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        why = sample.labels.get("reason", "?")
+                        out[why] = out.get(why, 0.0) + sample.value
+    return out
+
+
 class StoreProbe:
     """When writes holding a watched candle reached the storage actor, and how long each of its
     flushes took (a probe on the actor, for the forced disconnect's timeline)."""
@@ -404,6 +455,16 @@ def measure_minutes(recorder: Recorder, servers: Servers, n_series: int, minutes
     snaps = []
     for k in range(minutes):
         close = first + 60 * k
+        if k == 0:  # where the cores went around the first close: 10 s before it and 10 s after
+            wait_until(close - 10)
+            before = THREAD_CPU.snapshot()
+            wait_until(close)
+            at_close = THREAD_CPU.snapshot()
+            wait_until(close + 10)
+            after = THREAD_CPU.snapshot()
+            print(f"[{label}] CPU s by threads, the 10 s before the first close: {THREAD_CPU.between(before, at_close)};"
+                  f" the 10 s after: {THREAD_CPU.between(at_close, after)}; stream fallbacks so far, by reason: "
+                  f"{fallbacks()}", flush=True)
         wait_until(close + 58)
         snaps.append((servers.ask("stats"), proc.cpu_times(), time.time(), sim.cpu_times()))
         lags = recorder.lags(int(close * 1000) - TF_MS)
@@ -450,6 +511,7 @@ def start_system(cfg: dict[str, Any], recorder: Recorder) -> System:
     config = config_mod.from_dict(cfg)
     system = System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder]).start()
     HEAPS.append(HeapKeeper(system.runtime.scheduler, system.runtime.wall).start())
+    SYSTEMS.append(system)
     return system
 
 
