@@ -261,16 +261,8 @@ class ThreadCpu:
     """CPU seconds by group of threads (series, exchange loops, stream loops, storage, ...) over a
     span, from the kernel's per-thread counters: which part of the daemon used the cores."""
 
-    def __init__(self) -> None:
-        self._names: dict[int, str] = {}
-
-    def _group(self, tid: int) -> str:
-        name = self._names.get(tid)
-        if name is None:
-            for t in threading.enumerate():
-                if t.native_id is not None:
-                    self._names[t.native_id] = t.name
-            name = self._names.get(tid, "?")
+    @staticmethod
+    def _group(name: str) -> str:
         parts = name.split("/")
         if "series" in parts:
             return "series actors"
@@ -278,27 +270,27 @@ class ThreadCpu:
             return "stream loops"
         if name.endswith("/exchange/io"):
             return "exchange loops"
-        return parts[-1] if name.startswith("root") else name.split("-")[0]
+        return parts[-1] if name.startswith("root") else name.split("-", maxsplit=1)[0]
 
     def snapshot(self) -> dict[int, float]:
         return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
 
     def between(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+        names = {t.native_id: t.name for t in threading.enumerate()}  # once: 10,000 threads
         out: dict[str, float] = {}
         for tid, cpu in after.items():
-            group = self._group(tid)
+            group = self._group(names.get(tid, "?"))
             out[group] = out.get(group, 0.0) + cpu - before.get(tid, 0.0)
         return {g: round(c, 2) for g, c in sorted(out.items(), key=lambda kv: -kv[1])[:8] if c >= 0.05}
 
 
 THREAD_CPU = ThreadCpu()
-SYSTEMS: list[System] = []  # the running one, for `fallbacks`
 
 
 def fallbacks() -> dict[str, float]:
     """The daemon's `candlekeeper_stream_fallbacks_total` by reason (summed over exchanges)."""
     out: dict[str, float] = {}
-    for system in SYSTEMS[-1:]:
+    for system, _ in RUNNING[-1:]:
         for metric in system.metrics.registry.collect():
             if metric.name == "candlekeeper_stream_fallbacks":
                 for sample in metric.samples:
@@ -510,17 +502,17 @@ def start_system(cfg: dict[str, Any], recorder: Recorder) -> System:
 
     config = config_mod.from_dict(cfg)
     system = System(config, surfaces=[ControlSurface(config.control)], subscribers=[recorder]).start()
-    HEAPS.append(HeapKeeper(system.runtime.scheduler, system.runtime.wall).start())
-    SYSTEMS.append(system)
+    RUNNING.append((system, HeapKeeper(system.runtime.scheduler, system.runtime.wall).start()))
     return system
 
 
-HEAPS: list[Any] = []  # stopped with their system (`stop_system`)
+RUNNING: list[tuple[System, Any]] = []  # each system started and its heap keeper (`stop_system`, `fallbacks`)
 
 
 def stop_system(system: System) -> None:
-    while HEAPS:
-        HEAPS.pop().stop()
+    for entry in [e for e in RUNNING if e[0] is system]:
+        entry[1].stop()
+        RUNNING.remove(entry)
     system.stop()
 
 
