@@ -509,10 +509,13 @@ class ExchangeActor(Child):
         until = window_end(profile, req.since, limit, tf, req.until)
         if until is not None:
             limit = max(1, min(limit, -(-(until - req.since) // tf)))
+        # Closed by the exchange's clock when the request went out: the page was made after that,
+        # but maybe long before it arrived (a slow or trickling answer across a close would
+        # otherwise pass the candle in progress in it as closed)
+        asked_ms = int(self.runtime.wall() * 1000)
         page = await source.fetch_ohlcv(key.symbol, key.timeframe, req.since, limit, until)
         rows, skipped = _leave_out(page.rows, req.skip)
-        local_ms = int(self.runtime.wall() * 1000)
-        closed = close_rows(rows, tf, self.clock.now_ms(local_ms), margin_ms=self.clock.margin_ms())
+        closed = close_rows(rows, tf, self.clock.now_ms(asked_ms), margin_ms=self.clock.margin_ms())
         # rows left out were served all the same: what the answer proves counts them
         opens = sorted(ts for ts in [*closed.opens, *skipped] if ts >= req.since)
         if not opens and profile.paging == "cursor" and req.since + tf + profile.settle_ms <= closed.horizon_ms:

@@ -42,6 +42,7 @@ from ..resilience.retry import GiveUp, RetryConfig
 from ..supervisors.child import Address, Child
 from ..supervisors.clock import wall_ms
 from .market.candles import InvalidCandles, timeframe_ms
+from .market.closing import NO_MEASUREMENT_MARGIN_MS
 from .market.errors import EmptyAnswer, describe, is_retryable
 from .market.gaps import BEFORE_LISTING, EXCHANGE_HOLE, OPERATOR_ACCEPTED, GapTotals, add_gaps, gaps_note
 from .market.progress import Gap, ListingSearch, Outcome, take
@@ -188,11 +189,13 @@ class SeriesActor(Child):
         self.source: str | None = None if stream is None else "rest"
         self._stream_up = False
         self._stream_why: str | None = None  # why the stream does not serve it, when it says
+        self._stream_from: int | None = None  # open time of the first candle the stream can carry
         self._stream_buf: dict[int, tuple[Candle, bool]] = {}  # open time -> (candle, stored)
         self._stream_live = False  # the stream was told it is caught up
         self._writing_streamed = False  # the write in flight holds candles the stream could not store
         self._audit_from: int | None = None  # the cursor when the last audit was taken
         self._hole_at: int | None = None  # the cursor a hole before streamed candles was last asked from
+        self._gap_at: int | None = None  # the cursor a gap before the subscription was counted at
         self._fell_back = False  # the stream said nothing of a closed candle: on REST until it does
         self.stream_ledger = stream_ledger  # what the stream took (its word to this series may lag)
 
@@ -524,7 +527,14 @@ class SeriesActor(Child):
         self._set_status("ok")
         if self._stream_caught_up():
             return
-        if next_close <= now_ms:
+        if next_close <= now_ms and res.now_ms < next_close + NO_MEASUREMENT_MARGIN_MS:
+            # the answer was taken before that candle closed, or too soon after for the clock's
+            # margin (a request that crossed the close): ask again once the exchange's clock is
+            # surely past it, not a whole poll interval later; each answer's clock is later, so
+            # this ends
+            wait = (next_close + NO_MEASUREMENT_MARGIN_MS - res.now_ms) / 1000
+            delay = min(wait, self.settings.poll_interval) + min(1.0, self.settings.poll_interval) + self.poll_offset
+        elif next_close <= now_ms:
             # that candle is closed by our clock but the exchange has not published it yet
             delay = self.settings.poll_interval
         else:
@@ -677,6 +687,7 @@ class SeriesActor(Child):
         was = self._stream_up
         self._stream_up = msg.up
         self._stream_why = msg.reason
+        self._stream_from = msg.now_ms // self.tf_ms * self.tf_ms if msg.up else None
         if not msg.up:
             self._set_source("rest")
             if was:
@@ -689,9 +700,8 @@ class SeriesActor(Child):
         # (re)subscribed: a candle that closed while the stream did not serve it comes over REST
         if self._stream_drain():
             return
-        open_now = msg.now_ms // self.tf_ms * self.tf_ms
-        if self.cursor < open_now:
-            self._count_fallback("gap")
+        if self._stream_cannot_carry():
+            self._count_gap()
             self._cancel_timer()
             self._next()
             return
@@ -765,10 +775,25 @@ class SeriesActor(Child):
         if not self._stream_up:
             self._set_source("rest")
             return False
+        if self._stream_cannot_carry():
+            # busy when its subscription came up: the candle that closed before it comes over
+            # REST now, not when the stream shows a later one at the next close
+            self._count_gap()
+            self._set_source("rest")
+            return False
         if not self._fell_back:
             self._set_source("stream")
         self._stream_reschedule()
         return True
+
+    def _stream_cannot_carry(self) -> bool:
+        """The candle at the cursor closed before the stream's subscription came up and the
+        stream did not take it: only REST can fill it (a stream carries candles from the one in
+        progress when it subscribed)."""
+        if self._stream_from is None or self.cursor >= self._stream_from:
+            return False
+        newest = self.stream_ledger.newest(self.key) if self.stream_ledger is not None else None
+        return newest is None or newest < self.cursor
 
     def _stream_reschedule(self) -> None:
         """The next poll: while the stream serves the series, only if its candle has not come
@@ -792,7 +817,7 @@ class SeriesActor(Child):
         A stream that passed the close without the candle missed it, or is silent for this
         series: False, ask REST."""
         ledger = self.stream_ledger
-        if ledger is None or not self._stream_up or not self._idle_caught_up():
+        if ledger is None or not self._stream_up or not self._idle_caught_up() or self._stream_cannot_carry():
             return False
         now, grace = self.runtime.wall(), self.settings.stream_grace
         closed_for = now - (self.cursor + self.tf_ms) / 1000
@@ -815,9 +840,15 @@ class SeriesActor(Child):
     def _stream_fallback(self, reason: str) -> None:
         """A poll timer fired: with the stream up, it is a fallback (the stream said nothing)."""
         if self.stream is not None and self._stream_up and self.status == "ok":
-            self._count_fallback(reason)
+            if self._gap_at != self.cursor:  # a gap's request is counted once, as a gap
+                self._count_fallback(reason)
             self._fell_back = True
             self._set_source("rest")
+
+    def _count_gap(self) -> None:
+        if self._gap_at != self.cursor:  # once per candle, however many times REST is asked for it
+            self._gap_at = self.cursor
+            self._count_fallback("gap")
 
     def _count_fallback(self, reason: str) -> None:
         if self.metrics is not None:

@@ -9,6 +9,7 @@ is moved: tests/stream_support.py)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 
@@ -186,6 +187,43 @@ def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, 
     monkeypatch.setattr(stream_mod.StreamActor, "_on_frames", slow)
     _next_close_without_rest(clock, tmp_path, lambda ts: busy.update(after=ts),
                              "a series asked REST for a candle its stream had parsed closed")
+
+
+def test_a_series_busy_when_its_subscription_comes_up_fills_the_candle_before_it_at_once(
+        clock, tmp_path, fast_stream, monkeypatch) -> None:
+    """At start-up under load a series' last backfill answer can be taken before a close and reach
+    it after its stream subscribed: the candle that closed in between is not the stream's to carry
+    (it carries the one in progress when it subscribed). The series asks REST for it at once
+    rather than wait for the stream's grace, and the page made before the close never passes its
+    candle in progress as closed, however late it arrives."""
+    from candlekeeper.app import settings as settings_mod
+
+    monkeypatch.setattr(settings_mod, "STREAM_GRACE_S", 60.0)  # waiting for the stream would take a minute
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 2
+        close = (clock.ms() // TF + 1) * TF
+        held, release = threading.Event(), threading.Event()
+
+        def hold(path: str, params, status, fault) -> None:
+            if "kline" in path and not release.is_set():  # the page is made: its answer waits
+                held.set()
+                release.wait(20)
+
+        live.rest.add_request_hook(hold)
+        live.ws.update_faults(handshake_status=503)  # the stream subscribes only after the close
+        system = live.start(timeout="20s")
+        wait_until(held.is_set, what="a backfill page made before the close")
+        wait_until(lambda: clock.ms() >= close, what="the close")
+        live.ws.update_faults(handshake_status=None)
+        stream = system.blueprint.streams[live.exchange]
+        wait_until(lambda: stream.proxy().status().get(timeout=5)["streams_up"] == len(live.symbols),
+                   what="both subscriptions up, while the pages are held")
+        release.set()
+        wait_until(lambda: all((live.last(s) or 0) >= close - TF for s in live.symbols), 20,
+                   "the candle that closed before the subscription, over REST")
+        live.assert_exact()
+        assert 'reason="gap"' in _scrape(system)
+        assert 'reason="silent"' not in _scrape(system)
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)

@@ -12,6 +12,7 @@ import pytest
 
 from candlekeeper.app.system import System
 from candlekeeper.simulator.faults import Faults
+from candlekeeper.simulator.server import ExchangeSimulator
 from candlekeeper.supervisors.clock import ShiftedClock
 from tests.sim_variants import VariantSimulator
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
@@ -87,3 +88,27 @@ def test_trickle_ends_and_the_series_catches_up(tmp_path, sim, sim_start, runnin
     wait_until(complete(system, db, sim, sim_start, SYMBOLS), timeout=60, what="every series backfilled")
     for symbol in SYMBOLS:
         assert_exact(sim, db, symbol, sim_start)
+
+
+def test_a_page_made_before_a_close_and_delivered_after_it_keeps_its_candle_in_progress_open(
+        tmp_path, running, clock) -> None:
+    """A slow answer across a close: the page was made while the last candle in it was in
+    progress, and it arrives after that candle's close. Closed means closed on the exchange's
+    clock when the request went out, not when its answer arrived, so the candle's partial values
+    are never stored; the series asks again once it has closed and stores the final ones."""
+    start = (clock.ms() // TF) * TF - 3600_000
+    clock.offset += clock.until_boundary(60) - 1
+    close = (clock.ms() // TF + 1) * TF
+    with ExchangeSimulator(HEALTHY, history_start_ms=start, now_ms=clock.ms) as sim:
+        def hold(path: str, params, status, fault) -> None:
+            if "kline" in path and clock.ms() < close:  # the page is made: it arrives 1.5 s after the close
+                wait_until(lambda: clock.ms() >= close + 1500, timeout=10, what="the close, and more")
+
+        sim.add_request_hook(hold)
+        cfg = make_config(tmp_path, sim, start, symbols=HEALTHY, timeout="10s", page_limit=1000)
+        running(cfg)
+        db = cfg.storage.path
+        wait_until(lambda: all((stored(db, s) or [(0,)])[-1][0] >= close - TF for s in HEALTHY), timeout=20,
+                   what="the candle that closed while its page was on the way")
+        for symbol in HEALTHY:
+            assert_exact(sim, db, symbol, start)
