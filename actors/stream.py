@@ -71,6 +71,7 @@ NOTIFY_TICK_S = 0.01
 # last connections wait). Nothing waits for the word: the candle is stored, and a series whose
 # fallback timer fires first reads the ledger (`market.streamed.StreamLedger`).
 WORD_DELAY_S = 2.0
+HELD = 2  # closed candles kept for a series that is not live yet (the last close's, and one more)
 WRITE_TIMEOUT_S = STREAM_WRITE_PATIENCE_S  # a write unanswered this long is forgotten (REST has it)
 PARK_FIRST_S = 60.0  # a subscription refused on its own is asked again after this, doubling
 PARK_MAX_S = 1800.0
@@ -274,6 +275,10 @@ class _Member:
     asked_at: float | None = None  # its last subscribe request went out then (None: not yet, or judged)
     alone: bool = False  # was asked for in a request of its own since it was last up
     parked_for: float = 0.0  # the last retry delay of a subscription silent on its own
+    # closed candles parsed while it was not live (backfilling): stored when it joins live, so a
+    # series that catches up just after a close is not left waiting for a candle its stream
+    # parsed (the ledger says the stream took it) but never wrote
+    held: tuple[Candle, ...] = ()
 
 
 @dataclass
@@ -426,6 +431,9 @@ class StreamActor(Child):
         member.ref, member.live = msg.reply_to, msg.live
         if restarted and member.up:
             self._tell(member.ref, StreamState(msg.key, True, self._now_ms()))
+        if msg.live and member.held:
+            held, member.held = member.held, ()
+            self._write({msg.key: list(held)})
 
     def _leave(self, msg: StreamLeave) -> None:
         member = self.members.get(msg.key)
@@ -619,10 +627,16 @@ class StreamActor(Child):
         groups: dict[SeriesKey, list[Candle]] = {}
         for key, candle in closed:
             member = self.members.get(key)
-            if member is not None and member.live:
+            if member is None:
+                continue
+            if member.live:
                 groups.setdefault(key, []).append(candle)
-        if not groups:
-            return
+            else:
+                member.held = (*member.held, candle)[-HELD:]
+        if groups:
+            self._write(groups)
+
+    def _write(self, groups: dict[SeriesKey, list[Candle]]) -> None:
         self._tokens += 1
         token = self._tokens
         rows = tuple((k.exchange, k.symbol, k.timeframe, *c) for k, cs in groups.items() for c in cs)

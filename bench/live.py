@@ -300,6 +300,39 @@ def fallbacks() -> dict[str, float]:
     return out
 
 
+class BurstProbe:
+    """The daemon's and the simulators' cores, the exchanges' mean request duration and the
+    CPU by thread group over a span (the REST burst after the forced disconnect's close): is the
+    fallback CPU-bound, or bound by the requests in flight (16 per exchange) and their latency?"""
+
+    def __init__(self, servers: Servers) -> None:
+        self.proc, self.sim = psutil.Process(), psutil.Process(servers.pid)
+        self.servers = servers
+        self.start = self._snap()
+
+    def _snap(self) -> tuple[float, float, float, dict[int, float], float, float, int]:
+        total, count = 0.0, 0.0
+        for system, _ in RUNNING[-1:]:
+            for metric in system.metrics.registry.collect():
+                if metric.name == "candlekeeper_request_duration_seconds":
+                    for sample in metric.samples:
+                        if sample.name.endswith("_sum"):
+                            total += sample.value
+                        elif sample.name.endswith("_count"):
+                            count += sample.value
+        c, m = self.proc.cpu_times(), self.sim.cpu_times()
+        return (time.time(), c.user + c.system, m.user + m.system, THREAD_CPU.snapshot(), total, count,
+                self.servers.ask("stats")["klines"])
+
+    def report(self) -> dict[str, Any]:
+        (w0, c0, m0, t0, s0, n0, k0), (w1, c1, m1, t1, s1, n1, k1) = self.start, self._snap()
+        span = w1 - w0
+        return {"span_s": round(span, 1), "daemon_cores": r3((c1 - c0) / span), "simulator_cores": r3((m1 - m0) / span),
+                "klines_per_s": round((k1 - k0) / span, 1), "requests": int(n1 - n0),
+                "request_mean_s": r3((s1 - s0) / (n1 - n0)) if n1 > n0 else None,
+                "cpu_by_threads": THREAD_CPU.between(t0, t1)}
+
+
 class StoreProbe:
     """When writes holding a watched candle reached the storage actor, and how long each of its
     flushes took (a probe on the actor, for the forced disconnect's timeline)."""
@@ -625,6 +658,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[outage] {dropped} connections dropped, upgrades refused for {args.outage:g} s", flush=True)
         time.sleep(1.0)
         sources_down = all_sources(system)
+        wait_until(close)
+        burst = BurstProbe(servers)  # the REST fallback burst after the close, until the store is exact
         wait_until(outage_at + args.outage)
         servers.ask("restore")
         restored_at = time.time()
@@ -652,6 +687,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 exact_at = recorder.last_between(since_ms, end_ms)
                 break
             time.sleep(0.5)
+        print(f"[outage] from the close to the store exact: {burst.report()}", flush=True)
         while all_sources(system).get("stream", 0) < n_series and time.time() - reconnected_at < 180:
             time.sleep(2.0)
         back_s = time.time() - reconnected_at

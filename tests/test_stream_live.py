@@ -226,6 +226,39 @@ def test_a_series_busy_when_its_subscription_comes_up_fills_the_candle_before_it
         assert 'reason="silent"' not in _scrape(system)
 
 
+def test_a_series_that_catches_up_just_after_a_close_takes_that_candle_from_its_stream(
+        clock, tmp_path, fast_stream) -> None:
+    """At start-up a series' backfill can end just after a close whose final its stream parsed
+    while the series was still backfilling (not live: the stream writes only for caught-up
+    series). The stream keeps that candle and writes it when the series joins: no REST request,
+    and no wait for a word that would never come (the ledger says the stream took the candle)."""
+    from candlekeeper.actors.messages import SeriesKey
+
+    with live_exchange("binance", clock, tmp_path) as live:
+        clock.offset += clock.until_boundary(60) - 2
+        close = (clock.ms() // TF + 1) * TF
+        held: list[str] = []
+        release = threading.Event()
+
+        def hold(path: str, params, status, fault) -> None:
+            if "kline" in path and not release.is_set():  # the last backfill page, made before the close
+                held.append(path)
+                release.wait(20)
+
+        live.rest.add_request_hook(hold)
+        system = live.start(timeout="20s")
+        wait_until(lambda: len(held) == len(live.symbols), what="each series' last page made before the close")
+        ledger = system.blueprint.stream_ledgers[live.exchange]
+        keys = [SeriesKey(live.exchange, s, "1m") for s in live.symbols]
+        wait_until(lambda: all((ledger.newest(k) or 0) >= close - TF for k in keys), what="the close's finals parsed")
+        before = klines(live.rest)
+        release.set()
+        wait_until(lambda: all((live.last(s) or 0) >= close - TF for s in live.symbols), 20,
+                   "the candle that closed while its series backfilled, from the stream")
+        assert klines(live.rest) == before, "REST was asked for a candle the stream parsed"
+        live.assert_exact()
+
+
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
