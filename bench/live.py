@@ -172,18 +172,24 @@ class Recorder:
 
     def __init__(self) -> None:
         self.arrivals: dict[tuple[str, str, int], float] = {}
+        # per open time: how many series stored it, and when the last did (the bench asks these
+        # several times a second while the daemon fills a gap: a scan of every arrival, hundreds
+        # of thousands after the backfill, took the daemon's GIL for tens of ms each time)
+        self.count: dict[int, int] = {}
+        self.last: dict[int, float] = {}
 
     def __call__(self, c: StoredCandle) -> None:
         key = (c.exchange, c.symbol, c.ts)
         if key not in self.arrivals:
-            self.arrivals[key] = time.time()
+            self.arrivals[key] = self.last[c.ts] = time.time()
+            self.count[c.ts] = self.count.get(c.ts, 0) + 1
 
     def count_between(self, since_ms: int, end_ms: int) -> int:
-        return sum(1 for (_, _, ts) in list(self.arrivals) if since_ms <= ts < end_ms)
+        return sum(n for ts, n in list(self.count.items()) if since_ms <= ts < end_ms)
 
     def last_between(self, since_ms: int, end_ms: int) -> float:
         """When the last candle opening in [since_ms, end_ms) was first stored."""
-        return max(t for (_, _, ts), t in list(self.arrivals.items()) if since_ms <= ts < end_ms)
+        return max(t for ts, t in list(self.last.items()) if since_ms <= ts < end_ms)
 
     def lags(self, ts: int) -> list[float]:
         close = (ts + TF_MS) / 1000
@@ -616,7 +622,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             system = start_system(config(args, servers, db, sock, "rest"), recorder)
             t0 = time.time()
             target = (int(t0 * 1000) // TF_MS) * TF_MS - TF_MS
-            while sum(1 for (_, _, ts) in list(recorder.arrivals) if ts == target) < n_series:
+            while recorder.count.get(target, 0) < n_series:
                 if time.time() - t0 > args.backfill_timeout:
                     break
                 time.sleep(0.2)
@@ -650,7 +656,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             while not sampling.wait(1.0):
                 klines = servers.ask("stats")["klines"]
                 timeline.append((round(time.time() - close, 1), klines, len(STORE_PROBE.arrived),
-                                 sum(1 for k in list(recorder.arrivals) if k[2] == ts)))
+                                 recorder.count.get(ts, 0)))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
