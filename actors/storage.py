@@ -392,10 +392,8 @@ class StorageActor(Child):
         # what the store held before: new rows go to subscribers, the other changed ones are corrections
         have = self._stored_before(live) if rows and (publish or self.metrics is not None) else None
         if fence is None:
-            changed = self.store.upsert(rows)
-            for w in live:
-                for gap in w.gaps:
-                    self.store.record_gap(*gap)
+            # the gaps in the candles' transaction: a reader sees both or neither
+            changed = self.store.upsert(rows, gaps=[g for w in live for g in w.gaps])
         elif fence:
             from .stores.postgres import PostgresStore
 

@@ -109,6 +109,21 @@ def test_upsert_is_one_transaction(store):
     assert not store._conn.in_transaction
 
 
+def test_candles_and_their_gaps_are_one_transaction(store):
+    """A reader never sees the candles after a confirmed gap without the gap's record (measured:
+    a test read the candles of a page between the two commits, under load)."""
+    gap = ("binance", "BTC/USDT", "1m", TF, 3 * TF, "no_trades")
+    assert store.upsert(rows([0, 3 * TF]), gaps=[gap]) == 2
+    assert store.gap_reasons(*KEY) == [(TF, 3 * TF, "no_trades")]
+    bad = rows([4 * TF]) + [("binance", "BTC/USDT", "1m", 6 * TF, None, 2.0, 0.5, 1.5, 3.0)]
+    with pytest.raises(StoreError):
+        store.upsert(bad, gaps=[("binance", "BTC/USDT", "1m", 5 * TF, 6 * TF, "no_trades")])
+    assert store.count(*KEY) == 2 and store.gap_reasons(*KEY) == [(TF, 3 * TF, "no_trades")]
+    with pytest.raises(ValueError, match="empty gap"):
+        store.upsert(rows([4 * TF]), gaps=[("binance", "BTC/USDT", "1m", 5 * TF, 5 * TF, "no_trades")])
+    assert store.count(*KEY) == 2
+
+
 def test_reads(store):
     store.upsert(rows([3 * TF, TF, 2 * TF]) + rows([0], symbol="ETH/USDT"))
     assert store.last_ts(*KEY) == 3 * TF

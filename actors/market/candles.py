@@ -63,6 +63,7 @@ TIMEFRAME_MS: dict[str, int] = {
 Candle = tuple[int, float, float, float, float, float]
 #: (exchange, symbol, timeframe, ts, open, high, low, close, volume): one row of the candles table.
 Row = tuple[str, str, str, int, float, float, float, float, float]
+GapRow = tuple[str, str, str, int, int, str]  # a confirmed gap: exchange, symbol, timeframe, from, to, reason
 
 
 class InvalidCandles(BadResponse):

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
-from ..market.candles import Candle, Row
+from ..market.candles import Candle, GapRow, Row
 from .coverage import Coverage
 
 __all__ = ["CandleStore", "ReadStore", "is_url", "make_store", "redacted"]
@@ -90,7 +90,7 @@ class ReadStore(Protocol):
 class CandleStore(ReadStore, Protocol):
     """The writer's API: what the storage actor needs of a store."""
 
-    def upsert(self, rows: Sequence[Row]) -> int: ...
+    def upsert(self, rows: Sequence[Row], *, gaps: Sequence[GapRow] = ()) -> int: ...
 
     def record_gap(
         self, exchange: str, symbol: str, timeframe: str, ts_from: int, ts_to: int, reason: str = "exchange_hole"

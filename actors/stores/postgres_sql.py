@@ -10,10 +10,9 @@ from typing import Any, TypeAlias
 
 import psycopg
 
-from ..market.candles import Row
+from ..market.candles import GapRow, Row
 
 Key = tuple[str, str, str]
-GapRow = tuple[str, str, str, int, int, str]  # exchange, symbol, timeframe, ts_from, ts_to, reason
 Conn: TypeAlias = "psycopg.Connection[tuple[Any, ...]]"
 
 TABLES = ("candles", "gaps", "series", "nodes", "leases")

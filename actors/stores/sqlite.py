@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-from ..market.candles import Candle, Row
+from ..market.candles import Candle, GapRow, Row
 from .coverage import Coverage
 from .errors import StoreCorrupt, StoreError, StoreGone, StoreUnavailable
 from .ranges import append_range, subtract_ranges
@@ -443,13 +443,18 @@ class Store:
 
     # -- candles -----------------------------------------------------------
 
-    def upsert(self, rows: Sequence[Row]) -> int:
-        """Insert or correct candles in one transaction; returns rows inserted or changed.
+    def upsert(self, rows: Sequence[Row], *, gaps: Sequence[GapRow] = ()) -> int:
+        """Insert or correct candles, and record confirmed ``gaps`` (as ``record_gap``), in one
+        transaction; returns candle rows inserted or changed. (A reader never sees the candles
+        after a gap without the gap's record.)
 
         Idempotent: writing the same rows again changes nothing and returns 0.
         StoreGone means the rows may not be stored: reopen() and write them again.
         """
-        if not rows:
+        for g in gaps:
+            if g[4] <= g[3]:
+                raise ValueError(f"empty gap [{g[3]}, {g[4]})")
+        if not rows and not gaps:
             return 0
         with self._db() as conn, _transaction(conn):
             changed = 0
@@ -458,6 +463,8 @@ class Store:
                 chunk = rows[i : i + step]
                 cur = conn.execute(_upsert_many(len(chunk)), [v for row in chunk for v in row])
                 changed += cur.rowcount
+            for g in gaps:
+                conn.execute(_RECORD_GAP, g)
         # SQLite writes on into a deleted file's WAL without complaint, so look
         # again: if the file went away during the batch, the batch is lost.
         if not self.memory and not self.check():
@@ -682,12 +689,7 @@ class Store:
         `candlekeeper.actors.market.gaps`), so it is not refetched."""
         if ts_to <= ts_from:
             raise ValueError(f"empty gap [{ts_from}, {ts_to})")
-        self._write(
-            "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
-            " DO UPDATE SET ts_to = max(ts_to, excluded.ts_to), reason = excluded.reason",
-            (exchange, symbol, timeframe, ts_from, ts_to, reason),
-        )
+        self._write(_RECORD_GAP, (exchange, symbol, timeframe, ts_from, ts_to, reason))
 
     def gaps(self, exchange: str, symbol: str, timeframe: str) -> list[tuple[int, int]]:
         """Recorded confirmed gaps of a series as [from, to) ranges, oldest first."""
@@ -783,6 +785,13 @@ def _holes(
     ).fetchone()[0]
     _holes(conn, key, tf, lo, mid, left, out)
     _holes(conn, key, tf, mid, hi, n - left, out)
+
+
+_RECORD_GAP = (
+    "INSERT INTO gaps (exchange, symbol, timeframe, ts_from, ts_to, reason) VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (exchange, symbol, timeframe, ts_from)"
+    " DO UPDATE SET ts_to = max(ts_to, excluded.ts_to), reason = excluded.reason"
+)
 
 
 @contextmanager
