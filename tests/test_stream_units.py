@@ -198,3 +198,25 @@ def test_ccxt_keeps_only_the_last_few_candles_of_each_stream() -> None:
             finally:
                 await ex.close()
         run(scenario())
+
+
+@pytest.mark.parametrize("exchange", ["binance", "okx", "bybit"])
+def test_streams_are_not_deflated(exchange: str) -> None:
+    # inflating each frame hands the GIL back and waits for it again: at 10,000 series that
+    # was most of a stream loop's time, and the close's finals were read late
+    from candlekeeper.actors.sources.ccxt_stream import pro_client
+    from candlekeeper.simulator.ws.testing import T0, advance, run, stream_sim, watch_until
+
+    with stream_sim(exchange) as (sim, clock):
+        async def scenario() -> None:
+            ex = pro_client(exchange, symbols=["BTC/USDT"], timeout=5.0, wall=clock, api_base=sim.http_base,
+                            ws_url=sim.ws_base)
+            try:
+                watching = asyncio.ensure_future(watch_until(ex, "BTC/USDT", "1m", bool))
+                await asyncio.to_thread(sim.wait_for, lambda s: s.subscribed >= 1)
+                advance(sim, clock, T0 + 2 * TF + 1_000)  # a candle closes: ccxt's watch returns
+                await watching
+                assert ex.clients and all(c.connection.compress == 0 for c in ex.clients.values())
+            finally:
+                await ex.close()
+        run(scenario())

@@ -298,6 +298,12 @@ def pro_client(exchange_id: str, *, symbols: Iterable[str], timeout: float, wall
     # series that grows to ten million rows over a day, for nothing (the tap reads only the row
     # a frame just wrote, and the store keeps the candles)
     options["OHLCVLimit"] = OHLCV_KEPT
+    # No permessage-deflate offer (ccxt makes one by default). Inflating each frame hands the
+    # GIL back and waits to take it again: at 10,000 series, with thousands of threads wanting
+    # it, most of a stream loop's time went there (a sampling probe put 75 % of its busy samples
+    # in aiohttp's `decompress_sync`), so the close's finals were read late. Kline frames are
+    # small; the bandwidth saved is not worth the latency.
+    options["ws"] = {**options.get("ws", {}), "compress": 0}
     ex = cls({"enableRateLimit": throttle, "timeout": int(timeout * 1000), "options": options})
     ws = ex.urls["api"].get("ws")
     if api_base:
