@@ -527,16 +527,17 @@ class SeriesActor(Child):
         self._set_status("ok")
         if self._stream_caught_up():
             return
-        if next_close <= now_ms and res.now_ms < next_close + NO_MEASUREMENT_MARGIN_MS:
-            # the answer was taken before that candle closed, or too soon after for the clock's
-            # margin (a request that crossed the close): ask again once the exchange's clock is
-            # surely past it, not a whole poll interval later; each answer's clock is later, so
-            # this ends
-            wait = (next_close + NO_MEASUREMENT_MARGIN_MS - res.now_ms) / 1000
-            delay = min(wait, self.settings.poll_interval) + min(1.0, self.settings.poll_interval) + self.poll_offset
-        elif next_close <= now_ms:
-            # that candle is closed by our clock but the exchange has not published it yet
-            delay = self.settings.poll_interval
+        if next_close <= now_ms:
+            if res.now_ms < next_close + NO_MEASUREMENT_MARGIN_MS:
+                # the answer was taken before that candle closed, or too soon after for the
+                # clock's margin (a request that crossed the close): ask again once the
+                # exchange's clock is surely past it, not a whole poll interval later; each
+                # answer's clock is later, so this ends
+                wait = min((next_close + NO_MEASUREMENT_MARGIN_MS - res.now_ms) / 1000, self.settings.poll_interval)
+                delay = wait + min(1.0, self.settings.poll_interval) + self.poll_offset
+            else:
+                # that candle is closed by our clock but the exchange has not published it yet
+                delay = self.settings.poll_interval
         else:
             # The exchange serves its series one by one at its rate limit anyway: waking them
             # spread over that time, not all in the same millisecond (thousands of threads

@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -293,16 +294,21 @@ class ThreadCpu:
 THREAD_CPU = ThreadCpu()
 
 
+def samples(metric_name: str) -> Iterator[Any]:
+    """The running daemon's samples of one metric (every label set)."""
+    for system, _ in RUNNING[-1:]:
+        for metric in system.metrics.registry.collect():
+            if metric.name == metric_name:
+                yield from metric.samples
+
+
 def fallbacks() -> dict[str, float]:
     """The daemon's `candlekeeper_stream_fallbacks_total` by reason (summed over exchanges)."""
     out: dict[str, float] = {}
-    for system, _ in RUNNING[-1:]:
-        for metric in system.metrics.registry.collect():
-            if metric.name == "candlekeeper_stream_fallbacks":
-                for sample in metric.samples:
-                    if sample.name.endswith("_total"):
-                        why = sample.labels.get("reason", "?")
-                        out[why] = out.get(why, 0.0) + sample.value
+    for sample in samples("candlekeeper_stream_fallbacks"):
+        if sample.name.endswith("_total"):
+            why = sample.labels.get("reason", "?")
+            out[why] = out.get(why, 0.0) + sample.value
     return out
 
 
@@ -318,14 +324,11 @@ class BurstProbe:
 
     def _snap(self) -> tuple[float, float, float, dict[int, float], float, float, int]:
         total, count = 0.0, 0.0
-        for system, _ in RUNNING[-1:]:
-            for metric in system.metrics.registry.collect():
-                if metric.name == "candlekeeper_request_duration_seconds":
-                    for sample in metric.samples:
-                        if sample.name.endswith("_sum"):
-                            total += sample.value
-                        elif sample.name.endswith("_count"):
-                            count += sample.value
+        for sample in samples("candlekeeper_request_duration_seconds"):
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
         c, m = self.proc.cpu_times(), self.sim.cpu_times()
         return (time.time(), c.user + c.system, m.user + m.system, THREAD_CPU.snapshot(), total, count,
                 self.servers.ask("stats")["klines"])

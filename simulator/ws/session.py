@@ -225,7 +225,8 @@ class Session:
         while not self._closing:
             self._new_topics.clear()
             now = ctx.now_ms()
-            updates: list[tuple[Topic, Any, Candle]] = []
+            finals: list[tuple[Topic, Any, Candle, bool]] = []
+            updates: list[tuple[Topic, Any, Candle, bool]] = []
             for name, cursor in list(self._cursors.items()):
                 topic = self.view.topics.get(name)
                 market = ctx.history.market(topic.key.symbol_id) if topic else None
@@ -234,20 +235,13 @@ class Session:
                 for due in cursor.due(now):
                     if market is None:  # Binance: an unknown symbol's stream stays silent
                         continue
-                    if not due.closed:
-                        updates.append((topic, market, due.candle))
-                        continue
-                    candle = due.candle
-                    if ctx.injector.stale(self.conn_no):
-                        ctx.stats.fault(StreamFault.STALE_FINAL)
-                        candle = candle._replace(volume=f"{float(candle.volume) * 0.9:.8f}")
-                    await self._push(ctx.dialect.push(topic, market, candle, True, now, self.view,
-                                                      ctx.rules().closed_flag), True)
-                    if self._closing:
-                        return
-            for topic, market, candle in updates:
-                await self._push(ctx.dialect.push(topic, market, candle, False, now, self.view,
-                                                  ctx.rules().closed_flag), False)
+                    (finals if due.closed else updates).append((topic, market, due.candle, due.closed))
+            for topic, market, candle, closed in finals + updates:
+                if closed and ctx.injector.stale(self.conn_no):
+                    ctx.stats.fault(StreamFault.STALE_FINAL)
+                    candle = candle._replace(volume=f"{float(candle.volume) * 0.9:.8f}")
+                await self._push(ctx.dialect.push(topic, market, candle, closed, now, self.view,
+                                                  ctx.rules().closed_flag), closed)
                 if self._closing:
                     return
             await self._sleep_until_next(now)
