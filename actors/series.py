@@ -128,6 +128,8 @@ class SeriesSettings:
 
 
 class SeriesActor(Child):
+    pooled = True  # thousands of them, and no handler waits: on the runtime's dispatcher
+
     def __init__(
         self,
         key: SeriesKey,

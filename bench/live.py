@@ -271,8 +271,8 @@ class ThreadCpu:
     @staticmethod
     def _group(name: str) -> str:
         parts = name.split("/")
-        if "series" in parts:
-            return "series actors"
+        if "series" in parts or name.startswith("candlekeeper-pool"):
+            return "series actors"  # on the runtime's dispatcher (its pool threads)
         if name.endswith("/stream/io"):
             return "stream loops"
         if name.endswith("/exchange/io"):

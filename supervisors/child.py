@@ -22,20 +22,23 @@ the one consumer, lost the race for it for up to 24 s while its inbox filled.
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
+import sys
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import pykka
 import structlog
 
 from .clock import Clock, WallClock, monotonic
 from .clock import wall as wall_clock
+from .dispatcher import THROUGHPUT, Dispatcher, PooledInbox
 from .events import EventBus
 from .scheduler import Scheduler, Timer
 
@@ -50,6 +53,7 @@ class Runtime:
     """
 
     scheduler: Scheduler = field(default_factory=Scheduler)
+    dispatcher: Dispatcher = field(default_factory=Dispatcher)  # runs the `pooled` actors
     events: EventBus = field(default_factory=EventBus)
     clock: Clock = monotonic
     wall: WallClock = wall_clock
@@ -61,6 +65,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.dispatcher.stop()
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,9 @@ class Child(pykka.ThreadingActor):
     """
 
     use_daemon_thread = True  # a child stuck past its shutdown timeout must not keep the process alive
+    #: run on the runtime's `Dispatcher` instead of a thread of its own: only for actors whose
+    #: handlers never wait (see `candlekeeper.supervisors.dispatcher`)
+    pooled: ClassVar[bool] = False
 
     _link: Link
     _thread: threading.Thread
@@ -181,8 +189,9 @@ class Child(pykka.ThreadingActor):
 
     # -- pykka integration ---------------------------------------------------------------
 
-    @staticmethod
-    def _create_actor_inbox() -> queue.SimpleQueue[Any]:
+    def _create_actor_inbox(self) -> Any:  # type: ignore[override]  # pykka's is static; ours needs the runtime
+        if self.pooled:
+            return self._link.runtime.dispatcher.inbox()
         return queue.SimpleQueue()  # see the module docstring
 
     def on_receive(self, message: Any) -> Any:
@@ -196,8 +205,16 @@ class Child(pykka.ThreadingActor):
         return None
 
     def _start_actor_loop(self) -> None:
+        self._exited = threading.Event()
+        if isinstance(self.actor_inbox, PooledInbox):
+            self.actor_inbox.activate(self._run_slice)
+            return
         self._thread = threading.Thread(target=self._actor_loop, name=self._link.path, daemon=True)
         self._thread.start()
+
+    def _await_exit(self, timeout: float | None) -> None:
+        """Wait until this incarnation has finished (its `Exit` told)."""
+        self._exited.wait(timeout)
 
     def _actor_loop(self) -> None:
         try:
@@ -206,17 +223,59 @@ class Child(pykka.ThreadingActor):
             self._actor_loop_running()
             self._actor_loop_teardown()
         finally:
-            self._ready.set()
-            for timer in list(self._timers):
-                timer.cancel()
-            self._link.notify(
-                Exit(
-                    child_id=self._link.child_id,
-                    incarnation=self._link.incarnation,
-                    error=self._exit_error,
-                    uptime=self._link.runtime.clock() - self._started_at,
-                )
+            self._report_exit()
+
+    def _run_slice(self) -> bool:
+        """A pooled actor's turn on a dispatcher thread: its `on_start` the first time, then up to
+        `THROUGHPUT` messages; True once it has stopped (torn down and its exit told)."""
+        try:
+            if not self._ready.is_set():
+                self._actor_loop_setup()
+                self._ready.set()
+            handled = 0
+            while handled < THROUGHPUT and not self.actor_stopped.is_set() and not self.actor_inbox.empty():
+                self._handle_envelope(self.actor_inbox.get())
+                handled += 1
+            if not self.actor_stopped.is_set():
+                return False
+            self._actor_loop_teardown()
+        except BaseException as exc:  # noqa: BLE001 - a dispatcher thread must survive its actors
+            self._handle_failure(type(exc), exc, exc.__traceback__)
+            self._actor_loop_teardown()
+        self._report_exit()
+        return True
+
+    def _handle_envelope(self, envelope: Any) -> None:
+        """pykka's loop body (`Actor._actor_loop_running`), one message, for a pooled actor: an
+        ask's exception goes back to the asker, a tell's crashes the actor."""
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:  # noqa: BLE001 - as pykka's loop: every error goes to the asker or crashes the actor
+            if envelope.reply_to is not None:
+                _PYKKA_LOG.info(f"Exception returned from {self} to caller:", exc_info=sys.exc_info())
+                envelope.reply_to.set_exception()
+            else:
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                except Exception:  # noqa: BLE001
+                    self._handle_failure(*sys.exc_info())
+
+    def _report_exit(self) -> None:
+        self._ready.set()
+        for timer in list(self._timers):
+            timer.cancel()
+        self._link.notify(
+            Exit(
+                child_id=self._link.child_id,
+                incarnation=self._link.incarnation,
+                error=self._exit_error,
+                uptime=self._link.runtime.clock() - self._started_at,
             )
+        )
+        self._exited.set()
 
     def _handle_failure(
         self,
@@ -234,6 +293,9 @@ class Child(pykka.ThreadingActor):
         )
         pykka.ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
+
+
+_PYKKA_LOG = logging.getLogger("pykka")
 
 
 class Address:

@@ -301,7 +301,7 @@ class Supervisor(Child):
         except pykka.Timeout:
             self.log.error("child_shutdown_timeout", child=rec.spec.id, timeout=rec.spec.shutdown)
             return
-        actor._thread.join(rec.spec.shutdown)
+        actor._await_exit(rec.spec.shutdown)
 
     def _stop_all(self) -> None:
         for rec in reversed(list(self._order)):

@@ -6,6 +6,7 @@ One case per fault kind (random faults, outages, poisoned symbols, crashes) live
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -144,6 +145,8 @@ def test_backfill_exact_then_live_candles_arrive(tmp_path, sim, sim_start, runni
     health = system.health()
     assert health["status"] == "ok"
     assert health["exchanges"][0]["breaker"] == "closed"
+    # the series are actors on the runtime's dispatcher, not a thread each
+    assert not [t.name for t in threading.enumerate() if "/series/" in t.name]
     # the next candle: stored after it closes, never before (how soon is bench/ingest.py's to measure;
     # on a loaded machine the backfill may already have taken it)
     next_close = last + 2 * TF

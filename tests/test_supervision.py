@@ -80,11 +80,17 @@ class Worker(Child):
         return ("pong", self.name)
 
 
-def specs(journal: Journal, names: str = "abc", **overrides: Any) -> list[ChildSpec]:
+class PooledWorker(Worker):
+    """The same worker on the runtime's dispatcher (`candlekeeper.supervisors.dispatcher`)."""
+
+    pooled = True
+
+
+def specs(journal: Journal, names: str = "abc", *, worker: type[Worker] = Worker, **overrides: Any) -> list[ChildSpec]:
     out = []
     for n in names:
         kw = overrides.get(n, {})
-        out.append(ChildSpec(n, Worker, args=(n, journal), **kw))
+        out.append(ChildSpec(n, worker, args=(n, journal), **kw))
     return out
 
 
@@ -152,11 +158,13 @@ def _expect_restart(restart: str, death: str) -> bool:
     return True
 
 
+@pytest.mark.parametrize("worker", [Worker, PooledWorker], ids=["thread", "pooled"])
 @pytest.mark.parametrize(
     ("strategy", "restart", "death"), list(itertools.product(STRATEGIES, RESTARTS, DEATHS))
 )
-def test_supervision_table(make_root, recorder: EventRecorder, journal: Journal, strategy, restart, death) -> None:
-    children = specs(journal, b={"restart": restart})
+def test_supervision_table(make_root, recorder: EventRecorder, journal: Journal, strategy, restart, death,
+                           worker) -> None:
+    children = specs(journal, b={"restart": restart}, worker=worker)
     if death == "on_start":
         journal.fail_starts["b"] = 1  # b dies in on_start on its first start
     root = make_root(children, strategy=strategy)
@@ -202,8 +210,9 @@ def test_supervision_table(make_root, recorder: EventRecorder, journal: Journal,
 # ---------------------------------------------------------------------------------------
 
 
-def test_start_in_order_stop_in_reverse(make_root, journal: Journal) -> None:
-    root = make_root(specs(journal, "abcde"))
+@pytest.mark.parametrize("worker", [Worker, PooledWorker], ids=["thread", "pooled"])
+def test_start_in_order_stop_in_reverse(make_root, journal: Journal, worker) -> None:
+    root = make_root(specs(journal, "abcde", worker=worker))
     assert journal.of("start") == list("abcde")
     root.stop()
     assert journal.of("stop") == list("edcba")
@@ -331,8 +340,10 @@ def test_address_follows_restarts(make_root, recorder: EventRecorder, journal: J
         addr.ask("ping")
 
 
-def test_timers_of_a_dead_actor_never_fire_into_its_replacement(make_root, recorder: EventRecorder, journal: Journal) -> None:
-    root = make_root(specs(journal, "a"))
+@pytest.mark.parametrize("worker", [Worker, PooledWorker], ids=["thread", "pooled"])
+def test_timers_of_a_dead_actor_never_fire_into_its_replacement(make_root, recorder: EventRecorder, journal: Journal,
+                                                                 worker) -> None:
+    root = make_root(specs(journal, "a", worker=worker))
     old = root.child("a")
     old.ask(("schedule", 0.05, "old"))  # ask: the timer is registered before we crash it
     old.tell("crash")
