@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-THREADS = 2  # this machine's cores; the work per message is Python, so more would only queue on the GIL
+THREADS = 2  # the GIL runs one at a time anyway; the second keeps the others moving past a long handler
 THROUGHPUT = 16  # messages one actor handles before the next runnable actor's turn
 
 
