@@ -5,7 +5,8 @@
 At each minute's close every caught-up series asks its exchange for the candle that just closed:
 10,000 requests at once, the same burst a stream outage puts on the REST fallback (bench/live.py's
 forced disconnect). Measured here: from the close until every series' candle is stored, the
-lag's median, the daemon's CPU per request (and how much of it the kernel's), its threads.
+lag's median, the daemon's CPU per request (and how much of it the kernel's), its threads, and
+how long `health()` takes to answer, quiet and during the burst.
 
 Two daemons in one run, one after the other, same simulators (bench/live.py's: 10 Binance REST
 simulators, `rate_limit = 100` each, so 1,000 requests a second is the ceiling, in a helper
@@ -50,12 +51,18 @@ def one_daemon(args: argparse.Namespace, servers: Servers, db: str, sock: str, p
             time.sleep(0.5)
         proc = psutil.Process()
         closes = []
+        quiet: list[float] = []  # health() latency 45-50 s after a close, its burst over
+        busy: list[float] = []  # during the burst: an ask a second (bench/scale.py's pace)
         for _ in range(args.closes):
             close = next_close(time.time() + 2)
             wait_until(close - 0.5)
             c0, k0 = proc.cpu_times(), servers.ask("stats")["klines"]
             ts = int(close * 1000) - TF_MS
+            asked = close
             while recorder.count.get(ts, 0) < n and time.time() - close < 180:
+                if time.time() >= asked:
+                    busy.append(health_latency(system))
+                    asked = time.time() + 1.0
                 time.sleep(0.1)
             all_in = time.time() - close
             c1, k1 = proc.cpu_times(), servers.ask("stats")["klines"]
@@ -67,10 +74,24 @@ def one_daemon(args: argparse.Namespace, servers: Servers, db: str, sock: str, p
                    "cores": round(cpu / (all_in + 0.5), 3)}
             print(f"[{'pooled' if pooled else 'threads'}] {row}", flush=True)
             closes.append(row)
+            if time.time() < close + 45:
+                wait_until(close + 45)
+                while time.time() < close + 50:
+                    quiet.append(health_latency(system))
+                    time.sleep(0.5)
         return {"pooled": pooled, "threads": threading.active_count(),
+                "health_quiet_p50_s": r3(pct(quiet, 0.5)), "health_quiet_max_s": r3(max(quiet, default=None)),
+                "health_busy_p50_s": r3(pct(busy, 0.5)), "health_busy_max_s": r3(max(busy, default=None)),
+                "health_asks": len(quiet) + len(busy),
                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20), "closes": closes}
     finally:
         stop_system(system)
+
+
+def health_latency(system: Any) -> float:
+    t0 = time.perf_counter()
+    system.health()
+    return time.perf_counter() - t0
 
 
 def mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -101,6 +122,10 @@ def section(r: dict[str, Any], command: str) -> str:
         "| daemon CPU per request, ms | {} | {} | {} |".format(*fig("cpu_ms_per_request")),
         "| of which in the kernel | {} | {} | |".format(*fig("kernel_share", 3)[:2]),
         "| daemon cores during the burst | {} | {} | |".format(*fig("cores", 3)[:2]),
+        f"| `health()` latency 45-50 s after a close (its burst over), p50 / max, s | {t['health_quiet_p50_s']} / "
+        f"{t['health_quiet_max_s']} | {p['health_quiet_p50_s']} / {p['health_quiet_max_s']} | |",
+        f"| `health()` latency during the burst (an ask a second), p50 / max, s | {t['health_busy_p50_s']} / "
+        f"{t['health_busy_max_s']} | {p['health_busy_p50_s']} / {p['health_busy_max_s']} | |",
         f"| threads in the daemon | {t['threads']:,} | {p['threads']:,} | |",
         f"| RSS after the run, MB | {t['rss_mb']:,} | {p['rss_mb']:,} | |",
         "",
