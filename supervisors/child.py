@@ -18,6 +18,10 @@ no Python-level lock) instead of pykka's `queue.Queue`, whose `put` and `get` ta
 Python code. At 10,000 series, thousands of series threads telling the storage actor at once
 queued on that mutex; a holder preempted by the GIL stalled every other, and the storage actor,
 the one consumer, lost the race for it for up to 24 s while its inbox filled.
+
+A `Child` with `pooled = True` has no thread of its own: its inbox is a `PooledInbox` and the
+runtime's `Dispatcher` runs it in slices (`candlekeeper.supervisors.dispatcher` says why and
+what such an actor must never do). Everything above holds for it the same way.
 """
 
 from __future__ import annotations
