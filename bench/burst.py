@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import psutil
 from live import Recorder, Servers, config, next_close, pct, quiet_logs, r3, start_system, stop_system, wait_until
-from results import replace_section
+from results import command_line, replace_section
 
 from candlekeeper.actors.series import SeriesActor
 
@@ -162,9 +161,8 @@ def main() -> None:
         SeriesActor.pooled = True
         servers.close()
         tmp.cleanup()
-    shown = [a for a in sys.argv[1:] if a != "--no-results"]
     if not args.no_results:
-        replace_section(args.results, section(result, " ".join(["python bench/burst.py", *shown])), BEGIN, END,
+        replace_section(args.results, section(result, command_line("burst.py")), BEGIN, END,
                         after="<!-- live:end -->")
     print(json.dumps(result))
 

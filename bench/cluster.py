@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import psycopg
-from results import replace_section
+from results import command_line, replace_section
 
 from candlekeeper.actors.placement import rendezvous_owner
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
@@ -327,8 +327,7 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the daemons and the server on the way out
-    shown = [a for a in sys.argv[1:] if a != "--no-results" and not a.startswith("--results")]
-    command = " ".join(["python bench/cluster.py", *shown])
+    command = command_line("cluster.py")
     result = run(args)
     text = section(result, command)
     print(text)

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import psutil
-from results import replace_section
+from results import command_line, replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TF_MS = 60_000
@@ -152,10 +152,9 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
-    shown = [a for a in sys.argv[1:] if a != "--no-results"]
     result = run(args)
     if not args.no_results:
-        replace_section(args.results, section(result, " ".join(["python bench/export.py", *shown])), BEGIN, END)
+        replace_section(args.results, section(result, command_line("export.py")), BEGIN, END)
     result["targets_met"] = {fmt: verdict(result, fmt) for fmt in result["formats"]}
     print(json.dumps(result))
 

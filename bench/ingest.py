@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import budget_bench
 import ccxt
 import structlog
+from results import command_line
 
 from candlekeeper.actors.messages import Write, Written
 from candlekeeper.actors.storage import StorageActor
@@ -261,15 +261,7 @@ def exchanges(args: argparse.Namespace) -> None:
                   f"rate-limited {r['rate_limited']}, exact {r['exact']}, daemon CPU {r['cpu_s']} s, "
                   f"simulator CPU {r['sim_cpu_s']} s", flush=True)
     if args.results:
-        shown, skip = [], False
-        for a in sys.argv[1:]:  # the command as run, without where its results were written
-            if skip or a.startswith("--results="):
-                skip = False
-            elif a == "--results":
-                skip = True
-            else:
-                shown.append(a)
-        budget_bench.write_section(args.results, results, " ".join(["python bench/ingest.py", *shown]))
+        budget_bench.write_section(args.results, results, command_line("ingest.py"))
     print(json.dumps(results))
 
 

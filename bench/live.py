@@ -58,7 +58,7 @@ from typing import Any
 
 import psutil
 import structlog
-from results import replace_section
+from results import command_line, replace_section
 
 from candlekeeper.actors.storage import StoredCandle
 from candlekeeper.app import config as config_mod
@@ -846,15 +846,7 @@ def main() -> None:
     if args.serve:
         run_servers(args.exchanges, args.symbols, args.server_rate or None, args.start_ms)
         return
-    shown, skip = [], False
-    for a in sys.argv[1:]:
-        if skip or a == "--no-results" or a.startswith("--results="):
-            skip = False
-        elif a == "--results":
-            skip = True
-        else:
-            shown.append(a)
-    command = " ".join(["python bench/live.py", *shown])
+    command = command_line("live.py")
     result = run(args)
     if not args.no_results:
         replace_section(args.results, section(result, command), BEGIN, END, after="<!-- scale-notes:end -->")

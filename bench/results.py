@@ -5,6 +5,7 @@ renamed, so an interrupted run never leaves half a file."""
 from __future__ import annotations
 
 import os
+import sys
 
 HEADER = "# Benchmark results\n"
 
@@ -28,3 +29,17 @@ def replace_section(path: str, text: str, begin: str, end: str, *, after: str | 
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(new)
     os.replace(path + ".tmp", path)
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command as run (`python bench/SCRIPT ARGS`), without where its results went
+    (`--results PATH`, `--results=PATH`, `--no-results`): what a section says produced it."""
+    shown, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip or a == "--no-results" or a.startswith("--results="):
+            skip = False
+        elif a == "--results":
+            skip = True
+        else:
+            shown.append(a)
+    return " ".join([f"python bench/{script}", *shown])

@@ -51,7 +51,7 @@ from typing import Any
 import psutil
 import pykka
 import structlog
-from results import replace_section
+from results import command_line, replace_section
 
 from candlekeeper.actors.storage import StoredCandle
 from candlekeeper.app import config as config_mod
@@ -532,15 +532,7 @@ def main() -> None:
     if args.serve:
         run_servers(args.exchanges, args.symbols, args.server_rate or None)
         return
-    shown, skip = [], False
-    for a in sys.argv[1:]:  # the command as run, without where its results were written
-        if skip or a == "--no-results" or a.startswith("--results="):
-            skip = False
-        elif a == "--results":
-            skip = True
-        else:
-            shown.append(a)
-    command = " ".join(["python bench/scale.py", *shown])
+    command = command_line("scale.py")
     result = run(args)
     if not args.no_results:
         replace_section(args.results, section(result, command), BEGIN, END)
