@@ -37,6 +37,7 @@ import candlekeeper
 from candlekeeper.app.system import System
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.surfaces.control import MAX_CONNECTIONS, MAX_MESSAGE, request
+from candlekeeper.surfaces.control import commands as command_table
 from tests.conftest import wait_threads_gone
 from tests.test_ingest import wait_until
 
@@ -55,6 +56,7 @@ FEW = settings(FUZZ, max_examples=max(3, EXAMPLES // 15))  # the costly ones
 SYMBOL = "BTC/USDT"  # the simulator lists only this one, and the system runs it
 REAL_PATHS = {"storage", "health", "control", "binance", "binance/exchange", "binance/series",
               f"binance/series/{SYMBOL}@1m"}
+KNOWN = frozenset(command_table(None))  # type: ignore[arg-type]  # the server's own table: no list to drift
 CONN_THREAD = "root/control/conn"
 THREAD_SLACK = 8  # simulator keep-alive threads and timers come and go
 
@@ -226,10 +228,12 @@ def check_reply(obj: Any, reply: Any) -> None:
     cmd = obj.get("cmd")
     if not isinstance(cmd, str):
         assert reply["ok"] is False and "'cmd' must be a string" in reply["error"], reply
-    elif cmd not in ("health", "tree", "reset", "pause", "resume", "restart", "add", "remove", "latest", "accept_gap"):
+    elif cmd not in KNOWN:
         assert reply["ok"] is False and "unknown command" in reply["error"], reply
     elif cmd in ("health", "tree"):
         assert reply["ok"] is True, reply
+    elif cmd == "cluster":  # this daemon runs alone
+        assert reply["ok"] is False and "clustering is off" in reply["error"], reply
 
 
 def decode_like_the_server(data: bytes) -> tuple[list[Any], bool]:
@@ -280,7 +284,7 @@ values = st.recursive(
     max_leaves=12,
 )
 ids = st.one_of(scalars, extensions, st.lists(scalars, max_size=3), st.dictionaries(text, scalars, max_size=2))
-commands = ["health", "tree", "reset", "pause", "resume", "latest", "add", "remove", "restart", "accept_gap"]
+commands = sorted(KNOWN - {"shutdown", "crash"})
 args = {
     "exchange": st.one_of(st.sampled_from(["binance", "", "BINANCE", "kraken", "binance "]), text, values),
     "symbol": st.one_of(st.sampled_from([SYMBOL, "ETH/USDT", "btc/usdt", "BTC", "/", "BTC/USDT:USDT", ""]), text,
