@@ -26,6 +26,8 @@ _MINUTE = 60_000
 #: Binance aligns weekly candles to Monday 00:00 UTC; the epoch was a Thursday.
 _WEEK_OFFSET_MS = 4 * _DAY_MS
 
+_CLOSED_MEMO_MAX = 50_000  # closed candles remembered per history (a few tens of MB at most)
+
 #: interval name -> (duration ms, alignment offset ms): every interval a dialect serves. 3d and
 #: 1M are left out: Binance aligns them to a calendar we do not model (and OANDA's M is a month).
 INTERVALS: dict[str, tuple[int, int]] = {
@@ -233,6 +235,9 @@ class CandleHistory:
         self.seed = seed
         self._market_hours = market_hours
         self._markets: dict[str, Market] = {}
+        # closed candles never change (P(t) is a pure function): tests re-read the same history
+        # many times a second while they wait for a store to be exact
+        self._closed_memo: dict[tuple[str, int, int], Candle] = {}
         for s in symbols:
             m = _make_market(s, seed)
             if m.id in self._markets:
@@ -394,6 +399,20 @@ class CandleHistory:
     def _candle(self, m: Market, ms: int, open_ms: int, now_ms: int,
                 prices: dict[int, float]) -> Candle:
         """`prices` memoises P(t) within one page: a candle's close is the next one's open."""
+        end = open_ms + ms
+        closed = now_ms >= end
+        if closed:
+            key = (m.id, ms, open_ms)
+            hit = self._closed_memo.get(key)
+            if hit is None:
+                if len(self._closed_memo) >= _CLOSED_MEMO_MAX:
+                    self._closed_memo.clear()  # bounded: a long simulation keeps the recent ones
+                hit = self._closed_memo[key] = self._make_candle(m, ms, open_ms, now_ms, prices)
+            return hit
+        return self._make_candle(m, ms, open_ms, now_ms, prices)
+
+    def _make_candle(self, m: Market, ms: int, open_ms: int, now_ms: int,
+                     prices: dict[int, float]) -> Candle:
         end = open_ms + ms
         closed = now_ms >= end
         frac = 1.0 if closed else (now_ms - open_ms) / ms

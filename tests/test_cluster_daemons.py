@@ -150,11 +150,15 @@ def stored(url: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def caught_up(url: str, symbols: list[str], start: int) -> bool:
-    """Every series holds every candle from `start` to (about) the last closed one."""
+    """Every series holds every candle from `start` to (about) the last closed one (counted by
+    the database: this is polled while three daemons write)."""
     last_closed = (now_ms() // TF) * TF - TF
-    rows = stored(url)
+    with psycopg.connect(url) as conn:
+        counts = {s: (n, last) for s, n, last in conn.execute(
+            "SELECT symbol, count(*), max(ts) FROM candles WHERE exchange = 'binance' AND timeframe = '1m'"
+            " AND ts >= %s GROUP BY symbol", (start,))}
     return all(
-        s in rows and rows[s][-1][0] >= last_closed - TF and len(rows[s]) == (rows[s][-1][0] - start) // TF + 1
+        s in counts and counts[s][1] >= last_closed - TF and counts[s][0] == (counts[s][1] - start) // TF + 1
         for s in symbols
     )
 
