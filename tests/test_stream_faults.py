@@ -8,6 +8,7 @@ import pytest
 
 from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults
 from tests.stream_support import (
+    GRACE_S,
     TF,
     fast_stream,  # noqa: F401 - a fixture
     live_exchange,
@@ -31,7 +32,7 @@ def test_random_stream_faults_leave_the_store_exact(fault, clock, tmp_path, fast
             ts = live.to_close(system)
             # the candle comes by the stream, or by REST where the stream failed (a missed one is
             # noticed when a later one arrives)
-            wait_until(lambda ts=ts: live.clock.ms() > ts + TF + 1500, what="the close")
+            wait_until(lambda ts=ts: live.clock.ms() > ts + TF + GRACE_S * 1000 + 500, what="the close")
         live.ws.set_faults(StreamFaults())
         live.next_candle(system)
         live.wait_complete()

@@ -131,7 +131,7 @@ def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_p
     built = settings_mod.stream_settings
     monkeypatch.setattr(settings_mod, "stream_settings",
                         lambda *a, **k: dataclasses.replace(built(*a, **k), notify_per_s=1.0))
-    def slow_words(_ts: int) -> None:  # from now on one word a 1.25 s (GRACE_S = 1 s): the second hears late
+    def slow_words(_ts: int) -> None:  # from now on one word each 1.25 x the grace: the second hears late
         monkeypatch.setattr(stream_mod, "NOTIFY_TICK_S", 1.25 * GRACE_S)
 
     _next_close_without_rest(clock, tmp_path, slow_words, "a series asked REST for a candle the stream had stored")
