@@ -280,7 +280,8 @@ heartbeat = "off"
         db = str(tmp_path / "candles.db")
         # Kraken's reach (the last 720 candles) moves on each minute: the oldest stored candle is
         # wherever it was when the series first asked, anywhere from here to the check
-        reach_before = {s: max(start, sim.reachable_from(s, "1m")) for s in symbols}
+        began = sim.now_ms()
+        reach_before = {s: max(start, sim.reachable_from(s, "1m", began)) for s in symbols}
         daemon = Daemon(tmp_path, cfg).start()
         try:
             wait_until(lambda: any(stored(db, s) for s in symbols), what="first page stored")
@@ -297,8 +298,11 @@ heartbeat = "off"
                 if not rows:
                     return False
                 first = rows[0][0]
+                # what the exchange served from `first` on: its reach when the first daemon began (a
+                # minute later the reach has moved past `first`, and the candles stay stored)
+                want = sim.expected_candles(s, "1m", first, (sim.now_ms() // TF) * TF, reach_at_ms=began)
                 return (reach_before[s] <= first <= max(start, sim.reachable_from(s, "1m"))
-                        and rows == expected(sim, s, first))
+                        and rows == [tuple(c) for c in want])
 
             def done() -> bool:
                 return all(exact_from_its_reach(s) for s in symbols)
