@@ -117,6 +117,26 @@ def test_a_series_that_says_ok_but_stores_nothing_newer_is_lagging(health: Healt
     assert health.series(ETH)["status"] == "lagging"
 
 
+def test_a_report_between_ticks_tells_the_lag_and_verdict_of_its_instant() -> None:
+    """A report judges only the rows whose instant has come (the rest were judged when they
+    reported: at 10,000 series re-judging every row made each report twice as slow), yet every
+    row's lag is read at the report's instant: no tick runs here between the reports."""
+    h = Health(tick=3600)
+    try:
+        last = last_closed_ts(T0)
+        h.tell(status(BTC, "ok", last), status(ETH, "ok", last + TF))  # ETH: one candle newer
+        assert [(s["status"], s["lag_seconds"]) for s in h.report()["series"]] == [("ok", 40.0), ("ok", 0.0)]
+        h.wall.advance(29.5)
+        assert [(s["status"], s["lag_seconds"]) for s in h.report()["series"]] == [("ok", 69.5), ("ok", 9.5)]
+        h.wall.advance(1)  # BTC's bound (70 s) passed: its verdict flips in this report
+        report = h.report()
+        assert [(s["status"], s["lag_seconds"]) for s in report["series"]] == [("lagging", 70.5), ("ok", 10.5)]
+        assert report["status"] == "degraded"
+        assert report["reasons"] == ["1 series lagging: binance:BTC/USDT@1m (70 s behind, nothing newer for 30 s)"]
+    finally:
+        h.stop()
+
+
 def test_retrying_is_judged_by_lag_when_caught_up_and_by_progress_when_backfilling(health: Health) -> None:
     last = last_closed_ts(T0)
     health.tell(status(BTC, "ok", last), status(BTC, "retrying", last, failures=1))
