@@ -345,7 +345,7 @@ class HealthActor(Child):
         reopens = track.reopens
         due_from = None if last is None else max(last / 1000 + track.tf_s, (reopens or 0) / 1000)
         lag = None if due_from is None else max(0.0, now - due_from)
-        row["lag_seconds"] = None if lag is None else round(lag, 1)
+        row["lag_seconds"] = _shown(lag)
         track.due_from = due_from
         reported = track.reported
         pace = self.settings.pace_of(row["exchange"])
@@ -403,7 +403,7 @@ class HealthActor(Child):
             s.pop(INTERNAL, None)
             track = tracks.get(path)
             due_from = None if track is None else track.due_from
-            s["lag_seconds"] = None if due_from is None else round(max(0.0, now - due_from), 1)
+            s["lag_seconds"] = None if due_from is None else _shown(max(0.0, now - due_from))
             if storage_error is not None:
                 own = s.get("detail")
                 s["detail"] = storage_error if not own or own.startswith("store:") else f"{storage_error}; {own}"
@@ -477,6 +477,11 @@ class HealthActor(Child):
         if any(s["status"] in DEGRADING for s in series):
             return "degraded"
         return "ok"
+
+
+def _shown(lag: float | None) -> float | None:
+    """A lag as the report shows it: to a tenth of a second."""
+    return None if lag is None else round(lag, 1)
 
 
 def _name(s: dict[str, Any]) -> str:
