@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -23,6 +24,45 @@ from candlekeeper.supervisors.events import LifecycleEvent
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore", derandomize=False, database=None)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "long(seconds=10): a test that waits out many seconds of real time (closes, "
+        "graces, faults): started first on its worker, so none trails the run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, each worker's first tests are the long ones, longest first.
+
+    xdist's worksteal hands worker j the j-th of N contiguous slices of the collection and
+    steals from the ends of the slices: a long test at the end of a slice (the six
+    parametrisations of one long test sit together) runs last and trails the run by its length.
+    Here the long tests are dealt out one per slice, at the slices' starts; every worker
+    collects the same order, as xdist requires."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 0))
+    if workers < 2:
+        return
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return float(mark.args[0]) if mark is not None and mark.args else 10.0
+
+    long = sorted((i for i in items if i.get_closest_marker("long")), key=seconds, reverse=True)
+    if not long:
+        return
+    rest = iter([i for i in items if not i.get_closest_marker("long")])
+    sizes, left = [], len(items)
+    for j in range(workers):  # as worksteal.check_schedule splits the pending items
+        sizes.append(left // (workers - j))
+        left -= sizes[-1]
+    slices: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for n, item in enumerate(long):
+        slices[n % workers].append(item)
+    for size, chunk in zip(sizes, slices, strict=True):
+        chunk.extend(itertools.islice(rest, max(0, size - len(chunk))))
+    slices[-1].extend(rest)
+    items[:] = [item for chunk in slices for item in chunk]
+
 
 
 class EventRecorder:
@@ -75,13 +115,18 @@ def recorder(runtime: Runtime) -> EventRecorder:
     return rec
 
 
+# threads that live as long as the test process, started by the first test that needs them
+LIFETIME_THREADS = frozenset({"forkserver"})  # tests/forkserver.py: the reader of its answers
+
+
 def wait_threads_gone(before: set[threading.Thread], timeout: float = 5.0) -> list[threading.Thread]:
     """Threads started since `before` that are still alive after `timeout` (joined, not polled)."""
     deadline = time.monotonic() + timeout
-    for t in threading.enumerate():
-        if t not in before and t is not threading.current_thread():
-            t.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    new = [t for t in threading.enumerate()
+           if t not in before and t is not threading.current_thread() and t.name not in LIFETIME_THREADS]
+    for t in new:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in new if t.is_alive()]
 
 
 @pytest.fixture(autouse=True)

@@ -55,6 +55,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.long
 def test_one_stop_answer_holds_every_request_of_the_exchange(tmp_path, systems, case: str) -> None:
     dialect, candles, how, status, hold = CASES[case]
     clock = ShiftedClock.before_boundary(60.0, 45.0)  # no candle closes during the test

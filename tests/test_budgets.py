@@ -196,6 +196,7 @@ SHARED = {
 
 
 @pytest.mark.parametrize("dialect", sorted(SHARED))
+@pytest.mark.long
 def test_a_second_client_eating_most_of_the_budget_never_pushes_the_daemon_into_rate_limits(
         tmp_path, systems, dialect: str) -> None:
     window_s, call, cost, leave = SHARED[dialect]

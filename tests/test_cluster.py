@@ -252,6 +252,7 @@ def set_node_row(url: str, node: str, incarnation: str, seconds: float) -> None:
                      (node, seconds, incarnation))
 
 
+@pytest.mark.long
 def test_a_node_whose_name_is_taken_over_stands_down_then_rejoins(pg_db) -> None:
     """Another run takes this node's name (a successor started while this one was stalled): this
     one's next heartbeat is refused, it stops every series and holds no lease (health down,

@@ -25,7 +25,7 @@ import pytest
 from candlekeeper.actors.placement import rendezvous_owner
 from candlekeeper.simulator.server import BinanceSimulator, synthetic_symbols
 from candlekeeper.surfaces.control import request
-from tests.test_daemon import RUN
+from tests import forkserver
 from tests.test_ingest import TF, now_ms, wait_until
 
 if TYPE_CHECKING:
@@ -80,8 +80,7 @@ timeout = "2s"
 page_limit = 100
 """)
         self.log = open(workdir / f"{node}.log", "w")
-        self.proc = subprocess.Popen(RUN + ["--config", str(self.config)], cwd=workdir, stdout=self.log,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = forkserver.launch(["--config", str(self.config)], workdir, stdout=self.log)
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, self.tail()
@@ -95,8 +94,7 @@ page_limit = 100
         return reply["result"]
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(RUN + ["ctl", "--socket", str(self.socket), *args], capture_output=True, text=True,
-                              timeout=60)
+        return forkserver.run(["ctl", "--socket", str(self.socket), *args], self.workdir)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -163,6 +161,7 @@ def caught_up(url: str, symbols: list[str], start: int) -> bool:
     )
 
 
+@pytest.mark.long(30)
 def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path, pg_db: PgDatabase) -> None:
     start = (now_ms() // TF) * TF - HISTORY_MIN * TF
     symbols = synthetic_symbols(SERIES)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from candlekeeper.simulator.server import BinanceSimulator
+from tests import forkserver
 from tests.test_ingest import TF, expected, now_ms, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,9 @@ def write_config(d: Path, body: str) -> Path:
 
 
 def run(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """`python run.py ARGS` in `cwd`, its output captured: forked from the fork server (a real
+    process without its second of imports; `RUN` itself is run by test_daemon_sigterm.py)."""
+    return forkserver.run(args, cwd, timeout)
 
 
 def ctl_here(cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -109,6 +112,17 @@ def test_ctl_without_daemon_says_so(workdir: Path) -> None:
     assert "not running" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("entry", ["python run.py", "python -m candlekeeper", "candlekeeper"])
+def test_every_entry_point_is_the_same_cli(workdir: Path, entry: str) -> None:
+    """The programs a user runs, exec'd for real (the other tests fork `main` from the fork server)."""
+    program = {"python run.py": RUN, "python -m candlekeeper": [sys.executable, "-m", "candlekeeper"],
+               "candlekeeper": [str(Path(sys.executable).parent / "candlekeeper")]}[entry]
+    res = subprocess.run([*program, "ctl", "--socket", str(workdir / "none.sock"), "health"], cwd=workdir,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not running" in res.stderr and "Traceback" not in res.stderr, res
+    assert res.stdout == ""
+
+
 def listening(path: Path) -> bool:
     """Someone accepts connections on the Unix socket `path` (a stale file refuses them)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -126,12 +140,11 @@ class Daemon:
     def __init__(self, workdir: Path, config: Path) -> None:
         self.workdir = workdir
         self.config = config
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: forkserver.Forked | None = None
         self.log = open(workdir / "daemon.log", "a")
 
     def start(self) -> Daemon:
-        self.proc = subprocess.Popen(RUN + ["--config", str(self.config)], cwd=self.workdir,
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.proc = forkserver.launch(["--config", str(self.config)], self.workdir, stdout=self.log)
         # listening, not merely there: a daemon killed with -9 leaves its socket file behind
         wait_until(lambda: listening(self.workdir / "ctl.sock") or self.proc.poll() is not None, timeout=30,
                    what="daemon socket")

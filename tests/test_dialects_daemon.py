@@ -123,6 +123,7 @@ def wait_exact(sim: ExchangeSimulator, db: str, symbols: list[str], start: int, 
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.long
 def test_backfill_live_and_restart_are_exact(tmp_path, clock, systems, dialect: str) -> None:
     with exchange(dialect, clock) as sim:
         symbols = symbols_of(dialect)
@@ -143,6 +144,7 @@ def test_backfill_live_and_restart_are_exact(tmp_path, clock, systems, dialect: 
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.long
 def test_random_faults_end_exact(tmp_path, clock, systems, dialect: str) -> None:
     # every random kind in the dialect's shape but a ban, which holds the exchange for as long as it
     # documents when the answer says nothing (Bybit: 10 minutes; see tests/test_budget_holds.py); a
@@ -245,6 +247,7 @@ def test_a_failing_derivative_listing_blocks_no_spot_series(tmp_path, clock, sys
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.long
 def test_kill_9_mid_backfill_then_resume_exact(tmp_path, dialect: str) -> None:
     """The daemon process killed with -9 in the middle of a backfill, then started again: the store
     ends exact for every dialect (real time here: the daemon is another process)."""

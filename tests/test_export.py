@@ -21,6 +21,7 @@ from candlekeeper.app import data
 from candlekeeper.app.system import System
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.surfaces import export as export_mod
+from tests import forkserver
 from tests.test_ingest import TF, make_config, sim, sim_start, wait_until  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +37,9 @@ def fill(path: str, n: int, *, skip: tuple[int, ...] = (), key: tuple[str, str, 
     return rows
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=60,
-                          cwd=cwd, env=env)
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python run.py ARGS`, forked from the fork server (tests/forkserver.py)."""
+    return forkserver.run(args, cwd or Path.cwd())
 
 
 # -- the store -------------------------------------------------------------------------------

@@ -275,6 +275,7 @@ def random_faults(kind: FaultKind, rate: float) -> Faults:
 
 
 @pytest.mark.parametrize(("kind", "family"), RANDOM_CASES, ids=[k.value for k, _ in RANDOM_CASES])
+@pytest.mark.long
 def test_random_fault(tmp_path, kind: FaultKind, family: str) -> None:
     with running(tmp_path) as run:
         sim = run.sim

@@ -320,6 +320,7 @@ def test_a_418_ban_shows_lagging_within_the_bound_while_the_breaker_stays_closed
         assert_exact(sim, db, symbol, sim_start)
 
 
+@pytest.mark.long
 def test_a_read_only_database_at_start_shows_storage_failing_and_lagging_series(
     tmp_path: Path, sim: BinanceSimulator, sim_start: int, running: Callable[[config_mod.Config], System],
     quick_storage: None,

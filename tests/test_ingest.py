@@ -156,6 +156,7 @@ def test_backfill_exact_then_live_candles_arrive(tmp_path, sim, sim_start, runni
     assert_exact(sim, db, "BTC/USDT", sim_start)
 
 
+@pytest.mark.long
 def test_all_fault_kinds_together(tmp_path, sim, sim_start, running) -> None:
     """Every random fault kind at 5 % at once, and a server-side rate limit below the daemon's
     configured one (a misconfigured rate_limit): the store still ends exact."""

@@ -365,6 +365,7 @@ def test_bid_and_ask_as_two_sections_of_one_account_side_by_side(tmp_path, token
     assert sorted(e["name"] for e in health["exchanges"]) == ["fx_ask", "fx_bid"]
 
 
+@pytest.mark.long
 def test_live_candles_up_to_the_close_then_no_polling(tmp_path, token, simulator, daemons) -> None:
     """Friday, the week's last candle closing in 3 s: it is stored once closed, then the series
     wait for Sunday's reopening (health: ok, not lagging, the detail says until when) and the
@@ -487,6 +488,7 @@ def test_restart_resumes_from_saturday_to_monday(tmp_path, token, simulator, dae
     assert requests.candles - asked <= 2 * 8, requests.candles - asked
 
 
+@pytest.mark.long
 def test_random_faults_at_a_rate_leave_the_store_exact(tmp_path, token, simulator, daemons) -> None:
     """Every random fault kind at 2.5 %, so about a quarter of the requests fail (OANDA's shapes:
     JSON errors, 429 with Retry-After, resets, stalls, cut bodies, trickles), through a backfill

@@ -11,12 +11,12 @@ Faults are switched on mid-backfill, when the simulator receives its n-th klines
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -28,8 +28,8 @@ from candlekeeper.app.system import System
 from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
+from tests import forkserver
 from tests.conftest import LEAD_S
-from tests.test_daemon import RUN
 from tests.test_fault_matrix import trip_at
 from tests.test_ingest import TF, wait_until
 
@@ -177,8 +177,7 @@ def test_backfill_exact_on_postgresql(pg_db) -> None:
         assert all(cov[s]["complete"] and cov[s]["count"] == len(expected(run, s)) for s in SYMBOLS)
         with pytest.raises(CommandError, match="clustering is off"):
             system.cluster()
-        out = subprocess.run(RUN + ["export", "binance:ETH/USDT", "--db", run.url], capture_output=True, text=True,
-                             timeout=60)
+        out = forkserver.run(["export", "binance:ETH/USDT", "--db", run.url], Path.cwd())
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0].startswith("time,ts,open") and [int(r.split(",")[1]) for r in lines[1:]] == [

@@ -39,6 +39,7 @@ def kill_lock_sessions(db: PgDatabase) -> None:
                      " WHERE application_name LIKE 'candlekeeper daemon:%%' AND datname = %s", (db.name,))
 
 
+@pytest.mark.long
 def test_a_writing_store_holds_the_database_and_names_itself(pg_db: PgDatabase) -> None:
     first = PostgresStore(pg_db.url, exclusive=True).open()
     try:

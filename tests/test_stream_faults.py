@@ -22,6 +22,7 @@ EXCHANGES = ("binance", "okx", "bybit")
 
 @pytest.mark.parametrize("fault", [StreamFault.DROP_RESET, StreamFault.DROP_CLOSE, StreamFault.DUPLICATE,
                                    StreamFault.REORDER, StreamFault.MISS, StreamFault.MISS_FINAL])
+@pytest.mark.long
 def test_random_stream_faults_leave_the_store_exact(fault, clock, tmp_path, fast_stream) -> None:
     with live_exchange("binance", clock, tmp_path) as live:
         system = live.start()

@@ -58,6 +58,7 @@ def _scrape(system) -> str:
     return generate_latest(system.metrics.registry).decode()
 
 
+@pytest.mark.long
 def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, fast_stream) -> None:
     with live_exchange("binance", clock, tmp_path) as live:
         system = live.start()
@@ -84,6 +85,7 @@ def test_fallback_to_rest_while_the_stream_is_down_and_return(clock, tmp_path, f
         assert 'reason="down"' in _scrape(system)
 
 
+@pytest.mark.long
 def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp_path, fast_stream) -> None:
     """Every final missed: the stream is up but says nothing closed; each series polls REST
     `stream_grace` after the close, then takes the stream's candles again once they come."""
@@ -120,6 +122,7 @@ def _next_close_without_rest(clock, tmp_path, arm: Callable[[int], None], why: s
         live.assert_exact()
 
 
+@pytest.mark.long
 def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
                                                                      monkeypatch) -> None:
     """The stream stored a candle but its word to a series is slower than `stream_grace` (at
@@ -137,6 +140,7 @@ def test_a_slow_word_from_the_stream_never_sends_its_series_to_rest(clock, tmp_p
     _next_close_without_rest(clock, tmp_path, slow_words, "a series asked REST for a candle the stream had stored")
 
 
+@pytest.mark.long
 def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp_path, fast_stream,
                                                                       monkeypatch) -> None:
     """Under load the stream parses a close's burst of frames seconds after they came (measured
@@ -164,6 +168,7 @@ def test_a_stream_behind_on_its_frames_is_waited_for_not_sent_to_rest(clock, tmp
                              "a series asked REST while its stream was behind")
 
 
+@pytest.mark.long
 def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, tmp_path, fast_stream,
                                                                          monkeypatch) -> None:
     """At 10,000 series the stream actor takes a close's batches of frames seconds after its
@@ -189,6 +194,7 @@ def test_a_stream_actor_busy_at_the_close_never_sends_its_series_to_rest(clock, 
                              "a series asked REST for a candle its stream had parsed closed")
 
 
+@pytest.mark.long
 def test_a_series_busy_when_its_subscription_comes_up_fills_the_candle_before_it_at_once(
         clock, tmp_path, fast_stream, monkeypatch) -> None:
     """At start-up under load a series' last backfill answer can be taken before a close and reach

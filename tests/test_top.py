@@ -7,7 +7,6 @@ import io
 import os
 import pty
 import shutil
-import subprocess
 import sys
 import tempfile
 import termios
@@ -22,6 +21,7 @@ from candlekeeper.simulator.server import BinanceSimulator
 from candlekeeper.surfaces.cli import _result
 from candlekeeper.surfaces.control import request
 from candlekeeper.surfaces.top import _TerminalKeys, lag_seconds, render, run_top
+from tests import forkserver
 from tests.test_ingest import wait_until
 
 NOW_MS = 1_700_000_040_000  # a minute boundary
@@ -264,7 +264,6 @@ def test_run_top_against_a_real_system() -> None:
 
 
 def test_ctl_top_without_a_daemon_exits_1() -> None:
-    run = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "run.py"), "ctl", "--socket",
-                          "/nonexistent.sock", "top"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    run = forkserver.run(["ctl", "--socket", "/nonexistent.sock", "top"], Path.cwd())
     assert run.returncode == 1, run
     assert "not running" in run.stderr and "Traceback" not in run.stderr

@@ -41,6 +41,7 @@ def timeouts(system: System) -> float:
         "candlekeeper_requests_total", {"exchange": "binance", "outcome": "timeout"}) or 0.0
 
 
+@pytest.mark.long
 def test_trickling_symbol_times_out_and_the_others_keep_their_pace(tmp_path, sim, sim_start, running, clock,
                                                                    logs) -> None:
     # the next candle closes 12 s from now: after the backfill and six timeouts of 1 s (if a loaded
@@ -90,6 +91,7 @@ def test_trickle_ends_and_the_series_catches_up(tmp_path, sim, sim_start, runnin
         assert_exact(sim, db, symbol, sim_start)
 
 
+@pytest.mark.long
 def test_a_page_made_before_a_close_and_delivered_after_it_keeps_its_candle_in_progress_open(
         tmp_path, running, clock) -> None:
     """A slow answer across a close: the page was made while the last candle in it was in
