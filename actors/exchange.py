@@ -691,8 +691,12 @@ class ExchangeActor(Child):
         elif done.kind == "ohlcv":
             assert done.request is not None
             error = done.error
-            if isinstance(error, ccxt.BadSymbol) and key is not None and self.lists(key.symbol):
-                error = self._refused_but_listed(key.symbol, error)
+            if isinstance(error, ccxt.BadSymbol) and key is not None:
+                listed = self.lists(key.symbol)
+                if listed:
+                    error = self._refused_but_listed(key.symbol, error)
+                elif listed is False:  # a list refreshed while the request was out: it decides, as at _enqueue
+                    error = ccxt.BadSymbol(f"{self.settings.name} does not list {key.symbol} ({describe(error)})")
             result = done.result if error is None else FetchResult(
                 done.request.req_id, error=error, retry_after=done.retry_after)
             try:

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -30,6 +31,40 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "long(seconds=10): a test that waits out many seconds of real time (closes, "
         "graces, faults): started first on its worker, so none trails the run")
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        _rewrite_test_modules_once(config)
+
+
+def _rewrite_test_modules_once(config: pytest.Config) -> None:
+    """The xdist controller rewrites the test modules' asserts before its workers start, into
+    pytest's cache of rewritten modules (tests/__pycache__, keyed by each source's hash), so the
+    eight workers read it instead of each rewriting them: 1.5 s of CPU per worker. Python's own
+    bytecode is still written only where the environment allows it (PYTHONDONTWRITEBYTECODE):
+    pytest writes this cache only when it may, hence here. Private pytest API: if it moves,
+    the workers rewrite as before."""
+    if config.getoption("assertmode") != "rewrite":
+        return
+    try:
+        from _pytest.assertion.rewrite import (
+            PYC_TAIL,
+            _read_pyc,
+            _rewrite_test,
+            _write_pyc,
+            assertstate_key,
+            get_cache_dir,
+        )
+        state = config.stash[assertstate_key]
+    except (ImportError, KeyError):
+        return
+    here = Path(__file__).parent
+    for source in sorted([here / "conftest.py", *here.glob("test_*.py")]):
+        cache = get_cache_dir(source)
+        pyc = cache / (source.name[:-3] + PYC_TAIL)
+        if _read_pyc(source, pyc, state.trace) is not None:
+            continue
+        cache.mkdir(exist_ok=True)
+        source_hash, code = _rewrite_test(source, config)
+        _write_pyc(state, code, source_hash, pyc)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

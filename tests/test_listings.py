@@ -11,7 +11,9 @@ shared test clock.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -133,6 +135,36 @@ def test_bad_symbol_and_a_refreshed_list_without_it_make_the_series_invalid(tmp_
     wait_until(lambda: status(system, "ETH/USDT") == "invalid", timeout=40, what="invalid after a refreshed list")
     refused = [e for e in logs.of("retrying") if "market list has ETH/USDT" in e.get("error", "")]
     assert refused, "the first refusals were not retried as transient"
+    invalid = logs.of("symbol_not_listed")
+    assert len(invalid) == 1 and "does not list ETH/USDT" in invalid[0]["error"], invalid
+    assert status(system, "BTC/USDT") == "ok"
+
+
+def test_a_refusal_answered_after_a_refreshed_list_dropped_the_symbol_says_it_is_not_listed(
+        tmp_path, sim, sim_start, running, logs) -> None:
+    """The request was sent while the list had the symbol; the list, refreshed meanwhile, no
+    longer has it when the exchange's refusal comes back: the list decides, as it would have
+    before sending (the series is `invalid`: "does not list", not the exchange's bare words)."""
+    cfg = make_config(tmp_path, sim, sim_start, symbols=["BTC/USDT", "ETH/USDT"])
+    system = running(cfg)
+    wait_until(complete(system, cfg.storage.path, sim, sim_start, ["BTC/USDT", "ETH/USDT"]), timeout=30,
+               what="backfill")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_eth(path: str, params: Any, status: Any, fault: Any) -> None:
+        if "klines" in path and "ETHUSDT" in str(params):
+            held.set()
+            release.wait(30)
+
+    sim.add_request_hook(hold_eth)
+    sim.delist("ETH/USDT")
+    system.reset("binance", "ETH/USDT")  # poll now: the request goes out, and is held
+    assert held.wait(30), "the series did not ask"
+    exchange = system.blueprint.exchanges["binance"].proxy()
+    assert exchange.listing("OTHER/USDT").get(timeout=10).result(30) is False  # a fresh list, without ETH
+    assert exchange.lists("ETH/USDT").get(timeout=10) is False
+    release.set()
+    wait_until(lambda: status(system, "ETH/USDT") == "invalid", timeout=30, what="invalid")
     invalid = logs.of("symbol_not_listed")
     assert len(invalid) == 1 and "does not list ETH/USDT" in invalid[0]["error"], invalid
     assert status(system, "BTC/USDT") == "ok"
