@@ -19,6 +19,7 @@ from candlekeeper.actors.stores import sqlite as sqlite_mod
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.supervisors.events import LifecycleEvent
+from tests import forkserver
 
 # The property tests draw the same examples on every run ("ci"): a run must not fail on an example
 # nobody has seen before it lands. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to hunt.
@@ -33,6 +34,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "graces, faults): started first on its worker, so none trails the run")
     if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
         _rewrite_test_modules_once(config)
+        # one fork server for every worker (tests/forkserver.py): its imports paid once per run
+        server = forkserver.Server()
+        os.environ[forkserver.SHARED] = server.path  # the workers, started next, inherit it
+        config.add_cleanup(server.close)
 
 
 def _rewrite_test_modules_once(config: pytest.Config) -> None:

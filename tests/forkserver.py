@@ -14,9 +14,11 @@ What a forked child does not prove is the interpreter's start and the entry poin
 `python run.py`, `python -m candlekeeper` and the console script are still run as real programs
 by the tests that name them (`RUN` in test_daemon.py, test_oanda_daemon.py, test_operator.py).
 
-One server per test process, started at the first launch and ended with the process (it exits
-when its socket closes). Wire: JSON messages over a SOCK_SEQPACKET socket pair, the child's
-stdin/stdout/stderr passed as file descriptors (SCM_RIGHTS).
+One server per test run: the xdist controller starts it before its workers (tests/conftest.py)
+and each worker connects; a run without workers starts its own at its first launch. It ends when
+the process that started it ends (its stdin closes). Wire: JSON messages over SOCK_SEQPACKET
+connections to a Unix socket, the child's stdin/stdout/stderr passed as file descriptors
+(SCM_RIGHTS); a child's exit is told to the client that asked for it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import itertools
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -56,57 +60,78 @@ PRELOAD = (
 _MAX_MESSAGE = 1 << 20
 
 
-# -- the server (its own process: `python -m tests.forkserver FD`) ---------------------------------
+# -- the server (its own process: `python -m tests.forkserver PATH`) -------------------------------
 
 def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
-    sock.send(json.dumps(message).encode())
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:
+        pass  # that client has gone (its test process ended): nobody to tell
 
 
-def serve(fd: int) -> dict[str, Any] | None:
-    """Fork a child per request until the socket closes. Returns None in the server (time to
-    exit) and the request in each child, which then runs it (`_run_child`)."""
+def serve(path: str) -> dict[str, Any] | None:
+    """Listen at `path` and fork a child per request, for every client that connects, until
+    stdin closes (the process that started the server has ended). Returns None in the server
+    (time to exit) and the request in each child, which then runs it (`_run_child`)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(64)
+    print("listening", flush=True)  # clients may connect now; they are served once the imports are done
     for name in PRELOAD:
         __import__(name)
     if threading.active_count() != 1:  # forking a process with threads copies their locks, held
         raise RuntimeError(f"fork server: imports started threads: {threading.enumerate()}")
-    sock = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
+    selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    owners: dict[int, socket.socket] = {}  # child pid -> the client that asked for it
     while True:
         for key, _ in selector.select():
-            if key.fileobj == wake_r:
+            if key.fileobj is sys.stdin:
+                if not os.read(sys.stdin.fileno(), 4096):
+                    return None
+            elif key.fileobj == wake_r:
                 os.read(wake_r, 4096)
-                _reap(sock)
-                continue
-            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 3)
-            if not data:
-                return None
-            request = json.loads(data)
-            pid = os.fork()
-            if pid == 0:
-                selector.close()
-                sock.close()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                os.close(wake_r)
-                os.close(wake_w)
-                for target, source in enumerate(fds):
-                    os.dup2(source, target)
+                _reap(owners)
+            elif key.fileobj is listener:
+                client, _ = listener.accept()
+                selector.register(client, selectors.EVENT_READ)
+            else:
+                client = key.fileobj  # type: ignore[assignment]
+                data, fds, _flags, _addr = socket.recv_fds(client, _MAX_MESSAGE, 3)
+                if not data:
+                    selector.unregister(client)
+                    client.close()
+                    continue
+                request = json.loads(data)
+                pid = os.fork()
+                if pid == 0:
+                    for registered in list(selector.get_map().values()):
+                        if isinstance(registered.fileobj, socket.socket):
+                            registered.fileobj.close()
+                    selector.close()
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    for target, source in enumerate(fds):
+                        os.dup2(source, target)
+                    for source in fds:
+                        if source > 2:
+                            os.close(source)
+                    return dict(request)
                 for source in fds:
-                    if source > 2:
-                        os.close(source)
-                return dict(request)
-            for source in fds:
-                os.close(source)
-            _send(sock, {"id": request["id"], "pid": pid})
+                    os.close(source)
+                owners[pid] = client
+                _send(client, {"id": request["id"], "pid": pid})
 
 
-def _reap(sock: socket.socket) -> None:
+def _reap(owners: dict[int, socket.socket]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -114,7 +139,9 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        _send(sock, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+        client = owners.pop(pid, None)
+        if client is not None:
+            _send(client, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
 def _run_child(request: Mapping[str, Any]) -> int:
@@ -170,14 +197,33 @@ class Forked:
         self.send_signal(signal.SIGTERM)
 
 
-class ForkServer:
+class Server:
+    """A fork server process, listening at `path`, that ends when this object closes."""
+
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver", str(theirs.fileno())],
-                                      pass_fds=[theirs.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL)
-        theirs.close()
-        self._sock = ours
+        self.path = os.path.join(tempfile.mkdtemp(prefix="ck-fork-", dir="/tmp"), "s")
+        self._proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver", self.path], cwd=ROOT,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline() != b"listening\n":
+            raise RuntimeError("the fork server did not start")
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+
+class ForkServer:
+    """A client of a fork server: this process's launches and their exits."""
+
+    def __init__(self, path: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.connect(path)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._started: dict[int, Future[int]] = {}
@@ -216,7 +262,7 @@ class ForkServer:
         request = {"id": request_id, "argv": list(argv), "cwd": os.fspath(cwd), "env": dict(env or os.environ)}
         with open(os.devnull, "rb") as stdin:
             socket.send_fds(self._sock, [json.dumps(request).encode()], [stdin.fileno(), stdout, stderr])
-        return Forked(self, started.result(30), [*argv])
+        return Forked(self, started.result(60), [*argv])
 
     def close(self) -> None:
         # shut down, not only closed: the reader thread's pending recv holds the socket open,
@@ -226,23 +272,28 @@ class ForkServer:
         except OSError:
             pass
         self._sock.close()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
 
 
-_server: ForkServer | None = None
-_server_lock = threading.Lock()
+# the xdist controller starts one server for all its workers (tests/conftest.py) and names it
+# here; a run without workers starts its own at its first launch
+SHARED = "CANDLEKEEPER_TEST_FORKSERVER"
+_client: ForkServer | None = None
+_own: Server | None = None
+_client_lock = threading.Lock()
 
 
 def server() -> ForkServer:
-    global _server
-    with _server_lock:
-        if _server is None:
-            _server = ForkServer()
-            atexit.register(_server.close)
-        return _server
+    global _client, _own
+    with _client_lock:
+        if _client is None:
+            path = os.environ.get(SHARED)
+            if path is None:
+                _own = Server()
+                atexit.register(_own.close)
+                path = _own.path
+            _client = ForkServer(path)
+            atexit.register(_client.close)
+        return _client
 
 
 def _fileno(stream: int | BinaryIO | TextIO) -> int:
@@ -315,6 +366,6 @@ def _exit_child(request: Mapping[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    _request = serve(int(sys.argv[1]))
+    _request = serve(sys.argv[1])
     if _request is not None:
         _exit_child(_request)
