@@ -42,6 +42,7 @@ from ...resilience.retry import parse_retry_after
 from ...supervisors.clock import WallClock
 from .base import Answer, MarketInfo, Page, RateReport, SourceFailure
 from .profiles import QUIET_HAS, budget, client_options, market_kind, market_types, profile
+from .tls import share_tls_context
 from .urls import rebase_urls
 
 T = TypeVar("T")
@@ -148,6 +149,7 @@ class CcxtSource:
             "timeout": int(timeout * 1000),
             "options": client_options(exchange_id, self._types),
         })
+        share_tls_context(self.client)
         if api_base:
             self.client.urls["api"] = rebase_urls(self.client.urls["api"], api_base)
         for capability in QUIET_HAS.get(exchange_id, ()):

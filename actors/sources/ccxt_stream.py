@@ -45,6 +45,7 @@ import ccxt.pro
 from ...supervisors.clock import WallClock
 from ..market.errors import describe
 from .profiles import client_options, market_types
+from .tls import share_tls_context
 from .urls import rebase_urls
 
 Pair = tuple[str, str]  # (unified symbol, timeframe)
@@ -305,6 +306,7 @@ def pro_client(exchange_id: str, *, symbols: Iterable[str], timeout: float, wall
     # small; the bandwidth saved is not worth the latency.
     options["ws"] = {**options.get("ws", {}), "compress": 0}
     ex = cls({"enableRateLimit": throttle, "timeout": int(timeout * 1000), "options": options})
+    share_tls_context(ex)
     ws = ex.urls["api"].get("ws")
     if api_base:
         ex.urls["api"] = rebase_urls(ex.urls["api"], api_base)
