@@ -52,7 +52,6 @@ from .fencing import Fences, Key
 from .messages import ClusterStatus, ForgetSeries, LeaseLost, SeriesKey
 from .placement import rendezvous_owner
 from .stores.errors import StoreError
-from .stores.postgres import PostgresStore
 
 ASK_S = 30.0  # the longest a series supervisor may take to start or stop one series
 MIN_ROUND_S = 0.1  # the soonest a round follows another (a lease about to expire)
@@ -119,6 +118,8 @@ class ClusterActor(Child):
         self.fences = fences
         self.storage = storage
         self.health = health
+        from .stores.postgres import PostgresStore  # deferred: psycopg, for clustered daemons only
+
         self.store = PostgresStore(settings.url, **dict(settings.store_options))
         self.state = "joining"
         self.detail: str | None = None

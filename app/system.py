@@ -30,7 +30,6 @@ from ..actors.metrics import Metrics
 from ..actors.stores.base import make_store
 from ..actors.stores.errors import StoreCorrupt, StoreError, StoreGone
 from ..actors.stores.lock import DatabaseLock
-from ..actors.stores.postgres import PostgresStore
 from ..supervisors.child import Crash, Exit, Runtime
 from ..supervisors.events import EventBus
 from ..supervisors.supervisor import ChildExists, ChildSpec, NoSuchChild, Supervisor, start_root
@@ -221,6 +220,8 @@ class System:
             here = self.blueprint.cluster.proxy().status().get(timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout):
             here = {"node": cs.node, "state": "restarting"}
+        from ..actors.stores.postgres import PostgresStore  # deferred: psycopg, for clusters only
+
         try:
             with PostgresStore(cs.url, readonly=True) as store:
                 nodes, leases = store.nodes(), store.leases()
@@ -629,6 +630,8 @@ def check_node_free(config: Config) -> None:
     cs = settings.cluster_settings(config)
     if cs is None:
         return
+    from ..actors.stores.postgres import PostgresStore  # deferred: psycopg, for clusters only
+
     try:
         with PostgresStore(cs.url, **dict(cs.store_options)) as store:
             first = next((n for n in store.nodes() if n.node == cs.node), None)
