@@ -117,6 +117,14 @@ def _closures(monday_ordinal: int, metal: bool) -> tuple[tuple[int, int], ...]:
 
 def market_closed(t_ms: int, metal: bool = False) -> bool:
     """True if OANDA's market of this kind is closed at `t_ms` (the simulator's model)."""
+    return _closed_in_hour(t_ms // 3_600_000, metal)
+
+
+@functools.lru_cache(maxsize=65536)
+def _closed_in_hour(hour: int, metal: bool) -> bool:
+    """Closures start and end on whole New York hours, which are whole UTC hours: one answer per
+    hour (the oracle asks for every minute of a test's history)."""
+    t_ms = hour * 3_600_000
     local = datetime.fromtimestamp(t_ms / 1000, NEW_YORK)
     monday = local.date() - timedelta(days=local.weekday())
     return any(a <= t_ms < b for a, b in _closures(monday.toordinal(), metal))
@@ -194,16 +202,19 @@ def format_time(ms: int, unix: bool) -> str:
 
 
 # --------------------------------------------------------------------------- candles
-def components(m: Market, c: Candle) -> dict[str, tuple[Any, Any, Any, Any]]:
-    """(o, h, l, c) strings per price component as OANDA prints them; None stays None."""
+def components(m: Market, c: Candle, letters: str = "BMA") -> dict[str, tuple[Any, Any, Any, Any]]:
+    """(o, h, l, c) strings per price component (of `letters`) as OANDA prints them; None stays
+    None. Only the components asked for are formatted: the oracle of a long test asks for one
+    per candle, tens of thousands of times."""
     p = display_precision(m)
     half = half_spread(m)
+    shifts = {"B": -half, "M": 0.0, "A": half}
 
     def shift(v: str | None, d: float) -> str | None:
         return None if v is None else f"{round(float(v), p) + d:.{p}f}"
 
-    return {k: (shift(c.open, d), shift(c.high, d), shift(c.low, d), shift(c.close, d))
-            for k, d in (("B", -half), ("M", 0.0), ("A", half))}
+    return {k: (shift(c.open, shifts[k]), shift(c.high, shifts[k]), shift(c.low, shifts[k]), shift(c.close, shifts[k]))
+            for k in letters}
 
 
 def _bool(params: Mapping[str, str], name: str, default: bool) -> bool | None:
@@ -255,7 +266,7 @@ class OandaDialect(Dialect):
               ) -> tuple[int, float, float, float, float, float]:
         if price not in (None, "M", "B", "A"):
             raise ValueError(f"price must be M, B or A, got {price!r}")
-        o, h, lo, cl = components(m, c)[price or "M"]
+        o, h, lo, cl = components(m, c, price or "M")[price or "M"]
         return (c.open_time, float(o), float(h), float(lo), float(cl), float(c.trades))
 
     # ------------------------------------------------------------------------ serving
@@ -372,7 +383,7 @@ class OandaDialect(Dialect):
                 "volume": None if c.volume is None else c.trades,
                 "time": format_time(c.open_time, unix),
             }
-            comps = components(m, c)
+            comps = components(m, c, price)
             for letter in price:
                 o, h, lo_, cl = comps[letter]
                 entry[_COMPONENTS[letter]] = {"o": o, "h": h, "l": lo_, "c": cl}
