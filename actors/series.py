@@ -184,6 +184,7 @@ class SeriesActor(Child):
         self._skip: list[tuple[int, int]] = []
         self._ask_accepted = False
         self._timer: Any = None
+        self._phase = "backfilling"  # the last of `ok` (caught up) or `backfilling` it was in
         self._watchdog: Any = None
         self._reported: tuple[Any, ...] | None = None
         # -- live stream (see "live stream" below) --
@@ -261,7 +262,9 @@ class SeriesActor(Child):
         self.failures = 0
         self.quarantine.reset()
         if self.status in ("quarantined", "retrying", "invalid"):
-            self._set_status("backfilling")
+            # back to what it was doing: a caught-up series is still judged by its lag, not by
+            # a backfill's stall bound (which would call it lagging long before the lag bound)
+            self._set_status(self._phase)
         if self._waiting_for is None:
             self._cancel_timer()
             self._next(priority=True)  # an operator is waiting: ahead of the exchange's queue
@@ -630,6 +633,8 @@ class SeriesActor(Child):
         if self.paused and status != "paused":
             return
         self.status = status
+        if status in ("ok", "backfilling"):
+            self._phase = status
         self._report()
 
     def _detail(self) -> str | None:

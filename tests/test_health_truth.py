@@ -320,6 +320,33 @@ def test_a_418_ban_shows_lagging_within_the_bound_while_the_breaker_stays_closed
         assert_exact(sim, db, symbol, sim_start)
 
 
+def test_an_operators_reset_of_a_caught_up_series_in_a_ban_keeps_it_judged_by_its_lag(
+    tmp_path: Path, sim: BinanceSimulator, sim_start: int, running: Callable[[config_mod.Config], System],
+    clock: ShiftedClock,
+) -> None:
+    """`ctl reset` of a caught-up series whose polls a ban refuses: it is still live, judged by
+    its lag (lagging past the lag bound), not by a backfill's stall bound (five pages' time),
+    which would call it lagging most of a minute early."""
+    cfg = make_config(tmp_path, sim, sim_start, breaker_threshold=2)
+    db = cfg.storage.path
+    system = running(cfg)
+    wait_until(complete(system, db, sim, sim_start, SYMBOLS), what="backfill")
+    wait_until(lambda: all(s["status"] == "ok" for s in by_symbol(system).values()), what="caught up")
+    pace = health_settings(cfg).pace_of("binance")
+    sim.set_faults(Faults(rates={FaultKind.HTTP_418: 1.0}, paths=frozenset({"/api/v3/klines"}), retry_after_s=1))
+    newest_close = (stored(db, "BTC/USDT")[-1][0] + TF) / 1000
+    clock.offset += newest_close + pace.lag_bound(60.0) - 20 - clock()  # 20 s within the bound
+    assert pace.stall_bound < pace.lag_bound(60.0) - 20  # stalled far longer than a backfill may
+    system.reset("binance")  # poll now: refused
+    wait_until(lambda: all(s["status"] == "retrying" for s in by_symbol(system).values()), timeout=10,
+               what="the polls refused")
+    system.reset("binance")  # the operator again, the ban still on
+    assert all(s["status"] != "lagging" for s in by_symbol(system).values()), by_symbol(system)
+    wait_until(lambda: sim.stats().by_fault.get(FaultKind.HTTP_418, 0) >= 4, timeout=10, what="refused again")
+    rows = by_symbol(system)
+    assert all(s["status"] == "retrying" and s["lag_seconds"] < pace.lag_bound(60.0) for s in rows.values()), rows
+
+
 @pytest.mark.long
 def test_a_read_only_database_at_start_shows_storage_failing_and_lagging_series(
     tmp_path: Path, sim: BinanceSimulator, sim_start: int, running: Callable[[config_mod.Config], System],
