@@ -547,7 +547,9 @@ class SeriesActor(Child):
             # The exchange serves its series one by one at its rate limit anyway: waking them
             # spread over that time, not all in the same millisecond (thousands of threads
             # wanting the GIL at once, ahead of the exchange's workers), loses no time.
-            delay = (next_close - now_ms) / 1000 + min(1.0, self.settings.poll_interval) + self.poll_offset
+            # On the wall clock: a poll for a close follows the clock if it moves (a test's).
+            self._schedule_at(next_close / 1000 + min(1.0, self.settings.poll_interval) + self.poll_offset)
+            return
         self._schedule(delay)
 
     # -- failures ------------------------------------------------------------------------
@@ -621,6 +623,13 @@ class SeriesActor(Child):
         self._cancel_timer()
         if not self.paused:
             self._timer = self.schedule(delay, _TICK)
+
+    def _schedule_at(self, instant: float) -> None:
+        """The poll timer for a wall-clock instant (after a close): it fires when the wall clock
+        gets there, also when that clock moves (a test's, to run a close in milliseconds)."""
+        self._cancel_timer()
+        if not self.paused:
+            self._timer = self.schedule_at(instant, _TICK)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -808,10 +817,10 @@ class SeriesActor(Child):
         `stream_grace` after the close (plus the series' poll offset); otherwise as REST polls."""
         close = (self.cursor + self.tf_ms) / 1000  # when the candle at the cursor closes
         wait = self.settings.stream_grace if self._stream_up else min(1.0, self.settings.poll_interval)
-        delay = close + wait + self.poll_offset - self.runtime.wall()
-        if delay <= 0:
-            delay = self.settings.poll_interval  # overdue: not published yet, ask at the usual pace
-        self._schedule(delay)
+        if close + wait + self.poll_offset <= self.runtime.wall():
+            self._schedule(self.settings.poll_interval)  # overdue: not published yet, ask at the usual pace
+        else:
+            self._schedule_at(close + wait + self.poll_offset)
 
     def _stream_word_on_its_way(self) -> bool:
         """The poll timer fired with the stream up: True when the series waits for the stream

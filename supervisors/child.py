@@ -64,6 +64,13 @@ class Runtime:
     rng: random.Random = field(default_factory=random.Random)
     allow_crash_injection: bool = False  # tests and chaos soaks only: honour `Crash` messages
 
+    def __post_init__(self) -> None:
+        # timers for a wall instant (a close) follow the runtime's wall clock, moves included
+        self.scheduler.wall = self.wall
+        watch = getattr(self.wall, "watch", None)
+        if watch is not None:
+            watch(self.scheduler.wake)
+
     def start(self) -> None:
         self.scheduler.start()
 
@@ -182,11 +189,19 @@ class Child(pykka.ThreadingActor):
         self._timers.add(timer)
         return timer
 
+    def schedule_at(self, instant: float, message: Any) -> Timer:
+        """Tell `message` to this incarnation once the runtime's wall clock reads `instant`
+        (epoch seconds: a candle's close, say); cancelled if it dies."""
+        timer = self._link.runtime.scheduler.send_at(instant, self.actor_ref, message)
+        self._timers.add(timer)
+        return timer
+
     def schedule_soonest(self, timer: Timer | None, delay: float, message: Any) -> Timer:
         """One wake-up timer at a time, the soonest wanted wins: `timer` (the one pending, or
         None) when it fires within `delay` anyway, else a new one in its place."""
         if timer is not None:
-            if timer.when <= self._link.runtime.clock() + delay:
+            runtime = self._link.runtime
+            if timer.when <= (runtime.wall() if timer.on_wall else runtime.clock()) + delay:
                 return timer
             timer.cancel()
         return self.schedule(delay, message)

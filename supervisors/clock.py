@@ -9,6 +9,7 @@ machine test can move a `FakeClock` by hand) instead of waiting for real time to
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 Clock = Callable[[], float]
@@ -43,10 +44,32 @@ class FakeClock:
 
 class ShiftedClock:
     """The real wall clock moved by `offset` seconds: tests start a system just before a candle
-    closes, and the simulated exchange shares the same clock, so both agree on the time."""
+    closes, and the simulated exchange shares the same clock, so both agree on the time. Moving
+    it (`offset += s`) tells its watchers (a runtime's scheduler, whose wall-clock timers then
+    fire at the new time: a close a minute away runs in milliseconds)."""
 
     def __init__(self, offset: float = 0.0) -> None:
-        self.offset = offset
+        self._offset = offset
+        self._watchers: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+    @property
+    def offset(self) -> float:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: float) -> None:
+        self._offset = value
+        for ref in list(self._watchers):
+            callback = ref()
+            if callback is None:
+                self._watchers.remove(ref)
+            else:
+                callback()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call the bound method `callback` after each move (held weakly: a stopped system's
+        scheduler is not kept alive by a test's clock)."""
+        self._watchers.append(weakref.WeakMethod(callback))
 
     @classmethod
     def before_boundary(cls, period_s: float, lead_s: float) -> ShiftedClock:

@@ -25,15 +25,18 @@ log = structlog.get_logger("candlekeeper.scheduler")
 
 
 class Timer:
-    """A handle on a scheduled call; `cancel()` is cheap and idempotent."""
+    """A handle on a scheduled call; `cancel()` is cheap and idempotent. `when` is on the
+    scheduler's monotonic clock, or on its wall clock for a timer made by `call_at` (`on_wall`)."""
 
-    __slots__ = ("__weakref__", "args", "cancelled", "fn", "seq", "when")
+    __slots__ = ("__weakref__", "args", "cancelled", "fn", "on_wall", "seq", "when")
 
-    def __init__(self, when: float, seq: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, when: float, seq: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 on_wall: bool = False) -> None:
         self.when = when
         self.seq = seq
         self.fn = fn
         self.args = args
+        self.on_wall = on_wall
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -64,12 +67,24 @@ class Scheduler:
     only when the new timer is due before the one it sleeps towards (`_wake_at`, published by
     the thread: minus infinity while it is awake, so nothing lands unseen between its last
     drain and its sleep).
+
+    Timers for a wall-clock instant (`call_at`: a candle's close, a market's reopening) keep
+    their own heap and fire when the wall clock reaches them, however it got there: a test that
+    moves its clock to a moment before a close (`ShiftedClock`, which wakes this thread when it
+    moves) sees the close's timers fire at the close, not a minute of real time later; a real
+    clock that steps (NTP, a suspended machine) is looked at again at least every
+    `WALL_RECHECK_S` while such timers wait.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, name: str = "candlekeeper-timers") -> None:
+    WALL_RECHECK_S = 1.0
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 name: str = "candlekeeper-timers") -> None:
         self._clock = clock
+        self.wall = wall
         self._name = name
         self._heap: list[Timer] = []  # the timer thread's own
+        self._wall_heap: list[Timer] = []  # the timer thread's own: timers for a wall instant
         self._incoming: deque[Timer] = deque()
         self._seq = itertools.count()
         self._wake = threading.Event()
@@ -111,41 +126,67 @@ class Scheduler:
         """Tell `message` to exactly this actor incarnation after `delay` seconds."""
         return self.call_later(delay, _tell, ref, message)
 
+    def call_at(self, instant: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        """Call `fn(*args)` once the wall clock reads `instant` (epoch seconds) or later."""
+        timer = Timer(instant, next(self._seq), fn, args, on_wall=True)
+        if self._stopping:
+            timer.cancelled = True
+            return timer
+        self._incoming.append(timer)
+        if self._clock() + (instant - self.wall()) < self._wake_at:
+            self._wake.set()
+        return timer
+
+    def send_at(self, instant: float, ref: pykka.ActorRef[Any], message: Any) -> Timer:
+        """Tell `message` to exactly this actor incarnation once the wall clock reads `instant`."""
+        return self.call_at(instant, _tell, ref, message)
+
+    def wake(self) -> None:
+        """Look at the clocks again now (the wall clock moved: see `ShiftedClock.watch`)."""
+        self._wake.set()
+
     def pending(self) -> int:
-        return sum(1 for t in [*self._heap, *self._incoming] if not t.cancelled)
+        return sum(1 for t in [*self._heap, *self._wall_heap, *self._incoming] if not t.cancelled)
+
+    def _fire_due(self, heap: list[Timer], now: Callable[[], float]) -> None:
+        while heap and not self._stopping:
+            top = heap[0]
+            if top.cancelled:
+                heapq.heappop(heap)
+                continue
+            if top.when > now():
+                return
+            heapq.heappop(heap)
+            fn, args = top.fn, top.args
+            if top.cancelled:
+                continue
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("timer_callback_failed", callback=getattr(fn, "__qualname__", repr(fn)))
 
     def _run(self) -> None:
-        heap, incoming, wake = self._heap, self._incoming, self._wake
+        heap, wall_heap, incoming, wake = self._heap, self._wall_heap, self._incoming, self._wake
         while not self._stopping:
             self._wake_at = -math.inf  # awake: every new timer wakes the next sleep at once
             wake.clear()
             while incoming:
-                heapq.heappush(heap, incoming.popleft())
-            while heap and not self._stopping:
-                top = heap[0]
-                if top.cancelled:
-                    heapq.heappop(heap)
-                    continue
-                if top.when > self._clock():
-                    break
-                heapq.heappop(heap)
-                fn, args = top.fn, top.args
-                if top.cancelled:
-                    continue
-                try:
-                    fn(*args)
-                except Exception:
-                    log.exception("timer_callback_failed", callback=getattr(fn, "__qualname__", repr(fn)))
+                timer = incoming.popleft()
+                heapq.heappush(wall_heap if timer.on_wall else heap, timer)
+            self._fire_due(heap, self._clock)
+            self._fire_due(wall_heap, self.wall)
             if self._stopping:
                 break
+            timeout: float | None = None
             if heap:
-                self._wake_at = heap[0].when
-                timeout: float | None = max(0.0, heap[0].when - self._clock())
-            else:
-                self._wake_at = math.inf
-                timeout = None
+                timeout = max(0.0, heap[0].when - self._clock())
+            if wall_heap:  # the wall clock may move: looked at again within WALL_RECHECK_S
+                wall_timeout = min(max(0.0, wall_heap[0].when - self.wall()), self.WALL_RECHECK_S)
+                timeout = wall_timeout if timeout is None else min(timeout, wall_timeout)
+            self._wake_at = math.inf if timeout is None else self._clock() + timeout
             if incoming:
                 continue  # came while the thread was awake (each also set the event)
             wake.wait(timeout)
         heap.clear()
+        wall_heap.clear()
         incoming.clear()

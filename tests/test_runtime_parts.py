@@ -8,7 +8,8 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from candlekeeper.supervisors.clock import FakeClock
+from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.clock import FakeClock, ShiftedClock
 from candlekeeper.supervisors.intensity import Backoff, BackoffConfig, RestartIntensity
 from candlekeeper.supervisors.scheduler import Scheduler
 
@@ -159,3 +160,46 @@ def test_series_poll_offsets_spread_over_the_window_and_are_stable() -> None:
     assert min(per_second) >= 10 and max(per_second) <= 60  # spread, not bunched (30 a second on average)
     assert offsets(10.0, 3) == spread[:3]  # stable across incarnations
     assert offsets(0.0, 3) == [0.0, 0.0, 0.0]
+
+
+def test_wall_clock_timers_fire_when_the_wall_clock_gets_there_also_when_it_moves() -> None:
+    """`call_at` timers are for wall instants (a candle's close): a moved clock (a test's
+    `ShiftedClock`) brings them forward at once; the monotonic timers keep their delays."""
+    wall = ShiftedClock()
+    runtime = Runtime(wall=wall)
+    runtime.start()
+    fired: list[str] = []
+    moved, late = threading.Event(), threading.Event()
+    try:
+        now = wall()
+        runtime.scheduler.call_at(now + 60, fired.append, "close+60")
+        runtime.scheduler.call_at(now + 30, fired.append, "close+30")
+        cancelled = runtime.scheduler.call_at(now + 45, fired.append, "x")
+        runtime.scheduler.call_at(now + 61, moved.set)
+        runtime.scheduler.call_later(30, late.set)  # monotonic: a moved wall clock does not move it
+        cancelled.cancel()
+        assert runtime.scheduler.pending() == 4
+        wall.offset += 61  # a minute passes in an instant
+        assert moved.wait(5)
+        assert fired == ["close+30", "close+60"]
+        assert not late.is_set() and runtime.scheduler.pending() == 1
+    finally:
+        runtime.stop()
+
+
+def test_a_running_series_polls_at_a_close_its_clock_jumped_to(tmp_path, running, clock) -> None:
+    """A caught-up series waits for the next close on the wall clock: with the clock moved to a
+    moment before that close, the candle is stored a moment after it, not a minute later."""
+    from candlekeeper.simulator.server import BinanceSimulator
+    from tests.test_ingest import make_config, wait_until
+
+    start = (clock.ms() // 60_000) * 60_000 - 30 * 60_000
+    with BinanceSimulator(["BTC/USDT"], history_start_ms=start, now_ms=clock.ms) as sim:
+        cfg = make_config(tmp_path, sim, start, symbols=["BTC/USDT"])
+        system = running(cfg)
+        last = lambda: system.health()["series"][0]["last_ts"]  # noqa: E731
+        wait_until(lambda: system.health()["series"][0]["status"] == "ok", timeout=30, what="caught up")
+        stored = last()
+        clock.offset += clock.until_boundary(60) + 30  # 30 s past the next close
+        wait_until(lambda: last() > stored, timeout=10, what="the candle of the close the clock jumped past")
+        assert last() == stored + 60_000

@@ -90,12 +90,11 @@ def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp
     """Every final missed: the stream is up but says nothing closed; each series polls REST
     `stream_grace` after the close, then takes the stream's candles again once they come."""
     with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 8
         system = live.start()
         live.wait_complete()
         wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
         live.ws.set_faults(StreamFaults({StreamFault.MISS_FINAL: 1.0}))
-        ts = live.closed_to()
+        ts = live.to_close(system, lead=1.0)  # the series' timers follow the clock to the close
         wait_until(lambda: all((live.last(s) or 0) >= ts for s in live.symbols), 20, "candle over REST")
         assert set(sources(system).values()) == {"rest"}
         assert 'reason="silent"' in _scrape(system)
@@ -106,15 +105,15 @@ def test_a_silent_series_falls_back_to_rest_and_returns_to_the_stream(clock, tmp
 
 
 def _next_close_without_rest(clock, tmp_path, arm: Callable[[int], None], why: str) -> None:
-    """Series on the stream, a close 8 s away (the series' timers run on the real clock): `arm`
-    is given the candle in progress, then every series must store it with no REST request."""
+    """Series on the stream, then the clock moved to a moment before a close (the series' timers
+    follow it): `arm` is given the candle in progress, then every series must store it with no
+    REST request."""
     with live_exchange("binance", clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 8
         system = live.start()
         live.wait_complete()
         wait_until(lambda: set(sources(system).values()) == {"stream"}, what="series on the stream")
         before = klines(live.rest)
-        ts = live.closed_to()  # the candle in progress
+        ts = live.to_close(system, lead=1.5)  # the candle in progress
         arm(ts)
         wait_until(lambda: all(s["last_ts"] == ts for s in series(system).values()), 20, "every series told")
         assert klines(live.rest) == before, why
@@ -268,8 +267,6 @@ def test_a_series_that_catches_up_just_after_a_close_takes_that_candle_from_its_
 @pytest.mark.parametrize("exchange", EXCHANGES)
 def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
-        clock.offset += clock.until_boundary(60) - 4  # ETH polls REST after the close 4 s from now
-        ts = live.closed_to()  # the candle closing then: ETH's by REST, BTC's by the stream
         live.ws.update_faults(refuse=frozenset({"ETHUSDT"}))
         system = live.start()
         live.wait_complete()
@@ -279,6 +276,7 @@ def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, cl
                    20, "ETH told why")
         assert sources(system)["ETH/USDT"] == "rest"
         assert stream_row(system)["state"] == "up"
+        ts = live.to_close(system)  # the candle closing next: ETH's by REST, BTC's by the stream
         wait_until(lambda: all((live.last(s) or 0) >= ts for s in live.symbols), 20, "the candle closing next")
         live.assert_exact()
         assert live.ws.stats().faults.get(StreamFault.REFUSE, 0) >= 1
