@@ -78,14 +78,15 @@ class Daemon:
         assert threading.active_count() <= self.baseline + MAX_CONNECTIONS + THREAD_SLACK
 
     def settle(self) -> None:
-        """Every connection thread has ended, threads are back to the baseline, and the series is
-        as configured again (a fuzzed `pause` is undone)."""
-        wait_until(lambda: _conn_threads() == 0, timeout=30, what="connection threads to end")
-        wait_until(lambda: threading.active_count() <= self.baseline + THREAD_SLACK, timeout=30,
-                   what=f"threads back to {self.baseline} (now {threading.active_count()})")
+        """The series is as configured again (a fuzzed `pause` is undone), then every connection
+        thread has ended (these two requests' too: a test that fills every connection slot must
+        find them all free) and threads are back to the baseline."""
         assert request(self.path, "resume", exchange="binance")["ok"] is True
         series = request(self.path, "health")["result"]["series"]
         assert [(s["exchange"], s["symbol"], s["timeframe"]) for s in series] == [("binance", SYMBOL, "1m")]
+        wait_until(lambda: _conn_threads() == 0, timeout=30, what="connection threads to end")
+        wait_until(lambda: threading.active_count() <= self.baseline + THREAD_SLACK, timeout=30,
+                   what=f"threads back to {self.baseline} (now {threading.active_count()})")
 
 
 def _conn_threads() -> int:
