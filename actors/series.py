@@ -817,10 +817,11 @@ class SeriesActor(Child):
         `stream_grace` after the close (plus the series' poll offset); otherwise as REST polls."""
         close = (self.cursor + self.tf_ms) / 1000  # when the candle at the cursor closes
         wait = self.settings.stream_grace if self._stream_up else min(1.0, self.settings.poll_interval)
-        if close + wait + self.poll_offset <= self.runtime.wall():
+        poll_at = close + wait + self.poll_offset
+        if poll_at <= self.runtime.wall():
             self._schedule(self.settings.poll_interval)  # overdue: not published yet, ask at the usual pace
         else:
-            self._schedule_at(close + wait + self.poll_offset)
+            self._schedule_at(poll_at)
 
     def _stream_word_on_its_way(self) -> bool:
         """The poll timer fired with the stream up: True when the series waits for the stream

@@ -114,13 +114,7 @@ class Scheduler:
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         timer = Timer(self._clock() + max(0.0, delay), next(self._seq), fn, args)
-        if self._stopping:
-            timer.cancelled = True
-            return timer
-        self._incoming.append(timer)
-        if timer.when < self._wake_at:
-            self._wake.set()
-        return timer
+        return self._add(timer, timer.when)
 
     def send_later(self, delay: float, ref: pykka.ActorRef[Any], message: Any) -> Timer:
         """Tell `message` to exactly this actor incarnation after `delay` seconds."""
@@ -129,11 +123,15 @@ class Scheduler:
     def call_at(self, instant: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Call `fn(*args)` once the wall clock reads `instant` (epoch seconds) or later."""
         timer = Timer(instant, next(self._seq), fn, args, on_wall=True)
+        return self._add(timer, self._clock() + (instant - self.wall()))
+
+    def _add(self, timer: Timer, due: float) -> Timer:
+        """Hand `timer` to the timer thread, waking it only if it sleeps past `due` (monotonic)."""
         if self._stopping:
             timer.cancelled = True
             return timer
         self._incoming.append(timer)
-        if self._clock() + (instant - self.wall()) < self._wake_at:
+        if due < self._wake_at:
             self._wake.set()
         return timer
 

@@ -213,8 +213,8 @@ def components(m: Market, c: Candle, letters: str = "BMA") -> dict[str, tuple[An
     def shift(v: str | None, d: float) -> str | None:
         return None if v is None else f"{round(float(v), p) + d:.{p}f}"
 
-    return {k: (shift(c.open, shifts[k]), shift(c.high, shifts[k]), shift(c.low, shifts[k]), shift(c.close, shifts[k]))
-            for k in letters}
+    return {k: (shift(c.open, d), shift(c.high, d), shift(c.low, d), shift(c.close, d))
+            for k, d in ((k, shifts[k]) for k in letters)}
 
 
 def _bool(params: Mapping[str, str], name: str, default: bool) -> bool | None:
