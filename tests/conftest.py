@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +42,18 @@ def pytest_configure(config: pytest.Config) -> None:
         server = forkserver.Server()
         os.environ[forkserver.SHARED] = server.path  # the workers, started next, inherit it
         config.add_cleanup(server.close)
+        # one PostgreSQL data directory made for the run, copied for each worker's server (imported
+        # here only: the test modules that name tests/pg.py as a plugin have its asserts rewritten)
+        from tests import pg
+
+        template = tempfile.mkdtemp(prefix="ck-pg-template-", dir=pg.memory_dir())
+        os.environ[pg.TEMPLATE] = template
+        config.add_cleanup(lambda: shutil.rmtree(template, ignore_errors=True))
+        # and the workers themselves forked from it (tests/forkpython.py), if xdist starts them
+        # as local processes
+        if config.option.tx and all(tx == "popen" for tx in config.option.tx):
+            python = shlex.join([sys.executable, "-S", str(Path(__file__).with_name("forkpython.py")), server.path])
+            config.option.tx = [f"popen//python={python}" for _ in config.option.tx]
 
 
 def _rewrite_test_modules_once(config: pytest.Config) -> None:

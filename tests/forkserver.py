@@ -24,6 +24,7 @@ connections to a Unix socket, the child's stdin/stdout/stderr passed as file des
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import json
 import os
@@ -57,6 +58,20 @@ PRELOAD = (
     "candlekeeper.actors.sources.ccxt_stream",
     "candlekeeper.actors.sources.oanda",
 )
+# what a pytest worker imports besides (tests/forkpython.py starts xdist's workers from this server):
+# pytest, the simulators and their web server. Not hypothesis or xdist (pytest rewrites the
+# asserts of its plugins' packages, so they must be imported by the worker) nor pyarrow (its
+# import starts a thread, and a fork copies none)
+WORKER_PRELOAD = (
+    "pytest",
+    "execnet",
+    "aiohttp.web",
+    "candlekeeper.simulator.server",
+    "candlekeeper.simulator.ws",
+    "candlekeeper.simulator.ws.ccxt_pro",
+    "candlekeeper.surfaces.simulate",
+    "candlekeeper.surfaces.top",
+)
 _MAX_MESSAGE = 1 << 20
 
 
@@ -77,10 +92,14 @@ def serve(path: str) -> dict[str, Any] | None:
     listener.bind(path)
     listener.listen(64)
     print("listening", flush=True)  # clients may connect now; they are served once the imports are done
-    for name in PRELOAD:
+    for name in (*PRELOAD, *WORKER_PRELOAD):
         __import__(name)
     if threading.active_count() != 1:  # forking a process with threads copies their locks, held
         raise RuntimeError(f"fork server: imports started threads: {threading.enumerate()}")
+    # what the imports made is never garbage: out of the collector's sight, every child's
+    # collections stay small (and leave those pages shared with this process)
+    gc.collect()
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -145,7 +164,8 @@ def _reap(owners: dict[int, socket.socket]) -> None:
 
 
 def _run_child(request: Mapping[str, Any]) -> int:
-    """In the forked child: become `python run.py ARGV` in CWD with ENV, and run it."""
+    """In the forked child: become `python run.py ARGV` (or `python -u -c CODE`) in CWD with
+    ENV, and run it."""
     import random
     import time
 
@@ -154,10 +174,30 @@ def _run_child(request: Mapping[str, Any]) -> int:
     os.environ.update(request["env"])
     time.tzset()
     random.seed()  # every child would otherwise draw the server's random sequence
+    if "code" in request:
+        return _run_code(request["code"])
     sys.argv = [str(ROOT / "run.py"), *request["argv"]]
     from candlekeeper.surfaces.cli import main
 
     return main(list(request["argv"]))
+
+
+def _run_code(code: str) -> int:
+    """`python -u -c CODE`: a fresh `__main__`, unbuffered stdout and stderr, and the path a
+    `-c` program starts with (the working directory first)."""
+    import io
+    import types
+
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    sys.argv = ["-c"]
+    sys.path[0] = ""
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
+                                  errors="backslashreplace")
+    exec(compile(code, "<string>", "exec"), main.__dict__)
+    return 0
 
 
 # -- the client (in the test process) ------------------------------------------------------------

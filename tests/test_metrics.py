@@ -72,7 +72,8 @@ def test_scraped_metrics_match_what_happened() -> None:
             "control": {"socket": f"{d}/ctl.sock", "chaos": True},
             "metrics": {"listen": "127.0.0.1:0"},
             "ingest": {"since": datetime.fromtimestamp(start / 1000, UTC).isoformat(), "poll_interval": "1s"},
-            "resilience": {"retry_base_delay": "50ms", "retry_attempts": 10},
+            # a breaker opened by timeouts on a loaded machine is probed again after a second
+            "resilience": {"retry_base_delay": "50ms", "retry_attempts": 10, "breaker_recovery": "1s"},
             # small pages and a low rate: the backfill needs ~26 requests at 10/s, so requests queue
             "exchanges": {"binance": {"symbols": ["BTC/USDT", "ETH/USDT"], "api_base": sim.url, "rate_limit": 10,
                                       "page_limit": 10, "timeout": "2s"}},
