@@ -514,10 +514,19 @@ def _ccxt_id(value: Any) -> str:
 
     if not isinstance(value, str) or value not in ccxt.exchanges:
         raise _Invalid("expected a ccxt exchange id (see ccxt.exchanges)")
-    if not getattr(ccxt, value)().has.get("fetchOHLCV"):
+    if not _ccxt_has_candles(value):
         raise _Invalid(f"{value} has no candles in ccxt (fetchOHLCV is not supported): it cannot be collected",
                        whole=False)
     return value
+
+
+@functools.cache
+def _ccxt_has_candles(exchange: str) -> bool:
+    """Read once per exchange: an instance of its ccxt class costs tens of ms (every config
+    load, every `add`)."""
+    import ccxt  # deferred: see _ccxt_id
+
+    return bool(getattr(ccxt, exchange)().has.get("fetchOHLCV"))
 
 
 # -- key tables ---------------------------------------------------------------

@@ -324,11 +324,12 @@ class Address:
     message and returns False, `ask` raises `pykka.ActorDeadError`.
     """
 
-    __slots__ = ("name", "ref")
+    __slots__ = ("_proxy", "name", "ref")
 
     def __init__(self, name: str, ref: pykka.ActorRef[Any] | None = None) -> None:
         self.name = name
         self.ref = ref
+        self._proxy: tuple[pykka.ActorRef[Any], Any] | None = None
 
     def tell(self, message: Any) -> bool:
         ref = self.ref
@@ -347,10 +348,15 @@ class Address:
         return ref.ask(message, timeout=timeout)
 
     def proxy(self) -> Any:
+        """The incarnation's proxy, made once per incarnation: pykka reads every attribute of
+        the actor to make one (milliseconds of CPU), and health is asked through it."""
         ref = self.ref
         if ref is None:
             raise pykka.ActorDeadError(f"{self.name} is not running")
-        return ref.proxy()
+        made = self._proxy
+        if made is None or made[0] is not ref:
+            made = self._proxy = (ref, ref.proxy())
+        return made[1]
 
     @property
     def alive(self) -> bool:

@@ -234,6 +234,7 @@ class ControlServer(Child):
         self._tcp_sock: socket.socket | None = None
         self.tcp_port: int | None = None
         self._threads: set[threading.Thread] = set()
+        self._busy: set[threading.Thread] = set()  # connection threads inside a command
         self._conns: dict[str, set[socket.socket]] = {name: set() for name in LISTENERS}  # each its own limit
         # TCP connections that have not authenticated yet, oldest first: slots of their own
         self._pending: dict[socket.socket, float] = {}
@@ -295,7 +296,12 @@ class ControlServer(Child):
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     self.log.debug("connection_already_closed")
-        for t in list(self._threads):
+        # every thread sees its socket shut and ends; one inside a command is not waited for:
+        # its command may wait on the supervisor that is stopping this server (`tree` during
+        # `restart control`), and it ends once its reply finds the connection closed
+        with self._lock:
+            idle = [t for t in self._threads if t not in self._busy]
+        for t in idle:
             if t is not threading.current_thread():
                 t.join(5)
 
@@ -408,7 +414,13 @@ class ControlServer(Child):
                         if not self._authenticated(conn, listener):
                             return
                         authenticated = True
-                    reply, then = self._answer(request)
+                    with self._lock:
+                        self._busy.add(threading.current_thread())
+                    try:
+                        reply, then = self._answer(request)
+                    finally:
+                        with self._lock:
+                            self._busy.discard(threading.current_thread())
                     try:
                         _send(conn, reply)
                     finally:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pykka
 import pytest
+import structlog
 from hypothesis import settings as hypothesis_settings
 
 from candlekeeper.actors import storage as storage_mod
@@ -24,12 +25,21 @@ from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
 from candlekeeper.supervisors.events import LifecycleEvent
 from tests import forkserver
+from tests.tmpfs import memory_dir
 
 # The property tests draw the same examples on every run ("ci"): a run must not fail on an example
 # nobody has seen before it lands. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to hunt.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore", derandomize=False, database=None)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Systems embedded in tests log through structlog's default console renderer, whose tracebacks
+# (rich's, highlighted) cost up to a second of CPU each: plain ones here.
+structlog.configure(processors=[
+    *structlog.get_config()["processors"][:-1],
+    structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
+])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,11 +52,15 @@ def pytest_configure(config: pytest.Config) -> None:
         server = forkserver.Server()
         os.environ[forkserver.SHARED] = server.path  # the workers, started next, inherit it
         config.add_cleanup(server.close)
+        # the tests' files (tmp_path) in memory when there is room: pytest's own switch, read when
+        # it makes the run's directory, which the workers are handed
+        if memory_dir() is not None:
+            os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", memory_dir())
         # one PostgreSQL data directory made for the run, copied for each worker's server (imported
         # here only: the test modules that name tests/pg.py as a plugin have its asserts rewritten)
         from tests import pg
 
-        template = tempfile.mkdtemp(prefix="ck-pg-template-", dir=pg.memory_dir())
+        template = tempfile.mkdtemp(prefix="ck-pg-template-", dir=memory_dir())
         os.environ[pg.TEMPLATE] = template
         config.add_cleanup(lambda: shutil.rmtree(template, ignore_errors=True))
         # and the workers themselves forked from it (tests/forkpython.py), if xdist starts them

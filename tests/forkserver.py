@@ -59,11 +59,12 @@ PRELOAD = (
     "candlekeeper.actors.sources.oanda",
 )
 # what a pytest worker imports besides (tests/forkpython.py starts xdist's workers from this server):
-# pytest, the simulators and their web server. Not hypothesis or xdist (pytest rewrites the
-# asserts of its plugins' packages, so they must be imported by the worker) nor pyarrow (its
-# import starts a thread, and a fork copies none)
+# pytest, hypothesis, the simulators and their web server. Not pyarrow: its import starts a
+# thread, and a fork copies none. (pytest would rewrite the asserts of hypothesis, a plugin's
+# package, if each worker imported it: setup.cfg silences its word that it cannot)
 WORKER_PRELOAD = (
     "pytest",
+    "hypothesis",
     "execnet",
     "aiohttp.web",
     "candlekeeper.simulator.server",

@@ -41,6 +41,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+from tests.tmpfs import memory_dir
+
 SUPERUSER = "postgres"
 PASSWORD_USER = "ck_pw"
 # characters that need percent-encoding in a URL, so the URL handling is exercised too
@@ -81,17 +83,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def memory_dir() -> str | None:
-    """/dev/shm when it is a memory file system with room for a few servers (not Docker's 64 MB
-    default): a server's files there cost no disk writes, and creating and dropping a database
-    (file copies and unlinks) a quarter of the CPU. None: the system's temporary directory."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return "/dev/shm" if st.f_bavail * st.f_frsize >= 2 << 30 else None
 
 
 def _ensure_os_user(name: str) -> pwd.struct_passwd:

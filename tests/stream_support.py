@@ -73,6 +73,7 @@ class Live:
                                       prompt_finals=True).start()
         self.ws.update_rules(max_connections_per_window=None)
         self.systems: list[System] = []
+        self._owed: dict[tuple[str, int], int] = {}
 
     def config(self, **exchange: Any) -> config_mod.Config:
         ex = {
@@ -135,9 +136,13 @@ class Live:
         return (self.clock.ms() // TF) * TF
 
     def complete(self) -> bool:
-        """Every closed candle stored (counted, so a hole is not complete)."""
+        """Every closed candle stored (counted, so a hole is not complete). Polled: the count
+        the exchange owes is computed once per close."""
         end = self.closed_to()
-        return all(len(self.stored(s)) == len(self.expected(s, end)) for s in self.symbols)
+        for s in self.symbols:
+            if (s, end) not in self._owed:
+                self._owed[(s, end)] = len(self.expected(s, end))
+        return all(len(self.stored(s)) == self._owed[(s, end)] for s in self.symbols)
 
     def wait_complete(self, timeout: float = 30.0) -> None:
         wait_until(self.complete, timeout, what="every closed candle stored")

@@ -406,3 +406,33 @@ def test_idle_connection_is_closed(served: tuple[str, tuple[str, int]], monkeypa
         assert _until_closed(conn) == []
         waited = time.monotonic() - began
     assert 0.3 <= waited < 4, waited
+
+
+def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runtime) -> None:
+    """A command in progress may wait on the supervisor that is stopping the server (`ctl tree`
+    during `ctl restart control`): the stop does not wait for it (it would until the supervisor
+    gave up on the server), and the command's thread ends once it finds its connection closed."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocked(_FakeSystem):
+        def health(self, *, counts: bool = False) -> dict[str, Any]:
+            entered.set()
+            release.wait(30)
+            return super().health(counts=counts)
+
+    path = str(workdir / "c.sock")
+    link = Link(child_id="control", incarnation=1, path="test/control", runtime=runtime)
+    ref, server = ControlServer.start_linked(link, ControlConfig(socket=path), Blocked())
+    wait_until(lambda: os.path.exists(path), what="listening")
+    with _unix(path) as conn:
+        conn.sendall(msgpack.packb({"id": 1, "cmd": "health"}))
+        assert entered.wait(10)
+        try:
+            ref.stop(block=True, timeout=4)  # each thread it waited for had 5 s
+        finally:
+            release.set()
+        assert _until_closed(conn) == []  # no reply: the server had gone
+    wait_until(lambda: not any(t.name.endswith("control/conn") for t in threading.enumerate()),
+               what="the command's thread to end")

@@ -99,18 +99,31 @@ def gaps(db: str, symbol: str) -> list[tuple[int, int, str]]:
                             (symbol,)).fetchall()
 
 
-def expected(sim: ExchangeSimulator, symbol: str, start: int) -> list[tuple[Any, ...]]:
-    horizon = (sim.now_ms() // TF) * TF
+def expected(sim: ExchangeSimulator, symbol: str, start: int, horizon: int | None = None) -> list[tuple[Any, ...]]:
+    """Every closed candle from `start` to `horizon` (default: the candle in progress)."""
+    if horizon is None:
+        horizon = (sim.now_ms() // TF) * TF
     return [tuple(c) for c in sim.expected_candles(symbol, "1m", start, horizon)]
 
 
 def exact(sim: ExchangeSimulator, db: str, symbol: str, start: int) -> Callable[[], bool]:
-    return lambda: stored(db, symbol) == expected(sim, symbol, start)
+    """Polled: the exchange's side is computed once a minute (it changes only at a close), the
+    store's at each call."""
+    wants: dict[int, list[tuple[Any, ...]]] = {}
+
+    def check() -> bool:
+        horizon = (sim.now_ms() // TF) * TF
+        if horizon not in wants:
+            wants[horizon] = expected(sim, symbol, start, horizon)
+        return stored(db, symbol) == wants[horizon]
+
+    return check
 
 
 def wait_exact(sim: ExchangeSimulator, db: str, symbols: list[str], start: int, timeout: float = 60) -> None:
+    checks = [exact(sim, db, s, start) for s in symbols]
     try:
-        wait_until(lambda: all(exact(sim, db, s, start)() for s in symbols), timeout=timeout, what="store exact")
+        wait_until(lambda: all(check() for check in checks), timeout=timeout, what="store exact")
     except AssertionError:
         for s in symbols:  # say what differs
             have, want = stored(db, s), expected(sim, s, start)

@@ -115,13 +115,21 @@ def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
             assert text.returncode == 0 and "binance:NOPE/USDT@1m  0 candles" in text.stdout
             assert daemon.ctl_here("coverage", "binance:BTC").returncode == 1  # no such series: refused
 
-            # restart of the control server itself: the reply arrives, then it listens again
+            # restart of the control server itself: the reply arrives, then it listens again (the
+            # new one: the old one answers until it is stopped, just after its reply)
+            def control_back(restarts: int) -> bool:
+                tree = daemon.ctl_here("tree", "--json")
+                if tree.returncode != 0:
+                    return False
+                rows = [c for c in json.loads(tree.stdout)["children"] if c["id"] == "control"]
+                return rows[0]["restarts"] >= restarts and rows[0]["state"] == "running"
+
             reply = request(sock, "restart", target="control")
             assert reply == {"id": 1, "ok": True, "result": {"restarted": "root/control"}}
-            wait_until(lambda: daemon.ctl_here("health", "--json").returncode == 0, timeout=10, what="control back")
+            wait_until(lambda: control_back(1), timeout=10, what="control back")
             restarted = daemon.ctl_here("restart", "control")
             assert restarted.returncode == 0 and restarted.stdout.strip() == "restarted root/control"
-            wait_until(lambda: daemon.ctl_here("health", "--json").returncode == 0, timeout=10, what="control back")
+            wait_until(lambda: control_back(2), timeout=10, what="control back")
         finally:
             assert daemon.stop() == 0
         log = (workdir / "daemon.log").read_text()

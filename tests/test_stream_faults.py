@@ -9,7 +9,6 @@ import pytest
 from candlekeeper.simulator.ws import StallMode, StreamFault, StreamFaults
 from tests.stream_support import (
     GRACE_S,
-    TF,
     fast_stream,  # noqa: F401 - a fixture
     live_exchange,
     sources,
@@ -31,9 +30,10 @@ def test_random_stream_faults_leave_the_store_exact(fault, clock, tmp_path, fast
         live.ws.set_faults(StreamFaults({fault: 0.4}, seed=7))
         for _ in range(3):
             ts = live.to_close(system)
-            # the candle comes by the stream, or by REST where the stream failed (a missed one is
-            # noticed when a later one arrives)
-            wait_until(lambda ts=ts: live.clock.ms() > ts + TF + GRACE_S * 1000 + 500, what="the close")
+            # the candle comes by the stream, or by REST `GRACE_S` after the close where the
+            # stream failed (a missed one is noticed when a later one arrives)
+            wait_until(lambda ts=ts: all((live.last(s) or 0) >= ts for s in live.symbols),
+                       timeout=GRACE_S + 20, what=f"candle {ts} stored")
         live.ws.set_faults(StreamFaults())
         live.next_candle(system)
         live.wait_complete()
