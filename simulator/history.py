@@ -238,6 +238,7 @@ class CandleHistory:
         # closed candles never change (P(t) is a pure function): tests re-read the same history
         # many times a second while they wait for a store to be exact
         self._closed_memo: dict[tuple[str, int, int], Candle] = {}
+        self.version = 0  # counts the changes to what the history holds (markets, listing times)
         for s in symbols:
             m = _make_market(s, seed)
             if m.id in self._markets:
@@ -290,6 +291,7 @@ class CandleHistory:
         m = _make_market(symbol, self.seed)
         self._add_hours(m)
         self._markets = {**self._markets, m.id: m}
+        self.version += 1
         return m
 
     def set_listed_at(self, symbol: str, listed_at_ms: int | None) -> None:
@@ -301,6 +303,7 @@ class CandleHistory:
         else:
             listed[mid] = int(listed_at_ms)
         self._listed_at = listed
+        self.version += 1
 
     def listed_at(self, symbol: str) -> int | None:
         return self._listed_at.get(symbol_id(symbol))

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .catalogue import default_markets
 from .dialects import Ctx, Dialect, make_dialect
 from .faults import FaultInjector, FaultKind, Faults, OutageMode, PoisonKind
-from .history import CandleHistory, Market, NoTrade, align_down
+from .history import INTERVALS, CandleHistory, Market, NoTrade, align_down, align_up
 from .reply import Reply
 from .stats import RequestHook, Stats, StatsSnapshot
 from .transport import Handler, Server
@@ -110,6 +110,7 @@ class ExchangeSimulator:
         self._omit_empty = (self.dialect.omit_empty if empty_candles is None
                             else empty_candles == "omit")
         self._caps = {**self.dialect.page_caps, **(page_caps or {})}
+        self._expected_memo: dict[tuple[Any, ...], tuple[tuple[int, float, float, float, float, float], ...]] = {}
         self._stats = Stats()
         if on_request is not None:
             self._stats.add_hook(on_request)
@@ -312,11 +313,23 @@ class ExchangeSimulator:
         the price component, where the dialect has several (OANDA: "M" default, "B", "A")."""
         now = self.now_ms()
         reach = self.reachable_from(symbol, interval, now if reach_at_ms is None else reach_at_ms)
-        dialect = self.dialect
-        return self.history.expected_candles(symbol, interval, start_ms, end_ms, now,
-                                             omit_empty=self._omit_empty,
-                                             reachable_from_ms=reach,
-                                             row=lambda m, c: dialect.ohlcv(m, c, price))
+        # the candles that open before `end_ms` and have closed by now: those opening before
+        # `until` on the interval's grid. Closed candles never change, so the same question
+        # (tests ask it many times a second while they wait) has the same answer until the
+        # history changes (a listing, a market)
+        until = align_up(min(end_ms, now - INTERVALS[interval][0] + 1), interval)
+        key = (symbol, interval, start_ms, until, reach, price, self._omit_empty, self.history.version)
+        hit = self._expected_memo.get(key)
+        if hit is None:
+            dialect = self.dialect
+            hit = tuple(self.history.expected_candles(symbol, interval, start_ms, until, now,
+                                                      omit_empty=self._omit_empty,
+                                                      reachable_from_ms=reach,
+                                                      row=lambda m, c: dialect.ohlcv(m, c, price)))
+            if len(self._expected_memo) >= 256:
+                self._expected_memo.clear()
+            self._expected_memo[key] = hit
+        return list(hit)
 
     def reachable_from(self, symbol: str, interval: str, at_ms: int | None = None) -> int:
         """Open time of the oldest candle of `symbol` a client can fetch at `at_ms` (default

@@ -299,7 +299,7 @@ class ControlServer(Child):
         # every thread sees its socket shut and ends; one inside a command is not waited for:
         # its command may wait on the supervisor that is stopping this server (`tree` during
         # `restart control`), and it ends once its reply finds the connection closed
-        with self._lock:
+        with self._lock:  # `_closing` is set: no thread becomes busy after this
             idle = [t for t in self._threads if t not in self._busy]
         for t in idle:
             if t is not threading.current_thread():
@@ -323,6 +323,9 @@ class ControlServer(Child):
                 continue
             evicted = None
             with self._lock:
+                if self._closing.is_set():  # accepted as the server stops: `_close` would miss it
+                    conn.close()
+                    return
                 if listener == "tcp":  # not counted until it authenticates (see _authenticated)
                     full = False
                     if len(self._pending) >= MAX_CONNECTIONS:
@@ -414,7 +417,9 @@ class ControlServer(Child):
                         if not self._authenticated(conn, listener):
                             return
                         authenticated = True
-                    with self._lock:
+                    with self._lock:  # with `_close`'s check of who is busy: none starts after it
+                        if self._closing.is_set():
+                            return
                         self._busy.add(threading.current_thread())
                     try:
                         reply, then = self._answer(request)

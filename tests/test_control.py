@@ -424,7 +424,7 @@ def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runti
 
     path = str(workdir / "c.sock")
     link = Link(child_id="control", incarnation=1, path="test/control", runtime=runtime)
-    ref, server = ControlServer.start_linked(link, ControlConfig(socket=path), Blocked())
+    ref, _ = ControlServer.start_linked(link, ControlConfig(socket=path), Blocked())
     wait_until(lambda: os.path.exists(path), what="listening")
     with _unix(path) as conn:
         conn.sendall(msgpack.packb({"id": 1, "cmd": "health"}))

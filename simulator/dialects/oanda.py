@@ -154,6 +154,12 @@ def half_spread(m: Market) -> float:
     return max(10.0 ** -p, round(m.base_price * 0.6e-4, p))
 
 
+@functools.lru_cache(maxsize=1024)
+def _pricing(m: Market) -> tuple[int, float]:
+    """(display precision, half spread) of a market: asked for each candle served or expected."""
+    return display_precision(m), half_spread(m)
+
+
 def _instrument(m: Market) -> dict[str, Any]:
     p = display_precision(m)
     kind = instrument_type(m)
@@ -206,8 +212,7 @@ def components(m: Market, c: Candle, letters: str = "BMA") -> dict[str, tuple[An
     """(o, h, l, c) strings per price component (of `letters`) as OANDA prints them; None stays
     None. Only the components asked for are formatted: the oracle of a long test asks for one
     per candle, tens of thousands of times."""
-    p = display_precision(m)
-    half = half_spread(m)
+    p, half = _pricing(m)
     shifts = {"B": -half, "M": 0.0, "A": half}
 
     def shift(v: str | None, d: float) -> str | None:
