@@ -108,7 +108,8 @@ def test_after_a_restart_the_series_learns_the_accepted_stretch_from_the_store(t
     wait_until(lambda: len(stored(db, "BTC/USDT")) == len(without_bad(sim, sim_start, (sim.now_ms() // TF) * TF)),
                timeout=30, what="BTC past the accepted gap")
     assert_exact_around_the_gap(sim, db, sim_start)
-    assert series(system, "BTC/USDT")["status"] == "ok"
+    # its word to health follows its write
+    wait_until(lambda: series(system, "BTC/USDT")["status"] == "ok", timeout=10, what="BTC ok")
     assert logs.of("accepted_gaps_skipped"), "learnt from the store after the page failed validation"
     with Store(db, readonly=True) as store:  # still an accepted stretch, not re-recorded as a hole
         assert store.gap_reasons("binance", "BTC/USDT", "1m") == [

@@ -125,10 +125,29 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+_polling: dict[str, psycopg.Connection[Any]] = {}
+
+
+def _conn(url: str) -> psycopg.Connection[Any]:
+    """One connection of the test's for its polls (a connection each would cost the server a
+    backend's start and end, twenty times a second)."""
+    conn = _polling.get(url)
+    if conn is None or conn.closed:
+        conn = _polling[url] = psycopg.connect(url, autocommit=True)
+    return conn
+
+
+@pytest.fixture(autouse=True)
+def _close_polling() -> Iterator[None]:
+    yield
+    for conn in _polling.values():
+        conn.close()
+    _polling.clear()
+
+
 def leases(url: str) -> dict[str, tuple[str | None, int, bool]]:
     """{symbol: (owner node, token, live)}."""
-    with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT symbol, owner, token, expires_at > clock_timestamp() FROM leases").fetchall()
+    rows = _conn(url).execute("SELECT symbol, owner, token, expires_at > clock_timestamp() FROM leases").fetchall()
     return {s: (o.partition("#")[0] if o else None, t, live) for s, o, t, live in rows}
 
 
@@ -151,10 +170,9 @@ def caught_up(url: str, symbols: list[str], start: int) -> bool:
     """Every series holds every candle from `start` to (about) the last closed one (counted by
     the database: this is polled while three daemons write)."""
     last_closed = (now_ms() // TF) * TF - TF
-    with psycopg.connect(url) as conn:
-        counts = {s: (n, last) for s, n, last in conn.execute(
-            "SELECT symbol, count(*), max(ts) FROM candles WHERE exchange = 'binance' AND timeframe = '1m'"
-            " AND ts >= %s GROUP BY symbol", (start,))}
+    counts = {s: (n, last) for s, n, last in _conn(url).execute(
+        "SELECT symbol, count(*), max(ts) FROM candles WHERE exchange = 'binance' AND timeframe = '1m'"
+        " AND ts >= %s GROUP BY symbol", (start,))}
     return all(
         s in counts and counts[s][1] >= last_closed - TF and counts[s][0] == (counts[s][1] - start) // TF + 1
         for s in symbols
@@ -172,7 +190,8 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             wait_until(lambda: all(d.ready() for d in daemons.values()), timeout=60, what="three daemons up")
             # placed by weighted rendezvous over the three (equal budgets), each series owned once
             placed = {s: rendezvous_owner(("binance", s, "1m"), {n: 1.0 for n in daemons}) for s in symbols}
-            wait_until(lambda: live_owners(url) == placed, timeout=60, what="every series owned where it is placed")
+            wait_until(lambda: live_owners(url) == placed, timeout=60, what="every series owned where it is placed",
+                       every=0.2)
             shares = {n: sum(1 for o in placed.values() if o == n) for n in daemons}
             wait_until(lambda: all(d.health()["cluster"]["owned"] == shares[n] for n, d in daemons.items()),
                        timeout=30, what="each node's health counts its share")
@@ -185,13 +204,13 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             daemons["n1"].signal(signal.SIGKILL)
             daemons["n1"].proc.wait(10)
             wait_until(lambda: live_owners(url) == placed2, timeout=FAILOVER_DEADLINE,
-                       what="n1's series owned again")
+                       what="n1's series owned again", every=0.2)
 
             # SIGSTOP past the lease: n3 owns everything (lease + one poll: bench), then n2 wakes up
             tokens_before = {s: t for s, (_, t, _) in leases(url).items()}
             daemons["n2"].signal(signal.SIGSTOP)
             wait_until(lambda: live_owners(url) == {s: "n3" for s in symbols}, timeout=FAILOVER_DEADLINE,
-                       what="n2's series owned again while it is stopped")
+                       what="n2's series owned again while it is stopped", every=0.2)
             moved = {s for s, (_, t, _) in leases(url).items() if t != tokens_before[s]}
             assert moved == {s for s, o in placed2.items() if o == "n2"}, "only n2's series changed owner"
             daemons["n2"].signal(signal.SIGCONT)
@@ -199,7 +218,7 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             # the stalled daemon's writes were refused, it let its series go and rejoined
             wait_until(lambda: daemons["n2"].health()["cluster"]["refused_writes"] >= 1, timeout=60,
                        what="n2's stale writes refused")
-            wait_until(lambda: live_owners(url) == placed2, timeout=60, what="n2 took its share back")
+            wait_until(lambda: live_owners(url) == placed2, timeout=60, what="n2 took its share back", every=0.2)
             share = {s for s, o in placed2.items() if o == "n2"}
             wait_until(lambda: {s["symbol"] for s in daemons["n2"].health()["series"]} == share, timeout=60,
                        what="n2's health lists its share")  # its series start one by one
@@ -223,7 +242,8 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             assert "node n2: member" in table and "OWNER" in table
 
             # every candle exactly once
-            wait_until(lambda: caught_up(url, symbols, start), timeout=120, what="every series caught up")
+            wait_until(lambda: caught_up(url, symbols, start), timeout=120, what="every series caught up",
+                       every=0.5)  # an aggregate over every candle
             rows = stored(url)
             for s in symbols:
                 got = rows[s]

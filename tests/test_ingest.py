@@ -79,14 +79,16 @@ def running(clock: ShiftedClock) -> Iterator[Callable[[config_mod.Config], Syste
         system.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition",
+               every: float = 0.05) -> None:
     """Wait on state owned by other threads/processes. The daemon offers no event to await for
-    'the store is complete', so this polls, with a generous deadline."""
+    'the store is complete', so this polls, with a generous deadline (`every`: the pause
+    between polls, longer for a costly question)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def stored(db: str, symbol: str, tf: str = "1m") -> list[tuple[Any, ...]]:
