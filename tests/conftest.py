@@ -35,25 +35,23 @@ hypothesis_settings.register_profile("explore", derandomize=False, database=None
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-# A test process makes many objects and few cycles; the collector's default pace (every 700
-# allocations) spent a twentieth of the suite's CPU walking them.
-gc.set_threshold(20_000, 20, 20)
-
-# Systems embedded in tests log through structlog's default console renderer, whose tracebacks
-# (rich's, highlighted) cost up to a second of CPU each: plain ones here.
-structlog.configure(processors=[
-    *structlog.get_config()["processors"][:-1],
-    structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
-])
-
-
 def pytest_configure(config: pytest.Config) -> None:
+    # A test process makes many objects and few cycles; the collector's default pace (every 700
+    # allocations) spent a twentieth of the suite's CPU walking them.
+    gc.set_threshold(20_000, 20, 20)
+    # Systems embedded in tests log through structlog's default console renderer, whose
+    # tracebacks (rich's, highlighted) cost up to a second of CPU each: plain ones here.
+    structlog.configure(processors=[
+        *structlog.get_config()["processors"][:-1],
+        structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
+    ])
     config.addinivalue_line(
         "markers", "long(seconds=10): a test that waits out many seconds of real time (closes, "
         "graces, faults): started first on its worker, so none trails the run")
     if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
         _rewrite_test_modules_once(config)
         # one fork server for every worker (tests/forkserver.py): its imports paid once per run
+        os.environ[forkserver.PRELOAD_TESTS] = "1"  # the asserts are rewritten by now
         server = forkserver.Server()
         os.environ[forkserver.SHARED] = server.path  # the workers, started next, inherit it
         config.add_cleanup(server.close)

@@ -74,6 +74,8 @@ WORKER_PRELOAD = (
     "candlekeeper.surfaces.top",
 )
 _MAX_MESSAGE = 1 << 20
+# set by the xdist controller: the server imports the test modules too (`_preload_tests`)
+PRELOAD_TESTS = "CANDLEKEEPER_TEST_PRELOAD"
 
 
 # -- the server (its own process: `python -m tests.forkserver PATH`) -------------------------------
@@ -95,7 +97,10 @@ def serve(path: str) -> dict[str, Any] | None:
     print("listening", flush=True)  # clients may connect now; they are served once the imports are done
     for name in (*PRELOAD, *WORKER_PRELOAD):
         __import__(name)
-    if threading.active_count() != 1:  # forking a process with threads copies their locks, held
+    if os.environ.get(PRELOAD_TESTS):
+        _preload_tests()
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        # forking a process with threads copies their locks, held
         raise RuntimeError(f"fork server: imports started threads: {threading.enumerate()}")
     # what the imports made is never garbage: out of the collector's sight, every child's
     # collections stay small (and leave those pages shared with this process)
@@ -149,6 +154,54 @@ def serve(path: str) -> dict[str, Any] | None:
                     os.close(source)
                 owners[pid] = client
                 _send(client, {"id": request["id"], "pid": pid})
+
+
+def _preload_tests() -> None:
+    """The test modules (and conftest) as pytest's workers would import them: their code with
+    the asserts rewritten, read from pytest's cache of rewritten modules, which the controller
+    fills before it starts this server (tests/conftest.py). A worker forked from here finds them
+    imported (pytest's importlib mode takes a module already in sys.modules) and only collects.
+    A module missing from the cache (or one that imports pyarrow, whose import starts a thread)
+    is left to the workers, which import it as usual."""
+    try:
+        from _pytest.assertion.rewrite import PYC_TAIL, _read_pyc, get_cache_dir
+    except ImportError:  # private API moved: the workers import everything, as before
+        return
+    import importlib.abc
+    import importlib.util
+    import types
+
+    here = ROOT / "tests"
+    sources = {f"tests.{p.stem}": p for p in [here / "conftest.py", *here.glob("test_*.py")]
+               if "pyarrow" not in p.read_text()}
+
+    class Rewritten(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+            source = sources.get(name)
+            if source is None:
+                return None
+            code = _read_pyc(source, get_cache_dir(source) / (source.stem + PYC_TAIL))
+            if code is None:
+                return None
+            spec = importlib.util.spec_from_file_location(name, source, loader=self)
+            if spec is not None:
+                spec.loader_state = code
+            return spec
+
+        def create_module(self, spec: Any) -> None:
+            return None
+
+        def exec_module(self, module: types.ModuleType) -> None:
+            exec(module.__spec__.loader_state, module.__dict__)  # type: ignore[union-attr]
+
+    finder = Rewritten()
+    sys.meta_path.insert(0, finder)
+    try:
+        for name in ["tests.conftest", *sorted(sources)]:  # conftest first: the profiles it loads
+            if name not in sys.modules and finder.find_spec(name) is not None:
+                __import__(name)
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def _reap(owners: dict[int, socket.socket]) -> None:

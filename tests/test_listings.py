@@ -121,7 +121,7 @@ def test_bad_symbol_for_a_listed_symbol_is_transient(tmp_path, sim, sim_start, r
     system.reset("binance", "ETH/USDT")
     wait_until(complete(system, db, sim, sim_start, ["ETH/USDT"]), timeout=30, what="recovered")
     assert_exact(sim, db, "ETH/USDT", sim_start)
-    assert status(system, "ETH/USDT") == "ok"
+    wait_until(lambda: status(system, "ETH/USDT") == "ok", timeout=10, what="ETH ok")  # its word follows its write
 
 
 def test_bad_symbol_and_a_refreshed_list_without_it_make_the_series_invalid(tmp_path, sim, sim_start, running,

@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["tests.pg"]
 
-ME = f"pid {os.getpid()} on {socket.gethostname()}"
+def me() -> str:
+    """How a lock names this process (asked when needed: test modules may be imported by another
+    process, the fork server the workers come from)."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def config(url: str, **more: Any) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def test_a_writing_store_holds_the_database_and_names_itself(pg_db: PgDatabase) 
         with pytest.raises(DatabaseInUse) as info:
             PostgresStore(pg_db.url, exclusive=True).open()
         message = str(info.value)
-        assert "\n" not in message and pg_db.name in message and ME in message, message
+        assert "\n" not in message and pg_db.name in message and me() in message, message
         with PostgresStore(pg_db.url, readonly=True, exclusive=True) as reader:  # readers never lock
             assert reader.list_series() == []
         with PostgresStore(pg_db.url) as other:  # a clustered daemon's store never locks
@@ -58,7 +61,7 @@ def test_a_writing_store_holds_the_database_and_names_itself(pg_db: PgDatabase) 
         # reopen, unless another daemon got in first
         kill_lock_sessions(pg_db)
         second = PostgresStore(pg_db.url, exclusive=True).open()
-        with pytest.raises(DatabaseInUse, match=ME):
+        with pytest.raises(DatabaseInUse, match=me()):
             first.reopen()
         second.close()
         first.reopen()
@@ -75,7 +78,7 @@ def test_a_second_system_on_the_database_refuses_and_clustered_ones_do_not_lock(
             candlekeeper.start(config(pg_db.url), control=False)
         message = str(info.value)
         assert "\n" not in message and message.startswith("[storage] url:"), message
-        assert pg_db.name in message and ME in message and "[cluster]" in message, message
+        assert pg_db.name in message and me() in message and "[cluster]" in message, message
         # a clustered daemon shares the database by leases: no lock
         clustered = candlekeeper.start(config(pg_db.url, cluster={"enabled": True, "node": "n1", "lease": "3s"}),
                                        control=False)
