@@ -44,6 +44,7 @@ class Cluster:
     url: str
     symbols: list[str]
     systems: dict[str, System] = field(default_factory=dict)
+    _conn: psycopg.Connection[Any] | None = field(default=None, repr=False)
 
     def config(self, node: str, **cluster: Any) -> dict[str, Any]:
         return {
@@ -68,10 +69,20 @@ class Cluster:
     def stop_node(self, node: str) -> None:
         self.systems.pop(node).stop()
 
+    def _polls(self) -> psycopg.Connection[Any]:
+        """The test's own connection for what it polls (a connection per poll costs the server a
+        backend's start and end each time)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, autocommit=True)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
     def leases(self) -> dict[str, tuple[str | None, int, bool]]:
         """{symbol: (owner node, token, live)} from the database."""
-        with psycopg.connect(self.url) as conn:
-            rows = conn.execute("SELECT symbol, owner, token, expires_at > clock_timestamp() FROM leases").fetchall()
+        rows = self._polls().execute("SELECT symbol, owner, token, expires_at > clock_timestamp() FROM leases").fetchall()
         return {s: (o.partition("#")[0] if o else None, t, live) for s, o, t, live in rows}
 
     def owners(self) -> dict[str, str | None]:
@@ -83,9 +94,8 @@ class Cluster:
         return {s: rendezvous_owner(("binance", s, "1m"), weights) or "" for s in self.symbols}
 
     def stored(self) -> dict[str, list[tuple[Any, ...]]]:
-        with psycopg.connect(self.url) as conn:
-            rows = conn.execute("SELECT symbol, ts, open, high, low, close, volume FROM candles"
-                                " WHERE exchange = 'binance' AND timeframe = '1m' ORDER BY symbol, ts").fetchall()
+        rows = self._polls().execute("SELECT symbol, ts, open, high, low, close, volume FROM candles"
+                                     " WHERE exchange = 'binance' AND timeframe = '1m' ORDER BY symbol, ts").fetchall()
         out: dict[str, list[tuple[Any, ...]]] = {s: [] for s in self.symbols}
         for symbol, *candle in rows:
             out.setdefault(symbol, []).append(tuple(candle))
@@ -118,6 +128,7 @@ def cluster(pg_db: PgDatabase, n_symbols: int = 12) -> Iterator[Cluster]:
         for system in list(c.systems.values()):
             system.stop()
         sim.stop()
+        c.close()
 
 
 def refused_metric(system: System) -> float:
