@@ -4,7 +4,7 @@
 
 Runs `python -m pytest -q -n N` from the checkout for each N (`--runs` times each) and reads the
 machine's busy and idle CPU time from /proc/stat around each run: on a 2-core machine the suite
-is bound by the CPU (daemons, PostgreSQL, simulators and ten test workers share it) as much as by
+is bound by the CPU (daemons, PostgreSQL, simulators and sixteen test workers share it) as much as by
 the real time its tests must wait out, and the two numbers say which. Run it on a quiet machine:
 anything else running is counted as the suite's CPU.
 """

@@ -76,9 +76,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def _rewrite_test_modules_once(config: pytest.Config) -> None:
     """The xdist controller rewrites the test modules' asserts before its workers start, into
     pytest's cache of rewritten modules (tests/__pycache__, keyed by each source's hash), so the
-    eight workers read it instead of each rewriting them: 1.5 s of CPU per worker. Python's own
-    bytecode is still written only where the environment allows it (PYTHONDONTWRITEBYTECODE):
-    pytest writes this cache only when it may, hence here. Private pytest API: if it moves,
+    fork server the workers come from reads it (tests/forkserver.py) instead of each worker
+    rewriting them: 1.5 s of CPU per worker. Python's own bytecode is still written only where
+    the environment allows it (PYTHONDONTWRITEBYTECODE): pytest writes this cache only when it
+    may, hence here. Private pytest API: if it moves,
     the workers rewrite as before."""
     if config.getoption("assertmode") != "rewrite":
         return
