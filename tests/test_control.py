@@ -408,16 +408,25 @@ def test_idle_connection_is_closed(served: tuple[str, tuple[str, int]], monkeypa
     assert 0.3 <= waited < 4, waited
 
 
-def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runtime) -> None:
+def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runtime,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A command in progress may wait on the supervisor that is stopping the server (`ctl tree`
-    during `ctl restart control`): the stop does not wait for it (it would until the supervisor
+    during `ctl restart control`): the stop does not wait for it (it would, until the supervisor
     gave up on the server), and the command's thread ends once it finds its connection closed."""
     import threading
 
     entered, release = threading.Event(), threading.Event()
+    inside: list[threading.Thread] = []
+    joined: list[threading.Thread] = []
+    join = threading.Thread.join
+
+    def recorded(self: threading.Thread, timeout: float | None = None) -> None:
+        joined.append(self)
+        join(self, timeout)
 
     class Blocked(_FakeSystem):
         def health(self, *, counts: bool = False) -> dict[str, Any]:
+            inside.append(threading.current_thread())
             entered.set()
             release.wait(30)
             return super().health(counts=counts)
@@ -429,10 +438,13 @@ def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runti
     with _unix(path) as conn:
         conn.sendall(msgpack.packb({"id": 1, "cmd": "health"}))
         assert entered.wait(10)
+        monkeypatch.setattr(threading.Thread, "join", recorded)
         try:
-            ref.stop(block=True, timeout=4)  # each thread it waited for had 5 s
+            ref.stop(block=True)
         finally:
+            monkeypatch.undo()
             release.set()
+        assert joined, "the stop waited for no thread at all"
+        assert inside[0] not in joined, "the stop waited for the thread inside a command"
         assert _until_closed(conn) == []  # no reply: the server had gone
-    wait_until(lambda: not any(t.name.endswith("control/conn") for t in threading.enumerate()),
-               what="the command's thread to end")
+    wait_until(lambda: not inside[0].is_alive(), what="the command's thread to end")
