@@ -265,6 +265,7 @@ def test_a_series_that_catches_up_just_after_a_close_takes_that_candle_from_its_
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.long(5)
 def test_a_refused_subscription_stays_on_rest_and_the_others_stream(exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
         live.ws.update_faults(refuse=frozenset({"ETHUSDT"}))
@@ -289,6 +290,7 @@ def _snapshot(system, symbol: str) -> dict:
 
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
+@pytest.mark.long(5)
 def test_without_a_closed_flag_candles_close_by_the_next_one_and_the_clock(
         exchange, clock, tmp_path, fast_stream) -> None:
     with live_exchange(exchange, clock, tmp_path) as live:
