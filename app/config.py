@@ -521,12 +521,17 @@ def _ccxt_id(value: Any) -> str:
 
 
 @functools.cache
-def _ccxt_has_candles(exchange: str) -> bool:
-    """Read once per exchange: an instance of its ccxt class costs tens of ms (every config
-    load, every `add`)."""
+def ccxt_metadata(exchange: str) -> Any:
+    """An instance of the exchange's ccxt class, made once, to read its metadata (`has`,
+    `timeframes`, `features`, `rateLimit`): one costs tens of ms, and every config load, every
+    `add` and every profile reads it. Never used to send a request, never changed."""
     import ccxt  # deferred: see _ccxt_id
 
-    return bool(getattr(ccxt, exchange)().has.get("fetchOHLCV"))
+    return getattr(ccxt, exchange)()
+
+
+def _ccxt_has_candles(exchange: str) -> bool:
+    return bool(ccxt_metadata(exchange).has.get("fetchOHLCV"))
 
 
 # -- key tables ---------------------------------------------------------------
@@ -791,14 +796,13 @@ class _Loader:
                                    f" got {values['page_limit']}")
 
 
-@functools.cache
 def _ccxt_timeframes(exchange: str) -> tuple[str, ...]:
-    """ccxt's `timeframes` table of an exchange, read once (an instance of its class costs a few
-    ms, and each configured timeframe and each `add` asks)."""
+    """ccxt's `timeframes` table of an exchange (its metadata instance: `ccxt_metadata`)."""
     import ccxt  # deferred: see _ccxt_id
 
-    cls = getattr(ccxt, exchange, None)
-    table = getattr(cls(), "timeframes", None) if cls is not None else None
+    if not hasattr(ccxt, exchange):
+        return ()
+    table = getattr(ccxt_metadata(exchange), "timeframes", None)
     return tuple(table) if isinstance(table, dict) else ()
 
 

@@ -25,7 +25,15 @@ from ..resilience.breaker import BreakerConfig
 from ..resilience.quarantine import QuarantineConfig
 from ..resilience.retry import RetryConfig
 from ..supervisors.clock import WallClock
-from .config import AlertsConfig, ClusterConfig, Config, ExchangeConfig, ResilienceConfig, StorageConfig
+from .config import (
+    AlertsConfig,
+    ClusterConfig,
+    Config,
+    ExchangeConfig,
+    ResilienceConfig,
+    StorageConfig,
+    ccxt_metadata,
+)
 from .errors import CredentialsMissing
 
 #: A series asks for as many candles as the exchange serves; the exchange actor caps it.
@@ -114,9 +122,7 @@ def source_profile(source: str, exchange_id: str) -> Profile:
         from ..actors.sources.oanda import PROFILE
 
         return PROFILE
-    import ccxt
-
-    return profile(exchange_id, getattr(ccxt, exchange_id)())
+    return profile(exchange_id, ccxt_metadata(exchange_id))
 
 
 def requests_per_second(ex: ExchangeConfig) -> float:
