@@ -434,8 +434,17 @@ def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runti
     path = str(workdir / "c.sock")
     link = Link(child_id="control", incarnation=1, path="test/control", runtime=runtime)
     ref, _ = ControlServer.start_linked(link, ControlConfig(socket=path), Blocked())
-    wait_until(lambda: os.path.exists(path), what="listening")
-    with _unix(path) as conn:
+
+    def accepting() -> bool:  # the socket's file exists from its bind, before it listens
+        try:
+            _unix(path).close()
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until(accepting, what="listening")
+        conn = _unix(path)
         conn.sendall(msgpack.packb({"id": 1, "cmd": "health"}))
         assert entered.wait(10)
         monkeypatch.setattr(threading.Thread, "join", recorded)
@@ -443,7 +452,10 @@ def test_stopping_waits_for_no_command_in_progress(workdir: Path, runtime: Runti
             ref.stop(block=True)
         finally:
             monkeypatch.undo()
-            release.set()
+    finally:
+        release.set()
+        ref.stop(block=True)  # no-op once stopped
+    with conn:
         assert joined, "the stop waited for no thread at all"
         assert inside[0] not in joined, "the stop waited for the thread inside a command"
         assert _until_closed(conn) == []  # no reply: the server had gone
