@@ -25,7 +25,8 @@ is each stream's breaker. The breaker object is created here and handed to every
 incarnation of the exchange actor, so no restart resets an open breaker. Storage, health and
 control are independent of each other at the root (one_for_one): a storage restart changes the
 store generation and every series re-reads its resume point; the health actor's knowledge
-(`HealthState`) and the notifier's (`AlertState`) are owned here, so their restarts lose nothing.
+(`HealthState`) and the notifier's (`AlertState`) are owned here, and their addresses keep the
+reports told while they restart (`REPORTS`, see `Address`), so their restarts lose nothing.
 
 Clustering: the series supervisors start empty; the cluster actor, started last (so the
 supervisors exist when it starts series) and stopped first, starts and stops the series whose
@@ -45,7 +46,15 @@ from ..actors.fencing import Fences
 from ..actors.health import HealthActor, HealthState
 from ..actors.market.closing import ServerClock
 from ..actors.market.streamed import StreamLedger
-from ..actors.messages import SeriesKey
+from ..actors.messages import (
+    ClusterStatus,
+    ExchangeStatus,
+    ForgetSeries,
+    SeriesKey,
+    SeriesStatus,
+    StorageStatus,
+    StreamStatus,
+)
 from ..actors.metrics import Metrics, MetricsEndpoint
 from ..actors.notifier import NotifierActor
 from ..actors.series import SeriesActor
@@ -54,13 +63,19 @@ from ..actors.storage import StorageActor
 from ..actors.stream import StreamActor
 from ..resilience.breaker import CircuitBreaker
 from ..supervisors.child import Address, Fanout, Runtime
-from ..supervisors.events import EventBus
+from ..supervisors.events import EventBus, LifecycleEvent
 from ..supervisors.supervisor import ChildSpec, Supervisor
 from . import settings
 from .config import Config, ExchangeConfig, parse_host_port
 
 #: (exchange, symbol, timeframe, changed_at_ms, active): a series added or removed at run time.
 SeriesChange = tuple[str, str, str, int, bool]
+
+
+#: What health and the notifier are told by everyone else, which nobody tells again unless it
+#: changes: held for them while they restart.
+REPORTS: tuple[type, ...] = (SeriesStatus, ExchangeStatus, StreamStatus, StorageStatus, ClusterStatus, ForgetSeries,
+                             LifecycleEvent)
 
 
 def series_id(symbol: str, timeframe: str) -> str:
@@ -77,8 +92,8 @@ class Blueprint:
         self.metrics = metrics
         self.candles = candles
         self.storage = Address("storage")
-        self.health = Address("health")
-        self.notifier = Address("notifier")
+        self.health = Address("health", keep=REPORTS)
+        self.notifier = Address("notifier", keep=REPORTS)
         # every actor's status reports go to health and to the alerts notifier
         self.status = Fanout(self.health, self.notifier)
         self.health_state = HealthState()

@@ -26,6 +26,7 @@ what such an actor must never do). Everything above holds for it the same way.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
@@ -122,6 +123,8 @@ class Link:
     runtime: Runtime
     parent: pykka.ActorRef[Any] | None = None
     on_exit: Callable[[Exit], None] | None = None
+    #: where the tells this incarnation leaves unread go (its `Address`, when that keeps them)
+    leftovers: Callable[[list[Any]], None] | None = None
 
     def notify(self, exit_: Exit) -> None:
         if self.parent is not None:
@@ -282,6 +285,23 @@ class Child(pykka.ThreadingActor):
                 except Exception:  # noqa: BLE001
                     self._handle_failure(*sys.exc_info())
 
+    def _actor_loop_teardown(self) -> None:
+        """pykka's, but the tells left unread go to `Link.leftovers` when there is one (the
+        asks stay for pykka, which tells each asker the actor died)."""
+        if self._link.leftovers is not None:
+            envelopes = []
+            while not self.actor_inbox.empty():
+                envelopes.append(self.actor_inbox.get())
+            # put back for pykka: nobody else puts any more (a stopped actor refuses tells), and
+            # a pooled inbox does not schedule an actor that is in its slice already
+            for envelope in envelopes:
+                if envelope.reply_to is not None:
+                    self.actor_inbox.put(envelope)
+            left = [e.message for e in envelopes if e.reply_to is None]
+            if left:
+                self._link.leftovers(left)
+        super()._actor_loop_teardown()
+
     def _report_exit(self) -> None:
         self._ready.set()
         for timer in list(self._timers):
@@ -320,26 +340,70 @@ _PYKKA_LOG = logging.getLogger("pykka")
 class Address:
     """A stable name for a child across restarts, like an Erlang registered name.
 
-    The supervisor swaps the ref on each restart; between incarnations `tell` drops the
-    message and returns False, `ask` raises `pykka.ActorDeadError`.
+    The supervisor swaps the ref on each restart (`attach`, `detach`); between incarnations
+    `tell` drops the message and returns False, `ask` raises `pykka.ActorDeadError`.
+
+    Unless the address `keep`s messages of some types: those told between incarnations, and
+    those the crashed incarnation left unread, are held (the newest `keep_max`) and delivered to
+    the next incarnation before anything told after it started, each sender's in the order it
+    told them. Erlang drops a message sent to a name nobody holds, and a restarted process
+    asks for what it needs. The health actor and the alerts notifier are told status reports by
+    thousands of actors that never resend one unless something changes, and ask nobody: a
+    report lost in a restart would leave health showing a stale status until the next change.
     """
 
-    __slots__ = ("_proxy", "name", "ref")
+    __slots__ = ("_kept", "_lock", "_proxy", "keep", "name", "ref")
 
-    def __init__(self, name: str, ref: pykka.ActorRef[Any] | None = None) -> None:
+    def __init__(self, name: str, ref: pykka.ActorRef[Any] | None = None, *, keep: tuple[type, ...] = (),
+                 keep_max: int = 100_000) -> None:
         self.name = name
         self.ref = ref
         self._proxy: tuple[pykka.ActorRef[Any], Any] | None = None
+        self.keep = keep
+        self._kept: collections.deque[Any] = collections.deque(maxlen=keep_max)
+        self._lock = threading.Lock()
 
     def tell(self, message: Any) -> bool:
         ref = self.ref
-        if ref is None:
+        if ref is not None:
+            try:
+                ref.tell(message)
+                return True
+            except pykka.ActorDeadError:
+                pass
+        if not isinstance(message, self.keep):
             return False
-        try:
-            ref.tell(message)
-        except pykka.ActorDeadError:
-            return False
+        with self._lock:  # only between incarnations: never on the way of a running one's tells
+            ref = self.ref
+            if ref is not None and ref.is_alive():  # attached meanwhile: after what it was handed
+                ref.tell(message)
+            else:
+                self._kept.append(message)
         return True
+
+    def attach(self, ref: pykka.ActorRef[Any]) -> None:
+        """A new incarnation runs: it is handed what was kept, then takes tells itself."""
+        with self._lock:
+            while self._kept:
+                message = self._kept.popleft()
+                try:
+                    ref.tell(message)
+                except pykka.ActorDeadError:  # died at once: the rest waits for the next one
+                    self._kept.appendleft(message)
+                    break
+            self.ref = ref
+
+    def detach(self) -> None:
+        """No incarnation runs (stopped or crashed, maybe to be restarted)."""
+        with self._lock:
+            self.ref = None
+
+    def leftovers(self, messages: list[Any]) -> None:
+        """The tells an incarnation left unread: kept ahead of those told since (they were told
+        before them)."""
+        kept = [m for m in messages if isinstance(m, self.keep)]
+        with self._lock:
+            self._kept.extendleft(reversed(kept))
 
     def ask(self, message: Any, *, timeout: float | None = None) -> Any:
         ref = self.ref

@@ -14,6 +14,11 @@ minute past it, where no candle of a minute or longer closes): it collects what 
 everything back (`gc.unfreeze`), so garbage that arose among frozen objects is freed too and
 nothing leaks; that one costs what an automatic full collection cost, at a quiet instant.
 
+At start it collects what is not frozen, which in a fresh process is everything. What the
+process froze before (a pre-fork server freezes its heap so that its forked children share those
+pages instead of each copying them as a collection touches them) stays frozen until the first
+whole settle, `full_every_s` later.
+
 The collector is the process's, so this is the daemon's choice (`candlekeeper` runs one); an
 application embedding candlekeeper can run one as well, or leave its collector alone.
 """
@@ -44,8 +49,8 @@ class Collector:
 
 
 class HeapKeeper:
-    """See the module docstring. `start` settles the whole heap at once, then every `every_s`
-    what is new, and every `full_every_s` the whole heap again."""
+    """See the module docstring. `start` settles what is not frozen (in a fresh process, the
+    whole heap), then every `every_s` what is new, and every `full_every_s` the whole heap."""
 
     def __init__(self, scheduler: Scheduler, wall: WallClock, *, every_s: float = 60.0, phase_s: float = 30.0,
                  full_every_s: float = 3600.0, collector: Collector | None = None) -> None:
@@ -80,7 +85,9 @@ class HeapKeeper:
         if not self._running:
             return
         now = self._wall()
-        if self.settled == 0 or now - self._full_at >= self.full_every_s - self.every_s / 2:
+        if self.settled == 0:
+            self._full_at = now  # what is not frozen is the whole heap, unless the process froze some
+        elif now - self._full_at >= self.full_every_s - self.every_s / 2:
             self._gc.unfreeze()
             self._full_at = now
         self._gc.collect()

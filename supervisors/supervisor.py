@@ -269,6 +269,7 @@ class Supervisor(Child):
             path=self._child_path(spec.id),
             runtime=self.runtime,
             parent=self.actor_ref,
+            leftovers=spec.address.leftovers if spec.address is not None and spec.address.keep else None,
         )
         rec.state = "running"
         try:
@@ -281,7 +282,7 @@ class Supervisor(Child):
             return
         rec.ref, rec.actor = ref, actor
         if spec.address is not None:
-            spec.address.ref = ref
+            spec.address.attach(ref)
         if not actor._ready.wait(self.start_timeout):
             self.log.warning("child_slow_to_start", child=spec.id, timeout=self.start_timeout)
         self._publish("restarted" if restarted else "started", rec, delay=delay)
@@ -293,7 +294,7 @@ class Supervisor(Child):
         rec.ref = rec.actor = None
         rec.pending = 0
         if rec.spec.address is not None:
-            rec.spec.address.ref = None
+            rec.spec.address.detach()
         if ref is None or actor is None:
             return
         try:
@@ -315,7 +316,7 @@ class Supervisor(Child):
             return  # stale: an incarnation we stopped ourselves, or one already replaced
         rec.ref = rec.actor = None
         if rec.spec.address is not None:
-            rec.spec.address.ref = None
+            rec.spec.address.detach()
         if exit_.normal:
             self._publish("stopped", rec, reason="normal")
         else:

@@ -73,6 +73,16 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.tx = [f"popen//python={python}" for _ in config.option.tx]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Before pytest's last full collection, which looks for exceptions raised in finalizers: in a
+    # worker it walks the heap of everything its tests left (a third of a second of CPU, on the
+    # run's last worker too) for the cycles its last tests left. Finalizers that run during the
+    # tests are watched by the same hook all along.
+    if hasattr(config, "workerinput"):
+        gc.freeze()
+
+
 def _rewrite_test_modules_once(config: pytest.Config) -> None:
     """The xdist controller rewrites the test modules' asserts before its workers start, into
     pytest's cache of rewritten modules (tests/__pycache__, keyed by each source's hash), so the

@@ -1,8 +1,9 @@
 """Three daemon processes share 300 series through one PostgreSQL database (real processes,
 real ccxt, the loopback exchange on the real clock, a real server): one is killed with -9,
 another SIGSTOPped for longer than the lease and then continued. Every candle ends in the
-store exactly once, the stalled daemon's writes are refused once it wakes (its refused-write
-counter), and every series is owned again by the right survivor after each failure. How fast
+store exactly once, the stalled daemon lets go of the leases it lost once it wakes (its writes
+under them refused, or its series stopped before they write), and every series is owned again by
+the right survivor after each failure. How fast
 (lease + one poll) is a wall-clock figure, so bench/cluster.py measures it (bench/RESULTS.md,
 "cluster"); here the deadline only catches a failover that never happens: on a loaded 2-core CI
 machine three daemons, PostgreSQL and other test workers share the cores."""
@@ -215,9 +216,11 @@ def test_three_daemons_share_300_series_through_kill_9_and_sigstop(workdir: Path
             assert moved == {s for s, o in placed2.items() if o == "n2"}, "only n2's series changed owner"
             daemons["n2"].signal(signal.SIGCONT)
 
-            # the stalled daemon's writes were refused, it let its series go and rejoined
-            wait_until(lambda: daemons["n2"].health()["cluster"]["refused_writes"] >= 1, timeout=60,
-                       what="n2's stale writes refused")
+            # the stalled daemon lets its series go and rejoins. Which comes first when it wakes is a
+            # race between its threads: a series' write under the lease it lost (refused: counted
+            # in `refused_writes`), or its cluster actor's renewal, which stops the series before
+            # they write. Either way the store ends exact (checked below); the refusal itself is
+            # proved deterministically in test_cluster.py
             wait_until(lambda: live_owners(url) == placed2, timeout=60, what="n2 took its share back", every=0.2)
             share = {s for s, o in placed2.items() if o == "n2"}
             wait_until(lambda: {s["symbol"] for s in daemons["n2"].health()["series"]} == share, timeout=60,

@@ -282,7 +282,7 @@ extensions = st.one_of(
 values = st.recursive(
     st.one_of(scalars, extensions),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(scalars, inner, max_size=4)),
-    max_leaves=12,
+    max_leaves=6,
 )
 ids = st.one_of(scalars, extensions, st.lists(scalars, max_size=3), st.dictionaries(text, scalars, max_size=2))
 commands = sorted(KNOWN - {"shutdown", "crash"})
@@ -374,7 +374,7 @@ def test_any_request_pipelined_gets_one_reply_each_in_order(daemon: Daemon, batc
 
 
 @FUZZ
-@given(batch=st.lists(command_requests().filter(harmless), min_size=2, max_size=12))
+@given(batch=st.lists(command_requests().filter(harmless), min_size=2, max_size=8))
 def test_known_commands_with_bad_arguments_in_order(daemon: Daemon, batch: list[dict[Any, Any]]) -> None:
     """Known commands with arguments of wrong types, unknown exchanges, symbols, timeframes,
     absurd n: each answered, in order (unique ids), none kills the connection."""

@@ -20,11 +20,13 @@ from candlekeeper.actors.stores.sqlite import Store
 from candlekeeper.app import config as config_mod
 from candlekeeper.app.settings import health_settings
 from candlekeeper.app.system import System
+from candlekeeper.app.tree import REPORTS
 from candlekeeper.simulator.faults import FaultKind, Faults
 from candlekeeper.simulator.server import BinanceSimulator
-from candlekeeper.supervisors.child import Runtime
+from candlekeeper.supervisors.child import Address, Crash, Runtime
 from candlekeeper.supervisors.clock import FakeClock, ShiftedClock
 from candlekeeper.supervisors.supervisor import ChildSpec, start_root
+from tests.conftest import EventRecorder
 from tests.faults_fs import Immutable
 from tests.test_alerts import LogWatch
 from tests.test_ingest import TF, assert_exact, complete, make_config, stored, wait_until
@@ -239,6 +241,31 @@ def test_many_series_lagging_at_once_are_one_log_line() -> None:
             assert entry["count"] == 12 and len(entry["series"]) == 10
         finally:
             h.stop()
+
+
+def test_a_report_told_while_health_restarts_reaches_the_next_incarnation() -> None:
+    """Health's address keeps reports between incarnations (`candlekeeper.app.tree.REPORTS`): a
+    series says `ok` once, after its backfill, and nothing more until a candle closes; lost in a
+    health restart, health would show it backfilling for up to a minute."""
+    runtime = Runtime(wall=FakeClock(T0), allow_crash_injection=True)
+    runtime.start()
+    recorder = EventRecorder()
+    runtime.events.subscribe(recorder)
+    address = Address("health", keep=REPORTS)
+    spec = ChildSpec("health", HealthActor, args=(["binance"], HealthState(), HealthSettings(pace={"binance": PACE})),
+                     address=address)
+    root, _ = start_root(runtime, [spec])
+    try:
+        last = last_closed_ts(T0)
+        address.tell(status(BTC, "backfilling", last - 30 * TF))
+        address.tell(Crash())
+        address.tell(status(BTC, "ok", last))  # behind the crash in its inbox, or told between incarnations
+        recorder.wait_for(lambda evs: "restarted" in [e.kind for e in evs])
+        row = address.proxy().health().get(timeout=5)["series"][0]
+        assert (row["status"], row["last_ts"]) == ("ok", last)
+    finally:
+        root.stop()
+        runtime.stop()
 
 
 def test_metrics_know_lagging(health: Health) -> None:

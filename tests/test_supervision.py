@@ -340,6 +340,63 @@ def test_address_follows_restarts(make_root, recorder: EventRecorder, journal: J
         addr.ask("ping")
 
 
+class Report(tuple[str, int]):
+    """A message type the addresses below keep between incarnations."""
+
+
+class Reader(Child):
+    """Writes what it is told into a list it does not own (as health keeps `HealthState`); a
+    `("hold", event)` blocks it until the event is set, then it crashes."""
+
+    def __init__(self, seen: list[Any]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, tuple) and message and message[0] == "hold":
+            assert message[1].wait(10)
+            raise RuntimeError("crashed with messages waiting behind")
+        if message == "seen":
+            return list(self.seen)
+        self.seen.append(message)
+        return None
+
+
+class PooledReader(Reader):
+    pooled = True
+
+
+def test_an_address_keeps_only_its_types_between_incarnations(make_root) -> None:
+    seen: list[Any] = []
+    addr = Address("r", keep=(Report,))
+    assert addr.tell(Report(("between", 1))) is True
+    assert addr.tell("not kept") is False  # OTP's way for every other message: dropped
+    addr.leftovers([Report(("left", 0)), "not kept either"])  # an incarnation's unread tells: first
+    make_root([ChildSpec("r", Reader, args=(seen,), address=addr)])
+    addr.tell(Report(("after", 2)))
+    assert addr.ask("seen", timeout=10) == [Report(("left", 0)), Report(("between", 1)), Report(("after", 2))]
+
+
+@pytest.mark.parametrize("reader", [Reader, PooledReader], ids=["thread", "pooled"])
+def test_what_a_crashed_incarnation_left_unread_and_what_came_meanwhile_reach_the_next(
+        make_root, recorder: EventRecorder, reader: type[Reader]) -> None:
+    seen: list[Any] = []
+    addr = Address("r", keep=(Report,))
+    make_root([ChildSpec("r", reader, args=(seen,), address=addr)])
+    release = threading.Event()
+    addr.tell(("hold", release))
+    for n in range(3):  # queued behind the message that will crash it
+        addr.tell(Report(("unread", n)))
+    addr.tell("dropped")  # not a kept type: lost with the incarnation, as OTP would
+    release.set()
+    recorder.wait_for(lambda evs: "crashed" in [e.kind for e in evs])
+    addr.tell(Report(("meanwhile", 3)))  # kept if no incarnation runs yet, else told to the new one
+    recorder.wait_for(lambda evs: "restarted" in [e.kind for e in evs])
+    addr.tell(Report(("after", 4)))
+    assert addr.ask("seen", timeout=10) == [Report(("unread", 0)), Report(("unread", 1)), Report(("unread", 2)),
+                                            Report(("meanwhile", 3)), Report(("after", 4))]
+
+
 @pytest.mark.parametrize("worker", [Worker, PooledWorker], ids=["thread", "pooled"])
 def test_timers_of_a_dead_actor_never_fire_into_its_replacement(make_root, recorder: EventRecorder, journal: Journal,
                                                                  worker) -> None:
