@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from candlekeeper.simulator.faults import FaultKind, Faults
 from candlekeeper.simulator.server import BinanceSimulator
 from tests.test_daemon import RUN, workdir, write_config  # noqa: F401 - workdir is a fixture
@@ -17,6 +19,7 @@ from tests.test_ingest import TF, now_ms, wait_until
 STOP_BOUND_S = 15.0  # "a few seconds": the exchange actor gives its requests 5 s to end
 
 
+@pytest.mark.long(10)
 def test_sigterm_with_requests_trickling_exits_0_promptly(workdir: Path) -> None:
     start = (now_ms() // TF) * TF - 3600_000
     trickle = Faults(rates={FaultKind.TRICKLE: 1.0}, paths=frozenset({"/api/v3/klines"}), trickle_bytes_per_s=1.0)

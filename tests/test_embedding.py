@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pykka
+import pytest
 
 import candlekeeper
 from candlekeeper.actors.storage import StoredCandle
@@ -118,6 +119,7 @@ def test_start_from_a_toml_path_subscribe_later_and_unsubscribe() -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.long(8)
 def test_the_embedding_example_runs() -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "embed.py"
     run = subprocess.run([sys.executable, str(example), "--candles", "5"], capture_output=True, text=True,

@@ -52,6 +52,7 @@ def test_storage_file_that_is_not_a_database_exits_2_and_is_left_alone(workdir: 
     assert [p.name for p in workdir.iterdir() if "corrupt" in p.name] == []
 
 
+@pytest.mark.long(12)
 def test_operator_surfaces_against_the_daemon(workdir: Path) -> None:
     start = (now_ms() // TF) * TF - 20 * 3600_000  # 1200 candles: `latest -n 1000` fills a pipe
     with BinanceSimulator(["BTC/USDT", "ETH/USDT"], history_start_ms=start) as sim:
