@@ -18,7 +18,6 @@ from typing import Any
 import pykka
 import pytest
 import structlog
-from hypothesis import settings as hypothesis_settings
 
 from candlekeeper.actors import storage as storage_mod
 from candlekeeper.actors.stores import sqlite as sqlite_mod
@@ -28,14 +27,28 @@ from candlekeeper.supervisors.events import LifecycleEvent
 from tests import forkserver
 from tests.tmpfs import memory_dir
 
-# The property tests draw the same examples on every run ("ci"): a run must not fail on an example
-# nobody has seen before it lands. `HYPOTHESIS_PROFILE=explore` draws new ones each run, to hunt.
-hypothesis_settings.register_profile("ci", derandomize=True, database=None)
-hypothesis_settings.register_profile("explore", derandomize=False, database=None)
-hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+def _hypothesis_profiles() -> None:
+    """The property tests draw the same examples on every run ("ci"): a run must not fail on an
+    example nobody has seen before it lands. `HYPOTHESIS_PROFILE=explore` draws new ones each
+    run, to hunt. Loaded before any test module is imported (their settings inherit it)."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# in a test process (an xdist worker, or the fork server the workers come from) now; in a run
+# without xdist, in pytest_configure. The xdist controller imports no test module and never
+# hypothesis: a third of a second before its workers can start
+if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(forkserver.PRELOAD_TESTS):
+    _hypothesis_profiles()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and not config.getoption("numprocesses", None):
+        _hypothesis_profiles()  # no xdist: this process runs the tests
     # A test process makes many objects and few cycles; the collector's default pace (every 700
     # allocations) spent a twentieth of the suite's CPU walking them.
     gc.set_threshold(20_000, 20, 20)
