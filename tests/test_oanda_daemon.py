@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +40,7 @@ from candlekeeper.simulator import ExchangeSimulator, FaultKind, Faults
 from candlekeeper.simulator.faults import DRAWABLE_KINDS
 from candlekeeper.supervisors.child import Runtime
 from candlekeeper.supervisors.clock import ShiftedClock
+from tests import forkserver
 from tests.test_ingest import wait_until
 
 MIN = 60_000
@@ -630,8 +629,8 @@ def test_the_daemon_exits_2_naming_the_variable(tmp_path) -> None:
     path.write_text(f'[storage]\npath = "{tmp_path / "fx.db"}"\n[control]\nsocket = "{tmp_path / "s.sock"}"\n'
                     f'[exchanges.fx]\nsource = "oanda"\ntoken_env = "{TOKEN_ENV}"\nsymbols = ["EUR/USD"]\n')
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    done = subprocess.run([sys.executable, "-m", "candlekeeper", "--config", str(path)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    # the daemon's own process (forked: tests/forkserver.py); test_daemon.py starts each entry point
+    done = forkserver.run(["--config", str(path)], tmp_path, env=env)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [f"candlekeeper: [exchanges.fx] token_env: environment variable {TOKEN_ENV} is not set;"
