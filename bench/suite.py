@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +43,9 @@ def one_run(workers: int) -> dict[str, float | str]:
     wall = time.monotonic() - began
     busy1, idle1 = cpu_ticks()
     last = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return {"workers": workers, "wall": wall, "busy": (busy1 - busy0) / hz, "idle": (idle1 - idle0) / hz,
+    said = re.search(r"\sin ([\d.]+)s", last)  # pytest's own count: from its start to its last test's end
+    return {"workers": workers, "wall": wall, "pytest": float(said.group(1)) if said else float("nan"),
+            "busy": (busy1 - busy0) / hz, "idle": (idle1 - idle0) / hz,
             "outcome": re.sub(r"\s+in [\d.]+s.*$", "", last.strip("= "))}
 
 
@@ -58,15 +61,21 @@ def main() -> int:
         for _ in range(args.runs):
             row = one_run(workers)
             rows.append(row)
-            print(f"-n {workers}: {row['wall']:.1f} s, machine CPU busy {row['busy']:.1f} s, idle {row['idle']:.1f} s"
-                  f" ({row['outcome']})", flush=True)
+            print(f"-n {workers}: {row['wall']:.1f} s (pytest: {row['pytest']:.1f} s), machine CPU busy"
+                  f" {row['busy']:.1f} s, idle {row['idle']:.1f} s ({row['outcome']})", flush=True)
     if args.no_results:
         return 0
     lines = [BEGIN, f"## Test suite: `{command_line('suite.py')}` ({time.strftime('%Y-%m-%d')})", "",
-             f"{os.cpu_count()} cores. Wall time of `python -m pytest -q -n N`; the machine's busy and idle CPU",
-             "seconds over the same time (/proc/stat).", "",
-             "| workers | wall s | CPU busy s | CPU idle s | outcome |", "|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['wall']:.1f} | {r['busy']:.1f} | {r['idle']:.1f} | {r['outcome']} |" for r in rows]
+             f"{os.cpu_count()} cores. Wall time of `python -m pytest -q -n N` (the process's, and pytest's own",
+             "count, which leaves out the interpreter's start); the machine's busy and idle CPU seconds over",
+             "the same time (/proc/stat).", "",
+             "| workers | wall s | pytest s | CPU busy s | CPU idle s | outcome |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['wall']:.1f} | {r['pytest']:.1f} | {r['busy']:.1f} | {r['idle']:.1f} | {r['outcome']} |"
+              for r in rows]
+    for workers in args.workers:
+        walls = sorted(float(r["wall"]) for r in rows if r["workers"] == workers)
+        lines += ["", f"-n {workers}, {len(walls)} runs: wall {walls[0]:.1f} to {walls[-1]:.1f} s,"
+                  f" median {statistics.median(walls):.1f} s."]
     lines += ["", END]
     replace_section(args.results, "\n".join(lines), BEGIN, END)
     return 0
