@@ -169,6 +169,8 @@ class ExchangeActor(Child):
         # one series failing alone: when each series' run of failures began, when the exchange
         # last answered anything, and whether a heartbeat should ask it now
         self._streaks: dict[SeriesKey, float] = {}
+        self._answered: set[SeriesKey] = set()  # series the exchange has answered at least once
+        self._answered_failing = 0  # how many of those are failing now (have a streak)
         self._last_ok = float("-inf")
         self._ask_due = False
         self._beating = False
@@ -771,8 +773,15 @@ class ExchangeActor(Child):
         if not kind.against_exchange:
             self._last_ok = now
             if key is not None:
-                self._streaks.pop(key, None)
-            self.breaker.record_success(duration)
+                if self._streaks.pop(key, None) is not None and key in self._answered:
+                    self._answered_failing -= 1
+                self._answered.add(key)
+                self.breaker.record_success(duration)
+            elif self.breaker.state != "closed" or not self._streaks:
+                # the heartbeat (or a market list): the half-open breaker's probe, or nothing
+                # failing. While series fail it says the exchange is reachable, not that it
+                # serves them: it does not clear their failures
+                self.breaker.record_success(duration)
             return
         if key is None:
             self.breaker.record_failure(duration)
@@ -780,10 +789,16 @@ class ExchangeActor(Child):
         # One series' requests failing (its symbol's answers trickle, say) while the exchange
         # answers the rest must not open the breaker and stall every other series. A series that
         # fails again with nothing answered since gets the exchange asked directly (a heartbeat);
-        # once the exchange has answered since its failures began, they are its own, for a while.
-        began = self._streaks.setdefault(key, now)
+        # once the exchange has answered since its failures began, they are its own, for a while,
+        # as long as another series is not failing too: every series failing while the server's
+        # clock answers is the exchange failing its candle requests.
+        if key not in self._streaks:
+            self._streaks[key] = now
+            self._answered_failing += key in self._answered
+        began = self._streaks[key]
         window = max(ISOLATION_S, 3 * self.settings.timeout, self.settings.heartbeat)
-        if self.breaker.state == "closed" and began < self._last_ok and now - self._last_ok <= window:
+        others_fine = len(self._answered) - self._answered_failing > 0  # answered once, not failing now
+        if self.breaker.state == "closed" and began < self._last_ok and now - self._last_ok <= window and others_fine:
             return
         self.breaker.record_failure(duration)
         if began < now:

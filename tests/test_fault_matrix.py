@@ -309,6 +309,18 @@ def test_random_fault(tmp_path, kind: FaultKind, family: str) -> None:
         assert_recovered(run)
 
 
+def test_every_series_failing_while_the_exchanges_clock_answers_opens_the_breaker(tmp_path) -> None:
+    """A series failing again gets the exchange asked directly (its heartbeat), whose answer makes
+    that series' failures its own while the other series are served. Not when every series fails:
+    the candle endpoint is down (a 504 on every klines request) though the clock answers. The
+    series retry slowly here, so the heartbeat's answer comes between their failures (before this
+    was fixed, the breaker stayed closed and the exchange `ok` through 140 failures a series)."""
+    faults = Faults(rates={FaultKind.HTTP_504: 1.0}, seed=SEED, paths=KLINES)
+    with running(tmp_path, faults=faults, retry_base_delay="300ms", retry_max_delay="300ms", heartbeat="1s",
+                 breaker_threshold=5) as run:
+        wait_health(run, breaker_down(run.symbols), "breaker open: every series failing, the clock answering")
+
+
 # -- outages -------------------------------------------------------------------------------------
 
 
