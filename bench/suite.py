@@ -46,7 +46,8 @@ def one_run(workers: int) -> dict[str, float | str]:
     said = re.search(r"\sin ([\d.]+)s", last)  # pytest's own count: from its start to its last test's end
     return {"workers": workers, "wall": wall, "pytest": float(said.group(1)) if said else float("nan"),
             "busy": (busy1 - busy0) / hz, "idle": (idle1 - idle0) / hz,
-            "outcome": re.sub(r"\s+in [\d.]+s.*$", "", last.strip("= "))}
+            "outcome": "; ".join([re.sub(r"\s+in [\d.]+s.*$", "", last.strip("= ")),
+                                  *(line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR")))])}
 
 
 def main() -> int:
